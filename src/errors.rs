@@ -1,0 +1,64 @@
+//! The errors evoq raises to SQL: one enum, each variant with its SQLSTATE and a hint that says
+//! what to do. Messages never carry the API key.
+
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::{PgLogLevel, PgSqlErrorCode};
+
+#[derive(Debug)]
+pub enum EvoqError {
+    /// A bad argument to a public function.
+    InvalidArgument { message: String, hint: Option<String> },
+    /// evoq_configure has not been called.
+    NotConfigured,
+    /// Something evoq needs is not installed (pg_cron).
+    MissingDependency { message: String, hint: String },
+    /// evoq_attach pointed at something unusable.
+    BadTarget { message: String, hint: String },
+}
+
+impl EvoqError {
+    pub fn invalid(message: impl Into<String>, hint: impl Into<String>) -> Self {
+        EvoqError::InvalidArgument { message: message.into(), hint: Some(hint.into()) }
+    }
+
+    fn parts(self) -> (PgSqlErrorCode, String, Option<String>) {
+        match self {
+            EvoqError::InvalidArgument { message, hint } => {
+                (PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, message, hint)
+            }
+            EvoqError::NotConfigured => (
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                "evoq is not configured: no Evolution API URL and key are set".into(),
+                Some("Run SELECT evoq_configure(api_url => 'http://your-evolution-host:8080', api_key => '...');".into()),
+            ),
+            EvoqError::MissingDependency { message, hint } => {
+                (PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED, message, Some(hint))
+            }
+            EvoqError::BadTarget { message, hint } => {
+                (PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, message, Some(hint))
+            }
+        }
+    }
+
+    /// Raises this error as a Postgres ERROR (unwinds; the transaction is aborted).
+    pub fn raise(self) -> ! {
+        let (code, message, hint) = self.parts();
+        let mut report = ErrorReport::new(code, message, "evoq");
+        if let Some(hint) = hint {
+            report = report.set_hint(hint);
+        }
+        report.report(PgLogLevel::ERROR);
+        unreachable!("ERROR does not return")
+    }
+}
+
+/// Unwraps a result or raises its error.
+pub trait OrRaise<T> {
+    fn or_raise(self) -> T;
+}
+
+impl<T> OrRaise<T> for Result<T, EvoqError> {
+    fn or_raise(self) -> T {
+        self.unwrap_or_else(|e| e.raise())
+    }
+}

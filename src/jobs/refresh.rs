@@ -1,0 +1,107 @@
+//! evoq_refresh_qr(): keep the QR of every connecting instance fresh, and notice when the user
+//! has scanned it.
+
+use super::run::{budget_error, call_json, in_batch_context, record, Run};
+use crate::evolution::{ApiError, ConnectOutcome};
+use pgrx::prelude::*;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+#[derive(Debug, Deserialize)]
+struct ClaimedInstance {
+    id: uuid::Uuid,
+    instance_name: String,
+    qr_text: Option<String>,
+}
+
+#[derive(Default)]
+struct Tally {
+    checked: u64,
+    new_qr: u64,
+    unchanged: u64,
+    opened: u64,
+    lost: u64,
+    errors: u64,
+    batches: u64,
+}
+
+fn outcome_record(row: &ClaimedInstance, outcome: &Result<ConnectOutcome, ApiError>, tally: &mut Tally) -> Value {
+    match outcome {
+        Ok(ConnectOutcome::Open) => {
+            tally.opened += 1;
+            json!({"id": row.id, "outcome": "open"})
+        }
+        Ok(ConnectOutcome::Lost) => {
+            tally.lost += 1;
+            json!({"id": row.id, "outcome": "lost"})
+        }
+        Ok(ConnectOutcome::NoQrYet) => {
+            tally.unchanged += 1;
+            json!({"id": row.id, "outcome": "no_qr"})
+        }
+        Ok(ConnectOutcome::Qr(qr)) => {
+            if qr.code.is_some() && qr.code == row.qr_text { tally.unchanged += 1 } else { tally.new_qr += 1 }
+            json!({"id": row.id, "outcome": "qr", "qr_code": qr.base64, "qr_text": qr.code,
+                   "pairing_code": qr.pairing_code, "qr_count": qr.count})
+        }
+        Err(e) => {
+            tally.errors += 1;
+            json!({"id": row.id, "outcome": "error", "error": e.message})
+        }
+    }
+}
+
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, @extschema@)]
+pub fn evoq_refresh_qr() -> pgrx::JsonB {
+    let mut run = Run::start("refresh_qr");
+    let mut tally = Tally::default();
+    let mut stopped = "done";
+
+    loop {
+        if run.out_of_time() {
+            stopped = "time_budget";
+            break;
+        }
+        let stop = in_batch_context(|| {
+            let rows: Vec<ClaimedInstance> = call_json(
+                "SELECT evoq._claim_refresh($1, $2)",
+                &[run.tunables.batch_size.into(), run.tunables.qr_refresh_interval_ms.into()],
+            );
+            if rows.is_empty() {
+                return Some("done");
+            }
+            tally.batches += 1;
+            tally.checked += rows.len() as u64;
+            let client = run.client.clone();
+            let names: Vec<String> = rows.iter().map(|r| r.instance_name.clone()).collect();
+            let outcomes: Vec<Result<ConnectOutcome, ApiError>> = run
+                .call_all(names, move |name| client.connect(&name))
+                .into_iter()
+                .map(|o| o.unwrap_or_else(|| Err(budget_error(&run))))
+                .collect();
+            let mut server_wide = 0;
+            let mut records = Vec::with_capacity(rows.len());
+            for (row, outcome) in rows.iter().zip(&outcomes) {
+                if let Err(e) = outcome {
+                    if e.server_wide { server_wide += 1 }
+                    run.note_error(&e.message);
+                }
+                records.push(outcome_record(row, outcome, &mut tally));
+            }
+            record("SELECT evoq._record_refresh_results($1)", records);
+            (server_wide > 0 && server_wide == outcomes.len()).then_some("api_unreachable")
+        });
+        if let Some(reason) = stop {
+            stopped = reason;
+            break;
+        }
+    }
+
+    let summary = json!({
+        "checked": tally.checked, "new_qr": tally.new_qr, "unchanged": tally.unchanged,
+        "opened": tally.opened, "lost": tally.lost, "errors": tally.errors, "batches": tally.batches,
+        "stopped": stopped, "last_error": run.last_error,
+    });
+    run.finish(summary)
+}

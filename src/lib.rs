@@ -1,0 +1,53 @@
+//! evoq: provisions an Evolution API (WhatsApp) instance for every new user profile and keeps
+//! its QR code fresh, from inside PostgreSQL. This file is the table of contents.
+
+// Pure Rust, no pgrx: tested with plain `cargo test`.
+pub mod evolution;
+pub mod names;
+pub mod policy;
+pub mod pool;
+
+// Postgres-facing: SQL functions, SPI, GUCs.
+mod errors;
+mod jobs;
+mod queue;
+mod schedule;
+mod settings;
+mod trigger;
+
+#[cfg(any(test, feature = "pg_test"))]
+mod testing;
+
+::pgrx::pg_module_magic!(name, version);
+
+// Tables, indexes, views and the internal set-based statements.
+::pgrx::extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
+// Wrappers, grants and policies, once every function exists.
+::pgrx::extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
+
+#[allow(non_snake_case)]
+#[::pgrx::pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    settings::register_gucs();
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[::pgrx::pg_schema]
+mod tests {
+    include!("tests.rs");
+}
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![
+            "shared_preload_libraries = 'pg_cron'",
+            "cron.database_name = 'pgrx_tests'",
+            "cron.use_background_workers = on",
+            "max_worker_processes = 32",
+        ]
+    }
+}

@@ -1,0 +1,84 @@
+//! pg_cron glue: the two jobs, created or replaced by name. Their commands hold no secret; the
+//! functions read the connection from evoq's private settings.
+
+use crate::errors::{EvoqError, OrRaise};
+use pgrx::prelude::*;
+
+pub const PROCESS_JOB: &str = "process-evolution-queue";
+pub const REFRESH_JOB: &str = "refresh-qr-codes";
+
+fn require_pg_cron() -> Result<(), EvoqError> {
+    let installed = Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_cron')")
+        .ok()
+        .flatten()
+        .unwrap_or(false);
+    if installed {
+        return Ok(());
+    }
+    Err(EvoqError::MissingDependency {
+        message: "pg_cron is not installed in this database, so evoq cannot schedule its jobs".into(),
+        hint: "Install the pg_cron package (Debian: postgresql-15-cron), add pg_cron to shared_preload_libraries, \
+               set cron.database_name to this database, restart PostgreSQL, then run CREATE EXTENSION pg_cron; \
+               and SELECT evoq_schedule(); again. Without pg_cron, call evoq_process_queue() and evoq_refresh_qr() \
+               from any scheduler."
+            .into(),
+    })
+}
+
+/// `SELECT evoq_process_queue()`, qualified only when evoq is not in public.
+fn command(function: &str) -> String {
+    let schema = Spi::get_one::<String>(
+        "SELECT n.nspname::text FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'evoq'",
+    )
+    .ok()
+    .flatten()
+    .unwrap_or_else(|| "public".into());
+    if schema == "public" {
+        format!("SELECT {function}()")
+    } else {
+        format!("SELECT {}.{function}()", pgrx::spi::quote_identifier(&schema))
+    }
+}
+
+fn schedule_job(name: &str, schedule: &str, command: &str) -> i64 {
+    // pg_cron runs jobs in cron.database_name; schedule_in_database reaches any other database.
+    Spi::get_one_with_args::<i64>(
+        "SELECT CASE WHEN current_database() = current_setting('cron.database_name', true)
+                       OR current_setting('cron.database_name', true) IS NULL
+                     THEN cron.schedule($1, $2, $3)
+                     ELSE cron.schedule_in_database($1, $2, $3, current_database()) END",
+        &[name.into(), schedule.into(), command.into()],
+    )
+    .unwrap_or_else(|e| {
+        EvoqError::invalid(format!("pg_cron refused the schedule {schedule:?} for {name}: {e}"), "Use a cron expression such as '*/5 * * * *'.")
+            .raise()
+    })
+    .unwrap_or_default()
+}
+
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, @extschema@)]
+fn evoq_schedule(
+    process_schedule: default!(&str, "'*/5 * * * *'"),
+    refresh_schedule: default!(&str, "'*/1 * * * *'"),
+) -> pgrx::JsonB {
+    require_pg_cron().or_raise();
+    let process = schedule_job(PROCESS_JOB, process_schedule, &command("evoq_process_queue"));
+    let refresh = schedule_job(REFRESH_JOB, refresh_schedule, &command("evoq_refresh_qr"));
+    pgrx::JsonB(serde_json::json!({
+        PROCESS_JOB: {"jobid": process, "schedule": process_schedule},
+        REFRESH_JOB: {"jobid": refresh, "schedule": refresh_schedule},
+    }))
+}
+
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, @extschema@)]
+fn evoq_unschedule() -> i64 {
+    require_pg_cron().or_raise();
+    Spi::get_one::<i64>(&format!(
+        "SELECT count(cron.unschedule(jobname)) FROM cron.job WHERE jobname IN ('{PROCESS_JOB}', '{REFRESH_JOB}')"
+    ))
+    .ok()
+    .flatten()
+    .unwrap_or(0)
+}

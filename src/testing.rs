@@ -1,0 +1,171 @@
+//! Helpers for the pg_test suite (compiled only into test builds). Every test gets its own mock
+//! Evolution API: a real HTTP server on an ephemeral loopback port, run on threads of the test's
+//! backend, so tests never share one.
+
+use evolution_mock::{FaultKind, FaultRule, Flavor, MockConfig, MockServer};
+use pgrx::prelude::*;
+use pgrx::JsonB;
+use serde_json::Value;
+
+/// A distinctive key, so tests can prove it leaks nowhere.
+pub const API_KEY: &str = "sk-evoq-test-7f3a9c1e-DO-NOT-LEAK";
+
+pub fn mock_with(flavor: Flavor) -> MockServer {
+    let config = MockConfig { flavor, api_key: API_KEY.into(), qr_ttl_ms: 0, ..MockConfig::default() };
+    MockServer::start(0, config).expect("start the mock Evolution API")
+}
+
+pub fn mock() -> MockServer {
+    mock_with(Flavor::V2)
+}
+
+pub fn fault(method: &str, path: &str, kind: FaultKind, times: Option<u32>) -> FaultRule {
+    FaultRule { method: Some(method.into()), path_contains: path.into(), kind, times }
+}
+
+pub fn run(sql: &str) {
+    Spi::run(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+pub fn one<T: pgrx::FromDatum + pgrx::IntoDatum>(sql: &str) -> Option<T> {
+    Spi::get_one::<T>(sql).unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+pub fn json(sql: &str) -> Value {
+    one::<JsonB>(sql).map(|j| j.0).unwrap_or(Value::Null)
+}
+
+pub fn count(sql: &str) -> i64 {
+    one::<i64>(sql).unwrap_or(0)
+}
+
+/// Runs `sql` in a subtransaction and returns "SQLSTATE: message" if it failed, None if not.
+pub fn error_of(sql: &str) -> Option<String> {
+    run("CREATE OR REPLACE FUNCTION pg_temp.evoq_try(q text) RETURNS text LANGUAGE plpgsql AS $$
+         DECLARE h text;
+         BEGIN EXECUTE q; RETURN NULL;
+         EXCEPTION WHEN others THEN
+             GET STACKED DIAGNOSTICS h = PG_EXCEPTION_HINT;
+             RETURN SQLSTATE || ': ' || SQLERRM || coalesce(' HINT: ' || nullif(h, ''), '');
+         END $$");
+    Spi::get_one_with_args::<String>("SELECT pg_temp.evoq_try($1)", &[sql.into()]).unwrap()
+}
+
+/// The mock's URL and the test key, plus a webhook; in the test's own transaction.
+pub fn configure(mock: &MockServer) {
+    Spi::run_with_args(
+        "SELECT evoq_configure(api_url => $1, api_key => $2, webhook_url => 'https://app.example/hooks/evolution')",
+        &[mock.url().into(), API_KEY.into()],
+    )
+    .unwrap();
+}
+
+/// A profiles table with the trigger attached.
+pub fn profiles() {
+    run("CREATE TABLE public.profiles (id uuid NOT NULL, email text)");
+    run("SELECT evoq_attach('public.profiles')");
+}
+
+/// Inserts `n` profiles and returns their user ids in insertion order.
+pub fn sign_up(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            one::<String>(&format!(
+                "INSERT INTO public.profiles (id, email) VALUES (gen_random_uuid(), 'user{i}@example.com') RETURNING id::text"
+            ))
+            .unwrap()
+        })
+        .collect()
+}
+
+pub fn queue_row(user_id: &str) -> Value {
+    json(&format!(
+        "SELECT to_jsonb(q) FROM evolution_instance_creation_queue q WHERE user_id = '{user_id}'"
+    ))
+}
+
+pub fn instance_row(user_id: &str) -> Value {
+    json(&format!("SELECT to_jsonb(i) FROM evolution_instances i WHERE user_id = '{user_id}'"))
+}
+
+/// Makes every queued row due now (a failed row waits out its backoff otherwise).
+pub fn make_all_due() {
+    run("UPDATE evolution_instance_creation_queue SET next_attempt_at = now() - interval '1 second'");
+}
+
+/// Makes every instance due for a refresh now.
+pub fn make_refresh_due() {
+    run("UPDATE evolution_instances SET last_refresh_at = NULL");
+}
+
+/// A libpq connection string back to this test cluster, for work that must commit (dblink).
+pub fn self_conninfo() -> String {
+    one::<String>(
+        "SELECT format('host=localhost port=%s dbname=%s user=%s', current_setting('port'), current_database(), current_user)",
+    )
+    .unwrap()
+}
+
+/// Runs SQL in its own committed transaction over dblink.
+pub fn committed(sql: &str) {
+    run("CREATE EXTENSION IF NOT EXISTS dblink");
+    Spi::run_with_args("SELECT dblink_exec($1, $2)", &[self_conninfo().into(), sql.into()])
+        .unwrap_or_else(|e| panic!("committed {sql}: {e}"));
+}
+
+/// Removes everything tests commit through dblink.
+pub fn clean_committed() {
+    committed(
+        "DO $$ BEGIN
+            DELETE FROM evoq.instance_tokens; DELETE FROM evolution_instances;
+            DELETE FROM evolution_instance_creation_queue; DELETE FROM evoq.settings; DELETE FROM evoq.job_runs;
+            DROP TABLE IF EXISTS public.committed_profiles;
+         END $$",
+    );
+}
+
+pub fn committed_configure(mock: &MockServer, extra: &str) {
+    committed(&format!(
+        "DO $$ BEGIN PERFORM evoq_configure(api_url => '{}', api_key => '{}'); {extra} END $$",
+        mock.url(),
+        API_KEY
+    ));
+}
+
+/// Queues `n` users in a committed transaction.
+pub fn committed_queue(n: usize) {
+    committed(&format!(
+        "INSERT INTO evolution_instance_creation_queue (user_id) SELECT gen_random_uuid() FROM generate_series(1, {n})"
+    ));
+}
+
+/// Starts `sql` on `sessions` separate connections at once and waits for all of them.
+/// `setup` runs first in each session (e.g. SET evoq.concurrency). Returns each session's result
+/// or error text.
+pub fn concurrently(sessions: usize, setup: &str, sql: &str) -> Vec<String> {
+    run("CREATE EXTENSION IF NOT EXISTS dblink");
+    let conninfo = self_conninfo();
+    for i in 0..sessions {
+        Spi::run_with_args("SELECT dblink_connect($1, $2)", &[format!("evoq_c{i}").into(), conninfo.clone().into()]).unwrap();
+        if !setup.is_empty() {
+            Spi::run_with_args("SELECT dblink_exec($1, $2)", &[format!("evoq_c{i}").into(), setup.into()]).unwrap();
+        }
+    }
+    for i in 0..sessions {
+        Spi::run_with_args("SELECT dblink_send_query($1, $2)", &[format!("evoq_c{i}").into(), sql.into()]).unwrap();
+    }
+    let mut out = Vec::new();
+    for i in 0..sessions {
+        let r = Spi::get_one_with_args::<String>(
+            "SELECT coalesce((SELECT r FROM dblink_get_result($1, false) AS t(r text) LIMIT 1), dblink_error_message($1))",
+            &[format!("evoq_c{i}").into()],
+        )
+        .unwrap()
+        .unwrap_or_default();
+        // Drain the final empty result so the connection is reusable, then close it.
+        let _ = Spi::run_with_args("SELECT * FROM dblink_get_result($1, false) AS t(r text)", &[format!("evoq_c{i}").into()]);
+        Spi::run_with_args("SELECT dblink_disconnect($1)", &[format!("evoq_c{i}").into()]).unwrap();
+        out.push(r);
+    }
+    out
+}

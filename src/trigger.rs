@@ -1,0 +1,142 @@
+//! The profile trigger and the function that attaches it to the application's table.
+//!
+//! The trigger does one indexed upsert through a plan prepared once per backend, and no network
+//! I/O: a profile insert must never wait for, or fail because of, the Evolution API.
+
+use crate::errors::{EvoqError, OrRaise};
+use pgrx::prelude::*;
+use pgrx::spi::OwnedPreparedStatement;
+use pgrx::PgOid;
+use std::cell::RefCell;
+
+pub const TRIGGER_NAME: &str = "on_profile_created_create_evolution_instance";
+
+/// A new profile queues its user; a second insert for the same user starts a new request
+/// (new request_id, retry_count + 1) whatever state the row was in.
+const ENQUEUE: &str = "
+    INSERT INTO evolution_instance_creation_queue AS q (user_id) VALUES ($1)
+    ON CONFLICT (user_id) DO UPDATE SET
+        status = 'pending', request_id = gen_random_uuid(), retry_count = q.retry_count + 1,
+        attempts = 0, error_message = NULL, error_kind = NULL, last_http_status = NULL,
+        next_attempt_at = now(), processed_at = NULL, updated_at = now()";
+
+thread_local! {
+    // Postgres backends are single-threaded; the plan lives as long as the backend and is
+    // revalidated by the plan cache if the table changes.
+    static ENQUEUE_PLAN: RefCell<Option<OwnedPreparedStatement>> = const { RefCell::new(None) };
+}
+
+fn enqueue(user_id: pgrx::Uuid) -> Result<(), pgrx::spi::Error> {
+    ENQUEUE_PLAN.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        Spi::connect_mut(|client| {
+            if slot.is_none() {
+                let plan = client.prepare_mut(ENQUEUE, &[PgOid::from(pg_sys::UUIDOID)])?;
+                *slot = Some(plan.keep());
+            }
+            let plan = slot.as_ref().expect("prepared above");
+            client.update(plan, None, &[user_id.into()]).map(|_| ())
+        })
+    })
+}
+
+fn skip(table: &str, why: String) {
+    pgrx::warning!("evoq: profile row in {table} not queued: {why}");
+}
+
+#[pg_trigger]
+fn handle_profile_evolution_instance<'a>(
+    trigger: &'a pgrx::PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, pgrx::spi::Error> {
+    let table = trigger.table_name().unwrap_or_else(|_| "?".into());
+    let column = trigger.extra_args().ok().and_then(|a| a.into_iter().next()).unwrap_or_else(|| "id".into());
+    let Some(new) = trigger.new() else {
+        return Ok(None);
+    };
+    match new.get_by_name::<pgrx::Uuid>(&column) {
+        Ok(Some(user_id)) => enqueue(user_id)?,
+        Ok(None) => skip(&table, format!("column {column} is NULL")),
+        Err(e) => skip(&table, format!("column {column} cannot be read as uuid ({e})")),
+    }
+    Ok(None)
+}
+
+/// Where the extension lives, quoted, for the trigger's EXECUTE FUNCTION clause.
+fn extension_schema() -> String {
+    Spi::get_one::<String>(
+        "SELECT quote_ident(n.nspname) FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
+         WHERE e.extname = 'evoq'",
+    )
+    .ok()
+    .flatten()
+    .unwrap_or_else(|| "public".into())
+}
+
+fn check_target(table: pg_sys::Oid, column: &str) -> Result<String, EvoqError> {
+    let (name, relkind) = Spi::get_two_with_args::<String, String>(
+        "SELECT c.oid::regclass::text, c.relkind::text FROM pg_class c WHERE c.oid = $1",
+        &[table.into()],
+    )
+    .unwrap_or((None, None));
+    let name = name.ok_or_else(|| EvoqError::BadTarget {
+        message: "the table given to evoq_attach does not exist".into(),
+        hint: "Pass the profiles table, e.g. evoq_attach('public.profiles').".into(),
+    })?;
+    if !matches!(relkind.as_deref(), Some("r") | Some("p")) {
+        return Err(EvoqError::BadTarget {
+            message: format!("{name} is not a table"),
+            hint: "evoq_attach needs the table that receives one row per new user.".into(),
+        });
+    }
+    let column_type = Spi::get_one_with_args::<String>(
+        "SELECT format_type(atttypid, atttypmod) FROM pg_attribute
+         WHERE attrelid = $1 AND attname = $2 AND attnum > 0 AND NOT attisdropped",
+        &[table.into(), column.into()],
+    )
+    .ok()
+    .flatten();
+    match column_type.as_deref() {
+        None => Err(EvoqError::BadTarget {
+            message: format!("table {name} has no column {column:?}"),
+            hint: "Pass the column that holds the user id: evoq_attach('profiles', user_id_column => 'user_id').".into(),
+        }),
+        Some("uuid") => Ok(name),
+        Some(other) => Err(EvoqError::BadTarget {
+            message: format!("column {column:?} of {name} is {other}, not uuid"),
+            hint: "evoq keys users by uuid (as Supabase's auth.users does); point it at a uuid column.".into(),
+        }),
+    }
+}
+
+/// The regclass-typed SQL wrappers `evoq_attach`/`evoq_detach` (sql/finalize.sql) call these;
+/// they live in the private schema `evoq`.
+#[pg_schema]
+mod evoq {
+    use super::*;
+
+    /// Creates (or replaces) the trigger `on_profile_created_create_evolution_instance` AFTER
+    /// INSERT FOR EACH ROW on `table`, reading the user id from `user_id_column`. Called by the SQL
+    /// wrapper `evoq_attach(regclass, name)` (sql/finalize.sql), which gives it the regclass type.
+    #[pg_extern]
+    fn attach_trigger(table: pg_sys::Oid, user_id_column: &str) -> String {
+        let name = check_target(table, user_id_column).or_raise();
+        let schema = extension_schema();
+        Spi::run(&format!(
+            "DROP TRIGGER IF EXISTS {TRIGGER_NAME} ON {name};
+             CREATE TRIGGER {TRIGGER_NAME} AFTER INSERT ON {name}
+                 FOR EACH ROW EXECUTE FUNCTION {schema}.handle_profile_evolution_instance({})",
+            pgrx::spi::quote_literal(user_id_column)
+        ))
+        .unwrap_or_else(|e| pgrx::error!("evoq_attach could not create the trigger on {name}: {e}"));
+        format!("trigger {TRIGGER_NAME} created on {name} (user id column {user_id_column})")
+    }
+
+    /// Removes the trigger again (wrapped by `evoq_detach(regclass)`).
+    #[pg_extern]
+    fn detach_trigger(table: pg_sys::Oid) -> String {
+        let name = Spi::get_one_with_args::<String>("SELECT $1::regclass::text", &[table.into()]).ok().flatten().unwrap_or_default();
+        Spi::run(&format!("DROP TRIGGER IF EXISTS {TRIGGER_NAME} ON {name}"))
+            .unwrap_or_else(|e| pgrx::error!("evoq_detach could not drop the trigger on {name}: {e}"));
+        format!("trigger {TRIGGER_NAME} dropped from {name}")
+    }
+}

@@ -1,0 +1,214 @@
+//! A faithful in-memory mock of the Evolution API (WhatsApp HTTP API) server, following
+//! `/work/shared/evolution-api.md`: v2.3.6 or v1.8.2 body shapes, the error envelope, guard
+//! order (404 and 403 before 401), QR cadence, plus fault injection and a `/__mock` control API.
+//!
+//! ```no_run
+//! use evolution_mock::{MockConfig, MockServer};
+//! let mock = MockServer::start(0, MockConfig::default()).unwrap();
+//! println!("{}", mock.url());
+//! ```
+
+mod control;
+mod faults;
+mod http;
+mod routes;
+mod server;
+mod state;
+mod util;
+mod v1;
+mod v2;
+mod validate;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use serde_json::Value;
+
+pub use faults::{FaultKind, FaultRule};
+
+use server::{lock, Knobs, Shared};
+use state::{CallLog, Store};
+
+/// Which server version to imitate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flavor {
+    /// Evolution API 2.3.6 (camelCase bodies, wrapped webhook/set, `hash` string).
+    V2,
+    /// Evolution API 1.8.2 (snake_case bodies, flat webhook/set, `hash: {apikey}`).
+    V1,
+}
+
+impl Flavor {
+    /// The `version` reported by `GET /`.
+    pub fn version(self) -> &'static str {
+        match self {
+            Flavor::V2 => "2.3.6",
+            Flavor::V1 => "1.8.2",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct MockConfig {
+    pub flavor: Flavor,
+    /// The global key (`AUTHENTICATION_API_KEY`).
+    pub api_key: String,
+    /// Delay added before every non-control reply.
+    pub latency_ms: u64,
+    /// Put a real QR into the create reply instead of the usual `{"count":0}`.
+    pub qr_on_create: bool,
+    /// Age after which `connect` emits a new QR (Evolution's `qrTimeout`); 0 = every call.
+    pub qr_ttl_ms: u64,
+}
+
+impl Default for MockConfig {
+    fn default() -> Self {
+        MockConfig {
+            flavor: Flavor::V2,
+            api_key: "BQYHJGJHJ".to_string(),
+            latency_ms: 0,
+            qr_on_create: false,
+            qr_ttl_ms: 45_000,
+        }
+    }
+}
+
+/// A running mock. Dropping it stops accepting connections and releases hung requests.
+pub struct MockServer {
+    shared: Arc<Shared>,
+    server: Arc<tiny_http::Server>,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl MockServer {
+    /// Binds `127.0.0.1:port` (0 = ephemeral) and serves on background threads.
+    pub fn start(port: u16, config: MockConfig) -> std::io::Result<MockServer> {
+        let listener = std::net::TcpListener::bind(("127.0.0.1", port))?;
+        let port = listener.local_addr()?.port();
+        let server = tiny_http::Server::from_listener(listener, None)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let server = Arc::new(server);
+        let start = Instant::now();
+        let shared = Arc::new(Shared {
+            flavor: config.flavor,
+            api_key: config.api_key,
+            port,
+            knobs: Mutex::new(Knobs {
+                latency_ms: config.latency_ms,
+                qr_on_create: config.qr_on_create,
+                qr_ttl_ms: config.qr_ttl_ms,
+            }),
+            store: Mutex::new(Store::default()),
+            calls: Mutex::new(CallLog::new(start)),
+            faults: faults::Faults::new(),
+            stopped: AtomicBool::new(false),
+        });
+        let accept = {
+            let (server, shared) = (Arc::clone(&server), Arc::clone(&shared));
+            std::thread::Builder::new()
+                .name("evolution-mock-accept".into())
+                .spawn(move || server::accept_loop(server, shared))?
+        };
+        Ok(MockServer {
+            shared,
+            server,
+            accept: Some(accept),
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.shared.port
+    }
+
+    /// `http://127.0.0.1:<port>`
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.shared.port)
+    }
+
+    pub fn flavor(&self) -> Flavor {
+        self.shared.flavor
+    }
+
+    pub fn api_key(&self) -> &str {
+        &self.shared.api_key
+    }
+
+    /// The call log: `{seq, method, path, query, apikey, body, status, at_ms}` per request.
+    pub fn calls(&self) -> Vec<Value> {
+        lock(&self.shared.calls).entries()
+    }
+
+    /// Logged calls with this method (case-insensitive; "" = any) whose path starts with the prefix.
+    pub fn count_calls(&self, method: &str, path_prefix: &str) -> usize {
+        self.calls()
+            .iter()
+            .filter(|c| {
+                let m = c["method"].as_str().unwrap_or_default();
+                let p = c["path"].as_str().unwrap_or_default();
+                (method.is_empty() || m.eq_ignore_ascii_case(method)) && p.starts_with(path_prefix)
+            })
+            .count()
+    }
+
+    pub fn add_fault(&self, rule: FaultRule) {
+        self.shared.faults.add(rule);
+    }
+
+    /// Removes all rules and releases requests held by `hang`.
+    pub fn clear_faults(&self) {
+        self.shared.faults.clear();
+    }
+
+    pub fn set_latency_ms(&self, ms: u64) {
+        lock(&self.shared.knobs).latency_ms = ms;
+    }
+
+    pub fn set_qr_on_create(&self, on: bool) {
+        lock(&self.shared.knobs).qr_on_create = on;
+    }
+
+    pub fn set_qr_ttl_ms(&self, ms: u64) {
+        lock(&self.shared.knobs).qr_ttl_ms = ms;
+    }
+
+    /// "open" (QR scanned), "close" or "connecting". False for an unknown instance or state.
+    pub fn set_state(&self, name: &str, state: &str) -> bool {
+        self.shared.set_instance_state(name, state)
+    }
+
+    /// The server "loses" the instance. False if it did not exist.
+    pub fn remove_instance(&self, name: &str) -> bool {
+        self.shared.remove_instance(name)
+    }
+
+    pub fn instance_names(&self) -> Vec<String> {
+        lock(&self.shared.store)
+            .instances
+            .iter()
+            .map(|i| i.name.clone())
+            .collect()
+    }
+
+    /// `{name, id, token, integration, state, qr_count, qr_code, webhook}` or None.
+    pub fn instance(&self, name: &str) -> Option<Value> {
+        lock(&self.shared.store).get(name).map(|i| i.to_json())
+    }
+
+    /// Forget instances, calls and faults.
+    pub fn reset(&self) {
+        self.shared.reset();
+    }
+}
+
+impl Drop for MockServer {
+    fn drop(&mut self) {
+        self.shared.stopped.store(true, Ordering::SeqCst);
+        self.shared.faults.stop();
+        self.server.unblock();
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! The request pipeline: accept loop, one thread per request, call logging, latency,
+//! fault injection, then either the control API or the Evolution routes.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tiny_http::{Request, Server};
+
+use crate::faults::{FaultKind, Faults};
+use crate::http::{self, Body, Reply};
+use crate::state::{CallLog, ConnState, Store};
+use crate::{control, routes, Flavor};
+
+/// Knobs that can change while the server runs.
+#[derive(Clone, Debug)]
+pub struct Knobs {
+    pub latency_ms: u64,
+    pub qr_on_create: bool,
+    pub qr_ttl_ms: u64,
+}
+
+/// Everything request threads share.
+pub struct Shared {
+    pub flavor: Flavor,
+    pub api_key: String,
+    pub port: u16,
+    pub knobs: Mutex<Knobs>,
+    pub store: Mutex<Store>,
+    pub calls: Mutex<CallLog>,
+    pub faults: Faults,
+    pub stopped: AtomicBool,
+}
+
+/// Poison-tolerant lock: one panicking request thread must not break every later request.
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    pub fn knobs(&self) -> Knobs {
+        lock(&self.knobs).clone()
+    }
+
+    /// Simulates the phone side: "open" as if the QR was scanned, "close" as if the session
+    /// dropped, "connecting" as if a socket started. False for an unknown name or state.
+    pub fn set_instance_state(&self, name: &str, state: &str) -> bool {
+        let Some(state) = ConnState::parse(state) else {
+            return false;
+        };
+        match lock(&self.store).get_mut(name) {
+            Some(i) => {
+                i.set_state(state);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The server "loses" the instance, as if its row or directory vanished.
+    pub fn remove_instance(&self, name: &str) -> bool {
+        lock(&self.store).remove(name)
+    }
+
+    pub fn instances_json(&self) -> Vec<Value> {
+        lock(&self.store)
+            .instances
+            .iter()
+            .map(|i| i.to_json())
+            .collect()
+    }
+
+    /// Forget instances, calls and faults (hung requests are released).
+    pub fn reset(&self) {
+        lock(&self.store).instances.clear();
+        lock(&self.calls).clear();
+        self.faults.clear();
+    }
+}
+
+/// A parsed request as the route handlers see it.
+pub struct Req {
+    pub method: String,
+    /// Path as received, without the query string.
+    pub path: String,
+    /// Percent-decoded path segments; a trailing empty one (from a final `/`) is dropped.
+    pub segments: Vec<String>,
+    pub query: Vec<(String, String)>,
+    pub apikey: Option<String>,
+    /// `Value::Null` for an empty body; a `Value::String` when the body is not JSON.
+    pub body: Value,
+    /// True when a body was sent that does not parse as JSON.
+    pub body_invalid: bool,
+    /// The query string as received (for the call log).
+    pub raw_query: String,
+}
+
+impl Req {
+    pub fn query_param(&self, key: &str) -> Option<&str> {
+        self.query
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn decoded_path(&self) -> String {
+        format!("/{}", self.segments.join("/"))
+    }
+}
+
+/// Receives requests until the server is unblocked, handing each to its own thread so that
+/// sleeps and hangs never hold up other clients.
+pub fn accept_loop(server: Arc<Server>, shared: Arc<Shared>) {
+    while let Ok(request) = server.recv() {
+        if shared.stopped.load(Ordering::SeqCst) {
+            http::close_without_reply(request, shared.port);
+            continue;
+        }
+        let shared = Arc::clone(&shared);
+        let spawned = std::thread::Builder::new()
+            .name("evolution-mock-req".into())
+            .spawn(move || handle(&shared, request));
+        if spawned.is_err() {
+            // Out of threads: nothing sensible to do but let the client see a failure.
+            continue;
+        }
+    }
+}
+
+fn parse(request: &mut Request) -> Req {
+    let method = request.method().as_str().to_ascii_uppercase();
+    let url = request.url().to_string();
+    let (path, query) = match url.split_once('?') {
+        Some((p, q)) => (p.to_string(), q.to_string()),
+        None => (url.clone(), String::new()),
+    };
+    let mut segments: Vec<String> = path
+        .split('/')
+        .skip(1)
+        .map(|s| crate::util::percent_decode(s, false))
+        .collect();
+    if segments.len() > 1 && segments.last().is_some_and(String::is_empty) {
+        segments.pop();
+    }
+    let apikey = request
+        .headers()
+        .iter()
+        .find(|h| h.field.equiv("apikey"))
+        .map(|h| h.value.as_str().to_string());
+    let mut raw = Vec::new();
+    let _ = request.as_reader().read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (body, body_invalid) = if text.trim().is_empty() {
+        (Value::Null, false)
+    } else {
+        match serde_json::from_str::<Value>(&text) {
+            Ok(v) => (v, false),
+            Err(_) => (Value::String(text), true),
+        }
+    };
+    Req {
+        method,
+        path,
+        segments,
+        query: crate::util::parse_query(&query),
+        apikey,
+        body,
+        body_invalid,
+        raw_query: query,
+    }
+}
+
+fn handle(shared: &Shared, mut request: Request) {
+    let req = parse(&mut request);
+
+    if req.path == "/__mock" || req.path.starts_with("/__mock/") {
+        let reply = control::handle(shared, &req);
+        http::send(request, &reply);
+        return;
+    }
+
+    let seq = lock(&shared.calls).record(
+        &req.method,
+        &req.path,
+        &req.raw_query,
+        req.apikey.as_deref(),
+        req.body.clone(),
+    );
+
+    let latency = shared.knobs().latency_ms;
+    if latency > 0 {
+        std::thread::sleep(Duration::from_millis(latency));
+    }
+
+    let fault = shared
+        .faults
+        .take(&req.method, &req.path, &req.decoded_path());
+    let reply = match fault {
+        None => routes::dispatch(shared, &req),
+        Some((kind, ticket)) => match kind {
+            FaultKind::Hang => {
+                shared.faults.wait_release(ticket);
+                http::close_without_reply(request, shared.port);
+                return;
+            }
+            FaultKind::Drop => {
+                http::close_without_reply(request, shared.port);
+                return;
+            }
+            FaultKind::Delay { ms } => {
+                sleep_unless_stopped(shared, ms);
+                routes::dispatch(shared, &req)
+            }
+            other => fault_reply(&other, &req),
+        },
+    };
+    lock(&shared.calls).set_status(seq, reply.status);
+    http::send(request, &reply);
+}
+
+fn sleep_unless_stopped(shared: &Shared, ms: u64) {
+    // Sliced so a stopped server does not keep threads around for long delays.
+    let until = Instant::now() + Duration::from_millis(ms);
+    while Instant::now() < until && !shared.stopped.load(Ordering::SeqCst) {
+        let left = until.saturating_duration_since(Instant::now());
+        std::thread::sleep(left.min(Duration::from_millis(50)));
+    }
+}
+
+/// The canned reply of a non-hanging fault.
+fn fault_reply(kind: &FaultKind, req: &Req) -> Reply {
+    match kind {
+        FaultKind::Status { code } => status_fault(*code, req),
+        FaultKind::Garbage => Reply {
+            status: 200,
+            body: Body::RawJson("<html>not json".into()),
+        },
+        FaultKind::Error200 => Reply::json(
+            200,
+            json!({"error": true, "message": "mock fault: 200 with error"}),
+        ),
+        FaultKind::Empty200 => Reply {
+            status: 200,
+            body: Body::Empty,
+        },
+        FaultKind::MissingFields => {
+            let created = req.method == "POST"
+                && (req.path.starts_with("/instance/create")
+                    || req.path.starts_with("/webhook/set"));
+            Reply::json(if created { 201 } else { 200 }, json!({}))
+        }
+        // Handled by the caller; kept total for safety.
+        FaultKind::Hang | FaultKind::Drop | FaultKind::Delay { .. } => {
+            Reply::crash("mock fault: internal error")
+        }
+    }
+}
+
+/// An error reply for `code` shaped like the real server's error of that code.
+fn status_fault(code: u16, req: &Req) -> Reply {
+    let name = routes::instance_name_hint(req).unwrap_or_else(|| "mock".to_string());
+    match code {
+        401 => Reply::unauthorized(),
+        400 => Reply::thrown(400, "mock fault: bad request"),
+        403 => Reply::thrown(403, format!("This name \"{name}\" is already in use.")),
+        404 => Reply::thrown(404, format!("The \"{name}\" instance does not exist")),
+        500 => Reply::crash("mock fault: internal error"),
+        c if c >= 500 => Reply::crash(format!("mock fault: status {c}")),
+        c => Reply::thrown(c, format!("mock fault: status {c}")),
+    }
+}
