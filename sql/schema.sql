@@ -329,7 +329,7 @@ AS $$
     SELECT user_id, instance_name, 'pending' FROM updated WHERE outcome = 'lost'
     ON CONFLICT (user_id) DO UPDATE SET
         status = 'pending', request_id = gen_random_uuid(), retry_count = q.retry_count + 1, attempts = 0,
-        next_attempt_at = clock_timestamp(), processed_at = NULL,
+        next_attempt_at = now(), processed_at = NULL,
         error_message = 'the Evolution API no longer knows this instance (404); creating it again',
         error_kind = NULL, last_http_status = 404, updated_at = clock_timestamp()
 $$;

@@ -7,7 +7,10 @@ use pgrx::{PgLogLevel, PgSqlErrorCode};
 #[derive(Debug)]
 pub enum EvoqError {
     /// A bad argument to a public function.
-    InvalidArgument { message: String, hint: Option<String> },
+    InvalidArgument {
+        message: String,
+        hint: Option<String>,
+    },
     /// evoq_configure has not been called.
     NotConfigured,
     /// Something evoq needs is not installed (pg_cron).
@@ -18,7 +21,10 @@ pub enum EvoqError {
 
 impl EvoqError {
     pub fn invalid(message: impl Into<String>, hint: impl Into<String>) -> Self {
-        EvoqError::InvalidArgument { message: message.into(), hint: Some(hint.into()) }
+        EvoqError::InvalidArgument {
+            message: message.into(),
+            hint: Some(hint.into()),
+        }
     }
 
     fn parts(self) -> (PgSqlErrorCode, String, Option<String>) {

@@ -21,7 +21,9 @@ mod tests {
         assert_eq!(name, "evoq_0f8fad5bd9cb469fa16570867728950e");
         assert_eq!(name, instance_name(id));
         assert!(name.len() <= 64);
-        assert!(name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'));
+        assert!(name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'));
         assert_ne!(name, instance_name(Uuid::new_v4()));
     }
 }

@@ -39,7 +39,9 @@ impl RetryPolicy {
         }
         let ceiling = self.ceiling(attempt).as_millis() as f64;
         let jitter = jitter.clamp(0.0, 1.0);
-        Decision::RetryAfter(Duration::from_millis((ceiling / 2.0 + ceiling / 2.0 * jitter) as u64))
+        Decision::RetryAfter(Duration::from_millis(
+            (ceiling / 2.0 + ceiling / 2.0 * jitter) as u64,
+        ))
     }
 }
 
@@ -54,7 +56,11 @@ mod tests {
     use super::*;
 
     fn policy() -> RetryPolicy {
-        RetryPolicy { max_attempts: 5, base: Duration::from_secs(10), cap: Duration::from_secs(60) }
+        RetryPolicy {
+            max_attempts: 5,
+            base: Duration::from_secs(10),
+            cap: Duration::from_secs(60),
+        }
     }
 
     #[test]
@@ -70,11 +76,19 @@ mod tests {
     #[test]
     fn jitter_stays_within_half_and_full_ceiling() {
         let p = policy();
-        assert_eq!(p.decide(2, ErrorKind::Transient, 0.0), Decision::RetryAfter(Duration::from_secs(10)));
-        assert_eq!(p.decide(2, ErrorKind::Transient, 0.999_999), Decision::RetryAfter(Duration::from_millis(19_999)));
+        assert_eq!(
+            p.decide(2, ErrorKind::Transient, 0.0),
+            Decision::RetryAfter(Duration::from_secs(10))
+        );
+        assert_eq!(
+            p.decide(2, ErrorKind::Transient, 0.999_999),
+            Decision::RetryAfter(Duration::from_millis(19_999))
+        );
         for _ in 0..1000 {
             match p.decide(3, ErrorKind::Transient, random_unit()) {
-                Decision::RetryAfter(d) => assert!(d >= Duration::from_secs(20) && d < Duration::from_secs(40)),
+                Decision::RetryAfter(d) => {
+                    assert!(d >= Duration::from_secs(20) && d < Duration::from_secs(40))
+                }
                 Decision::GiveUp => panic!("gave up early"),
             }
         }
@@ -83,14 +97,21 @@ mod tests {
     #[test]
     fn gives_up_after_max_attempts_or_on_permanent_errors() {
         let p = policy();
-        assert!(matches!(p.decide(4, ErrorKind::Transient, 0.5), Decision::RetryAfter(_)));
+        assert!(matches!(
+            p.decide(4, ErrorKind::Transient, 0.5),
+            Decision::RetryAfter(_)
+        ));
         assert_eq!(p.decide(5, ErrorKind::Transient, 0.5), Decision::GiveUp);
         assert_eq!(p.decide(1, ErrorKind::Permanent, 0.5), Decision::GiveUp);
     }
 
     #[test]
     fn cap_below_base_does_not_shrink_the_base() {
-        let p = RetryPolicy { max_attempts: 3, base: Duration::from_secs(10), cap: Duration::from_secs(1) };
+        let p = RetryPolicy {
+            max_attempts: 3,
+            base: Duration::from_secs(10),
+            cap: Duration::from_secs(1),
+        };
         assert_eq!(p.ceiling(3), Duration::from_secs(10));
     }
 

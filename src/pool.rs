@@ -27,7 +27,13 @@ impl Drop for AbandonOnDrop {
 /// Runs `work` over `items` on at most `concurrency` threads and returns the results in input
 /// order. Items whose work has not finished by `deadline` come back as `None` (their threads are
 /// left to finish alone); a panicking `work` also yields `None` for its item.
-pub fn run<T, R, F, W>(items: Vec<T>, concurrency: usize, deadline: Option<Instant>, work: F, mut on_wait: W) -> Vec<Option<R>>
+pub fn run<T, R, F, W>(
+    items: Vec<T>,
+    concurrency: usize,
+    deadline: Option<Instant>,
+    work: F,
+    mut on_wait: W,
+) -> Vec<Option<R>>
 where
     T: Send + 'static,
     R: Send + 'static,
@@ -39,14 +45,17 @@ where
     if total == 0 {
         return results;
     }
-    let queue = Arc::new(Mutex::new(items.into_iter().enumerate().collect::<VecDeque<_>>()));
+    let queue = Arc::new(Mutex::new(
+        items.into_iter().enumerate().collect::<VecDeque<_>>(),
+    ));
     let abandoned = Arc::new(AtomicBool::new(false));
     let _guard = AbandonOnDrop(abandoned.clone());
     let work = Arc::new(work);
     let (tx, rx) = mpsc::channel::<(usize, Option<R>)>();
 
     for _ in 0..concurrency.clamp(1, total) {
-        let (queue, abandoned, work, tx) = (queue.clone(), abandoned.clone(), work.clone(), tx.clone());
+        let (queue, abandoned, work, tx) =
+            (queue.clone(), abandoned.clone(), work.clone(), tx.clone());
         std::thread::spawn(move || loop {
             if abandoned.load(Ordering::SeqCst) {
                 return;
@@ -123,13 +132,29 @@ mod tests {
     #[test]
     fn calls_overlap() {
         let start = Instant::now();
-        run((0..16).collect(), 16, None, |_: u32| std::thread::sleep(Duration::from_millis(100)), || {});
-        assert!(start.elapsed() < Duration::from_millis(1000), "took {:?}", start.elapsed());
+        run(
+            (0..16).collect(),
+            16,
+            None,
+            |_: u32| std::thread::sleep(Duration::from_millis(100)),
+            || {},
+        );
+        assert!(
+            start.elapsed() < Duration::from_millis(1000),
+            "took {:?}",
+            start.elapsed()
+        );
     }
 
     #[test]
     fn a_panic_yields_none_for_that_item_only() {
-        let out = run((0..10).collect(), 3, None, |i: u32| if i == 4 { panic!("boom") } else { i }, || {});
+        let out = run(
+            (0..10).collect(),
+            3,
+            None,
+            |i: u32| if i == 4 { panic!("boom") } else { i },
+            || {},
+        );
         assert_eq!(out[4], None);
         assert_eq!(out.iter().filter(|r| r.is_some()).count(), 9);
     }
@@ -175,7 +200,11 @@ mod tests {
             )
         }));
         assert!(caught.is_err());
-        assert!(begin.elapsed() < Duration::from_millis(250), "cancel took {:?}", begin.elapsed());
+        assert!(
+            begin.elapsed() < Duration::from_millis(250),
+            "cancel took {:?}",
+            begin.elapsed()
+        );
         std::thread::sleep(Duration::from_millis(700));
         // Only the two calls in hand ran; nothing new was taken after the cancel.
         assert_eq!(started.load(Ordering::SeqCst), 2);

@@ -8,10 +8,12 @@ pub const PROCESS_JOB: &str = "process-evolution-queue";
 pub const REFRESH_JOB: &str = "refresh-qr-codes";
 
 fn require_pg_cron() -> Result<(), EvoqError> {
-    let installed = Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_cron')")
-        .ok()
-        .flatten()
-        .unwrap_or(false);
+    let installed = Spi::get_one::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_cron')",
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(false);
     if installed {
         return Ok(());
     }
@@ -36,7 +38,10 @@ fn command(function: &str) -> String {
     if schema == "public" {
         format!("SELECT {function}()")
     } else {
-        format!("SELECT {}.{function}()", pgrx::spi::quote_identifier(&schema))
+        format!(
+            "SELECT {}.{function}()",
+            pgrx::spi::quote_identifier(&schema)
+        )
     }
 }
 
@@ -50,8 +55,11 @@ fn schedule_job(name: &str, schedule: &str, command: &str) -> i64 {
         &[name.into(), schedule.into(), command.into()],
     )
     .unwrap_or_else(|e| {
-        EvoqError::invalid(format!("pg_cron refused the schedule {schedule:?} for {name}: {e}"), "Use a cron expression such as '*/5 * * * *'.")
-            .raise()
+        EvoqError::invalid(
+            format!("pg_cron refused the schedule {schedule:?} for {name}: {e}"),
+            "Use a cron expression such as '*/5 * * * *'.",
+        )
+        .raise()
     })
     .unwrap_or_default()
 }
@@ -63,7 +71,11 @@ fn evoq_schedule(
     refresh_schedule: default!(&str, "'*/1 * * * *'"),
 ) -> pgrx::JsonB {
     require_pg_cron().or_raise();
-    let process = schedule_job(PROCESS_JOB, process_schedule, &command("evoq_process_queue"));
+    let process = schedule_job(
+        PROCESS_JOB,
+        process_schedule,
+        &command("evoq_process_queue"),
+    );
     let refresh = schedule_job(REFRESH_JOB, refresh_schedule, &command("evoq_refresh_qr"));
     pgrx::JsonB(serde_json::json!({
         PROCESS_JOB: {"jobid": process, "schedule": process_schedule},

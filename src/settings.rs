@@ -13,7 +13,6 @@ use std::time::Duration;
 pub struct IntGuc {
     pub name: &'static std::ffi::CStr,
     pub setting: &'static GucSetting<i32>,
-    pub default: i32,
     pub min: i32,
     pub max: i32,
     pub description: &'static std::ffi::CStr,
@@ -23,7 +22,7 @@ macro_rules! gucs {
     ($($ident:ident = $name:literal, $default:expr, $min:expr, $max:expr, $desc:literal;)*) => {
         $(pub static $ident: GucSetting<i32> = GucSetting::<i32>::new($default);)*
         pub fn all_gucs() -> Vec<IntGuc> {
-            vec![$(IntGuc { name: $name, setting: &$ident, default: $default, min: $min, max: $max, description: $desc }),*]
+            vec![$(IntGuc { name: $name, setting: &$ident, min: $min, max: $max, description: $desc }),*]
         }
     };
 }
@@ -118,7 +117,10 @@ pub fn load_connection() -> Result<Connection, EvoqError> {
             row.get::<String>(2).ok().flatten()?,
             row.get::<String>(3).ok().flatten(),
             row.get::<Vec<String>>(4).ok().flatten().unwrap_or_default(),
-            row.get::<String>(5).ok().flatten().unwrap_or_else(|| "auto".into()),
+            row.get::<String>(5)
+                .ok()
+                .flatten()
+                .unwrap_or_else(|| "auto".into()),
         ))
     });
     let (api_url, api_key, webhook_url, events, version) = row.ok_or(EvoqError::NotConfigured)?;
@@ -137,21 +139,60 @@ pub fn load_connection() -> Result<Connection, EvoqError> {
 /// Event names either server version accepts (contract section 5); the default subscription is
 /// what evoq's users need to follow a login.
 const KNOWN_EVENTS: &[&str] = &[
-    "APPLICATION_STARTUP", "QRCODE_UPDATED", "MESSAGES_SET", "MESSAGES_UPSERT", "MESSAGES_EDITED",
-    "MESSAGES_UPDATE", "MESSAGES_DELETE", "SEND_MESSAGE", "SEND_MESSAGE_UPDATE", "CONTACTS_SET",
-    "CONTACTS_UPSERT", "CONTACTS_UPDATE", "PRESENCE_UPDATE", "CHATS_SET", "CHATS_UPSERT", "CHATS_UPDATE",
-    "CHATS_DELETE", "GROUPS_UPSERT", "GROUP_UPDATE", "GROUP_PARTICIPANTS_UPDATE", "CONNECTION_UPDATE",
-    "LABELS_EDIT", "LABELS_ASSOCIATION", "CALL", "TYPEBOT_START", "TYPEBOT_CHANGE_STATUS", "REMOVE_INSTANCE",
-    "LOGOUT_INSTANCE", "INSTANCE_CREATE", "INSTANCE_DELETE", "STATUS_INSTANCE", "NEW_JWT_TOKEN",
+    "APPLICATION_STARTUP",
+    "QRCODE_UPDATED",
+    "MESSAGES_SET",
+    "MESSAGES_UPSERT",
+    "MESSAGES_EDITED",
+    "MESSAGES_UPDATE",
+    "MESSAGES_DELETE",
+    "SEND_MESSAGE",
+    "SEND_MESSAGE_UPDATE",
+    "CONTACTS_SET",
+    "CONTACTS_UPSERT",
+    "CONTACTS_UPDATE",
+    "PRESENCE_UPDATE",
+    "CHATS_SET",
+    "CHATS_UPSERT",
+    "CHATS_UPDATE",
+    "CHATS_DELETE",
+    "GROUPS_UPSERT",
+    "GROUP_UPDATE",
+    "GROUP_PARTICIPANTS_UPDATE",
+    "CONNECTION_UPDATE",
+    "LABELS_EDIT",
+    "LABELS_ASSOCIATION",
+    "CALL",
+    "TYPEBOT_START",
+    "TYPEBOT_CHANGE_STATUS",
+    "REMOVE_INSTANCE",
+    "LOGOUT_INSTANCE",
+    "INSTANCE_CREATE",
+    "INSTANCE_DELETE",
+    "STATUS_INSTANCE",
+    "NEW_JWT_TOKEN",
     "CHAMA_AI_ACTION",
 ];
 
 fn check_url(what: &str, url: &str) -> Result<(), EvoqError> {
-    let rest = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://"));
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"));
     match rest {
-        Some(r) if !r.is_empty() && !r.starts_with('/') && !url.chars().any(char::is_whitespace) => Ok(()),
+        Some(r)
+            if !r.is_empty() && !r.starts_with('/') && !url.chars().any(char::is_whitespace) =>
+        {
+            Ok(())
+        }
         _ => Err(EvoqError::invalid(
-            format!("{what} must be an http:// or https:// URL with a host, got {}", if url.is_empty() { "an empty string".to_string() } else { format!("{url:?}") }),
+            format!(
+                "{what} must be an http:// or https:// URL with a host, got {}",
+                if url.is_empty() {
+                    "an empty string".to_string()
+                } else {
+                    format!("{url:?}")
+                }
+            ),
             format!("Pass {what} => 'https://host[:port][/path]'."),
         )),
     }
@@ -167,10 +208,21 @@ fn evoq_configure(
     webhook_events: default!(Vec<String>, "ARRAY['QRCODE_UPDATED','CONNECTION_UPDATE']"),
     api_version: default!(&str, "'auto'"),
 ) -> pgrx::JsonB {
+    // Postgres logs the text of a failing statement (log_min_error_statement = error), and this
+    // statement's text holds the key. Errors are reported before the transaction unwinds, so a
+    // transaction-local setting here keeps the key out of the log for any error from now on.
+    Spi::run("SELECT pg_catalog.set_config('log_min_error_statement', 'panic', true)")
+        .unwrap_or_else(|e| {
+            pgrx::error!("evoq_configure could not protect the key from the log: {e}")
+        });
     let api_url = api_url.trim().trim_end_matches('/');
     check_url("api_url", api_url).or_raise();
     if api_key.trim().is_empty() {
-        EvoqError::invalid("api_key must not be empty", "Pass the Evolution API's global key (AUTHENTICATION_API_KEY).").raise();
+        EvoqError::invalid(
+            "api_key must not be empty",
+            "Pass the Evolution API's global key (AUTHENTICATION_API_KEY).",
+        )
+        .raise();
     }
     let webhook_url = webhook_url.map(str::trim).filter(|w| !w.is_empty());
     if let Some(w) = webhook_url {
@@ -186,7 +238,11 @@ fn evoq_configure(
         }
     }
     if !matches!(api_version, "auto" | "v1" | "v2") {
-        EvoqError::invalid(format!("api_version must be 'auto', 'v1' or 'v2', got {api_version:?}"), "Leave it at 'auto' to ask the server.").raise();
+        EvoqError::invalid(
+            format!("api_version must be 'auto', 'v1' or 'v2', got {api_version:?}"),
+            "Leave it at 'auto' to ask the server.",
+        )
+        .raise();
     }
     Spi::run_with_args(
         "INSERT INTO evoq.settings (singleton, api_url, api_key, webhook_url, webhook_events, api_version)

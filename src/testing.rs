@@ -11,7 +11,12 @@ use serde_json::Value;
 pub const API_KEY: &str = "sk-evoq-test-7f3a9c1e-DO-NOT-LEAK";
 
 pub fn mock_with(flavor: Flavor) -> MockServer {
-    let config = MockConfig { flavor, api_key: API_KEY.into(), qr_ttl_ms: 0, ..MockConfig::default() };
+    let config = MockConfig {
+        flavor,
+        api_key: API_KEY.into(),
+        qr_ttl_ms: 0,
+        ..MockConfig::default()
+    };
     MockServer::start(0, config).expect("start the mock Evolution API")
 }
 
@@ -20,7 +25,12 @@ pub fn mock() -> MockServer {
 }
 
 pub fn fault(method: &str, path: &str, kind: FaultKind, times: Option<u32>) -> FaultRule {
-    FaultRule { method: Some(method.into()), path_contains: path.into(), kind, times }
+    FaultRule {
+        method: Some(method.into()),
+        path_contains: path.into(),
+        kind,
+        times,
+    }
 }
 
 pub fn run(sql: &str) {
@@ -41,13 +51,15 @@ pub fn count(sql: &str) -> i64 {
 
 /// Runs `sql` in a subtransaction and returns "SQLSTATE: message" if it failed, None if not.
 pub fn error_of(sql: &str) -> Option<String> {
-    run("CREATE OR REPLACE FUNCTION pg_temp.evoq_try(q text) RETURNS text LANGUAGE plpgsql AS $$
+    run(
+        "CREATE OR REPLACE FUNCTION pg_temp.evoq_try(q text) RETURNS text LANGUAGE plpgsql AS $$
          DECLARE h text;
          BEGIN EXECUTE q; RETURN NULL;
          EXCEPTION WHEN others THEN
              GET STACKED DIAGNOSTICS h = PG_EXCEPTION_HINT;
              RETURN SQLSTATE || ': ' || SQLERRM || coalesce(' HINT: ' || nullif(h, ''), '');
-         END $$");
+         END $$",
+    );
     Spi::get_one_with_args::<String>("SELECT pg_temp.evoq_try($1)", &[sql.into()]).unwrap()
 }
 
@@ -85,7 +97,9 @@ pub fn queue_row(user_id: &str) -> Value {
 }
 
 pub fn instance_row(user_id: &str) -> Value {
-    json(&format!("SELECT to_jsonb(i) FROM evolution_instances i WHERE user_id = '{user_id}'"))
+    json(&format!(
+        "SELECT to_jsonb(i) FROM evolution_instances i WHERE user_id = '{user_id}'"
+    ))
 }
 
 /// Makes every queued row due now (a failed row waits out its backoff otherwise).
@@ -109,8 +123,11 @@ pub fn self_conninfo() -> String {
 /// Runs SQL in its own committed transaction over dblink.
 pub fn committed(sql: &str) {
     run("CREATE EXTENSION IF NOT EXISTS dblink");
-    Spi::run_with_args("SELECT dblink_exec($1, $2)", &[self_conninfo().into(), sql.into()])
-        .unwrap_or_else(|e| panic!("committed {sql}: {e}"));
+    Spi::run_with_args(
+        "SELECT dblink_exec($1, $2)",
+        &[self_conninfo().into(), sql.into()],
+    )
+    .unwrap_or_else(|e| panic!("committed {sql}: {e}"));
 }
 
 /// Removes everything tests commit through dblink.
@@ -146,13 +163,25 @@ pub fn concurrently(sessions: usize, setup: &str, sql: &str) -> Vec<String> {
     run("CREATE EXTENSION IF NOT EXISTS dblink");
     let conninfo = self_conninfo();
     for i in 0..sessions {
-        Spi::run_with_args("SELECT dblink_connect($1, $2)", &[format!("evoq_c{i}").into(), conninfo.clone().into()]).unwrap();
+        Spi::run_with_args(
+            "SELECT dblink_connect($1, $2)",
+            &[format!("evoq_c{i}").into(), conninfo.clone().into()],
+        )
+        .unwrap();
         if !setup.is_empty() {
-            Spi::run_with_args("SELECT dblink_exec($1, $2)", &[format!("evoq_c{i}").into(), setup.into()]).unwrap();
+            Spi::run_with_args(
+                "SELECT dblink_exec($1, $2)",
+                &[format!("evoq_c{i}").into(), setup.into()],
+            )
+            .unwrap();
         }
     }
     for i in 0..sessions {
-        Spi::run_with_args("SELECT dblink_send_query($1, $2)", &[format!("evoq_c{i}").into(), sql.into()]).unwrap();
+        Spi::run_with_args(
+            "SELECT dblink_send_query($1, $2)",
+            &[format!("evoq_c{i}").into(), sql.into()],
+        )
+        .unwrap();
     }
     let mut out = Vec::new();
     for i in 0..sessions {
@@ -163,8 +192,15 @@ pub fn concurrently(sessions: usize, setup: &str, sql: &str) -> Vec<String> {
         .unwrap()
         .unwrap_or_default();
         // Drain the final empty result so the connection is reusable, then close it.
-        let _ = Spi::run_with_args("SELECT * FROM dblink_get_result($1, false) AS t(r text)", &[format!("evoq_c{i}").into()]);
-        Spi::run_with_args("SELECT dblink_disconnect($1)", &[format!("evoq_c{i}").into()]).unwrap();
+        let _ = Spi::run_with_args(
+            "SELECT * FROM dblink_get_result($1, false) AS t(r text)",
+            &[format!("evoq_c{i}").into()],
+        );
+        Spi::run_with_args(
+            "SELECT dblink_disconnect($1)",
+            &[format!("evoq_c{i}").into()],
+        )
+        .unwrap();
         out.push(r);
     }
     out

@@ -49,14 +49,21 @@ fn handle_profile_evolution_instance<'a>(
     trigger: &'a pgrx::PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, pgrx::spi::Error> {
     let table = trigger.table_name().unwrap_or_else(|_| "?".into());
-    let column = trigger.extra_args().ok().and_then(|a| a.into_iter().next()).unwrap_or_else(|| "id".into());
+    let column = trigger
+        .extra_args()
+        .ok()
+        .and_then(|a| a.into_iter().next())
+        .unwrap_or_else(|| "id".into());
     let Some(new) = trigger.new() else {
         return Ok(None);
     };
     match new.get_by_name::<pgrx::Uuid>(&column) {
         Ok(Some(user_id)) => enqueue(user_id)?,
         Ok(None) => skip(&table, format!("column {column} is NULL")),
-        Err(e) => skip(&table, format!("column {column} cannot be read as uuid ({e})")),
+        Err(e) => skip(
+            &table,
+            format!("column {column} cannot be read as uuid ({e})"),
+        ),
     }
     Ok(None)
 }
@@ -121,22 +128,39 @@ mod evoq {
     fn attach_trigger(table: pg_sys::Oid, user_id_column: &str) -> String {
         let name = check_target(table, user_id_column).or_raise();
         let schema = extension_schema();
+        let exists = Spi::get_one_with_args::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = $1 AND tgname = $2)",
+            &[table.into(), TRIGGER_NAME.into()],
+        )
+        .ok()
+        .flatten()
+        .unwrap_or(false);
+        if exists {
+            Spi::run(&format!("DROP TRIGGER {TRIGGER_NAME} ON {name}")).unwrap_or_else(|e| {
+                pgrx::error!("evoq_attach could not replace the trigger on {name}: {e}")
+            });
+        }
         Spi::run(&format!(
-            "DROP TRIGGER IF EXISTS {TRIGGER_NAME} ON {name};
-             CREATE TRIGGER {TRIGGER_NAME} AFTER INSERT ON {name}
+            "CREATE TRIGGER {TRIGGER_NAME} AFTER INSERT ON {name}
                  FOR EACH ROW EXECUTE FUNCTION {schema}.handle_profile_evolution_instance({})",
             pgrx::spi::quote_literal(user_id_column)
         ))
-        .unwrap_or_else(|e| pgrx::error!("evoq_attach could not create the trigger on {name}: {e}"));
+        .unwrap_or_else(|e| {
+            pgrx::error!("evoq_attach could not create the trigger on {name}: {e}")
+        });
         format!("trigger {TRIGGER_NAME} created on {name} (user id column {user_id_column})")
     }
 
     /// Removes the trigger again (wrapped by `evoq_detach(regclass)`).
     #[pg_extern]
     fn detach_trigger(table: pg_sys::Oid) -> String {
-        let name = Spi::get_one_with_args::<String>("SELECT $1::regclass::text", &[table.into()]).ok().flatten().unwrap_or_default();
-        Spi::run(&format!("DROP TRIGGER IF EXISTS {TRIGGER_NAME} ON {name}"))
-            .unwrap_or_else(|e| pgrx::error!("evoq_detach could not drop the trigger on {name}: {e}"));
+        let name = Spi::get_one_with_args::<String>("SELECT $1::regclass::text", &[table.into()])
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        Spi::run(&format!("DROP TRIGGER IF EXISTS {TRIGGER_NAME} ON {name}")).unwrap_or_else(|e| {
+            pgrx::error!("evoq_detach could not drop the trigger on {name}: {e}")
+        });
         format!("trigger {TRIGGER_NAME} dropped from {name}")
     }
 }

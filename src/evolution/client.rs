@@ -1,7 +1,9 @@
 //! The HTTP calls. One `Client` per run: its ureq agent is shared by the worker threads and
 //! keeps connections alive between calls.
 
-use super::reply::{envelope_message, parse_connect_reply, parse_create_reply, parse_fetch_instance, parse_version};
+use super::reply::{
+    envelope_message, parse_connect_reply, parse_create_reply, parse_fetch_instance, parse_version,
+};
 use super::request::{connect_path, create_body, path_segment, webhook_set_body};
 use super::{ApiError, ApiVersion, ConnectOutcome, CreatedInstance, Webhook};
 use std::time::Duration;
@@ -68,34 +70,53 @@ impl Client {
         let url = display_url(&self.base_url);
         match err {
             ureq::Error::Timeout(ureq::Timeout::Connect | ureq::Timeout::Resolve) => {
-                ApiError::unreachable(format!("could not connect to the Evolution API at {url} in time ({what})"))
+                ApiError::unreachable(format!(
+                    "could not connect to the Evolution API at {url} in time ({what})"
+                ))
             }
             ureq::Error::Timeout(_) => ApiError::transient(format!(
                 "the Evolution API at {url} did not answer {what} within {} ms",
                 self.request_timeout.as_millis()
             )),
             ureq::Error::Io(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                ApiError::unreachable(format!("could not connect to the Evolution API at {url}: connection refused ({what})"))
+                ApiError::unreachable(format!(
+                    "could not connect to the Evolution API at {url}: connection refused ({what})"
+                ))
             }
-            ureq::Error::HostNotFound => {
-                ApiError::unreachable(format!("could not resolve the Evolution API host of {url} ({what})"))
+            ureq::Error::HostNotFound => ApiError::unreachable(format!(
+                "could not resolve the Evolution API host of {url} ({what})"
+            )),
+            ureq::Error::ConnectionFailed => ApiError::unreachable(format!(
+                "could not connect to the Evolution API at {url} ({what})"
+            )),
+            ureq::Error::Io(e) => {
+                ApiError::transient(format!("{what} to {url} failed: {}", e.kind()))
             }
-            ureq::Error::ConnectionFailed => {
-                ApiError::unreachable(format!("could not connect to the Evolution API at {url} ({what})"))
-            }
-            ureq::Error::Io(e) => ApiError::transient(format!("{what} to {url} failed: {}", e.kind())),
             other => ApiError::transient(format!("{what} to {url} failed: {other}")),
         }
     }
 
     /// Sends one request and returns the status and the body text.
-    fn call(&self, method: &str, path: &str, body: Option<&serde_json::Value>) -> Result<(u16, String), ApiError> {
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<(u16, String), ApiError> {
         let what = format!("{method} {}", path.split('?').next().unwrap_or(path));
         let url = format!("{}{}", self.base_url, path);
         let result: Result<Response<Body>, ureq::Error> = match (method, body) {
             ("GET", _) => self.agent.get(&url).header("apikey", &self.api_key).call(),
-            (_, Some(json)) => self.agent.post(&url).header("apikey", &self.api_key).send_json(json),
-            (_, None) => self.agent.post(&url).header("apikey", &self.api_key).send_empty(),
+            (_, Some(json)) => self
+                .agent
+                .post(&url)
+                .header("apikey", &self.api_key)
+                .send_json(json),
+            (_, None) => self
+                .agent
+                .post(&url)
+                .header("apikey", &self.api_key)
+                .send_empty(),
         };
         let mut response = result.map_err(|e| self.transport_error(&what, e))?;
         let status = response.status().as_u16();
@@ -128,19 +149,44 @@ impl Client {
 
     /// Creates the instance, or adopts it when the name is already taken (403): evoq names are
     /// derived from the user id, so a taken name is our own earlier attempt whose answer was lost.
-    pub fn provision(&self, version: ApiVersion, name: &str, webhook: Option<&Webhook>) -> Result<Provisioned, ApiError> {
+    pub fn provision(
+        &self,
+        version: ApiVersion,
+        name: &str,
+        webhook: Option<&Webhook>,
+    ) -> Result<Provisioned, ApiError> {
         const WHAT: &str = "POST /instance/create";
-        let (status, body) = self.call("POST", "/instance/create", Some(&create_body(version, name, webhook)))?;
+        let (status, body) = self.call(
+            "POST",
+            "/instance/create",
+            Some(&create_body(version, name, webhook)),
+        )?;
         if status == 403 {
-            return self.adopt(version, name, webhook).map(|instance| Provisioned { instance, adopted: true });
+            return self
+                .adopt(version, name, webhook)
+                .map(|instance| Provisioned {
+                    instance,
+                    adopted: true,
+                });
         }
         Self::expect_success(status, &body, WHAT)?;
-        Ok(Provisioned { instance: parse_create_reply(&body, name)?, adopted: false })
+        Ok(Provisioned {
+            instance: parse_create_reply(&body, name)?,
+            adopted: false,
+        })
     }
 
-    fn adopt(&self, version: ApiVersion, name: &str, webhook: Option<&Webhook>) -> Result<CreatedInstance, ApiError> {
+    fn adopt(
+        &self,
+        version: ApiVersion,
+        name: &str,
+        webhook: Option<&Webhook>,
+    ) -> Result<CreatedInstance, ApiError> {
         const WHAT: &str = "GET /instance/fetchInstances";
-        let path = format!("/instance/fetchInstances?instanceName={}", path_segment(name));
+        let path = format!(
+            "/instance/fetchInstances?instanceName={}",
+            path_segment(name)
+        );
         let (status, body) = self.call("GET", &path, None)?;
         if status == 404 {
             // The name was taken a moment ago but the server has since dropped it (a failed
@@ -155,7 +201,8 @@ impl Client {
             // The adopted instance may carry an older webhook: set ours.
             let what = "POST /webhook/set";
             let path = format!("/webhook/set/{}", path_segment(name));
-            let (status, body) = self.call("POST", &path, Some(&webhook_set_body(version, hook)))?;
+            let (status, body) =
+                self.call("POST", &path, Some(&webhook_set_body(version, hook)))?;
             Self::expect_success(status, &body, what)?;
         }
         Ok(instance)
@@ -186,7 +233,10 @@ mod tests {
 
     #[test]
     fn credentials_never_reach_a_message() {
-        assert_eq!(display_url("https://user:secret@evo.example:8080/api"), "https://evo.example:8080/api");
+        assert_eq!(
+            display_url("https://user:secret@evo.example:8080/api"),
+            "https://evo.example:8080/api"
+        );
         assert_eq!(display_url("http://evo:8080"), "http://evo:8080");
     }
 }

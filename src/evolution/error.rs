@@ -36,11 +36,19 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn transient(message: impl Into<String>) -> Self {
-        ApiError { kind: ErrorKind::Transient, http_status: None, server_wide: false, message: message.into() }
+        ApiError {
+            kind: ErrorKind::Transient,
+            http_status: None,
+            server_wide: false,
+            message: message.into(),
+        }
     }
 
     pub fn unreachable(message: impl Into<String>) -> Self {
-        ApiError { server_wide: true, ..ApiError::transient(message) }
+        ApiError {
+            server_wide: true,
+            ..ApiError::transient(message)
+        }
     }
 
     pub fn malformed(what: &str, detail: impl fmt::Display) -> Self {
@@ -59,7 +67,12 @@ impl ApiError {
         if status == 401 {
             message.push_str(" (check the api_key given to evoq_configure)");
         }
-        ApiError { kind, http_status: Some(status), server_wide: status == 401, message }
+        ApiError {
+            kind,
+            http_status: Some(status),
+            server_wide: status == 401,
+            message,
+        }
     }
 }
 
@@ -88,7 +101,14 @@ mod tests {
 
     #[test]
     fn message_carries_the_api_words() {
-        let e = ApiError::http(400, "POST /instance/create", Some("Invalid integration".into()));
-        assert_eq!(e.to_string(), "Evolution API answered 400 to POST /instance/create: Invalid integration");
+        let e = ApiError::http(
+            400,
+            "POST /instance/create",
+            Some("Invalid integration".into()),
+        );
+        assert_eq!(
+            e.to_string(),
+            "Evolution API answered 400 to POST /instance/create: Invalid integration"
+        );
     }
 }

@@ -10,7 +10,9 @@ mod request;
 
 pub use client::{Client, ClientConfig, Provisioned};
 pub use error::{ApiError, ErrorKind};
-pub use reply::{envelope_message, parse_connect_reply, parse_create_reply, parse_fetch_instance, parse_version};
+pub use reply::{
+    envelope_message, parse_connect_reply, parse_create_reply, parse_fetch_instance, parse_version,
+};
 pub use reply::{ConnectOutcome, CreatedInstance, Qr};
 pub use request::{connect_path, create_body, webhook_set_body, Webhook};
 

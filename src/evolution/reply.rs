@@ -47,7 +47,10 @@ pub enum ConnectOutcome {
 }
 
 fn str_field(v: &Value, key: &str) -> Option<String> {
-    v.get(key).and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_string)
+    v.get(key)
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
 }
 
 fn parse_json(body: &str, what: &str) -> Result<Value, ApiError> {
@@ -65,7 +68,9 @@ fn reject_error_body(v: &Value, what: &str) -> Result<(), ApiError> {
             Some(other) => other.to_string(),
             None => "no message".into(),
         };
-        return Err(ApiError::transient(format!("Evolution API reported an error for {what}: {msg}")));
+        return Err(ApiError::transient(format!(
+            "Evolution API reported an error for {what}: {msg}"
+        )));
     }
     Ok(())
 }
@@ -91,7 +96,10 @@ pub fn envelope_message(body: &str) -> Option<String> {
         }
     }
     let v: Value = serde_json::from_str(body).ok()?;
-    let message = v.get("response").and_then(|r| r.get("message")).or_else(|| v.get("message"))?;
+    let message = v
+        .get("response")
+        .and_then(|r| r.get("message"))
+        .or_else(|| v.get("message"))?;
     let mut parts = Vec::new();
     collect(message, &mut parts);
     let joined = parts.join("; ");
@@ -101,11 +109,17 @@ pub fn envelope_message(body: &str) -> Option<String> {
 /// `GET /`: `{"version": "2.3.6", ...}`.
 pub fn parse_version(body: &str) -> Result<ApiVersion, ApiError> {
     let v = parse_json(body, "GET /")?;
-    let version = v
-        .get("version")
-        .and_then(Value::as_str)
-        .ok_or_else(|| ApiError::malformed("GET /", "no version field; is this an Evolution API server?"))?;
-    Ok(if version.trim_start_matches('v').starts_with("1.") { ApiVersion::V1 } else { ApiVersion::V2 })
+    let version = v.get("version").and_then(Value::as_str).ok_or_else(|| {
+        ApiError::malformed(
+            "GET /",
+            "no version field; is this an Evolution API server?",
+        )
+    })?;
+    Ok(if version.trim_start_matches('v').starts_with("1.") {
+        ApiVersion::V1
+    } else {
+        ApiVersion::V2
+    })
 }
 
 /// The 201 reply of `POST /instance/create`.
@@ -113,12 +127,16 @@ pub fn parse_create_reply(body: &str, expected_name: &str) -> Result<CreatedInst
     const WHAT: &str = "POST /instance/create";
     let v = parse_json(body, WHAT)?;
     reject_error_body(&v, WHAT)?;
-    let instance = v.get("instance").filter(|i| i.is_object()).ok_or_else(|| {
-        ApiError::malformed(WHAT, "missing the instance object")
-    })?;
+    let instance = v
+        .get("instance")
+        .filter(|i| i.is_object())
+        .ok_or_else(|| ApiError::malformed(WHAT, "missing the instance object"))?;
     let name = str_field(instance, "instanceName").unwrap_or_else(|| expected_name.to_string());
     if name != expected_name {
-        return Err(ApiError::malformed(WHAT, format!("it names instance {name:?}, not {expected_name:?}")));
+        return Err(ApiError::malformed(
+            WHAT,
+            format!("it names instance {name:?}, not {expected_name:?}"),
+        ));
     }
     // v2: "hash": "<token>"; v1.8: "hash": {"apikey": "<token>"}.
     let token = match v.get("hash") {
@@ -132,8 +150,18 @@ pub fn parse_create_reply(body: &str, expected_name: &str) -> Result<CreatedInst
         _ => "connecting",
     }
     .to_string();
-    let qr = v.get("qrcode").filter(|q| q.is_object()).map(parse_qr).filter(Qr::is_present);
-    Ok(CreatedInstance { instance_name: name, instance_id: str_field(instance, "instanceId"), token, status, qr })
+    let qr = v
+        .get("qrcode")
+        .filter(|q| q.is_object())
+        .map(parse_qr)
+        .filter(Qr::is_present);
+    Ok(CreatedInstance {
+        instance_name: name,
+        instance_id: str_field(instance, "instanceId"),
+        token,
+        status,
+        qr,
+    })
 }
 
 /// `GET /instance/fetchInstances?instanceName=x`: an array of rows (v2) or one
@@ -150,7 +178,9 @@ pub fn parse_fetch_instance(body: &str, name: &str) -> Result<CreatedInstance, A
     for item in items {
         // v2 rows are flat (name, id, token, connectionStatus); v1.8 nests them under "instance".
         let (row, name_key, id_key, status_key, token_key) = match item.get("instance") {
-            Some(inner) if inner.is_object() => (inner, "instanceName", "instanceId", "status", "apikey"),
+            Some(inner) if inner.is_object() => {
+                (inner, "instanceName", "instanceId", "status", "apikey")
+            }
             _ => (item, "name", "id", "connectionStatus", "token"),
         };
         if str_field(row, name_key).as_deref() != Some(name) {
@@ -168,7 +198,9 @@ pub fn parse_fetch_instance(body: &str, name: &str) -> Result<CreatedInstance, A
             qr: None,
         });
     }
-    Err(ApiError::transient(format!("instance {name:?} is reported in use but fetchInstances does not list it")))
+    Err(ApiError::transient(format!(
+        "instance {name:?} is reported in use but fetchInstances does not list it"
+    )))
 }
 
 /// `GET /instance/connect/{name}`.
@@ -179,7 +211,11 @@ pub fn parse_connect_reply(body: &str) -> Result<ConnectOutcome, ApiError> {
     if !v.is_object() {
         return Err(ApiError::malformed(WHAT, "not an object"));
     }
-    if let Some(state) = v.get("instance").and_then(|i| i.get("state")).and_then(Value::as_str) {
+    if let Some(state) = v
+        .get("instance")
+        .and_then(|i| i.get("state"))
+        .and_then(Value::as_str)
+    {
         return match state {
             "open" => Ok(ConnectOutcome::Open),
             _ => Ok(ConnectOutcome::NoQrYet),
@@ -191,7 +227,10 @@ pub fn parse_connect_reply(body: &str) -> Result<ConnectOutcome, ApiError> {
     } else if qr.count.is_some() {
         Ok(ConnectOutcome::NoQrYet)
     } else {
-        Err(ApiError::malformed(WHAT, "neither a QR, a count nor a state"))
+        Err(ApiError::malformed(
+            WHAT,
+            "neither a QR, a count nor a state",
+        ))
     }
 }
 
@@ -204,16 +243,28 @@ mod tests {
         let s = r#"{"status":401,"error":"Unauthorized","response":{"message":"Unauthorized"}}"#;
         assert_eq!(envelope_message(s).as_deref(), Some("Unauthorized"));
         let a = r#"{"status":404,"error":"Not Found","response":{"message":["The \"nope\" instance does not exist"]}}"#;
-        assert_eq!(envelope_message(a).as_deref(), Some("The \"nope\" instance does not exist"));
+        assert_eq!(
+            envelope_message(a).as_deref(),
+            Some("The \"nope\" instance does not exist")
+        );
         let aa = r#"{"status":400,"error":"Bad Request","response":{"message":[["qrcode is not of a type(s) boolean","x"]]}}"#;
-        assert_eq!(envelope_message(aa).as_deref(), Some("qrcode is not of a type(s) boolean; x"));
+        assert_eq!(
+            envelope_message(aa).as_deref(),
+            Some("qrcode is not of a type(s) boolean; x")
+        );
         assert_eq!(envelope_message("<html>"), None);
     }
 
     #[test]
     fn version_probe() {
-        assert_eq!(parse_version(r#"{"status":200,"version":"2.3.6"}"#).unwrap(), ApiVersion::V2);
-        assert_eq!(parse_version(r#"{"status":200,"version":"1.8.2"}"#).unwrap(), ApiVersion::V1);
+        assert_eq!(
+            parse_version(r#"{"status":200,"version":"2.3.6"}"#).unwrap(),
+            ApiVersion::V2
+        );
+        assert_eq!(
+            parse_version(r#"{"status":200,"version":"1.8.2"}"#).unwrap(),
+            ApiVersion::V1
+        );
         assert!(parse_version("<html>").is_err());
         assert!(parse_version(r#"{"status":200}"#).is_err());
     }
@@ -243,9 +294,18 @@ mod tests {
 
     #[test]
     fn create_reply_faults() {
-        assert!(parse_create_reply("{}", "t1").unwrap_err().message.contains("missing the instance"));
-        assert!(parse_create_reply("<html>", "t1").unwrap_err().message.contains("not JSON"));
-        assert!(parse_create_reply("", "t1").unwrap_err().message.contains("empty reply"));
+        assert!(parse_create_reply("{}", "t1")
+            .unwrap_err()
+            .message
+            .contains("missing the instance"));
+        assert!(parse_create_reply("<html>", "t1")
+            .unwrap_err()
+            .message
+            .contains("not JSON"));
+        assert!(parse_create_reply("", "t1")
+            .unwrap_err()
+            .message
+            .contains("empty reply"));
         let e = parse_create_reply(r#"{"error":true,"message":"boom"}"#, "t1").unwrap_err();
         assert!(e.message.contains("boom"));
         assert_eq!(e.kind, crate::evolution::ErrorKind::Transient);
@@ -256,18 +316,38 @@ mod tests {
         let v2 = r#"[{"id":"f6","name":"other","connectionStatus":"open","token":"X"},
                      {"id":"f7","name":"t1","connectionStatus":"open","token":"T"}]"#;
         let c = parse_fetch_instance(v2, "t1").unwrap();
-        assert_eq!((c.instance_id.as_deref(), c.token.as_deref(), c.status.as_str()), (Some("f7"), Some("T"), "open"));
+        assert_eq!(
+            (
+                c.instance_id.as_deref(),
+                c.token.as_deref(),
+                c.status.as_str()
+            ),
+            (Some("f7"), Some("T"), "open")
+        );
         let v1 = r#"{"instance":{"instanceName":"t1","instanceId":"ba","status":"close"}}"#;
         let c = parse_fetch_instance(v1, "t1").unwrap();
-        assert_eq!((c.instance_id.as_deref(), c.token, c.status.as_str()), (Some("ba"), None, "connecting"));
+        assert_eq!(
+            (c.instance_id.as_deref(), c.token, c.status.as_str()),
+            (Some("ba"), None, "connecting")
+        );
         assert!(parse_fetch_instance("[]", "t1").is_err());
     }
 
     #[test]
     fn connect_replies() {
-        assert_eq!(parse_connect_reply(r#"{"instance":{"instanceName":"x","state":"open"}}"#).unwrap(), ConnectOutcome::Open);
-        assert_eq!(parse_connect_reply(r#"{"count":0}"#).unwrap(), ConnectOutcome::NoQrYet);
-        match parse_connect_reply(r#"{"pairingCode":"ABCD1234","code":"2@x","base64":"data:x","count":3}"#).unwrap() {
+        assert_eq!(
+            parse_connect_reply(r#"{"instance":{"instanceName":"x","state":"open"}}"#).unwrap(),
+            ConnectOutcome::Open
+        );
+        assert_eq!(
+            parse_connect_reply(r#"{"count":0}"#).unwrap(),
+            ConnectOutcome::NoQrYet
+        );
+        match parse_connect_reply(
+            r#"{"pairingCode":"ABCD1234","code":"2@x","base64":"data:x","count":3}"#,
+        )
+        .unwrap()
+        {
             ConnectOutcome::Qr(q) => assert_eq!(q.pairing_code.as_deref(), Some("ABCD1234")),
             other => panic!("{other:?}"),
         }

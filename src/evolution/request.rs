@@ -74,7 +74,10 @@ mod tests {
     use super::*;
 
     fn hook() -> Webhook {
-        Webhook { url: "https://app.example/hook".into(), events: vec!["QRCODE_UPDATED".into()] }
+        Webhook {
+            url: "https://app.example/hook".into(),
+            events: vec!["QRCODE_UPDATED".into()],
+        }
     }
 
     #[test]
@@ -103,13 +106,22 @@ mod tests {
 
     #[test]
     fn webhook_set_shapes() {
-        assert_eq!(webhook_set_body(ApiVersion::V2, &hook())["webhook"]["enabled"], true);
-        assert_eq!(webhook_set_body(ApiVersion::V1, &hook())["url"], "https://app.example/hook");
+        assert_eq!(
+            webhook_set_body(ApiVersion::V2, &hook())["webhook"]["enabled"],
+            true
+        );
+        assert_eq!(
+            webhook_set_body(ApiVersion::V1, &hook())["url"],
+            "https://app.example/hook"
+        );
     }
 
     #[test]
     fn path_segments_cannot_escape() {
         assert_eq!(connect_path("evoq_ab-1"), "/instance/connect/evoq_ab-1");
-        assert_eq!(connect_path("../delete/x?y"), "/instance/connect/..%2Fdelete%2Fx%3Fy");
+        assert_eq!(
+            connect_path("../delete/x?y"),
+            "/instance/connect/..%2Fdelete%2Fx%3Fy"
+        );
     }
 }

@@ -35,7 +35,13 @@ fn success_record(id: uuid::Uuid, name: &str, p: &Provisioned) -> Value {
     })
 }
 
-fn failure_record(id: uuid::Uuid, name: &str, attempts: i32, err: &ApiError, policy: &RetryPolicy) -> (Value, bool) {
+fn failure_record(
+    id: uuid::Uuid,
+    name: &str,
+    attempts: i32,
+    err: &ApiError,
+    policy: &RetryPolicy,
+) -> (Value, bool) {
     let decision = policy.decide(attempts.max(1) as u32, err.kind, random_unit());
     let retry_in_ms = match decision {
         Decision::RetryAfter(d) => Some(d.as_millis() as u64),
@@ -59,21 +65,27 @@ pub fn evoq_process_queue() -> pgrx::JsonB {
     };
     let webhook: Option<Webhook> = run.connection.webhook.clone();
     let mut tally = Tally::default();
-    let mut stopped = "drained";
-
-    loop {
+    let stopped = loop {
         if run.out_of_time() {
-            stopped = "time_budget";
-            break;
+            break "time_budget";
         }
         let stop = in_batch_context(|| {
-            let rows: Vec<ClaimedRow> = call_json("SELECT evoq._claim_queue($1)", &[run.tunables.batch_size.into()]);
+            let rows: Vec<ClaimedRow> = call_json(
+                "SELECT evoq._claim_queue($1)",
+                &[run.tunables.batch_size.into()],
+            );
             if rows.is_empty() {
                 return Some("drained");
             }
             tally.batches += 1;
             tally.claimed += rows.len() as u64;
-            let jobs: Vec<(ClaimedRow, String)> = rows.into_iter().map(|r| { let n = instance_name(r.user_id); (r, n) }).collect();
+            let jobs: Vec<(ClaimedRow, String)> = rows
+                .into_iter()
+                .map(|r| {
+                    let n = instance_name(r.user_id);
+                    (r, n)
+                })
+                .collect();
 
             // One version probe per run; if the server cannot even answer that, every row of
             // the batch gets that error and the run stops.
@@ -83,10 +95,12 @@ pub fn evoq_process_queue() -> pgrx::JsonB {
                     let client = run.client.clone();
                     let hook = webhook.clone();
                     let names: Vec<String> = jobs.iter().map(|(_, n)| n.clone()).collect();
-                    run.call_all(names, move |name| client.provision(version, &name, hook.as_ref()))
-                        .into_iter()
-                        .map(|o| o.unwrap_or_else(|| Err(budget_error(&run))))
-                        .collect()
+                    run.call_all(names, move |name| {
+                        client.provision(version, &name, hook.as_ref())
+                    })
+                    .into_iter()
+                    .map(|o| o.unwrap_or_else(|| Err(budget_error(&run))))
+                    .collect()
                 }
             };
 
@@ -95,13 +109,24 @@ pub fn evoq_process_queue() -> pgrx::JsonB {
             for ((row, name), outcome) in jobs.iter().zip(&outcomes) {
                 match outcome {
                     Ok(p) => {
-                        if p.adopted { tally.adopted += 1 } else { tally.created += 1 }
+                        if p.adopted {
+                            tally.adopted += 1
+                        } else {
+                            tally.created += 1
+                        }
                         records.push(success_record(row.id, name, p));
                     }
                     Err(err) => {
-                        let (rec, retrying) = failure_record(row.id, name, row.attempts, err, &policy);
-                        if retrying { tally.retrying += 1 } else { tally.failed += 1 }
-                        if err.server_wide { server_wide_failures += 1 }
+                        let (rec, retrying) =
+                            failure_record(row.id, name, row.attempts, err, &policy);
+                        if retrying {
+                            tally.retrying += 1
+                        } else {
+                            tally.failed += 1
+                        }
+                        if err.server_wide {
+                            server_wide_failures += 1
+                        }
                         run.note_error(&err.message);
                         records.push(rec);
                     }
@@ -109,13 +134,13 @@ pub fn evoq_process_queue() -> pgrx::JsonB {
             }
             record("SELECT evoq._record_queue_results($1)", records);
             // Unreachable server or rejected key: the rest of the queue would fail the same way.
-            (server_wide_failures > 0 && server_wide_failures == outcomes.len()).then_some("api_unreachable")
+            (server_wide_failures > 0 && server_wide_failures == outcomes.len())
+                .then_some("api_unreachable")
         });
         if let Some(reason) = stop {
-            stopped = reason;
-            break;
+            break reason;
         }
-    }
+    };
 
     let summary = json!({
         "claimed": tally.claimed, "created": tally.created, "adopted": tally.adopted,

@@ -25,7 +25,11 @@ struct Tally {
     batches: u64,
 }
 
-fn outcome_record(row: &ClaimedInstance, outcome: &Result<ConnectOutcome, ApiError>, tally: &mut Tally) -> Value {
+fn outcome_record(
+    row: &ClaimedInstance,
+    outcome: &Result<ConnectOutcome, ApiError>,
+    tally: &mut Tally,
+) -> Value {
     match outcome {
         Ok(ConnectOutcome::Open) => {
             tally.opened += 1;
@@ -40,7 +44,11 @@ fn outcome_record(row: &ClaimedInstance, outcome: &Result<ConnectOutcome, ApiErr
             json!({"id": row.id, "outcome": "no_qr"})
         }
         Ok(ConnectOutcome::Qr(qr)) => {
-            if qr.code.is_some() && qr.code == row.qr_text { tally.unchanged += 1 } else { tally.new_qr += 1 }
+            if qr.code.is_some() && qr.code == row.qr_text {
+                tally.unchanged += 1
+            } else {
+                tally.new_qr += 1
+            }
             json!({"id": row.id, "outcome": "qr", "qr_code": qr.base64, "qr_text": qr.code,
                    "pairing_code": qr.pairing_code, "qr_count": qr.count})
         }
@@ -56,17 +64,17 @@ fn outcome_record(row: &ClaimedInstance, outcome: &Result<ConnectOutcome, ApiErr
 pub fn evoq_refresh_qr() -> pgrx::JsonB {
     let mut run = Run::start("refresh_qr");
     let mut tally = Tally::default();
-    let mut stopped = "done";
-
-    loop {
+    let stopped = loop {
         if run.out_of_time() {
-            stopped = "time_budget";
-            break;
+            break "time_budget";
         }
         let stop = in_batch_context(|| {
             let rows: Vec<ClaimedInstance> = call_json(
                 "SELECT evoq._claim_refresh($1, $2)",
-                &[run.tunables.batch_size.into(), run.tunables.qr_refresh_interval_ms.into()],
+                &[
+                    run.tunables.batch_size.into(),
+                    run.tunables.qr_refresh_interval_ms.into(),
+                ],
             );
             if rows.is_empty() {
                 return Some("done");
@@ -84,7 +92,9 @@ pub fn evoq_refresh_qr() -> pgrx::JsonB {
             let mut records = Vec::with_capacity(rows.len());
             for (row, outcome) in rows.iter().zip(&outcomes) {
                 if let Err(e) = outcome {
-                    if e.server_wide { server_wide += 1 }
+                    if e.server_wide {
+                        server_wide += 1
+                    }
                     run.note_error(&e.message);
                 }
                 records.push(outcome_record(row, outcome, &mut tally));
@@ -93,10 +103,9 @@ pub fn evoq_refresh_qr() -> pgrx::JsonB {
             (server_wide > 0 && server_wide == outcomes.len()).then_some("api_unreachable")
         });
         if let Some(reason) = stop {
-            stopped = reason;
-            break;
+            break reason;
         }
-    }
+    };
 
     let summary = json!({
         "checked": tally.checked, "new_qr": tally.new_qr, "unchanged": tally.unchanged,

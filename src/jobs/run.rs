@@ -77,9 +77,15 @@ impl Run {
         R: Send + 'static,
         F: Fn(T) -> R + Send + Sync + 'static,
     {
-        pool::run(items, self.tunables.concurrency, Some(self.deadline), work, || {
-            pgrx::check_for_interrupts!();
-        })
+        pool::run(
+            items,
+            self.tunables.concurrency,
+            Some(self.deadline),
+            work,
+            || {
+                pgrx::check_for_interrupts!();
+            },
+        )
     }
 
     /// Remembers the run for evoq_status and returns the summary.
@@ -90,7 +96,11 @@ impl Run {
         }
         Spi::run_with_args(
             "SELECT evoq._record_run($1, $2, $3)",
-            &[self.job.into(), JsonB(summary.clone()).into(), self.last_error.clone().into()],
+            &[
+                self.job.into(),
+                JsonB(summary.clone()).into(),
+                self.last_error.clone().into(),
+            ],
         )
         .unwrap_or_else(|e| pgrx::error!("evoq could not record the run: {e}"));
         JsonB(summary)
@@ -111,7 +121,8 @@ pub fn call_json<T: DeserializeOwned>(sql: &str, args: &[pgrx::datum::DatumWithO
         .unwrap_or_else(|e| pgrx::error!("evoq: {sql} failed: {e}"))
         .map(|j| j.0)
         .unwrap_or(Value::Array(vec![]));
-    serde_json::from_value(value).unwrap_or_else(|e| pgrx::error!("evoq: {sql} returned an unexpected shape: {e}"))
+    serde_json::from_value(value)
+        .unwrap_or_else(|e| pgrx::error!("evoq: {sql} returned an unexpected shape: {e}"))
 }
 
 /// Writes a batch's results with one statement.

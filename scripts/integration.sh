@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Integration tests against a real PostgreSQL 15 cluster and the mock Evolution API binary, for
+# what a #[pg_test] cannot do from inside one backend: install from the extension package as a
+# user does, stop the whole cluster with `pg_ctl stop -m immediate` in the middle of a batch,
+# pg_dump and restore, and read the server log for the API key.
+# Uses the extension as installed on the system (scripts/test.sh runs cargo pgrx test first,
+# which installs it; otherwise run `cargo pgrx install`).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib/cluster.sh
+
+KEY="sk-evoq-integration-5b2e-NEVER-PRINT"
+passed=0 failed=0
+check() { # check NAME ACTUAL EXPECTED
+  if [ "$2" = "$3" ]; then passed=$((passed + 1)); echo "ok   $1"
+  else failed=$((failed + 1)); echo "FAIL $1: got '$2', expected '$3'"; fi
+}
+q() { cluster_psql -d "${DB:-evoq_it}" -tA -c "$1"; }
+mock_count() { # mock_count calls|instances [path]
+  curl -fsS "$MOCK_URL/__mock/$1" | python3 -c "import json,sys; d=json.load(sys.stdin); p=sys.argv[1]; print(sum(1 for c in d if not p or c.get('path')==p))" "${2:-}"
+}
+
+cargo build -p evolution-mock --release --quiet
+cluster_init /tmp/evoq-it 55433 evoq_it
+cluster_start
+trap 'mock_stop; cluster_stop immediate' EXIT
+mock_start 18091 --api-key "$KEY"
+
+cluster_psql -c "CREATE DATABASE evoq_it" -d postgres
+q "CREATE EXTENSION evoq"
+check "CREATE EXTENSION evoq works without pg_cron" "$(q "SELECT extversion FROM pg_extension WHERE extname = 'evoq'")" "0.1.0"
+err=$(q "SELECT evoq_schedule()" 2>&1)
+check "evoq_schedule without pg_cron names the fix" "$(grep -c 'pg_cron is not installed' <<<"$err")" "1"
+q "CREATE EXTENSION pg_cron" >/dev/null
+q "SELECT evoq_configure(api_url => '$MOCK_URL', api_key => '$KEY', webhook_url => 'https://app.example/hook')" >/dev/null
+q "CREATE TABLE profiles (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), email text)"
+q "SELECT evoq_attach('profiles')" >/dev/null
+q "SELECT evoq_schedule()" >/dev/null
+check "cron commands carry no key" "$(q "SELECT count(*) FROM cron.job WHERE command LIKE '%$KEY%'")" "0"
+check "cron jobs as named" "$(q "SELECT string_agg(jobname || ' ' || schedule, ',' ORDER BY jobname) FROM cron.job")" \
+  "process-evolution-queue */5 * * * *,refresh-qr-codes */1 * * * *"
+q "SELECT evoq_unschedule()" >/dev/null  # the test drives the jobs itself
+
+# --- the whole cluster stops hard in the middle of a batch -------------------------------------
+q "INSERT INTO profiles (email) SELECT 'u' || g || '@example.com' FROM generate_series(1, 40) g"
+curl -fsS -X POST "$MOCK_URL/__mock/config" -d '{"latency_ms": 150}' >/dev/null
+cluster_psql -d evoq_it -c "SET evoq.concurrency = 4; SET evoq.batch_size = 8; SELECT evoq_process_queue()" >/dev/null 2>&1 &
+psql_pid=$!
+for _ in $(seq 100); do
+  [ "$(mock_count calls /instance/create)" -ge 10 ] && break
+  sleep 0.1
+done
+running=$(q "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%evoq_process_queue%' AND pid <> pg_backend_pid()")
+check "a run is in flight when the cluster is stopped" "$running" "1"
+check "pg_stat_activity shows no key" "$(q "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%$KEY%' AND pid <> pg_backend_pid()")" "0"
+cluster_stop immediate
+wait "$psql_pid" 2>/dev/null
+cluster_start
+check "after the crash nothing is processing" "$(q "SELECT count(*) FROM evolution_instance_creation_queue WHERE status <> 'pending'")" "0"
+curl -fsS -X POST "$MOCK_URL/__mock/config" -d '{"latency_ms": 0}' >/dev/null
+summary=$(q "SELECT evoq_process_queue()")
+check "every user completed after restart" "$(q "SELECT count(*) FROM evolution_instance_creation_queue WHERE status = 'completed'")" "40"
+check "exactly one instance per user at the server" "$(mock_count instances)" "40"
+check "one instance row per user" "$(q "SELECT count(DISTINCT instance_name) FROM evolution_instances")" "40"
+check "the lost answers were adopted, not duplicated" "$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['adopted'] > 0)" "$summary")" "True"
+
+# --- backup and restore ------------------------------------------------------------------------
+curl -fsS -X POST "$MOCK_URL/__mock/faults" -d '{"method":"POST","path_contains":"/instance/create","kind":"status","code":400}' >/dev/null
+q "INSERT INTO profiles (email) VALUES ('bad1@example.com'), ('bad2@example.com')"
+q "SELECT evoq_process_queue()" >/dev/null
+curl -fsS -X DELETE "$MOCK_URL/__mock/faults" >/dev/null
+q "SELECT evoq_refresh_qr()" >/dev/null
+fingerprint="SELECT md5(string_agg(x, '|' ORDER BY x)) FROM (
+  SELECT concat_ws(',', user_id, request_id, status, error_message, retry_count, attempts, instance_name) AS x FROM evolution_instance_creation_queue
+  UNION ALL SELECT concat_ws(',', user_id, instance_name, instance_id, instance_status, qr_text, last_qr_update) FROM evolution_instances
+  UNION ALL SELECT concat_ws(',', instance_name, token) FROM evoq.instance_tokens) t"
+before=$(q "$fingerprint")
+check "two failed rows before the dump" "$(q "SELECT count(*) FROM evolution_instance_creation_queue WHERE status = 'failed'")" "2"
+as_postgres "$PGBIN/pg_dump" -h "$CLUSTER_DIR" -p "$CLUSTER_PORT" -U postgres -Fc -f "$CLUSTER_DIR/evoq_it.dump" evoq_it
+cluster_psql -d postgres -c "CREATE DATABASE evoq_restored"
+as_postgres "$PGBIN/pg_restore" -h "$CLUSTER_DIR" -p "$CLUSTER_PORT" -U postgres -d evoq_restored "$CLUSTER_DIR/evoq_it.dump" 2>"$CLUSTER_DIR/restore.log"
+DB=evoq_restored
+check "rows, statuses, instances and tokens survive pg_dump/restore" "$(q "$fingerprint")" "$before"
+check "the trigger survives too" "$(q "SELECT count(*) FROM pg_trigger WHERE tgname = 'on_profile_created_create_evolution_instance' AND tgenabled = 'O'")" "1"
+check "evoq_retry works in the restored database" "$(q "SELECT evoq_retry()")" "2"
+q "SELECT evoq_process_queue()" >/dev/null
+check "evoq_process_queue works in the restored database" "$(q "SELECT count(*) FROM evolution_instance_creation_queue WHERE status = 'completed'")" "42"
+DB=evoq_it
+
+# --- secrets in the server log -------------------------------------------------------------------
+# Faults from an unreachable server, and bad configuration attempts, all logged at default levels.
+q "SELECT evoq_configure(api_url => 'http://127.0.0.1:9', api_key => '$KEY')" >/dev/null
+q "INSERT INTO profiles (email) VALUES ('late@example.com')"
+q "SELECT evoq_process_queue()" >/dev/null
+q "SELECT evoq_configure(api_url => 'ftp://nope', api_key => '$KEY')" >/dev/null 2>&1
+check "the API key is nowhere in the server log" "$(grep -c -- "$KEY" "$CLUSTER_DIR/server.log")" "0"
+check "the failure is in the row, with the cause" "$(q "SELECT error_message LIKE '%connection refused%' FROM evolution_instance_creation_queue q JOIN profiles p ON p.id = q.user_id WHERE p.email = 'late@example.com'")" "t"
+
+echo "$passed passed, $failed failed"
+[ "$failed" = 0 ]

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh Debian machine (as root) or a developer's shell:
+#   1. setup (packages, cargo-pgrx, pgrx init)      scripts/setup.sh
+#   2. plain Rust tests of the mock Evolution API     cargo test -p evolution-mock
+#   3. the extension's tests in a real PostgreSQL 15  cargo pgrx test (pure Rust tests + #[pg_test]s,
+#      pg_cron preloaded, each test with its own mock server)
+#   4. integration tests against a real cluster       scripts/integration.sh
+#      (system install, crash with pg_ctl stop -m immediate, pg_dump/restore, secrets in logs)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/setup.sh
+
+echo "== mock Evolution API tests"
+cargo test -p evolution-mock --quiet 2>&1 | tail -n 3
+
+echo "== extension tests (cargo pgrx test, PostgreSQL 15)"
+# PostgreSQL refuses to run as root: as root, the test cluster runs as `postgres` in a data
+# directory it owns. Tests run one at a time because some commit state through a second
+# connection (pg_cron, concurrent sessions, crashes).
+PGDATA_DIR=${EVOQ_TEST_PGDATA:-/tmp/evoq-test-pgdata}
+runas=()
+if [ "$(id -u)" = 0 ]; then
+  rm -rf "$PGDATA_DIR"
+  install -d -o postgres -g postgres -m 700 "$PGDATA_DIR"
+  runas=(--runas postgres --pgdata "$PGDATA_DIR")
+fi
+RUST_TEST_THREADS=1 cargo pgrx test pg15 "${runas[@]}"
+
+echo "== integration tests (real cluster)"
+scripts/integration.sh
