@@ -51,14 +51,17 @@ pub fn count(sql: &str) -> i64 {
 
 /// Runs `sql` in a subtransaction and returns "SQLSTATE: message" if it failed, None if not.
 pub fn error_of(sql: &str) -> Option<String> {
+    // Created once per session, by whoever runs first; later callers (maybe another role) reuse it.
     run(
-        "CREATE OR REPLACE FUNCTION pg_temp.evoq_try(q text) RETURNS text LANGUAGE plpgsql AS $$
+        "DO $$ BEGIN IF to_regprocedure('pg_temp.evoq_try(text)') IS NULL THEN
+         CREATE FUNCTION pg_temp.evoq_try(q text) RETURNS text LANGUAGE plpgsql AS $f$
          DECLARE h text;
          BEGIN EXECUTE q; RETURN NULL;
          EXCEPTION WHEN others THEN
              GET STACKED DIAGNOSTICS h = PG_EXCEPTION_HINT;
              RETURN SQLSTATE || ': ' || SQLERRM || coalesce(' HINT: ' || nullif(h, ''), '');
-         END $$",
+         END $f$;
+         END IF; END $$",
     );
     Spi::get_one_with_args::<String>("SELECT pg_temp.evoq_try($1)", &[sql.into()]).unwrap()
 }
