@@ -30,7 +30,7 @@ q "SELECT evoq_configure('$MOCK_URL', 'bench-key')" >/dev/null
 q "ALTER DATABASE evoq_bench SET evoq.time_budget_ms = 3600000"
 jget() { python3 -c "import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])" "$1" "$2"; }
 reset_all() {
-  q "TRUNCATE evolution_instance_creation_queue, evolution_instances CASCADE" >/dev/null
+  q "SET client_min_messages = warning; TRUNCATE evolution_instance_creation_queue, evolution_instances CASCADE" >/dev/null
   curl -fsS -X POST "$MOCK_URL/__mock/reset" >/dev/null
 }
 table_row() { # job concurrency rows elapsed_ms rate baseline_rate

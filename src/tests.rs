@@ -479,6 +479,68 @@ fn refresh_records_errors_per_instance_and_goes_on() {
     assert!(instance_row(&users[0])["qr_text"].is_string());
 }
 
+#[pg_test]
+fn refresh_fault_matrix_records_each_failure_and_goes_on() {
+    run("SET LOCAL evoq.request_timeout_ms = 400");
+    for (kind, needle) in [
+        (FaultKind::Hang, "did not answer GET /instance/connect within 400 ms"),
+        (FaultKind::Delay { ms: 600 }, "within 400 ms"),
+        (FaultKind::Status { code: 500 }, "mock fault: internal error"),
+        (FaultKind::Status { code: 401 }, "answered 401"),
+        (FaultKind::Status { code: 400 }, "mock fault: bad request"),
+        (FaultKind::Garbage, "not JSON"),
+        (FaultKind::Empty200, "empty reply to GET /instance/connect"),
+        (FaultKind::MissingFields, "neither a QR, a count nor a state"),
+        (FaultKind::Drop, "GET /instance/connect"),
+    ] {
+        run("DROP TABLE IF EXISTS public.profiles; DELETE FROM evolution_instances; DELETE FROM evolution_instance_creation_queue");
+        let mock = mock();
+        configure(&mock);
+        profiles();
+        let users = sign_up(2);
+        json("SELECT evoq_process_queue()");
+        let bad = s(&instance_row(&users[0])["instance_name"]).to_string();
+        mock.add_fault(fault("GET", &format!("/instance/connect/{bad}"), kind.clone(), None));
+        let started = Instant::now();
+        let summary = json("SELECT evoq_refresh_qr()");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!((summary["errors"].clone(), summary["new_qr"].clone()), (1.into(), 1.into()), "{kind:?}: {summary}");
+        let row = instance_row(&users[0]);
+        assert_eq!(row["instance_status"], "connecting", "{kind:?}");
+        assert!(s(&row["last_error"]).contains(needle), "{kind:?}: {needle:?} not in {row}");
+        assert!(!s(&row["last_error"]).contains(API_KEY));
+        assert!(row["last_error_at"].is_string());
+        assert!(s(&instance_row(&users[1])["qr_text"]).starts_with("2@"), "the other instance was refreshed");
+    }
+    // Connection refused for the whole server.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    Spi::run_with_args("SELECT evoq_configure($1, $2)", &[format!("http://127.0.0.1:{port}").into(), API_KEY.into()]).unwrap();
+    make_refresh_due();
+    let summary = json("SELECT evoq_refresh_qr()");
+    assert_eq!(summary["stopped"], "api_unreachable", "{summary}");
+    assert!(s(&summary["last_error"]).contains("connection refused"));
+}
+
+#[pg_test]
+fn a_failing_version_probe_falls_back_to_v2() {
+    let mock = mock();
+    mock.add_fault(evolution_mock::FaultRule { method: Some("GET".into()), path_contains: "/".into(), kind: FaultKind::Garbage, times: Some(1) });
+    configure(&mock);
+    profiles();
+    sign_up(1);
+    let summary = json("SELECT evoq_process_queue()");
+    assert_eq!(summary["created"], 1, "{summary}");
+    assert_eq!(summary["api_version"], "v2");
+    assert!(s(&summary["last_error"]).contains("assuming v2"), "{summary}");
+    // A configured version skips the probe.
+    run("SELECT evoq_configure('http://127.0.0.1:1', 'k', api_version => 'v1')");
+    Spi::run_with_args("SELECT evoq_configure($1, $2, api_version => 'v2')", &[mock.url().into(), API_KEY.into()]).unwrap();
+    let probes = mock.count_calls("GET", "/");
+    sign_up(1);
+    assert_eq!(json("SELECT evoq_process_queue()")["created"], 1);
+    assert_eq!(mock.count_calls("GET", "/"), probes);
+}
+
 // ------------------------------------------------------------------------------- security --
 
 #[pg_test]
@@ -636,6 +698,25 @@ fn a_cancel_stops_a_run_promptly_and_loses_nothing() {
     assert!(results[0].contains("statement timeout"), "{results:?}");
     assert!(took < Duration::from_secs(5), "cancel took {took:?}");
     // The claimed rows were rolled back: all due again, nothing stuck in processing.
+    assert_eq!(count("SELECT count(*) FROM evolution_instance_creation_queue WHERE status = 'pending' AND attempts = 0"), 10);
+
+    // The same with pg_cancel_backend from another session.
+    run("CREATE EXTENSION IF NOT EXISTS dblink");
+    Spi::run_with_args("SELECT dblink_connect('evoq_cancelled', $1)", &[self_conninfo().into()]).unwrap();
+    run("SELECT dblink_exec('evoq_cancelled', 'SET evoq.request_timeout_ms = 60000')");
+    let pid = one::<i32>("SELECT pid FROM dblink('evoq_cancelled', 'SELECT pg_backend_pid()') AS t(pid int)").unwrap();
+    run("SELECT dblink_send_query('evoq_cancelled', 'SELECT evoq_process_queue()')");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while mock.count_calls("POST", "/instance/create") < 18 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let started = Instant::now();
+    assert_eq!(one::<bool>(&format!("SELECT pg_cancel_backend({pid})")), Some(true));
+    let err = one::<String>("SELECT coalesce((SELECT r FROM dblink_get_result('evoq_cancelled', false) AS t(r text) LIMIT 1), dblink_error_message('evoq_cancelled'))").unwrap_or_default();
+    let took = started.elapsed();
+    let _ = error_of("SELECT dblink_disconnect('evoq_cancelled')");
+    assert!(err.contains("canceling statement due to user request"), "{err}");
+    assert!(took < Duration::from_secs(5), "cancel took {took:?}");
     assert_eq!(count("SELECT count(*) FROM evolution_instance_creation_queue WHERE status = 'pending' AND attempts = 0"), 10);
     // The next run adopts whatever the abandoned calls created and creates the rest.
     mock.clear_faults();

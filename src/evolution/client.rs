@@ -97,13 +97,15 @@ impl Client {
     }
 
     /// Sends one request and returns the status and the body text.
+    /// `what` names the route in messages ("GET /instance/connect"), without the instance name
+    /// that the row already carries.
     fn call(
         &self,
         method: &str,
         path: &str,
+        what: &str,
         body: Option<&serde_json::Value>,
     ) -> Result<(u16, String), ApiError> {
-        let what = format!("{method} {}", path.split('?').next().unwrap_or(path));
         let url = format!("{}{}", self.base_url, path);
         let result: Result<Response<Body>, ureq::Error> = match (method, body) {
             ("GET", _) => self.agent.get(&url).header("apikey", &self.api_key).call(),
@@ -118,7 +120,7 @@ impl Client {
                 .header("apikey", &self.api_key)
                 .send_empty(),
         };
-        let mut response = result.map_err(|e| self.transport_error(&what, e))?;
+        let mut response = result.map_err(|e| self.transport_error(what, e))?;
         let status = response.status().as_u16();
         let text = response
             .body_mut()
@@ -126,8 +128,8 @@ impl Client {
             .limit(16 * 1024 * 1024)
             .read_to_string()
             .map_err(|e| match e {
-                ureq::Error::Timeout(_) | ureq::Error::Io(_) => self.transport_error(&what, e),
-                _ => ApiError::malformed(&what, "the body is not readable text"),
+                ureq::Error::Timeout(_) | ureq::Error::Io(_) => self.transport_error(what, e),
+                _ => ApiError::malformed(what, "the body is not readable text"),
             })?;
         Ok((status, text))
     }
@@ -142,7 +144,7 @@ impl Client {
 
     /// `GET /`: which dialect the server speaks.
     pub fn probe_version(&self) -> Result<ApiVersion, ApiError> {
-        let (status, body) = self.call("GET", "/", None)?;
+        let (status, body) = self.call("GET", "/", "GET /", None)?;
         Self::expect_success(status, &body, "GET /")?;
         parse_version(&body)
     }
@@ -159,6 +161,7 @@ impl Client {
         let (status, body) = self.call(
             "POST",
             "/instance/create",
+            WHAT,
             Some(&create_body(version, name, webhook)),
         )?;
         if status == 403 {
@@ -187,7 +190,7 @@ impl Client {
             "/instance/fetchInstances?instanceName={}",
             path_segment(name)
         );
-        let (status, body) = self.call("GET", &path, None)?;
+        let (status, body) = self.call("GET", &path, WHAT, None)?;
         if status == 404 {
             // The name was taken a moment ago but the server has since dropped it (a failed
             // create is cleaned up asynchronously): the next attempt can create it afresh.
@@ -202,7 +205,7 @@ impl Client {
             let what = "POST /webhook/set";
             let path = format!("/webhook/set/{}", path_segment(name));
             let (status, body) =
-                self.call("POST", &path, Some(&webhook_set_body(version, hook)))?;
+                self.call("POST", &path, what, Some(&webhook_set_body(version, hook)))?;
             Self::expect_success(status, &body, what)?;
         }
         Ok(instance)
@@ -210,11 +213,12 @@ impl Client {
 
     /// `GET /instance/connect/{name}`: the current QR, or `open` once the user has scanned it.
     pub fn connect(&self, name: &str) -> Result<ConnectOutcome, ApiError> {
-        let (status, body) = self.call("GET", &connect_path(name), None)?;
+        const WHAT: &str = "GET /instance/connect";
+        let (status, body) = self.call("GET", &connect_path(name), WHAT, None)?;
         if status == 404 {
             return Ok(ConnectOutcome::Lost);
         }
-        Self::expect_success(status, &body, "GET /instance/connect")?;
+        Self::expect_success(status, &body, WHAT)?;
         parse_connect_reply(&body)
     }
 }

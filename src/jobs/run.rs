@@ -52,11 +52,25 @@ impl Run {
     }
 
     /// The server's dialect: from the settings, or asked once per run with `GET /`.
+    ///
+    /// Only an unreachable server (or a rejected key) fails the probe. Any other trouble with
+    /// `GET /` (a v2 server blocks there while it looks up the WhatsApp Web version; a proxy may
+    /// answer it with HTML) falls back to v2, the current line, and says so in the summary.
     pub fn version(&mut self) -> Result<ApiVersion, ApiError> {
         if let Some(v) = self.version {
             return Ok(v);
         }
-        let v = self.client.probe_version()?;
+        let v = match self.client.probe_version() {
+            Ok(v) => v,
+            Err(e) if e.server_wide => return Err(e),
+            Err(e) => {
+                self.note_error(&format!(
+                    "could not tell the Evolution API version ({e}); assuming v2. \
+                     Pass api_version => 'v2' (or 'v1') to evoq_configure to skip the probe"
+                ));
+                ApiVersion::V2
+            }
+        };
         self.version = Some(v);
         Ok(v)
     }

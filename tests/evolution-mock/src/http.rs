@@ -1,8 +1,10 @@
-//! The thin layer over tiny_http: reply values, sending them, and closing a connection
-//! without a reply (which tiny_http itself cannot do).
+//! Reply values and their HTTP form. Closing a connection without a reply is done by the
+//! service returning an error, which makes hyper drop the connection unanswered.
 
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::Response;
 use serde_json::{json, Value};
-use tiny_http::{Header, Request, Response, StatusCode};
 
 /// What a handler decided to send.
 #[derive(Debug, Clone)]
@@ -58,77 +60,24 @@ impl Reply {
 
 /// HTTP reason phrase, as Express puts it in the envelope's `error` field.
 pub fn reason(status: u16) -> &'static str {
-    StatusCode(status).default_reason_phrase()
+    hyper::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("Unknown")
 }
 
-/// Sends the reply; errors mean the client went away, which is not the mock's problem.
-pub fn send(request: Request, reply: &Reply) {
-    let json_type = Header::from_bytes(
-        &b"Content-Type"[..],
-        &b"application/json; charset=utf-8"[..],
-    )
-    .expect("static header");
+/// The hyper response for a reply.
+pub fn to_response(reply: &Reply) -> Response<Full<Bytes>> {
     let data = match &reply.body {
         Body::Json(v) => v.to_string().into_bytes(),
         Body::RawJson(s) => s.clone().into_bytes(),
         Body::Empty => Vec::new(),
     };
-    let mut response = Response::from_data(data).with_status_code(reply.status);
+    let mut builder = Response::builder().status(reply.status);
     if !matches!(reply.body, Body::Empty) {
-        response = response.with_header(json_type);
+        builder = builder.header("Content-Type", "application/json; charset=utf-8");
     }
-    let _ = request.respond(response);
-}
-
-/// Closes the client's connection without writing a byte.
-///
-/// tiny_http answers 500 when a `Request` is dropped unanswered and never exposes the socket,
-/// so we find the socket among our own file descriptors by its address pair and shut it down.
-/// The descriptor stays owned (and later closed) by tiny_http.
-pub fn close_without_reply(request: Request, server_port: u16) {
-    let peer = request.remote_addr().copied();
-    // Taking the writer marks the request as answered, so dropping it writes nothing.
-    let writer = request.into_writer();
-    if let Some(peer) = peer {
-        shutdown_socket(peer, server_port);
-    }
-    drop(writer);
-}
-
-#[cfg(target_os = "linux")]
-fn shutdown_socket(peer: std::net::SocketAddr, server_port: u16) {
-    use std::mem::ManuallyDrop;
-    use std::net::{Shutdown, TcpStream};
-    use std::os::fd::FromRawFd;
-
-    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
-        return;
-    };
-    for entry in dir.flatten() {
-        let Some(fd) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        // SAFETY: the stream is never dropped (ManuallyDrop), so the descriptor is not closed;
-        // getpeername/getsockname on a non-socket or a foreign socket merely fail or mismatch,
-        // and we only shut down the one TCP connection whose address pair is this request's.
-        let stream = ManuallyDrop::new(unsafe { TcpStream::from_raw_fd(fd) });
-        let same_peer = stream.peer_addr().map(|a| a == peer).unwrap_or(false);
-        let same_local = stream
-            .local_addr()
-            .map(|a| a.port() == server_port)
-            .unwrap_or(false);
-        if same_peer && same_local {
-            let _ = stream.shutdown(Shutdown::Both);
-            return;
-        }
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn shutdown_socket(_peer: std::net::SocketAddr, _server_port: u16) {
-    // Without /proc the connection simply stays silent until the client gives up.
+    builder
+        .body(Full::new(Bytes::from(data)))
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
 }

@@ -21,7 +21,6 @@ mod validate;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Instant;
 
 use serde_json::Value;
@@ -78,8 +77,8 @@ impl Default for MockConfig {
 /// A running mock. Dropping it stops accepting connections and releases hung requests.
 pub struct MockServer {
     shared: Arc<Shared>,
-    server: Arc<tiny_http::Server>,
-    accept: Option<JoinHandle<()>>,
+    /// Owns the accept loop and every connection; shut down on drop.
+    runtime: Option<tokio::runtime::Runtime>,
 }
 
 impl MockServer {
@@ -87,9 +86,13 @@ impl MockServer {
     pub fn start(port: u16, config: MockConfig) -> std::io::Result<MockServer> {
         let listener = std::net::TcpListener::bind(("127.0.0.1", port))?;
         let port = listener.local_addr()?.port();
-        let server = tiny_http::Server::from_listener(listener, None)
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
-        let server = Arc::new(server);
+        listener.set_nonblocking(true)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .max_blocking_threads(1024)
+            .thread_name("evolution-mock")
+            .enable_all()
+            .build()?;
         let start = Instant::now();
         let shared = Arc::new(Shared {
             flavor: config.flavor,
@@ -105,16 +108,14 @@ impl MockServer {
             faults: faults::Faults::new(),
             stopped: AtomicBool::new(false),
         });
-        let accept = {
-            let (server, shared) = (Arc::clone(&server), Arc::clone(&shared));
-            std::thread::Builder::new()
-                .name("evolution-mock-accept".into())
-                .spawn(move || server::accept_loop(server, shared))?
+        let listener = {
+            let _guard = runtime.enter();
+            tokio::net::TcpListener::from_std(listener)?
         };
+        runtime.spawn(server::accept_loop(listener, Arc::clone(&shared)));
         Ok(MockServer {
             shared,
-            server,
-            accept: Some(accept),
+            runtime: Some(runtime),
         })
     }
 
@@ -206,9 +207,10 @@ impl Drop for MockServer {
     fn drop(&mut self) {
         self.shared.stopped.store(true, Ordering::SeqCst);
         self.shared.faults.stop();
-        self.server.unblock();
-        if let Some(t) = self.accept.take() {
-            let _ = t.join();
+        // Drops the accept loop and every connection; blocking handlers still sleeping finish
+        // on their own and find the server stopped.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
         }
     }
 }

@@ -1,12 +1,18 @@
-//! The request pipeline: accept loop, one thread per request, call logging, latency,
-//! fault injection, then either the control API or the Evolution routes.
+//! The request pipeline: accept loop (hyper on a small tokio runtime), each request's work on
+//! a blocking thread of its own (so latency sleeps and hangs never hold up other clients), call
+//! logging, latency, fault injection, then either the control API or the Evolution routes.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::Response;
+use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
-use tiny_http::{Request, Server};
 
 use crate::faults::{FaultKind, Faults};
 use crate::http::{self, Body, Reply};
@@ -109,32 +115,50 @@ impl Req {
     }
 }
 
-/// Receives requests until the server is unblocked, handing each to its own thread so that
-/// sleeps and hangs never hold up other clients.
-pub fn accept_loop(server: Arc<Server>, shared: Arc<Shared>) {
-    while let Ok(request) = server.recv() {
-        if shared.stopped.load(Ordering::SeqCst) {
-            http::close_without_reply(request, shared.port);
+/// Accepts connections until the runtime is shut down; each connection is served by hyper.
+pub async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
             continue;
-        }
+        };
         let shared = Arc::clone(&shared);
-        let spawned = std::thread::Builder::new()
-            .name("evolution-mock-req".into())
-            .spawn(move || handle(&shared, request));
-        if spawned.is_err() {
-            // Out of threads: nothing sensible to do but let the client see a failure.
-            continue;
-        }
+        tokio::spawn(async move {
+            let service = service_fn(move |request| serve(Arc::clone(&shared), request));
+            // Errors here are clients going away, or our own "close without reply".
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
     }
 }
 
-fn parse(request: &mut Request) -> Req {
-    let method = request.method().as_str().to_ascii_uppercase();
-    let url = request.url().to_string();
-    let (path, query) = match url.split_once('?') {
-        Some((p, q)) => (p.to_string(), q.to_string()),
-        None => (url.clone(), String::new()),
-    };
+/// One request: read it, then handle it on a blocking thread. `Err` makes hyper close the
+/// connection without a byte of reply (the `hang` and `drop` faults).
+async fn serve(
+    shared: Arc<Shared>,
+    request: hyper::Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, std::io::Error> {
+    let (parts, body) = request.into_parts();
+    let raw = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let req = parse(&parts, &raw);
+    let outcome = tokio::task::spawn_blocking(move || handle(&shared, req))
+        .await
+        .ok()
+        .flatten();
+    match outcome {
+        Some(reply) => Ok(http::to_response(&reply)),
+        None => Err(std::io::Error::other("closed without reply")),
+    }
+}
+
+fn parse(parts: &hyper::http::request::Parts, raw: &[u8]) -> Req {
+    let method = parts.method.as_str().to_ascii_uppercase();
+    let path = parts.uri.path().to_string();
+    let query = parts.uri.query().unwrap_or("").to_string();
     let mut segments: Vec<String> = path
         .split('/')
         .skip(1)
@@ -143,14 +167,12 @@ fn parse(request: &mut Request) -> Req {
     if segments.len() > 1 && segments.last().is_some_and(String::is_empty) {
         segments.pop();
     }
-    let apikey = request
-        .headers()
-        .iter()
-        .find(|h| h.field.equiv("apikey"))
-        .map(|h| h.value.as_str().to_string());
-    let mut raw = Vec::new();
-    let _ = request.as_reader().read_to_end(&mut raw);
-    let text = String::from_utf8_lossy(&raw).into_owned();
+    let apikey = parts
+        .headers
+        .get("apikey")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let text = String::from_utf8_lossy(raw).into_owned();
     let (body, body_invalid) = if text.trim().is_empty() {
         (Value::Null, false)
     } else {
@@ -171,13 +193,14 @@ fn parse(request: &mut Request) -> Req {
     }
 }
 
-fn handle(shared: &Shared, mut request: Request) {
-    let req = parse(&mut request);
+/// The reply for one request, or None to close the connection without one.
+fn handle(shared: &Shared, req: Req) -> Option<Reply> {
+    if shared.stopped.load(Ordering::SeqCst) {
+        return None;
+    }
 
     if req.path == "/__mock" || req.path.starts_with("/__mock/") {
-        let reply = control::handle(shared, &req);
-        http::send(request, &reply);
-        return;
+        return Some(control::handle(shared, &req));
     }
 
     let seq = lock(&shared.calls).record(
@@ -201,13 +224,9 @@ fn handle(shared: &Shared, mut request: Request) {
         Some((kind, ticket)) => match kind {
             FaultKind::Hang => {
                 shared.faults.wait_release(ticket);
-                http::close_without_reply(request, shared.port);
-                return;
+                return None;
             }
-            FaultKind::Drop => {
-                http::close_without_reply(request, shared.port);
-                return;
-            }
+            FaultKind::Drop => return None,
             FaultKind::Delay { ms } => {
                 sleep_unless_stopped(shared, ms);
                 routes::dispatch(shared, &req)
@@ -216,7 +235,7 @@ fn handle(shared: &Shared, mut request: Request) {
         },
     };
     lock(&shared.calls).set_status(seq, reply.status);
-    http::send(request, &reply);
+    Some(reply)
 }
 
 fn sleep_unless_stopped(shared: &Shared, ms: u64) {
