@@ -5,6 +5,7 @@
 #   BENCH_ROWS (10000)     queue size for the concurrency-64 and memory runs
 #   BENCH_BIG_ROWS (100000) queue size for the big memory drain
 #   BENCH_PGBENCH_SECONDS (10)
+#   BENCH_ONLY             comma list of sections to run: calls,trigger,memory (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/cluster.sh
@@ -39,12 +40,14 @@ job, c, n, ms, rate, base, lat = '$1', $2, $3, $4, $5, $6, $LAT
 ideal = c * 1000 / lat
 print('%-9s %-6d %7d %9.2f %11.1f %10.1f %8.0f%% %8.1fx' % (job, c, n, ms / 1000, rate, ideal, 100 * rate / ideal, rate / base))"
 }
+only() { [ -z "${BENCH_ONLY:-}" ] || [[ ",$BENCH_ONLY," == *",$1,"* ]]; }
 rows_for() { local n=$(($1 * 160)); ((n < 200)) && n=200; ((n > ROWS)) && n=$ROWS; echo "$n"; }
 
 echo
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(. /etc/os-release; echo "$PRETTY_NAME"), PostgreSQL $("$PGBIN/pg_config" --version | awk '{print $2}')"
 echo "mock latency: ${LAT} ms per call; ideal rate = concurrency / latency"
 echo
+if only calls; then
 printf '%-9s %-6s %7s %9s %11s %10s %9s %9s\n' job conc rows seconds "per second" ideal "of ideal" speed-up
 base_process="" base_refresh=""
 for c in 1 8 32 64; do
@@ -69,6 +72,9 @@ for c in 1 8 32 64; do
   table_row refresh "$c" "$checked" "$ms" "$rate" "$base_refresh"
 done
 
+fi
+
+if only trigger; then
 echo
 echo "trigger: pgbench, 2 clients, ${PGB_T} s each, synchronous_commit = off"
 q "CREATE TABLE p_none (id uuid NOT NULL, email text)"
@@ -100,23 +106,39 @@ print('%-22s %10.0f %12s %13.2fx' % ('no trigger', n, '', 1))
 print('%-22s %10.0f %11.2fx %13.2fx' % ('PL/pgSQL trigger', p, 1, p / n))
 print('%-22s %10.0f %11.2fx %13.2fx' % ('evoq Rust trigger', e, e / p, e / n))"
 
+fi
+
+if only memory; then
 echo
-echo "memory: peak RSS (VmHWM) of the backend that ran the drain, concurrency 64, mock latency 2 ms"
+echo "memory: the backend that ran the drain, concurrency 64, batch 500, mock latency 2 ms"
 curl -fsS -X POST "$MOCK_URL/__mock/config" -d '{"latency_ms": 2}' >/dev/null
-# Each drain runs in a fresh session, which then reads its own peak RSS from /proc.
-hwm() {
+# Each drain runs in a fresh session. A sampler reads the backend's private memory (RssAnon:
+# memory contexts, the Rust heap, thread stacks) every 50 ms; at the end the session reads its
+# own VmHWM, which also counts the shared buffers it touched (shared_buffers = 128 MB).
+hwm() { # -> "peak_private_kB vmhwm_kB"
   reset_all
   [ "$1" -gt 0 ] && q "INSERT INTO evolution_instance_creation_queue (user_id) SELECT gen_random_uuid() FROM generate_series(1, $1)"
-  cluster_psql -d evoq_bench -tA -c "SET evoq.concurrency = 64" -c "SET evoq.batch_size = 500" \
-    -c "SELECT evoq_process_queue()" \
-    -c "SELECT substring(pg_read_file('/proc/self/status') from 'VmHWM:\\s+([0-9]+)')" | tail -n 1
+  cluster_psql -d "dbname=evoq_bench application_name=evoq_drain" -tA -c "SET evoq.concurrency = 64" \
+    -c "SET evoq.batch_size = 500" -c "SELECT pg_sleep(0.3)" -c "SELECT evoq_process_queue()" -c "SELECT pg_sleep(0.3)" \
+    -c "SELECT substring(pg_read_file('/proc/self/status') from 'VmHWM:\\s+([0-9]+)')" >"$CLUSTER_DIR/drain.out" &
+  local psql_pid=$! pid="" peak=0 rss
+  while kill -0 "$psql_pid" 2>/dev/null; do
+    [ -z "$pid" ] && pid=$(q "SELECT pid FROM pg_stat_activity WHERE application_name = 'evoq_drain'")
+    if [ -n "$pid" ]; then
+      rss=$(awk '/^RssAnon/ {print $2}' "/proc/$pid/status" 2>/dev/null || true)
+      [ -n "$rss" ] && [ "$rss" -gt "$peak" ] && peak=$rss
+    fi
+    sleep 0.05
+  done
+  echo "$peak $(tail -n 1 "$CLUSTER_DIR/drain.out")"
 }
-idle=$(hwm 0 | tail -n 1)
-m10=$(hwm "$ROWS" | tail -n 1)
-m100=$(hwm "$BIG" | tail -n 1)
+idle=$(hwm 0)
+m10=$(hwm "$ROWS")
+m100=$(hwm "$BIG")
 python3 -c "
-idle, a, b = $idle, $m10, $m100
-print('%-22s %12s %16s' % ('run', 'peak RSS', 'over idle run'))
-print('%-22s %9.1f MB %16s' % ('idle (empty queue)', idle / 1024, ''))
-print('%-22s %9.1f MB %13.1f MB' % ('drain $ROWS rows', a / 1024, (a - idle) / 1024))
-print('%-22s %9.1f MB %13.1f MB' % ('drain $BIG rows', b / 1024, (b - idle) / 1024))"
+(ia, it), (aa, at), (ba, bt) = [tuple(int(x) for x in v.split()) for v in ('$idle', '$m10', '$m100')]
+print('%-22s %14s %14s %20s' % ('run', 'peak private', 'over idle', 'VmHWM (incl. shared)'))
+print('%-22s %11.1f MB %14s %17.1f MB' % ('idle (empty queue)', ia / 1024, '', it / 1024))
+print('%-22s %11.1f MB %11.1f MB %17.1f MB' % ('drain $ROWS rows', aa / 1024, (aa - ia) / 1024, at / 1024))
+print('%-22s %11.1f MB %11.1f MB %17.1f MB' % ('drain $BIG rows', ba / 1024, (ba - ia) / 1024, bt / 1024))"
+fi

@@ -40,28 +40,38 @@ fn enqueue(user_id: pgrx::Uuid) -> Result<(), pgrx::spi::Error> {
     })
 }
 
-fn skip(table: &str, why: String) {
+fn skip(trigger: &pgrx::PgTrigger, why: String) {
+    let table = trigger.table_name().unwrap_or_else(|_| "?".into());
     pgrx::warning!("evoq: profile row in {table} not queued: {why}");
+}
+
+/// The user id column named in CREATE TRIGGER (TG_ARGV[0]), read in place: this runs for
+/// every inserted profile, so nothing is allocated or looked up unless a row must be skipped.
+fn user_id_column<'a>(trigger: &'a pgrx::PgTrigger<'a>) -> &'a str {
+    let t = trigger.trigger();
+    if t.tgnargs < 1 || t.tgargs.is_null() {
+        return "id";
+    }
+    // SAFETY: Postgres hands the trigger tgnargs valid NUL-terminated argument strings that live
+    // as long as the trigger data.
+    unsafe { std::ffi::CStr::from_ptr(*t.tgargs) }
+        .to_str()
+        .unwrap_or("id")
 }
 
 #[pg_trigger]
 fn handle_profile_evolution_instance<'a>(
     trigger: &'a pgrx::PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, pgrx::spi::Error> {
-    let table = trigger.table_name().unwrap_or_else(|_| "?".into());
-    let column = trigger
-        .extra_args()
-        .ok()
-        .and_then(|a| a.into_iter().next())
-        .unwrap_or_else(|| "id".into());
+    let column = user_id_column(trigger);
     let Some(new) = trigger.new() else {
         return Ok(None);
     };
-    match new.get_by_name::<pgrx::Uuid>(&column) {
+    match new.get_by_name::<pgrx::Uuid>(column) {
         Ok(Some(user_id)) => enqueue(user_id)?,
-        Ok(None) => skip(&table, format!("column {column} is NULL")),
+        Ok(None) => skip(trigger, format!("column {column} is NULL")),
         Err(e) => skip(
-            &table,
+            trigger,
             format!("column {column} cannot be read as uuid ({e})"),
         ),
     }

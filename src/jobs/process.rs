@@ -1,7 +1,7 @@
 //! evoq_process_queue(): create an Evolution instance for every due queue row.
 
 use super::run::{budget_error, call_json, in_batch_context, record, Run};
-use crate::evolution::{ApiError, Provisioned, Webhook};
+use crate::evolution::{ApiError, ApiVersion, Provisioned, Webhook};
 use crate::names::instance_name;
 use crate::policy::{random_unit, Decision, RetryPolicy};
 use pgrx::prelude::*;
@@ -65,6 +65,11 @@ pub fn evoq_process_queue() -> pgrx::JsonB {
     };
     let webhook: Option<Webhook> = run.connection.webhook.clone();
     let mut tally = Tally::default();
+    let client = run.client.clone();
+    let mut pool = run.pool(move |(version, name): (ApiVersion, String)| {
+        client.provision(version, &name, webhook.as_ref())
+    });
+
     let stopped = loop {
         if run.out_of_time() {
             break "time_budget";
@@ -92,15 +97,11 @@ pub fn evoq_process_queue() -> pgrx::JsonB {
             let outcomes: Vec<Result<Provisioned, ApiError>> = match run.version() {
                 Err(e) => jobs.iter().map(|_| Err(e.clone())).collect(),
                 Ok(version) => {
-                    let client = run.client.clone();
-                    let hook = webhook.clone();
-                    let names: Vec<String> = jobs.iter().map(|(_, n)| n.clone()).collect();
-                    run.call_all(names, move |name| {
-                        client.provision(version, &name, hook.as_ref())
-                    })
-                    .into_iter()
-                    .map(|o| o.unwrap_or_else(|| Err(budget_error(&run))))
-                    .collect()
+                    let calls = jobs.iter().map(|(_, n)| (version, n.clone())).collect();
+                    run.call_all(&mut pool, calls)
+                        .into_iter()
+                        .map(|o| o.unwrap_or_else(|| Err(budget_error(&run))))
+                        .collect()
                 }
             };
 

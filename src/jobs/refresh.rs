@@ -64,6 +64,9 @@ fn outcome_record(
 pub fn evoq_refresh_qr() -> pgrx::JsonB {
     let mut run = Run::start("refresh_qr");
     let mut tally = Tally::default();
+    let client = run.client.clone();
+    let mut pool = run.pool(move |name: String| client.connect(&name));
+
     let stopped = loop {
         if run.out_of_time() {
             break "time_budget";
@@ -81,10 +84,9 @@ pub fn evoq_refresh_qr() -> pgrx::JsonB {
             }
             tally.batches += 1;
             tally.checked += rows.len() as u64;
-            let client = run.client.clone();
             let names: Vec<String> = rows.iter().map(|r| r.instance_name.clone()).collect();
             let outcomes: Vec<Result<ConnectOutcome, ApiError>> = run
-                .call_all(names, move |name| client.connect(&name))
+                .call_all(&mut pool, names)
                 .into_iter()
                 .map(|o| o.unwrap_or_else(|| Err(budget_error(&run))))
                 .collect();

@@ -3,7 +3,7 @@
 
 use crate::errors::OrRaise;
 use crate::evolution::{ApiError, ApiVersion, Client, ClientConfig};
-use crate::pool;
+use crate::pool::Pool;
 use crate::settings::{load_connection, tunables, Connection, Tunables};
 use pgrx::prelude::*;
 use pgrx::{JsonB, PgMemoryContexts};
@@ -83,23 +83,24 @@ impl Run {
         self.last_error = Some(message.to_string());
     }
 
-    /// Runs `work` over `items` on the worker pool, checking for cancel and statement_timeout
+    /// Runs one batch on the run's worker pool, checking for cancel and statement_timeout
     /// every few milliseconds. Items unanswered at the deadline come back as None.
-    pub fn call_all<T, R, F>(&self, items: Vec<T>, work: F) -> Vec<Option<R>>
-    where
-        T: Send + 'static,
-        R: Send + 'static,
-        F: Fn(T) -> R + Send + Sync + 'static,
-    {
-        pool::run(
-            items,
-            self.tunables.concurrency,
-            Some(self.deadline),
-            work,
-            || {
-                pgrx::check_for_interrupts!();
-            },
-        )
+    pub fn call_all<T: Send + 'static, R: Send + 'static>(
+        &self,
+        pool: &mut Pool<T, R>,
+        items: Vec<T>,
+    ) -> Vec<Option<R>> {
+        pool.run(items, Some(self.deadline), || {
+            pgrx::check_for_interrupts!();
+        })
+    }
+
+    /// The worker pool for this run's HTTP calls.
+    pub fn pool<T: Send + 'static, R: Send + 'static>(
+        &self,
+        work: impl Fn(T) -> R + Send + Sync + 'static,
+    ) -> Pool<T, R> {
+        Pool::new(self.tunables.concurrency, work)
     }
 
     /// Remembers the run for evoq_status and returns the summary.
