@@ -76,7 +76,7 @@ fi
 
 if only trigger; then
 echo
-echo "trigger: pgbench, 2 clients, ${PGB_T} s each, synchronous_commit = off"
+echo "trigger: pgbench, 2 clients, ${PGB_T} s per run, 3 interleaved rounds (median), synchronous_commit = off"
 q "CREATE TABLE p_none (id uuid NOT NULL, email text)"
 q "CREATE TABLE p_evoq (id uuid NOT NULL, email text)"
 q "CREATE TABLE p_plpgsql (id uuid NOT NULL, email text)"
@@ -91,13 +91,24 @@ BEGIN
   RETURN NULL;
 END \$\$"
 q "CREATE TRIGGER bench_enqueue AFTER INSERT ON p_plpgsql FOR EACH ROW EXECUTE FUNCTION bench_plpgsql_enqueue()"
+# Three interleaved rounds, median of each: single 10 s runs on 2 cores vary by ~5%.
 declare -A tps
 for t in p_none p_evoq p_plpgsql; do
-  reset_all
   echo "INSERT INTO $t (id, email) VALUES (gen_random_uuid(), 'bench@example.com');" >"$CLUSTER_DIR/$t.sql"
   chmod 644 "$CLUSTER_DIR/$t.sql"
-  tps[$t]=$(as_postgres "$PGBIN/pgbench" -n -h "$CLUSTER_DIR" -p "$CLUSTER_PORT" -U postgres -c 2 -j 2 -T "$PGB_T" -f "$CLUSTER_DIR/$t.sql" evoq_bench 2>/dev/null \
-    | awk '/^tps/ {print $3; exit}')
+done
+for round in 1 2 3; do
+  for t in p_none p_evoq p_plpgsql; do
+    reset_all
+    q "CHECKPOINT" >/dev/null
+    tps[$t]+="$(as_postgres "$PGBIN/pgbench" -n -h "$CLUSTER_DIR" -p "$CLUSTER_PORT" -U postgres -c 2 -j 2 -T "$PGB_T" -f "$CLUSTER_DIR/$t.sql" evoq_bench 2>/dev/null \
+      | awk '/^tps/ {print $3; exit}') "
+  done
+done
+median() { tr ' ' '\n' <<<"$1" | grep . | sort -n | sed -n 2p; }
+for t in p_none p_evoq p_plpgsql; do
+  echo "  $t rounds: ${tps[$t]}"
+  tps[$t]=$(median "${tps[$t]}")
 done
 python3 -c "
 n, e, p = ${tps[p_none]}, ${tps[p_evoq]}, ${tps[p_plpgsql]}
