@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 
 echo "== mock Evolution API tests"
-cargo test -p evolution-mock --quiet 2>&1 | tail -n 3
+cargo test -p evolution-mock --quiet 2>&1 | grep -E "^test result|FAILED|panicked"
 
 echo "== extension tests (cargo pgrx test, PostgreSQL 15)"
 # PostgreSQL refuses to run as root: as root, the test cluster runs as `postgres` in a data

@@ -582,18 +582,16 @@ fn supabase_roles() {
     assert_eq!(one::<String>("SELECT evoq_apply_policies()").unwrap(), "supabase");
 }
 
+/// Counts the rows `sql` returns for `role` signed in as `sub`; the count goes through the temp
+/// table `evoq_out` (created by the test, writable by every role) because the role may not be
+/// allowed to see what a plain SELECT would return.
 fn as_user(role: &str, sub: Option<&str>, sql: &str) -> Result<i64, String> {
     run(&format!("SET LOCAL ROLE {role}"));
     let claims = sub.map(|s| format!("{{\"sub\":\"{s}\",\"role\":\"{role}\"}}")).unwrap_or_default();
     Spi::run_with_args("SELECT set_config('request.jwt.claims', $1, true)", &[claims.into()]).unwrap();
-    let result = match error_of(&format!("CREATE TEMP TABLE IF NOT EXISTS pg_temp.evoq_out AS SELECT 0::bigint AS n")) {
-        _ => {
-            let err = error_of(&format!("INSERT INTO pg_temp.evoq_out SELECT count(*) FROM ({sql}) x"));
-            match err {
-                Some(e) => Err(e),
-                None => Ok(count("SELECT n FROM pg_temp.evoq_out ORDER BY ctid DESC LIMIT 1")),
-            }
-        }
+    let result = match error_of(&format!("INSERT INTO pg_temp.evoq_out SELECT count(*) FROM ({sql}) x")) {
+        Some(e) => Err(e),
+        None => Ok(count("SELECT n FROM pg_temp.evoq_out ORDER BY ctid DESC LIMIT 1")),
     };
     run("RESET ROLE");
     result
