@@ -132,8 +132,9 @@ impl<T, R> Drop for Pool<T, R> {
     }
 }
 
-/// One batch on a pool of its own (see `Pool::run`).
-pub fn run<T, R, F, W>(
+/// One batch on a pool of its own (see `Pool::run`); the tests' shorthand.
+#[cfg(test)]
+fn run<T, R, F, W>(
     items: Vec<T>,
     concurrency: usize,
     deadline: Option<Instant>,

@@ -159,52 +159,64 @@ pub fn committed_queue(n: usize) {
     ));
 }
 
+/// Opens a connection named `name`, runs `setup` there, then starts `sql` without waiting.
+/// Returns the backend pid of that session.
+pub fn start_in_session(name: &str, setup: &str, sql: &str) -> i32 {
+    run("CREATE EXTENSION IF NOT EXISTS dblink");
+    Spi::run_with_args(
+        "SELECT dblink_connect($1, $2)",
+        &[name.into(), self_conninfo().into()],
+    )
+    .unwrap();
+    if !setup.is_empty() {
+        Spi::run_with_args("SELECT dblink_exec($1, $2)", &[name.into(), setup.into()]).unwrap();
+    }
+    let pid = Spi::get_one_with_args::<i32>(
+        "SELECT pid FROM dblink($1, 'SELECT pg_backend_pid()') AS t(pid int)",
+        &[name.into()],
+    )
+    .unwrap()
+    .unwrap();
+    Spi::run_with_args(
+        "SELECT dblink_send_query($1, $2)",
+        &[name.into(), sql.into()],
+    )
+    .unwrap();
+    pid
+}
+
+/// Waits for the result of a session started with `start_in_session` (its text, or its error
+/// message) and closes the session.
+pub fn finish_session(name: &str) -> String {
+    let result = Spi::get_one_with_args::<String>(
+        "SELECT coalesce((SELECT r FROM dblink_get_result($1, false) AS t(r text) LIMIT 1), dblink_error_message($1))",
+        &[name.into()],
+    )
+    .unwrap()
+    .unwrap_or_default();
+    // Drain the final empty result, then close (the backend may already be gone).
+    let _ = error_of(&format!(
+        "SELECT * FROM dblink_get_result('{name}', false) AS t(r text)"
+    ));
+    let _ = error_of(&format!("SELECT dblink_disconnect('{name}')"));
+    result
+}
+
+/// Waits (up to 10 s) until the mock has seen at least `n` calls of `method` under `path`.
+pub fn wait_for_calls(mock: &MockServer, method: &str, path: &str, n: usize) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while mock.count_calls(method, path) < n && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// Starts `sql` on `sessions` separate connections at once and waits for all of them.
 /// `setup` runs first in each session (e.g. SET evoq.concurrency). Returns each session's result
 /// or error text.
 pub fn concurrently(sessions: usize, setup: &str, sql: &str) -> Vec<String> {
-    run("CREATE EXTENSION IF NOT EXISTS dblink");
-    let conninfo = self_conninfo();
-    for i in 0..sessions {
-        Spi::run_with_args(
-            "SELECT dblink_connect($1, $2)",
-            &[format!("evoq_c{i}").into(), conninfo.clone().into()],
-        )
-        .unwrap();
-        if !setup.is_empty() {
-            Spi::run_with_args(
-                "SELECT dblink_exec($1, $2)",
-                &[format!("evoq_c{i}").into(), setup.into()],
-            )
-            .unwrap();
-        }
+    let names: Vec<String> = (0..sessions).map(|i| format!("evoq_c{i}")).collect();
+    for name in &names {
+        start_in_session(name, setup, sql);
     }
-    for i in 0..sessions {
-        Spi::run_with_args(
-            "SELECT dblink_send_query($1, $2)",
-            &[format!("evoq_c{i}").into(), sql.into()],
-        )
-        .unwrap();
-    }
-    let mut out = Vec::new();
-    for i in 0..sessions {
-        let r = Spi::get_one_with_args::<String>(
-            "SELECT coalesce((SELECT r FROM dblink_get_result($1, false) AS t(r text) LIMIT 1), dblink_error_message($1))",
-            &[format!("evoq_c{i}").into()],
-        )
-        .unwrap()
-        .unwrap_or_default();
-        // Drain the final empty result so the connection is reusable, then close it.
-        let _ = Spi::run_with_args(
-            "SELECT * FROM dblink_get_result($1, false) AS t(r text)",
-            &[format!("evoq_c{i}").into()],
-        );
-        Spi::run_with_args(
-            "SELECT dblink_disconnect($1)",
-            &[format!("evoq_c{i}").into()],
-        )
-        .unwrap();
-        out.push(r);
-    }
-    out
+    names.iter().map(|name| finish_session(name)).collect()
 }
