@@ -92,8 +92,8 @@ pub fn evoq_process_queue() -> pgrx::JsonB {
                 })
                 .collect();
 
-            // One version probe per run; if the server cannot even answer that, every row of
-            // the batch gets that error and the run stops.
+            // One version probe per run; if the server cannot be reached at all, every row of
+            // the batch gets that error and the run stops (all failures are server-wide).
             let outcomes: Vec<Result<Provisioned, ApiError>> = match run.version() {
                 Err(e) => jobs.iter().map(|_| Err(e.clone())).collect(),
                 Ok(version) => {
