@@ -1,35 +1,215 @@
-//! A bounded pool of plain std threads for the HTTP calls of one batch. Pure logic, no pgrx:
+//! A bounded pool of plain std threads for the HTTP calls of one run. Pure logic, no pgrx:
 //! the worker threads must never touch Postgres, and this module cannot.
 //!
 //! The calling (backend) thread waits in short slices and runs `on_wait` between them; the
 //! caller uses that to check for query cancel and statement_timeout. If `on_wait` unwinds (a
 //! cancel), the pool is abandoned: workers finish the call in hand (bounded by the HTTP
 //! timeout), take nothing new, and exit on their own; nobody waits for them.
+//!
+//! Two process-wide rules hold for every thread evoq starts here:
+//! - it runs with every signal blocked (`spawn_with_signals_blocked`), so Postgres' signal
+//!   handlers only ever run on the backend's main thread, which is the only thread they are
+//!   written for;
+//! - at most `MAX_LIVE_THREADS` pool threads are alive in one backend, counting the ones that
+//!   earlier runs left behind, still waiting on a slow server until their HTTP timeout.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// How long the calling thread blocks before it runs `on_wait` again.
 pub const WAIT_SLICE: Duration = Duration::from_millis(20);
 
+/// The most pool threads alive at once in one backend process, leftovers of earlier runs
+/// included.
+///
+/// `evoq.concurrency` tops out at 128, so 256 lets one run have its full concurrency while a
+/// whole pool left behind by the previous run (all its threads stuck on a slow server until
+/// their HTTP timeout) is still draining. Beyond that, more threads only add load on a server
+/// that is already not answering. Each thread costs a stack (virtual, 2 MiB reserved) and at
+/// most one reply in flight (`evolution::MAX_REPLY_BYTES`), so the cap also bounds what a
+/// backend can hold for HTTP: 256 × 1 MiB of replies.
+pub const MAX_LIVE_THREADS: usize = 256;
+
+/// The name of every pool thread, as `ps -L` and debuggers show it.
+pub const WORKER_THREAD_NAME: &str = "evoq-http";
+
+/// Starts a named thread with every signal blocked, and leaves the caller's signal mask as it
+/// was.
+///
+/// A new thread inherits the signal mask of the thread that creates it, so the mask is set
+/// *before* the thread exists: there is no moment in which the new thread could take a
+/// signal. (Blocking from inside the new thread would leave a window between its start and
+/// that call.) Postgres' handlers (SIGINT for cancel, SIGTERM, SIGUSR1 for latches and
+/// barriers, SIGALRM for timeouts...) set flags and latches that only the main thread checks;
+/// run on another thread they would corrupt its state or be lost. Signals the kernel cannot
+/// block (SIGKILL, SIGSTOP) and the ones glibc keeps for itself are left alone, as they must.
+///
+/// Meant for every thread evoq starts: the HTTP pool here, and later a background worker's or
+/// a listener's threads.
+pub fn spawn_with_signals_blocked<F, T>(name: &str, f: F) -> std::io::Result<JoinHandle<T>>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    let builder = std::thread::Builder::new().name(name.to_string());
+    let _restore = SignalMask::block_all()?;
+    builder.spawn(f)
+    // `_restore` drops here: the caller gets its own mask back once the thread has been
+    // created with the full one.
+}
+
+/// The calling thread's signal mask as it was before `block_all`, put back on drop (also
+/// when spawning fails or unwinds).
+struct SignalMask {
+    old: libc::sigset_t,
+}
+
+impl SignalMask {
+    fn block_all() -> std::io::Result<SignalMask> {
+        // SAFETY: sigset_t is plain data that sigfillset/pthread_sigmask initialise; both
+        // pointers are to live locals.
+        unsafe {
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            if libc::sigfillset(&mut all) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let rc = libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+            if rc != 0 {
+                return Err(std::io::Error::from_raw_os_error(rc));
+            }
+            Ok(SignalMask { old })
+        }
+    }
+}
+
+impl Drop for SignalMask {
+    fn drop(&mut self) {
+        // SAFETY: `old` was filled in by pthread_sigmask in `block_all`.
+        unsafe {
+            libc::pthread_sigmask(libc::SIG_SETMASK, &self.old, std::ptr::null_mut());
+        }
+    }
+}
+
+/// A count of live threads with a hard cap. One process-wide instance (`GLOBAL_BUDGET`) serves
+/// every pool; tests give a pool a small one of its own.
+struct ThreadBudget {
+    cap: usize,
+    live: AtomicUsize,
+    /// The highest `live` ever reached, for tests and diagnostics.
+    peak: AtomicUsize,
+}
+
+static GLOBAL_BUDGET: ThreadBudget = ThreadBudget::new(MAX_LIVE_THREADS);
+
+impl ThreadBudget {
+    const fn new(cap: usize) -> ThreadBudget {
+        ThreadBudget {
+            cap,
+            live: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
+        }
+    }
+
+    /// One slot, or None when `cap` threads are alive. Taken before a thread is started and
+    /// given back when it ends, so `live` never exceeds `cap`, even for a moment.
+    fn try_take(&'static self) -> Option<BudgetSlot> {
+        let mut live = self.live.load(Ordering::SeqCst);
+        loop {
+            if live >= self.cap {
+                return None;
+            }
+            match self.live.compare_exchange_weak(
+                live,
+                live + 1,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
+                Ok(_) => {
+                    self.peak.fetch_max(live + 1, Ordering::SeqCst);
+                    return Some(BudgetSlot(self));
+                }
+                Err(now) => live = now,
+            }
+        }
+    }
+}
+
+struct BudgetSlot(&'static ThreadBudget);
+
+impl Drop for BudgetSlot {
+    fn drop(&mut self) {
+        self.0.live.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Pool threads alive in this process right now, leftovers of earlier runs included.
+pub fn live_threads() -> usize {
+    GLOBAL_BUDGET.live.load(Ordering::SeqCst)
+}
+
+/// What a worker holds for its whole life; dropping it (the thread ends, or never started)
+/// gives back the process-wide slot and the pool's count.
+struct WorkerLife {
+    _slot: BudgetSlot,
+    workers: Arc<AtomicUsize>,
+}
+
+impl Drop for WorkerLife {
+    fn drop(&mut self) {
+        self.workers.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+type Job<T> = (u64, usize, T);
+
 /// Worker threads that live for one run and take the HTTP calls of batch after batch, so a
 /// long drain does not start thousands of threads (nor churn their stacks and malloc arenas).
+///
+/// A pool starts up to `concurrency` threads, fewer when the process-wide cap leaves less
+/// room; it keeps trying to start the missing ones while it waits, as leftovers of earlier
+/// runs exit. With no thread at all it still returns at the deadline (unserved items as None)
+/// and still runs `on_wait`, so a cancel is honoured.
 pub struct Pool<T, R> {
     concurrency: usize,
     work: Arc<dyn Fn(T) -> R + Send + Sync>,
-    jobs: Option<mpsc::Sender<(u64, usize, T)>>,
-    shared_jobs: Arc<Mutex<mpsc::Receiver<(u64, usize, T)>>>,
+    jobs: Option<mpsc::Sender<Job<T>>>,
+    shared_jobs: Arc<Mutex<mpsc::Receiver<Job<T>>>>,
     results_tx: mpsc::Sender<(u64, usize, Option<R>)>,
     results: mpsc::Receiver<(u64, usize, Option<R>)>,
-    abandoned: Arc<AtomicBool>,
-    spawned: usize,
+    /// The batch whose queued items workers may still start; 0 (no batch) between batches and
+    /// once the pool is dropped. An item left in the queue when its batch ended (deadline,
+    /// cancel) is thrown away unstarted: nobody waits for its answer any more.
+    open_batch: Arc<AtomicU64>,
+    /// This pool's live threads.
+    workers: Arc<AtomicUsize>,
+    budget: &'static ThreadBudget,
     batch: u64,
+}
+
+/// Closes the batch when `run` returns or unwinds.
+struct CloseBatch(Arc<AtomicU64>);
+
+impl Drop for CloseBatch {
+    fn drop(&mut self) {
+        self.0.store(0, Ordering::SeqCst);
+    }
 }
 
 impl<T: Send + 'static, R: Send + 'static> Pool<T, R> {
     pub fn new<F: Fn(T) -> R + Send + Sync + 'static>(concurrency: usize, work: F) -> Pool<T, R> {
+        Pool::with_budget(concurrency, work, &GLOBAL_BUDGET)
+    }
+
+    fn with_budget<F: Fn(T) -> R + Send + Sync + 'static>(
+        concurrency: usize,
+        work: F,
+        budget: &'static ThreadBudget,
+    ) -> Pool<T, R> {
         let (jobs, shared_jobs) = mpsc::channel();
         let (results_tx, results) = mpsc::channel();
         Pool {
@@ -39,41 +219,73 @@ impl<T: Send + 'static, R: Send + 'static> Pool<T, R> {
             shared_jobs: Arc::new(Mutex::new(shared_jobs)),
             results_tx,
             results,
-            abandoned: Arc::new(AtomicBool::new(false)),
-            spawned: 0,
+            open_batch: Arc::new(AtomicU64::new(0)),
+            workers: Arc::new(AtomicUsize::new(0)),
+            budget,
             batch: 0,
         }
     }
 
-    fn spawn_worker(&mut self) {
-        let (jobs, results, abandoned, work) = (
+    /// This pool's live threads (at most `concurrency`; fewer while the process-wide cap is
+    /// reached).
+    pub fn workers(&self) -> usize {
+        self.workers.load(Ordering::SeqCst)
+    }
+
+    /// Starts one worker if the budget has room; false if it has none (or the OS refused).
+    fn spawn_worker(&mut self) -> bool {
+        let Some(slot) = self.budget.try_take() else {
+            return false;
+        };
+        self.workers.fetch_add(1, Ordering::SeqCst);
+        let life = WorkerLife {
+            _slot: slot,
+            workers: self.workers.clone(),
+        };
+        let (jobs, results, open_batch, work) = (
             self.shared_jobs.clone(),
             self.results_tx.clone(),
-            self.abandoned.clone(),
+            self.open_batch.clone(),
             self.work.clone(),
         );
-        std::thread::spawn(move || loop {
-            let next = match jobs.lock() {
-                Ok(rx) => rx.recv(),
-                Err(_) => return,
-            };
-            let Ok((batch, index, item)) = next else {
-                return;
-            };
-            if abandoned.load(Ordering::SeqCst) {
-                return;
+        // On failure the closure, and with it `life`, is dropped: the slot is given back.
+        spawn_with_signals_blocked(WORKER_THREAD_NAME, move || {
+            let _life = life;
+            loop {
+                let next = match jobs.lock() {
+                    Ok(rx) => rx.recv(),
+                    Err(_) => return,
+                };
+                // The pool is gone: nothing more will come.
+                let Ok((batch, index, item)) = next else {
+                    return;
+                };
+                if open_batch.load(Ordering::SeqCst) != batch {
+                    continue;
+                }
+                let result =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(item))).ok();
+                if results.send((batch, index, result)).is_err() {
+                    return;
+                }
             }
-            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(item))).ok();
-            if results.send((batch, index, result)).is_err() {
-                return;
+        })
+        .is_ok()
+    }
+
+    /// Starts workers until the pool has `wanted` or the budget is exhausted.
+    fn top_up(&mut self, wanted: usize) {
+        while self.workers() < wanted {
+            if !self.spawn_worker() {
+                break;
             }
-        });
-        self.spawned += 1;
+        }
     }
 
     /// Runs the work over `items` and returns the results in input order. Items not finished by
-    /// `deadline` come back as None (their calls finish alone); a panicking item yields None.
-    /// If `on_wait` unwinds (a cancel), dropping the pool abandons the rest.
+    /// `deadline` come back as None (a call in hand finishes alone; one not started yet never
+    /// starts); a panicking item yields None. If `on_wait` unwinds (a cancel), dropping the pool
+    /// abandons the rest.
     pub fn run<W: FnMut()>(
         &mut self,
         items: Vec<T>,
@@ -85,10 +297,9 @@ impl<T: Send + 'static, R: Send + 'static> Pool<T, R> {
         if total == 0 {
             return results;
         }
-        while self.spawned < self.concurrency.min(total) {
-            self.spawn_worker();
-        }
         self.batch += 1;
+        self.open_batch.store(self.batch, Ordering::SeqCst);
+        let _close = CloseBatch(self.open_batch.clone());
         let Some(jobs) = self.jobs.as_ref() else {
             return results;
         };
@@ -97,6 +308,8 @@ impl<T: Send + 'static, R: Send + 'static> Pool<T, R> {
                 return results;
             }
         }
+        let wanted = self.concurrency.min(total);
+        self.top_up(wanted);
         let mut received = 0;
         while received < total {
             let slice = match deadline {
@@ -116,7 +329,11 @@ impl<T: Send + 'static, R: Send + 'static> Pool<T, R> {
                     received += 1;
                 }
                 Ok(_) => {}
-                Err(mpsc::RecvTimeoutError::Timeout) => on_wait(),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    // Threads left behind by earlier runs may have exited since.
+                    self.top_up(wanted);
+                    on_wait();
+                }
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
         }
@@ -127,7 +344,7 @@ impl<T: Send + 'static, R: Send + 'static> Pool<T, R> {
 impl<T, R> Drop for Pool<T, R> {
     /// Workers finish the call in hand, take nothing new, and exit; nobody waits for them.
     fn drop(&mut self) {
-        self.abandoned.store(true, Ordering::SeqCst);
+        self.open_batch.store(0, Ordering::SeqCst);
         self.jobs.take();
     }
 }
@@ -153,7 +370,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::AtomicBool;
 
     #[test]
     fn one_pool_serves_many_batches_with_the_same_threads() {
@@ -296,5 +513,217 @@ mod tests {
         std::thread::sleep(Duration::from_millis(700));
         // Only the two calls in hand ran; nothing new was taken after the cancel.
         assert_eq!(started.load(Ordering::SeqCst), 2);
+    }
+
+    /// What Postgres installs handlers for, and so must never see delivered to a worker.
+    const PG_SIGNALS: [libc::c_int; 6] = [
+        libc::SIGINT,
+        libc::SIGTERM,
+        libc::SIGUSR1,
+        libc::SIGUSR2,
+        libc::SIGALRM,
+        libc::SIGHUP,
+    ];
+
+    /// The calling thread's mask: for each signal 1..=64, whether it is blocked.
+    fn mask_now() -> Vec<bool> {
+        // SAFETY: a query of the current mask into a local.
+        unsafe {
+            let mut cur: libc::sigset_t = std::mem::zeroed();
+            assert_eq!(
+                libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut cur),
+                0
+            );
+            (1..=64).map(|s| libc::sigismember(&cur, s) == 1).collect()
+        }
+    }
+
+    fn blocked_now(signal: libc::c_int) -> bool {
+        mask_now()[signal as usize - 1]
+    }
+
+    fn pg_signals_blocked_here() -> bool {
+        PG_SIGNALS.iter().all(|&s| blocked_now(s))
+    }
+
+    #[test]
+    fn a_spawned_thread_starts_with_every_signal_blocked() {
+        let handle = spawn_with_signals_blocked("evoq-test", || {
+            (
+                PG_SIGNALS.map(blocked_now),
+                std::thread::current().name().map(str::to_string),
+            )
+        })
+        .unwrap();
+        let (blocked, name) = handle.join().unwrap();
+        assert_eq!(
+            blocked, [true; 6],
+            "SIGINT, SIGTERM, SIGUSR1, SIGUSR2, SIGALRM, SIGHUP"
+        );
+        assert_eq!(name.as_deref(), Some("evoq-test"));
+    }
+
+    #[test]
+    fn spawning_leaves_the_callers_mask_as_it_was() {
+        // A mask that is neither empty nor full, so "unchanged" cannot pass by accident.
+        // SAFETY: changes this test thread's own mask and puts it back at the end.
+        let old = unsafe {
+            let mut only_usr2: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut only_usr2);
+            libc::sigaddset(&mut only_usr2, libc::SIGUSR2);
+            assert_eq!(
+                libc::pthread_sigmask(libc::SIG_SETMASK, &only_usr2, &mut old),
+                0
+            );
+            old
+        };
+        let before = mask_now();
+        let worker_blocked = spawn_with_signals_blocked("evoq-test", pg_signals_blocked_here)
+            .unwrap()
+            .join()
+            .unwrap();
+        let after = mask_now();
+        // SAFETY: restores the mask saved above.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+        assert!(worker_blocked);
+        assert_eq!(before, after);
+        assert!(after[libc::SIGUSR2 as usize - 1]);
+        assert!(!after[libc::SIGINT as usize - 1]);
+    }
+
+    #[test]
+    fn pool_workers_block_signals_and_carry_the_evoq_name() {
+        let out = run(
+            (0..8).collect(),
+            4,
+            None,
+            |_: u32| {
+                (
+                    pg_signals_blocked_here(),
+                    std::thread::current().name() == Some(WORKER_THREAD_NAME),
+                )
+            },
+            || {},
+        );
+        assert!(out.iter().all(|r| *r == Some((true, true))), "{out:?}");
+    }
+
+    /// A budget of its own, so tests running in parallel do not share the process-wide count.
+    fn budget(cap: usize) -> &'static ThreadBudget {
+        Box::leak(Box::new(ThreadBudget::new(cap)))
+    }
+
+    // The cap leaves room for one run at the highest evoq.concurrency (128) plus a whole
+    // pool left behind by the run before.
+    const _: () = assert!(MAX_LIVE_THREADS >= 2 * 128);
+
+    #[test]
+    fn a_pool_works_with_fewer_threads_than_asked_and_never_exceeds_the_cap() {
+        let budget = budget(3);
+        let live = Arc::new(AtomicUsize::new(0));
+        let peak = Arc::new(AtomicUsize::new(0));
+        let (l, p) = (live.clone(), peak.clone());
+        let mut pool = Pool::with_budget(
+            8,
+            move |i: u32| {
+                let now = l.fetch_add(1, Ordering::SeqCst) + 1;
+                p.fetch_max(now, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(10));
+                l.fetch_sub(1, Ordering::SeqCst);
+                i
+            },
+            budget,
+        );
+        let out = pool.run((0..30).collect(), None, || {});
+        assert_eq!(out, (0..30).map(Some).collect::<Vec<_>>());
+        assert_eq!(pool.workers(), 3);
+        assert_eq!(budget.peak.load(Ordering::SeqCst), 3);
+        assert!(peak.load(Ordering::SeqCst) <= 3);
+    }
+
+    #[test]
+    fn with_the_cap_taken_by_leftovers_a_run_still_returns_by_its_deadline() {
+        let budget = budget(2);
+        let release = Arc::new(AtomicBool::new(false));
+        // A run whose two calls hang past its deadline: its threads are left behind.
+        let r = release.clone();
+        let mut first = Pool::with_budget(
+            2,
+            move |_: u32| {
+                while !r.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            },
+            budget,
+        );
+        let out = first.run(
+            vec![1, 2],
+            Some(Instant::now() + Duration::from_millis(50)),
+            || {},
+        );
+        assert_eq!(out, vec![None, None]);
+        drop(first);
+        assert_eq!(budget.live.load(Ordering::SeqCst), 2);
+
+        // The next run gets no thread at all: it waits (still calling on_wait, so a cancel
+        // would be honoured) and returns at its deadline with everything unserved.
+        let mut second = Pool::with_budget(2, |i: u32| i, budget);
+        let mut waits = 0;
+        let started = Instant::now();
+        let out = second.run(
+            vec![1, 2, 3],
+            Some(Instant::now() + Duration::from_millis(200)),
+            || waits += 1,
+        );
+        let took = started.elapsed();
+        assert_eq!(out, vec![None, None, None]);
+        assert!(
+            took >= Duration::from_millis(190) && took < Duration::from_millis(1000),
+            "took {took:?}"
+        );
+        assert!(waits >= 5, "on_wait ran {waits} times");
+        assert_eq!(second.workers(), 0);
+
+        // Once the leftovers exit, the same pool gets its threads and serves the next batch.
+        release.store(true, Ordering::SeqCst);
+        let out = second.run(
+            vec![4, 5, 6],
+            Some(Instant::now() + Duration::from_secs(5)),
+            || {},
+        );
+        assert_eq!(out, vec![Some(4), Some(5), Some(6)]);
+        assert_eq!(budget.peak.load(Ordering::SeqCst), 2, "never above the cap");
+    }
+
+    #[test]
+    fn items_still_queued_when_a_batch_ends_are_never_started() {
+        let started = Arc::new(AtomicUsize::new(0));
+        let s = started.clone();
+        let mut pool = Pool::new(1, move |i: u32| {
+            s.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(150));
+            i
+        });
+        let out = pool.run(
+            (0..5).collect(),
+            Some(Instant::now() + Duration::from_millis(50)),
+            || {},
+        );
+        assert_eq!(out, vec![None; 5]);
+        // The pool stays alive (a caller recording its results), yet the four unstarted
+        // items are dropped rather than called for nobody.
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(started.load(Ordering::SeqCst), 1);
+        assert_eq!(pool.run(vec![7], None, || {}), vec![Some(7)]);
+    }
+
+    #[test]
+    fn pool_threads_are_counted_process_wide() {
+        let mut pool = Pool::new(3, |i: u32| i);
+        assert_eq!(pool.run((0..6).collect(), None, || {}).len(), 6);
+        assert_eq!(pool.workers(), 3);
+        assert!(live_threads() >= 3);
+        assert!(live_threads() <= MAX_LIVE_THREADS);
     }
 }

@@ -1,16 +1,36 @@
 //! The HTTP calls. One `Client` per run: its ureq agent is shared by the worker threads and
 //! keeps connections alive between calls.
+//!
+//! Error messages end up in rows users can read. So no message names the configured URL (the
+//! operator knows it; "the Evolution API" says enough), and every error leaving a public
+//! method passes through `Client::scrubbed`, the one place that removes secrets (the API key,
+//! credentials in the URL, instance tokens met along the way) and bounds the text: a proxy
+//! that echoes request headers once put the key into an error message.
 
+use super::config::mask_credentials;
 use super::reply::{
-    envelope_message, parse_connect_reply, parse_create_reply, parse_fetch_instance, parse_version,
+    envelope_message, error_words, is_instance_missing, is_name_in_use, parse_connect_reply,
+    parse_create_reply, parse_fetch_instance, parse_version,
 };
 use super::request::{connect_path, create_body, path_segment, webhook_set_body};
-use super::{ApiError, ApiVersion, ConnectOutcome, CreatedInstance, Webhook};
+use super::{ApiError, ApiVersion, ConnectOutcome, CreatedInstance, ErrorClass, Webhook};
+use std::fmt;
 use std::time::Duration;
 use ureq::http::Response;
 use ureq::{Agent, Body};
 
-#[derive(Debug, Clone)]
+/// The largest reply evoq reads; a longer one is an error (`too_large`) and is not kept.
+///
+/// A real create reply with its base64 QR image is 10-30 KB, so 1 MiB is generous. The bound
+/// is what keeps memory in check: each worker thread holds at most one reply, so replies in
+/// flight take at most `evoq.concurrency` × `MAX_REPLY_BYTES` (128 MiB at the highest
+/// concurrency; up to twice that for a moment while a read buffer grows), and never more than
+/// `pool::MAX_LIVE_THREADS` × `MAX_REPLY_BYTES` in one backend.
+pub const MAX_REPLY_BYTES: u64 = 1024 * 1024;
+/// `MAX_REPLY_BYTES` as messages say it.
+const MAX_REPLY_LABEL: &str = "1 MiB";
+
+#[derive(Clone)]
 pub struct ClientConfig {
     /// Base URL without a trailing slash, e.g. `http://evolution:8080`.
     pub base_url: String,
@@ -21,28 +41,48 @@ pub struct ClientConfig {
     pub max_idle: usize,
 }
 
+/// Written by hand so that no `{:?}` (a log line, a panic message) can print the key or a
+/// password in the URL.
+impl fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("base_url", &mask_credentials(&self.base_url))
+            .field("api_key", &super::REDACTED)
+            .field("request_timeout", &self.request_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("max_idle", &self.max_idle)
+            .finish()
+    }
+}
+
 #[derive(Clone)]
 pub struct Client {
     agent: Agent,
     base_url: String,
     api_key: String,
+    /// `user:password` and `password` of a base URL that has them: secrets like the key.
+    url_secrets: Vec<String>,
     request_timeout: Duration,
 }
 
-/// The base URL as it may appear in a message: any `user:password@` part is cut out.
-fn display_url(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => {
-            let (authority, path) = rest.split_once('/').map_or((rest, ""), |(a, p)| (a, p));
-            let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-            if path.is_empty() {
-                format!("{scheme}://{host}")
-            } else {
-                format!("{scheme}://{host}/{path}")
-            }
-        }
-        None => url.to_string(),
+/// A reply that was read in full: status and body text.
+struct Reply {
+    status: u16,
+    body: String,
+}
+
+/// The `user:password` part of a URL, and the password alone.
+fn url_secrets(url: &str) -> Vec<String> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let Some((userinfo, _)) = authority.rsplit_once('@') else {
+        return Vec::new();
+    };
+    let mut secrets = vec![userinfo.to_string()];
+    if let Some((_, password)) = userinfo.split_once(':') {
+        secrets.push(password.to_string());
     }
+    secrets
 }
 
 impl Client {
@@ -51,61 +91,90 @@ impl Client {
             .http_status_as_error(false)
             .timeout_global(Some(config.request_timeout))
             .timeout_connect(Some(config.connect_timeout))
-            // A redirect would carry the apikey header to wherever it points.
+            // A redirect would carry the apikey header to wherever it points; a 3xx comes back
+            // as an error that says where it points instead.
             .max_redirects(0)
             .max_idle_connections(config.max_idle.max(1) * 2)
             .max_idle_connections_per_host(config.max_idle.max(1))
-            .user_agent("evoq/0.1")
+            .user_agent(concat!("evoq/", env!("CARGO_PKG_VERSION")))
             .build()
             .into();
+        let base_url = config.base_url.trim_end_matches('/').to_string();
         Client {
             agent,
-            base_url: config.base_url.trim_end_matches('/').to_string(),
+            url_secrets: url_secrets(&base_url),
+            base_url,
             api_key: config.api_key,
             request_timeout: config.request_timeout,
         }
     }
 
+    /// Runs one public call. `seen` collects secrets met on the way (the token of an adopted
+    /// instance); an error is scrubbed of them and of the client's own before it leaves.
+    fn scrubbed<T>(
+        &self,
+        call: impl FnOnce(&mut Vec<String>) -> Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        let mut seen = Vec::new();
+        call(&mut seen).map_err(|e| {
+            let secrets: Vec<&str> = std::iter::once(self.api_key.as_str())
+                .chain(self.url_secrets.iter().map(String::as_str))
+                .chain(seen.iter().map(String::as_str))
+                .collect();
+            e.scrubbed(&secrets)
+        })
+    }
+
     fn transport_error(&self, what: &str, err: ureq::Error) -> ApiError {
-        let url = display_url(&self.base_url);
         match err {
             ureq::Error::Timeout(ureq::Timeout::Connect | ureq::Timeout::Resolve) => {
                 ApiError::unreachable(format!(
-                    "could not connect to the Evolution API at {url} in time ({what})"
+                    "could not connect to the Evolution API in time ({what})"
                 ))
             }
-            ureq::Error::Timeout(_) => ApiError::transient(format!(
-                "the Evolution API at {url} did not answer {what} within {} ms",
+            ureq::Error::Timeout(_) => ApiError::timeout(format!(
+                "the Evolution API did not answer {what} within {} ms",
                 self.request_timeout.as_millis()
             )),
             ureq::Error::Io(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
                 ApiError::unreachable(format!(
-                    "could not connect to the Evolution API at {url}: connection refused ({what})"
+                    "could not connect to the Evolution API: connection refused ({what})"
                 ))
             }
-            ureq::Error::HostNotFound => ApiError::unreachable(format!(
-                "could not resolve the Evolution API host of {url} ({what})"
-            )),
-            ureq::Error::ConnectionFailed => ApiError::unreachable(format!(
-                "could not connect to the Evolution API at {url} ({what})"
-            )),
-            ureq::Error::Io(e) => {
-                ApiError::transient(format!("{what} to {url} failed: {}", e.kind()))
+            ureq::Error::HostNotFound => {
+                ApiError::unreachable(format!("could not resolve the Evolution API host ({what})"))
             }
-            other => ApiError::transient(format!("{what} to {url} failed: {other}")),
+            ureq::Error::ConnectionFailed => {
+                ApiError::unreachable(format!("could not connect to the Evolution API ({what})"))
+            }
+            ureq::Error::BodyExceedsLimit(_) => ApiError::too_large(what, MAX_REPLY_LABEL),
+            // Settings a request cannot be built from. The errors' own texts are not used:
+            // they may repeat the URL, credentials and all.
+            ureq::Error::BadUri(_) => ApiError::invalid_api_url(what),
+            ureq::Error::Http(e)
+                if e.get_ref().is::<ureq::http::uri::InvalidUri>()
+                    || e.get_ref().is::<ureq::http::uri::InvalidUriParts>() =>
+            {
+                ApiError::invalid_api_url(what)
+            }
+            ureq::Error::Http(_) => ApiError::invalid_settings(what),
+            ureq::Error::Io(e) => {
+                ApiError::network(format!("{what} to the Evolution API failed: {}", e.kind()))
+            }
+            other => ApiError::network(format!("{what} to the Evolution API failed: {other}")),
         }
     }
 
-    /// Sends one request and returns the status and the body text.
-    /// `what` names the route in messages ("GET /instance/connect"), without the instance name
-    /// that the row already carries.
+    /// Sends one request and reads the reply, at most `MAX_REPLY_BYTES` of UTF-8 text.
+    /// A 3xx is an error. `what` names the route in messages ("GET /instance/connect"),
+    /// without the instance name that the row already carries.
     fn call(
         &self,
         method: &str,
         path: &str,
         what: &str,
         body: Option<&serde_json::Value>,
-    ) -> Result<(u16, String), ApiError> {
+    ) -> Result<Reply, ApiError> {
         let url = format!("{}{}", self.base_url, path);
         let result: Result<Response<Body>, ureq::Error> = match (method, body) {
             ("GET", _) => self.agent.get(&url).header("apikey", &self.api_key).call(),
@@ -122,35 +191,73 @@ impl Client {
         };
         let mut response = result.map_err(|e| self.transport_error(what, e))?;
         let status = response.status().as_u16();
-        let text = response
+        if (300..400).contains(&status) {
+            let location = response
+                .headers()
+                .get("location")
+                .and_then(|v| v.to_str().ok())
+                .map(mask_credentials);
+            return Err(ApiError::redirect(status, what, location.as_deref()));
+        }
+        // One byte over the limit is enough to know the reply is too large.
+        let bytes = response
             .body_mut()
             .with_config()
-            .limit(16 * 1024 * 1024)
-            .read_to_string()
-            .map_err(|e| match e {
-                ureq::Error::Timeout(_) | ureq::Error::Io(_) => self.transport_error(what, e),
-                _ => ApiError::malformed(what, "the body is not readable text"),
-            })?;
-        Ok((status, text))
+            .limit(MAX_REPLY_BYTES + 1)
+            .read_to_vec()
+            .map_err(|e| self.transport_error(what, e))?;
+        if bytes.len() as u64 > MAX_REPLY_BYTES {
+            return Err(ApiError::too_large(what, MAX_REPLY_LABEL));
+        }
+        let body = String::from_utf8(bytes)
+            .map_err(|_| ApiError::malformed(what, "the body is not UTF-8 text"))?;
+        Ok(Reply { status, body })
     }
 
-    fn expect_success(status: u16, body: &str, what: &str) -> Result<(), ApiError> {
-        if (200..300).contains(&status) {
+    fn expect_success(reply: &Reply, what: &str) -> Result<(), ApiError> {
+        if (200..300).contains(&reply.status) {
             Ok(())
         } else {
-            Err(ApiError::http(status, what, envelope_message(body)))
+            Err(ApiError::http(reply.status, what, error_words(&reply.body)))
         }
     }
 
-    /// `GET /`: which dialect the server speaks.
+    /// `GET /`: which dialect the server speaks. Failures are classified for the caller:
+    /// - no answer (refused, DNS, timeouts, a broken connection) or 5xx/408/429: server-wide
+    ///   and transient, the server is down or busy;
+    /// - a 3xx or any other 4xx: server-wide and permanent (`redirect`, `wrong_api_url`).
+    ///   `GET /` needs no key and always answers 200 on an Evolution API server, so api_url
+    ///   points at something else, e.g. with a wrong path prefix;
+    /// - a 2xx that is not JSON or has no `version` (a proxy's page): not server-wide, so the
+    ///   caller can fall back to v2 and let the real calls tell.
     pub fn probe_version(&self) -> Result<ApiVersion, ApiError> {
-        let (status, body) = self.call("GET", "/", "GET /", None)?;
-        Self::expect_success(status, &body, "GET /")?;
-        parse_version(&body)
+        const WHAT: &str = "GET /";
+        self.scrubbed(|_| {
+            let reply = self.call("GET", "/", WHAT, None).map_err(|mut e| {
+                if matches!(
+                    e.error_class(),
+                    ErrorClass::Unreachable | ErrorClass::Timeout | ErrorClass::Network
+                ) {
+                    e.server_wide = true;
+                }
+                e
+            })?;
+            match reply.status {
+                200..=299 => parse_version(&reply.body),
+                s if s >= 500 || s == 408 || s == 429 => {
+                    let mut e = ApiError::http(s, WHAT, error_words(&reply.body));
+                    e.server_wide = true;
+                    Err(e)
+                }
+                s => Err(ApiError::wrong_api_url(s, error_words(&reply.body))),
+            }
+        })
     }
 
-    /// Creates the instance, or adopts it when the name is already taken (403): evoq names are
-    /// derived from the user id, so a taken name is our own earlier attempt whose answer was lost.
+    /// Creates the instance, or adopts it when the name is already taken: evoq names are
+    /// derived from the user id, so a taken name is our own earlier attempt whose answer was
+    /// lost. Only the 403 whose message says the name is in use means that; any other 403
+    /// (a firewall, a proxy) is a permanent error with the server's words.
     pub fn provision(
         &self,
         version: ApiVersion,
@@ -158,24 +265,36 @@ impl Client {
         webhook: Option<&Webhook>,
     ) -> Result<Provisioned, ApiError> {
         const WHAT: &str = "POST /instance/create";
-        let (status, body) = self.call(
-            "POST",
-            "/instance/create",
-            WHAT,
-            Some(&create_body(version, name, webhook)),
-        )?;
-        if status == 403 {
-            return self
-                .adopt(version, name, webhook)
-                .map(|instance| Provisioned {
-                    instance,
-                    adopted: true,
-                });
-        }
-        Self::expect_success(status, &body, WHAT)?;
-        Ok(Provisioned {
-            instance: parse_create_reply(&body, name)?,
-            adopted: false,
+        self.scrubbed(|seen| {
+            let reply = self.call(
+                "POST",
+                "/instance/create",
+                WHAT,
+                Some(&create_body(version, name, webhook)),
+            )?;
+            if reply.status == 403 {
+                let envelope = envelope_message(&reply.body);
+                if envelope.as_deref().is_some_and(is_name_in_use) {
+                    return self
+                        .adopt(version, name, webhook, seen)
+                        .map(|instance| Provisioned {
+                            instance,
+                            adopted: true,
+                        });
+                }
+                let mut e = ApiError::http(403, WHAT, error_words(&reply.body));
+                if envelope.is_none() {
+                    e.message.push_str(
+                        " (not an Evolution API reply: is a proxy or firewall in front of it?)",
+                    );
+                }
+                return Err(e);
+            }
+            Self::expect_success(&reply, WHAT)?;
+            Ok(Provisioned {
+                instance: parse_create_reply(&reply.body, name)?,
+                adopted: false,
+            })
         })
     }
 
@@ -184,42 +303,60 @@ impl Client {
         version: ApiVersion,
         name: &str,
         webhook: Option<&Webhook>,
+        seen: &mut Vec<String>,
     ) -> Result<CreatedInstance, ApiError> {
         const WHAT: &str = "GET /instance/fetchInstances";
         let path = format!(
             "/instance/fetchInstances?instanceName={}",
             path_segment(name)
         );
-        let (status, body) = self.call("GET", &path, WHAT, None)?;
-        if status == 404 {
+        let reply = self.call("GET", &path, WHAT, None)?;
+        if reply.status == 404 {
             // The name was taken a moment ago but the server has since dropped it (a failed
             // create is cleaned up asynchronously): the next attempt can create it afresh.
-            return Err(ApiError::transient(format!(
+            return Err(ApiError::not_found(format!(
                 "instance {name:?} was reported in use, then not found; it will be created on the next attempt"
             )));
         }
-        Self::expect_success(status, &body, WHAT)?;
-        let instance = parse_fetch_instance(&body, name)?;
+        Self::expect_success(&reply, WHAT)?;
+        let instance = parse_fetch_instance(&reply.body, name)?;
+        if let Some(token) = &instance.token {
+            seen.push(token.clone());
+        }
         if let Some(hook) = webhook {
             // The adopted instance may carry an older webhook: set ours.
             let what = "POST /webhook/set";
             let path = format!("/webhook/set/{}", path_segment(name));
-            let (status, body) =
-                self.call("POST", &path, what, Some(&webhook_set_body(version, hook)))?;
-            Self::expect_success(status, &body, what)?;
+            let reply = self.call("POST", &path, what, Some(&webhook_set_body(version, hook)))?;
+            Self::expect_success(&reply, what)?;
         }
         Ok(instance)
     }
 
     /// `GET /instance/connect/{name}`: the current QR, or `open` once the user has scanned it.
+    /// A 404 means the instance is gone only when the server says so; a 404 for a route that
+    /// does not exist (a wrong api_url prefix) is an error, not a reason to create the
+    /// instance again.
     pub fn connect(&self, name: &str) -> Result<ConnectOutcome, ApiError> {
         const WHAT: &str = "GET /instance/connect";
-        let (status, body) = self.call("GET", &connect_path(name), WHAT, None)?;
-        if status == 404 {
-            return Ok(ConnectOutcome::Lost);
-        }
-        Self::expect_success(status, &body, WHAT)?;
-        parse_connect_reply(&body)
+        self.scrubbed(|_| {
+            let reply = self.call("GET", &connect_path(name), WHAT, None)?;
+            if reply.status == 404 {
+                if envelope_message(&reply.body)
+                    .as_deref()
+                    .is_some_and(is_instance_missing)
+                {
+                    return Ok(ConnectOutcome::Lost);
+                }
+                let mut e = ApiError::http(404, WHAT, error_words(&reply.body));
+                e.message.push_str(
+                    " (not the Evolution API's \"instance does not exist\": check api_url)",
+                );
+                return Err(e);
+            }
+            Self::expect_success(&reply, WHAT)?;
+            parse_connect_reply(&reply.body)
+        })
     }
 }
 
@@ -233,14 +370,418 @@ pub struct Provisioned {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_server::{Canned, TestServer};
     use super::*;
+    use crate::evolution::ErrorKind;
+
+    const KEY: &str = "sk-unit-test-key-0123456789";
+
+    fn client_for(base_url: &str, timeout_ms: u64) -> Client {
+        Client::new(ClientConfig {
+            base_url: base_url.to_string(),
+            api_key: KEY.to_string(),
+            request_timeout: Duration::from_millis(timeout_ms),
+            connect_timeout: Duration::from_millis(timeout_ms),
+            max_idle: 2,
+        })
+    }
+
+    fn client(server: &TestServer) -> Client {
+        client_for(&server.url, 2000)
+    }
+
+    fn envelope(status: u16, message: &str) -> String {
+        serde_json::json!({"status": status, "error": "x", "response": {"message": [message]}})
+            .to_string()
+    }
+
+    /// A port nothing listens on.
+    fn closed_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
 
     #[test]
-    fn credentials_never_reach_a_message() {
+    fn debug_of_the_config_hides_the_key_and_url_passwords() {
+        let config = ClientConfig {
+            base_url: "https://user:pw-secret@evo.example".into(),
+            api_key: KEY.into(),
+            request_timeout: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(1),
+            max_idle: 1,
+        };
+        let shown = format!("{config:?}");
+        assert!(!shown.contains(KEY), "{shown}");
+        assert!(!shown.contains("pw-secret"), "{shown}");
+        assert!(shown.contains("api_key: \"[redacted]\""), "{shown}");
+        assert!(shown.contains("https://***@evo.example"), "{shown}");
+    }
+
+    #[test]
+    fn the_user_agent_names_this_version() {
+        let server = TestServer::start(|_| Canned::json(200, r#"{"version":"2.3.6"}"#));
+        client(&server).probe_version().unwrap();
+        let ua = server.requests()[0]
+            .header("user-agent")
+            .unwrap_or_default();
+        assert_eq!(ua, format!("evoq/{}", env!("CARGO_PKG_VERSION")));
+        assert_ne!(ua, "evoq/0.1");
+    }
+
+    #[test]
+    fn an_unreachable_server_is_server_wide_and_the_url_is_not_in_the_message() {
+        let port = closed_port();
+        let c = client_for(&format!("http://user:pw-secret@127.0.0.1:{port}"), 2000);
+        let e = c.connect("evoq_1").unwrap_err();
         assert_eq!(
-            display_url("https://user:secret@evo.example:8080/api"),
-            "https://evo.example:8080/api"
+            e.message,
+            "could not connect to the Evolution API: connection refused (GET /instance/connect)"
         );
-        assert_eq!(display_url("http://evo:8080"), "http://evo:8080");
+        assert_eq!((e.class().as_str(), e.server_wide), ("unreachable", true));
+        let e = c.probe_version().unwrap_err();
+        assert!(!e.message.contains("127.0.0.1") && !e.message.contains("pw-secret"));
+        assert_eq!((e.kind, e.server_wide), (ErrorKind::Transient, true));
+    }
+
+    #[test]
+    fn a_silent_server_times_out() {
+        let server = TestServer::start(|_| Canned::hang());
+        let c = client_for(&server.url, 300);
+        let e = c.connect("evoq_1").unwrap_err();
+        assert_eq!(
+            e.message,
+            "the Evolution API did not answer GET /instance/connect within 300 ms"
+        );
+        assert_eq!((e.class().as_str(), e.server_wide), ("timeout", false));
+        // The probe says the same about the whole server.
+        let e = c.probe_version().unwrap_err();
+        assert_eq!((e.class().as_str(), e.server_wide), ("timeout", true));
+        assert_eq!(e.kind, ErrorKind::Transient);
+    }
+
+    #[test]
+    fn replies_over_the_size_limit_are_refused_and_at_the_limit_accepted() {
+        // Valid JSON of exactly MAX_REPLY_BYTES bytes: {"count":0,"pad":"xxx..."}.
+        let frame = r#"{"count":0,"pad":""}"#.len();
+        let at_limit = format!(
+            r#"{{"count":0,"pad":"{}"}}"#,
+            "x".repeat(MAX_REPLY_BYTES as usize - frame)
+        );
+        assert_eq!(at_limit.len() as u64, MAX_REPLY_BYTES);
+        let over = format!("{at_limit} ");
+        let server = TestServer::start(move |r| {
+            if r.path.ends_with("/big") {
+                Canned::json(200, &over)
+            } else {
+                Canned::json(200, &at_limit)
+            }
+        });
+        let c = client(&server);
+        assert_eq!(
+            c.connect("fits").unwrap(),
+            ConnectOutcome::NoQrYet { count: Some(0) }
+        );
+        let e = c.connect("big").unwrap_err();
+        assert_eq!(
+            e.message,
+            "the reply to GET /instance/connect is over the size limit (1 MiB)"
+        );
+        assert_eq!(
+            (e.class().as_str(), e.kind),
+            ("too_large", ErrorKind::Transient)
+        );
+    }
+
+    #[test]
+    fn a_body_that_is_not_utf8_says_so() {
+        let server = TestServer::start(|_| Canned::raw(200, vec![b'{', 0xff, 0xfe, b'}']));
+        let e = client(&server).connect("x").unwrap_err();
+        assert_eq!(
+            e.message,
+            "malformed reply to GET /instance/connect: the body is not UTF-8 text"
+        );
+        assert_eq!(e.class(), "malformed");
+    }
+
+    #[test]
+    fn a_redirect_says_where_it_points_and_is_not_followed() {
+        let server = TestServer::start(|_| {
+            Canned::json(307, "").header("Location", "https://user:pw-secret@host/path")
+        });
+        let c = client(&server);
+        let e = c.probe_version().unwrap_err();
+        assert_eq!(
+            e.message,
+            "Evolution API answered 307 to GET /: a redirect to https://***@host/path; evoq does \
+             not follow redirects: point api_url at the final address"
+        );
+        assert_eq!(
+            (e.kind, e.server_wide, e.http_status, e.class().as_str()),
+            (ErrorKind::Permanent, true, Some(307), "redirect")
+        );
+        let e = c.connect("x").unwrap_err();
+        assert!(e.message.starts_with("Evolution API answered 307 to GET /instance/connect: a redirect to https://***@host/path"));
+        assert_eq!(server.requests().len(), 2, "no request followed a redirect");
+    }
+
+    #[test]
+    fn the_key_echoed_by_a_proxy_is_redacted() {
+        // A proxy that puts the request's headers into its error message.
+        let server = TestServer::start(|r| {
+            let key = r.header("apikey").unwrap_or_default();
+            Canned::json(
+                502,
+                &envelope(502, &format!("bad gateway; headers: apikey={key}")),
+            )
+        });
+        let e = client(&server).connect("x").unwrap_err();
+        assert!(!e.message.contains(KEY), "{}", e.message);
+        assert!(e.message.contains("apikey=[redacted]"), "{}", e.message);
+        assert_eq!(
+            (e.class().as_str(), e.kind),
+            ("http_502", ErrorKind::Transient)
+        );
+    }
+
+    #[test]
+    fn the_token_of_an_adopted_instance_is_redacted() {
+        const TOKEN: &str = "ADOPTED-TOKEN-4BE17E02";
+        let server = TestServer::start(|r| match r.path.as_str() {
+            "/instance/create" => Canned::json(
+                403,
+                &envelope(403, "This name \"evoq_1\" is already in use."),
+            ),
+            p if p.starts_with("/instance/fetchInstances") => Canned::json(
+                200,
+                &format!(
+                    r#"[{{"id":"f7","name":"evoq_1","connectionStatus":"close","token":"{TOKEN}"}}]"#
+                ),
+            ),
+            _ => Canned::json(
+                500,
+                &envelope(500, &format!("cannot set webhook for token {TOKEN}")),
+            ),
+        });
+        let hook = Webhook {
+            url: "https://app.example/hook".into(),
+            events: vec!["QRCODE_UPDATED".into()],
+        };
+        let e = client(&server)
+            .provision(ApiVersion::V2, "evoq_1", Some(&hook))
+            .unwrap_err();
+        assert!(!e.message.contains(TOKEN), "{}", e.message);
+        assert!(e.message.contains("token [redacted]"), "{}", e.message);
+    }
+
+    #[test]
+    fn only_name_in_use_is_adopted() {
+        let server = TestServer::start(|r| match r.path.as_str() {
+            "/instance/create" => Canned::json(
+                403,
+                &envelope(403, "This name \"evoq_1\" is already in use."),
+            ),
+            p if p.starts_with("/instance/fetchInstances") => Canned::json(
+                200,
+                r#"[{"id":"f7","name":"evoq_1","connectionStatus":"open","token":"T0KEN"}]"#,
+            ),
+            _ => Canned::json(201, "{}"),
+        });
+        let hook = Webhook {
+            url: "https://app.example/hook".into(),
+            events: vec![],
+        };
+        let p = client(&server)
+            .provision(ApiVersion::V2, "evoq_1", Some(&hook))
+            .unwrap();
+        assert!(p.adopted);
+        assert_eq!(p.instance.instance_id.as_deref(), Some("f7"));
+        let calls: Vec<String> = server
+            .requests()
+            .into_iter()
+            .map(|r| format!("{} {}", r.method, r.path))
+            .collect();
+        assert_eq!(
+            calls,
+            [
+                "POST /instance/create",
+                "GET /instance/fetchInstances?instanceName=evoq_1",
+                "POST /webhook/set/evoq_1"
+            ]
+        );
+    }
+
+    #[test]
+    fn any_other_403_is_a_permanent_error_with_the_servers_words() {
+        let server = TestServer::start(|r| {
+            if r.body.contains("waf") {
+                Canned::raw(
+                    403,
+                    b"<html><h1>Request blocked by WAF</h1></html>".to_vec(),
+                )
+            } else {
+                Canned::json(403, &envelope(403, "Missing global api key"))
+            }
+        });
+        let c = client(&server);
+        let e = c.provision(ApiVersion::V2, "evoq_waf", None).unwrap_err();
+        assert_eq!(
+            (e.kind, e.http_status, e.server_wide, e.class().as_str()),
+            (ErrorKind::Permanent, Some(403), false, "http_403")
+        );
+        assert!(
+            e.message.contains("Request blocked by WAF"),
+            "{}",
+            e.message
+        );
+        assert!(e.message.contains("proxy or firewall"), "{}", e.message);
+        let e = c.provision(ApiVersion::V2, "evoq_2", None).unwrap_err();
+        assert_eq!(
+            e.message,
+            "Evolution API answered 403 to POST /instance/create: Missing global api key"
+        );
+        assert!(
+            server
+                .requests()
+                .iter()
+                .all(|r| r.path == "/instance/create"),
+            "no adoption was attempted"
+        );
+    }
+
+    #[test]
+    fn probe_failures_are_classified() {
+        let probe = |canned: fn() -> Canned| {
+            let server = TestServer::start(move |_| canned());
+            client(&server).probe_version()
+        };
+        assert_eq!(
+            probe(|| Canned::json(200, r#"{"status":200,"version":"2.3.6"}"#)).unwrap(),
+            ApiVersion::V2
+        );
+        assert_eq!(
+            probe(|| Canned::json(200, r#"{"version":"1.8.2"}"#)).unwrap(),
+            ApiVersion::V1
+        );
+        // A wrong path prefix: the server (or a proxy) has no such route.
+        let e = probe(|| Canned::json(404, &envelope(404, "Cannot GET /evo/"))).unwrap_err();
+        assert!(e
+            .message
+            .starts_with("api_url does not look like an Evolution API server: GET / answered 404"));
+        assert_eq!(
+            (e.kind, e.server_wide, e.class().as_str()),
+            (ErrorKind::Permanent, true, "wrong_api_url")
+        );
+        for status in [400, 401, 403, 405] {
+            let server = TestServer::start(move |_| Canned::json(status, "{}"));
+            let e = client(&server).probe_version().unwrap_err();
+            assert_eq!(
+                (e.kind, e.server_wide),
+                (ErrorKind::Permanent, true),
+                "{status}"
+            );
+            assert_eq!(e.class(), "wrong_api_url");
+        }
+        for status in [500, 503, 429] {
+            let server = TestServer::start(move |_| Canned::json(status, "{}"));
+            let e = client(&server).probe_version().unwrap_err();
+            assert_eq!(
+                (e.kind, e.server_wide),
+                (ErrorKind::Transient, true),
+                "{status}"
+            );
+            assert_eq!(e.class(), format!("http_{status}"));
+        }
+        // A proxy's page, or JSON without a version: not server-wide, so the caller can fall
+        // back to v2.
+        for canned in [
+            (|| Canned::raw(200, b"<html>welcome</html>".to_vec())) as fn() -> Canned,
+            || Canned::json(200, r#"{"status":200}"#),
+            || Canned::json(200, ""),
+        ] {
+            let e = probe(canned).unwrap_err();
+            assert_eq!(
+                (e.kind, e.server_wide),
+                (ErrorKind::Transient, false),
+                "{e:?}"
+            );
+            assert_eq!(e.class(), "malformed");
+        }
+    }
+
+    #[test]
+    fn only_the_servers_instance_does_not_exist_means_lost() {
+        let server = TestServer::start(|r| {
+            if r.path.ends_with("/gone") {
+                Canned::json(404, &envelope(404, "The \"gone\" instance does not exist"))
+            } else {
+                Canned::json(404, &envelope(404, "Cannot GET /evo/instance/connect/x"))
+            }
+        });
+        let c = client(&server);
+        assert_eq!(c.connect("gone").unwrap(), ConnectOutcome::Lost);
+        let e = c.connect("x").unwrap_err();
+        assert_eq!(
+            (e.kind, e.class().as_str()),
+            (ErrorKind::Permanent, "http_404")
+        );
+        assert!(e.message.contains("check api_url"), "{}", e.message);
+    }
+
+    #[test]
+    fn server_text_is_bounded_and_cleaned() {
+        let server = TestServer::start(|_| {
+            Canned::json(
+                400,
+                &envelope(400, &format!("bad\u{0}\n{}", "word ".repeat(5000))),
+            )
+        });
+        let e = client(&server).connect("x").unwrap_err();
+        assert!(e.message.chars().count() <= crate::evolution::MAX_MESSAGE_CHARS);
+        assert!(e
+            .message
+            .starts_with("Evolution API answered 400 to GET /instance/connect: bad word word"));
+        assert!(!e.message.contains('\0') && !e.message.contains('\n'));
+    }
+
+    #[test]
+    fn settings_no_request_can_be_built_from_are_permanent_and_server_wide() {
+        let server = TestServer::start(|_| Canned::json(200, r#"{"count":0}"#));
+        let e = client_for(&format!("{}/a b", server.url), 2000)
+            .connect("x")
+            .unwrap_err();
+        assert_eq!(
+            (e.kind, e.server_wide, e.class().as_str()),
+            (ErrorKind::Permanent, true, "wrong_api_url"),
+            "{e:?}"
+        );
+        assert!(e.message.contains("check api_url"), "{}", e.message);
+        // A key no header can carry (a pasted line break).
+        let c = Client::new(ClientConfig {
+            base_url: server.url.clone(),
+            api_key: "sk-pasted\nkey".into(),
+            request_timeout: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(2),
+            max_idle: 1,
+        });
+        let e = c.connect("x").unwrap_err();
+        assert_eq!(
+            (e.kind, e.server_wide, e.class().as_str()),
+            (ErrorKind::Permanent, true, "settings"),
+            "{e:?}"
+        );
+        assert!(e.message.contains("api_key"), "{}", e.message);
+        assert!(server.requests().is_empty());
+    }
+
+    #[test]
+    fn url_credentials_are_secrets() {
+        assert_eq!(
+            url_secrets("https://user:pw@host:1/x"),
+            vec!["user:pw".to_string(), "pw".to_string()]
+        );
+        assert!(url_secrets("https://host/a@b").is_empty());
     }
 }

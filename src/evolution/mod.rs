@@ -1,19 +1,26 @@
-//! The Evolution API client: request bodies, reply parsing, errors and the HTTP calls.
+//! The Evolution API client: request bodies, reply parsing, errors, the HTTP calls, and the
+//! checks of the connection settings.
 //!
 //! Nothing in here touches Postgres (no pgrx import): the worker threads run this code, and
-//! plain `cargo test` covers it. The contract it follows is `shared/evolution-api.md`.
+//! plain `cargo test` covers it. The contract it follows is the Evolution API contract
+//! (docs/evolution-api.md).
 
 mod client;
+mod config;
 mod error;
 mod reply;
 mod request;
+#[cfg(test)]
+mod test_server;
 
-pub use client::{Client, ClientConfig, Provisioned};
-pub use error::{ApiError, ErrorKind};
+pub use client::{Client, ClientConfig, Provisioned, MAX_REPLY_BYTES};
+pub use config::{check_events, check_url, mask_credentials, ConfigError, KNOWN_EVENTS};
+pub use error::{ApiError, ErrorClass, ErrorKind, MAX_MESSAGE_CHARS, REDACTED};
 pub use reply::{
     envelope_message, parse_connect_reply, parse_create_reply, parse_fetch_instance, parse_version,
 };
 pub use reply::{ConnectOutcome, CreatedInstance, Qr};
+pub use reply::{MAX_ID_CHARS, MAX_PAIRING_CODE_CHARS, MAX_QR_CODE_CHARS, MAX_QR_IMAGE_BYTES};
 pub use request::{connect_path, create_body, webhook_set_body, Webhook};
 
 /// The two body dialects of the Evolution API. v1.8 is snake_case and flat; v2 is camelCase with

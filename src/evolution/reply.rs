@@ -1,16 +1,39 @@
 //! Parsing the server's replies, in both dialects (contract sections 3.1, 3.2, 3.6, 3.10).
+//!
+//! Whatever a reply carries ends up in a row, through SQL that must not fail on it: a reply
+//! with `\u0000` in a string, or `count: 99999999999`, once made the statement that records a
+//! batch fail, and the queue wedged on that batch. So every value is taken from a reply by
+//! exactly one of the field functions below, one per kind of value, and never read directly:
+//! NUL characters removed, strings bounded, integers clamped into `integer` range.
+//! A string over its bound is dropped (None), never cut: a cut token, id or QR is wrong data
+//! that looks right, while None is "not given", which every caller already handles.
 
 use super::{ApiError, ApiVersion};
 use serde_json::Value;
 
+/// A `data:image/png;base64,...` QR image. A real one is a few KB (a whole create reply with
+/// its QR is 10-30 KB); 128 KiB is several times that, yet a batch of 200 rows holds at most
+/// 25 MiB of QR images.
+pub const MAX_QR_IMAGE_BYTES: usize = 128 * 1024;
+/// The raw QR string (`2@...`, about 240 characters).
+pub const MAX_QR_CODE_CHARS: usize = 2048;
+/// Pairing codes are 8 characters.
+pub const MAX_PAIRING_CODE_CHARS: usize = 64;
+/// Instance names (v2 stores them in VARCHAR(255)), instance ids (UUIDs) and tokens (UUIDs
+/// unless the creator chose one).
+pub const MAX_ID_CHARS: usize = 255;
+/// Short words: a connection state, a version.
+pub const MAX_WORD_CHARS: usize = 64;
+
 /// A QR code as the server hands it out.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Qr {
-    /// The `data:image/png;base64,...` URL.
+    /// The `data:image/png;base64,...` URL (at most `MAX_QR_IMAGE_BYTES`).
     pub base64: Option<String>,
     /// The raw code (starts with `2@`).
     pub code: Option<String>,
     pub pairing_code: Option<String>,
+    /// How many QRs the server has issued for the instance, within `0..=i32::MAX`.
     pub count: Option<i64>,
 }
 
@@ -28,7 +51,7 @@ pub struct CreatedInstance {
     pub instance_id: Option<String>,
     /// The instance token (`hash` on create, `token` on fetch). Kept private by the caller.
     pub token: Option<String>,
-    /// `connecting`, `open` or `close` as the server said.
+    /// `connecting` or `open`.
     pub status: String,
     pub qr: Option<Qr>,
 }
@@ -40,22 +63,77 @@ pub enum ConnectOutcome {
     Open,
     /// A QR (possibly the same one as last time).
     Qr(Qr),
-    /// `{"count":0}`: no QR yet. Not an error.
-    NoQrYet,
-    /// 404: the server no longer knows the instance.
+    /// No QR yet; not an error. `count` is the server's QR counter when it gave one
+    /// (`{"count":0}` gives `Some(0)`), None when it answered with a state instead.
+    NoQrYet { count: Option<i64> },
+    /// 404 "instance does not exist": the server no longer knows the instance.
     Lost,
 }
 
-fn str_field(v: &Value, key: &str) -> Option<String> {
-    v.get(key)
-        .and_then(Value::as_str)
-        .filter(|s| !s.is_empty())
-        .map(str::to_string)
+// ----------------------------------------------------------------- one function per kind --
+
+/// The base of every string field: a JSON string, NUL removed, not empty, at most `max_chars`.
+fn bounded_text(v: &Value, key: &str, max_chars: usize) -> Option<String> {
+    let s = v.get(key)?.as_str()?;
+    let s = if s.contains('\0') {
+        s.replace('\0', "")
+    } else {
+        s.to_string()
+    };
+    (!s.is_empty() && s.chars().count() <= max_chars).then_some(s)
 }
+
+/// Instance names, instance ids, tokens.
+fn id_field(v: &Value, key: &str) -> Option<String> {
+    bounded_text(v, key, MAX_ID_CHARS)
+}
+
+/// Connection states, versions: only compared, never stored as they are.
+fn word_field(v: &Value, key: &str) -> Option<String> {
+    bounded_text(v, key, MAX_WORD_CHARS)
+}
+
+fn qr_code_field(v: &Value, key: &str) -> Option<String> {
+    bounded_text(v, key, MAX_QR_CODE_CHARS)
+}
+
+/// Only a `data:image/...` URL within `MAX_QR_IMAGE_BYTES`: the app puts this value into an
+/// image source as it is.
+fn qr_image_field(v: &Value, key: &str) -> Option<String> {
+    bounded_text(v, key, MAX_QR_IMAGE_BYTES)
+        .filter(|s| s.len() <= MAX_QR_IMAGE_BYTES && s.starts_with("data:image/"))
+}
+
+fn pairing_code_field(v: &Value, key: &str) -> Option<String> {
+    bounded_text(v, key, MAX_PAIRING_CODE_CHARS)
+}
+
+/// A counter, clamped into `0..=i32::MAX` (the column is an `integer`); huge, negative and
+/// fractional numbers included. Not a number: None.
+fn count_field(v: &Value, key: &str) -> Option<i64> {
+    let n = v.get(key)?;
+    let value = if let Some(i) = n.as_i64() {
+        i
+    } else if n.is_u64() {
+        i64::MAX
+    } else {
+        // Finite by construction (JSON has no NaN); `as` saturates.
+        n.as_f64()? as i64
+    };
+    Some(value.clamp(0, i32::MAX as i64))
+}
+
+/// Free text for a message (an envelope's or an error body's words): NUL removed. The client
+/// bounds and scrubs the whole message before it leaves.
+fn server_words(s: &str) -> String {
+    s.replace('\0', "")
+}
+
+// --------------------------------------------------------------------------------- parsing --
 
 fn parse_json(body: &str, what: &str) -> Result<Value, ApiError> {
     if body.trim().is_empty() {
-        return Err(ApiError::transient(format!("empty reply to {what}")));
+        return Err(ApiError::empty_reply(what));
     }
     serde_json::from_str(body).map_err(|_| ApiError::malformed(what, "not JSON"))
 }
@@ -64,23 +142,21 @@ fn parse_json(body: &str, what: &str) -> Result<Value, ApiError> {
 fn reject_error_body(v: &Value, what: &str) -> Result<(), ApiError> {
     if v.get("error").and_then(Value::as_bool) == Some(true) {
         let msg = match v.get("message") {
-            Some(Value::String(s)) => s.clone(),
-            Some(other) => other.to_string(),
+            Some(Value::String(s)) => server_words(s),
+            Some(other) => server_words(&other.to_string()),
             None => "no message".into(),
         };
-        return Err(ApiError::transient(format!(
-            "Evolution API reported an error for {what}: {msg}"
-        )));
+        return Err(ApiError::error_reply(what, &msg));
     }
     Ok(())
 }
 
 fn parse_qr(v: &Value) -> Qr {
     Qr {
-        base64: str_field(v, "base64"),
-        code: str_field(v, "code"),
-        pairing_code: str_field(v, "pairingCode"),
-        count: v.get("count").and_then(Value::as_i64),
+        base64: qr_image_field(v, "base64"),
+        code: qr_code_field(v, "code"),
+        pairing_code: pairing_code_field(v, "pairingCode"),
+        count: count_field(v, "count"),
     }
 }
 
@@ -89,10 +165,10 @@ fn parse_qr(v: &Value) -> Qr {
 pub fn envelope_message(body: &str) -> Option<String> {
     fn collect(v: &Value, out: &mut Vec<String>) {
         match v {
-            Value::String(s) => out.push(s.clone()),
+            Value::String(s) => out.push(server_words(s)),
             Value::Array(items) => items.iter().for_each(|i| collect(i, out)),
             Value::Null => {}
-            other => out.push(other.to_string()),
+            other => out.push(server_words(&other.to_string())),
         }
     }
     let v: Value = serde_json::from_str(body).ok()?;
@@ -103,13 +179,42 @@ pub fn envelope_message(body: &str) -> Option<String> {
     let mut parts = Vec::new();
     collect(message, &mut parts);
     let joined = parts.join("; ");
-    (!joined.is_empty()).then_some(joined)
+    (!joined.trim().is_empty()).then_some(joined)
+}
+
+/// What an error reply said: the envelope's message, or else the start of the body as text (a
+/// proxy's or firewall's page), or None for an empty body.
+pub fn error_words(body: &str) -> Option<String> {
+    envelope_message(body).or_else(|| {
+        let text: String = server_words(body)
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+            .chars()
+            .take(200)
+            .collect();
+        (!text.is_empty()).then_some(text)
+    })
+}
+
+/// True for the envelope message of a 403 on create that means "this name is taken" (the real
+/// text: `This name "x" is already in use.`), the only 403 that is answered by adoption.
+pub fn is_name_in_use(message: &str) -> bool {
+    message.to_ascii_lowercase().contains("is already in use")
+}
+
+/// True for the message of a 404 that means "no such instance" (`The "x" instance does not
+/// exist`; fetchInstances: `Instance "x" not found`), as opposed to a route that does not
+/// exist (`Cannot GET /prefix/instance/connect/x`, or a proxy's own 404 page).
+pub fn is_instance_missing(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    m.contains("instance") && (m.contains("does not exist") || m.contains("not found"))
 }
 
 /// `GET /`: `{"version": "2.3.6", ...}`.
 pub fn parse_version(body: &str) -> Result<ApiVersion, ApiError> {
     let v = parse_json(body, "GET /")?;
-    let version = v.get("version").and_then(Value::as_str).ok_or_else(|| {
+    let version = word_field(&v, "version").ok_or_else(|| {
         ApiError::malformed(
             "GET /",
             "no version field; is this an Evolution API server?",
@@ -131,7 +236,7 @@ pub fn parse_create_reply(body: &str, expected_name: &str) -> Result<CreatedInst
         .get("instance")
         .filter(|i| i.is_object())
         .ok_or_else(|| ApiError::malformed(WHAT, "missing the instance object"))?;
-    let name = str_field(instance, "instanceName").unwrap_or_else(|| expected_name.to_string());
+    let name = id_field(instance, "instanceName").unwrap_or_else(|| expected_name.to_string());
     if name != expected_name {
         return Err(ApiError::malformed(
             WHAT,
@@ -140,12 +245,12 @@ pub fn parse_create_reply(body: &str, expected_name: &str) -> Result<CreatedInst
     }
     // v2: "hash": "<token>"; v1.8: "hash": {"apikey": "<token>"}.
     let token = match v.get("hash") {
-        Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
-        Some(obj @ Value::Object(_)) => str_field(obj, "apikey"),
-        _ => None,
+        Some(obj @ Value::Object(_)) => id_field(obj, "apikey"),
+        Some(_) => id_field(&v, "hash"),
+        None => None,
     };
     // v1.8 always says "created"; v2 says the live state. With qrcode:true both are connecting.
-    let status = match str_field(instance, "status").as_deref() {
+    let status = match word_field(instance, "status").as_deref() {
         Some("open") => "open",
         _ => "connecting",
     }
@@ -157,7 +262,7 @@ pub fn parse_create_reply(body: &str, expected_name: &str) -> Result<CreatedInst
         .filter(Qr::is_present);
     Ok(CreatedInstance {
         instance_name: name,
-        instance_id: str_field(instance, "instanceId"),
+        instance_id: id_field(instance, "instanceId"),
         token,
         status,
         qr,
@@ -183,22 +288,22 @@ pub fn parse_fetch_instance(body: &str, name: &str) -> Result<CreatedInstance, A
             }
             _ => (item, "name", "id", "connectionStatus", "token"),
         };
-        if str_field(row, name_key).as_deref() != Some(name) {
+        if id_field(row, name_key).as_deref() != Some(name) {
             continue;
         }
-        let status = match str_field(row, status_key).as_deref() {
+        let status = match word_field(row, status_key).as_deref() {
             Some("open") => "open",
             _ => "connecting",
         };
         return Ok(CreatedInstance {
             instance_name: name.to_string(),
-            instance_id: str_field(row, id_key),
-            token: str_field(row, token_key).or_else(|| str_field(item, "apikey")),
+            instance_id: id_field(row, id_key),
+            token: id_field(row, token_key).or_else(|| id_field(item, "apikey")),
             status: status.to_string(),
             qr: None,
         });
     }
-    Err(ApiError::transient(format!(
+    Err(ApiError::not_found(format!(
         "instance {name:?} is reported in use but fetchInstances does not list it"
     )))
 }
@@ -211,21 +316,17 @@ pub fn parse_connect_reply(body: &str) -> Result<ConnectOutcome, ApiError> {
     if !v.is_object() {
         return Err(ApiError::malformed(WHAT, "not an object"));
     }
-    if let Some(state) = v
-        .get("instance")
-        .and_then(|i| i.get("state"))
-        .and_then(Value::as_str)
-    {
-        return match state {
+    if let Some(state) = v.get("instance").and_then(|i| word_field(i, "state")) {
+        return match state.as_str() {
             "open" => Ok(ConnectOutcome::Open),
-            _ => Ok(ConnectOutcome::NoQrYet),
+            _ => Ok(ConnectOutcome::NoQrYet { count: None }),
         };
     }
     let qr = parse_qr(&v);
     if qr.is_present() {
         Ok(ConnectOutcome::Qr(qr))
     } else if qr.count.is_some() {
-        Ok(ConnectOutcome::NoQrYet)
+        Ok(ConnectOutcome::NoQrYet { count: qr.count })
     } else {
         Err(ApiError::malformed(
             WHAT,
@@ -309,6 +410,15 @@ mod tests {
         let e = parse_create_reply(r#"{"error":true,"message":"boom"}"#, "t1").unwrap_err();
         assert!(e.message.contains("boom"));
         assert_eq!(e.kind, crate::evolution::ErrorKind::Transient);
+        assert_eq!(e.class(), "error_reply");
+        assert_eq!(
+            parse_create_reply("<html>", "t1").unwrap_err().class(),
+            "malformed"
+        );
+        assert_eq!(
+            parse_create_reply("", "t1").unwrap_err().class(),
+            "malformed"
+        );
     }
 
     #[test]
@@ -341,7 +451,11 @@ mod tests {
         );
         assert_eq!(
             parse_connect_reply(r#"{"count":0}"#).unwrap(),
-            ConnectOutcome::NoQrYet
+            ConnectOutcome::NoQrYet { count: Some(0) }
+        );
+        assert_eq!(
+            parse_connect_reply(r#"{"instance":{"instanceName":"x","state":"close"}}"#).unwrap(),
+            ConnectOutcome::NoQrYet { count: None }
         );
         match parse_connect_reply(
             r#"{"pairingCode":"ABCD1234","code":"2@x","base64":"data:x","count":3}"#,
@@ -354,5 +468,135 @@ mod tests {
         assert!(parse_connect_reply(r#"{"error":true,"message":"[object Object]"}"#).is_err());
         assert!(parse_connect_reply("").is_err());
         assert!(parse_connect_reply("{}").is_err());
+    }
+
+    #[test]
+    fn nul_characters_never_leave_a_reply() {
+        let body = r#"{"instance":{"instanceName":"t1","instanceId":"f6\u0000de","status":"open"},
+            "hash":"TO\u0000KEN","qrcode":{"code":"2@a\u0000b","base64":"data:image/png;base64,A\u0000A",
+            "pairingCode":"AB\u0000CD","count":1}}"#;
+        let c = parse_create_reply(body, "t1").unwrap();
+        assert_eq!(c.instance_id.as_deref(), Some("f6de"));
+        assert_eq!(c.token.as_deref(), Some("TOKEN"));
+        let qr = c.qr.unwrap();
+        assert_eq!(qr.code.as_deref(), Some("2@ab"));
+        assert_eq!(qr.base64.as_deref(), Some("data:image/png;base64,AA"));
+        assert_eq!(qr.pairing_code.as_deref(), Some("ABCD"));
+        // The name is compared after cleaning too.
+        assert!(parse_create_reply(r#"{"instance":{"instanceName":"t\u00001"}}"#, "t1").is_ok());
+        let e = parse_connect_reply(r#"{"error":true,"message":"bad\u0000news"}"#).unwrap_err();
+        assert!(!e.message.contains('\0'));
+        assert_eq!(
+            envelope_message(r#"{"response":{"message":["a\u0000b"]}}"#).as_deref(),
+            Some("ab")
+        );
+    }
+
+    #[test]
+    fn counts_are_clamped_into_integer_range() {
+        let count = |json: &str| match parse_connect_reply(json).unwrap() {
+            ConnectOutcome::NoQrYet { count } => count,
+            ConnectOutcome::Qr(qr) => qr.count,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(count(r#"{"count":99999999999}"#), Some(i32::MAX as i64));
+        assert_eq!(
+            count(r#"{"count":18446744073709551615}"#),
+            Some(i32::MAX as i64)
+        );
+        assert_eq!(count(r#"{"count":1e300}"#), Some(i32::MAX as i64));
+        assert_eq!(count(r#"{"count":-5}"#), Some(0));
+        assert_eq!(count(r#"{"count":2.7}"#), Some(2));
+        assert_eq!(count(r#"{"code":"2@x","count":7}"#), Some(7));
+        // A count that is not a number is no count.
+        assert!(parse_connect_reply(r#"{"count":"7"}"#).is_err());
+    }
+
+    #[test]
+    fn strings_over_their_bound_are_dropped_not_cut() {
+        let huge_image = format!("data:image/png;base64,{}", "A".repeat(MAX_QR_IMAGE_BYTES));
+        let body =
+            serde_json::json!({"code": "2@abc", "base64": huge_image, "count": 2}).to_string();
+        match parse_connect_reply(&body).unwrap() {
+            ConnectOutcome::Qr(qr) => {
+                assert_eq!(qr.base64, None);
+                assert_eq!(qr.code.as_deref(), Some("2@abc"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let fits = format!(
+            "data:image/png;base64,{}",
+            "A".repeat(MAX_QR_IMAGE_BYTES - 30)
+        );
+        let body = serde_json::json!({"base64": fits, "count": 2}).to_string();
+        assert!(
+            matches!(parse_connect_reply(&body).unwrap(), ConnectOutcome::Qr(q) if q.base64.is_some())
+        );
+
+        let body = serde_json::json!({
+            "instance": {"instanceName": "t1", "instanceId": "i".repeat(MAX_ID_CHARS + 1)},
+            "hash": "t".repeat(MAX_ID_CHARS + 1),
+            "qrcode": {"code": "2".repeat(MAX_QR_CODE_CHARS + 1), "pairingCode": "p".repeat(65), "count": 1}
+        })
+        .to_string();
+        let c = parse_create_reply(&body, "t1").unwrap();
+        assert_eq!((c.instance_id, c.token, c.qr), (None, None, None));
+        let at_bound = serde_json::json!({"instance": {"instanceName": "t1", "instanceId": "i".repeat(MAX_ID_CHARS)}});
+        assert!(parse_create_reply(&at_bound.to_string(), "t1")
+            .unwrap()
+            .instance_id
+            .is_some());
+    }
+
+    #[test]
+    fn only_data_image_urls_are_qr_images() {
+        let body = r#"{"base64":"javascript:alert(1)","code":"2@x","count":1}"#;
+        match parse_connect_reply(body).unwrap() {
+            ConnectOutcome::Qr(qr) => {
+                assert_eq!((qr.base64, qr.code.as_deref()), (None, Some("2@x")))
+            }
+            other => panic!("{other:?}"),
+        }
+        // With nothing else usable it is "no QR yet", not an error.
+        assert_eq!(
+            parse_connect_reply(r#"{"base64":"https://x/y.png","count":3}"#).unwrap(),
+            ConnectOutcome::NoQrYet { count: Some(3) }
+        );
+    }
+
+    #[test]
+    fn fetch_rows_are_cleaned_too() {
+        let body = serde_json::json!([{"id": "f\u{0}7", "name": "t1", "token": "T".repeat(300), "connectionStatus": "open"}])
+            .to_string();
+        let c = parse_fetch_instance(&body, "t1").unwrap();
+        assert_eq!((c.instance_id.as_deref(), c.token), (Some("f7"), None));
+        let e = parse_fetch_instance("[]", "t1").unwrap_err();
+        assert_eq!(e.class(), "not_found");
+    }
+
+    #[test]
+    fn name_in_use_and_missing_instance_are_told_apart_from_look_alikes() {
+        assert!(is_name_in_use("This name \"evoq_1\" is already in use."));
+        assert!(!is_name_in_use("Forbidden"));
+        assert!(!is_name_in_use("Missing global api key"));
+        assert!(is_instance_missing("The \"nope\" instance does not exist"));
+        assert!(is_instance_missing("Instance \"nope\" not found"));
+        assert!(!is_instance_missing("Cannot GET /evo/instance/connect/x"));
+        assert!(!is_instance_missing("Not Found"));
+    }
+
+    #[test]
+    fn error_words_fall_back_to_the_body_text() {
+        assert_eq!(
+            error_words(r#"{"status":403,"error":"Forbidden","response":{"message":["x"]}}"#)
+                .as_deref(),
+            Some("x")
+        );
+        assert_eq!(
+            error_words("<html>\n<title>403 Forbidden</title>\n</html>").as_deref(),
+            Some("<html> <title>403 Forbidden</title> </html>")
+        );
+        assert_eq!(error_words("  "), None);
+        assert_eq!(error_words(&"x".repeat(5000)).unwrap().len(), 200);
     }
 }
