@@ -28,7 +28,7 @@ mock_start 18091 --api-key "$KEY"
 
 cluster_psql -c "CREATE DATABASE evoq_it" -d postgres
 q "CREATE EXTENSION evoq"
-check "CREATE EXTENSION evoq works without pg_cron" "$(q "SELECT extversion FROM pg_extension WHERE extname = 'evoq'")" "0.1.0"
+check "CREATE EXTENSION evoq works without pg_cron" "$(q "SELECT extversion FROM pg_extension WHERE extname = 'evoq'")" "0.2.0"
 err=$(q "SELECT evoq_schedule()" 2>&1)
 check "evoq_schedule without pg_cron names the fix" "$(grep -c 'pg_cron is not installed' <<<"$err")" "1"
 q "CREATE EXTENSION pg_cron" >/dev/null
@@ -83,8 +83,16 @@ DB=evoq_restored
 check "rows, statuses, instances and tokens survive pg_dump/restore" "$(q "$fingerprint")" "$before"
 check "the trigger survives too" "$(q "SELECT count(*) FROM pg_trigger WHERE tgname = 'on_profile_created_create_evolution_instance' AND tgenabled = 'O'")" "1"
 check "evoq_retry works in the restored database" "$(q "SELECT evoq_retry()")" "2"
+# A restored copy pointed at the same server must not take over the original's instances.
+calls_before=$(mock_count calls)
+err=$(q "SELECT evoq_process_queue()" 2>&1)
+check "the restored copy refuses to call the server until told it is a copy" "$(grep -c 'not the one evoq was configured in' <<<"$err")" "1"
+check "and it made no call" "$(mock_count calls)" "$calls_before"
+q "SELECT evoq_configure(api_url => '$MOCK_URL', api_key => '$KEY', namespace => 'restored')" >/dev/null
 q "SELECT evoq_process_queue()" >/dev/null
-check "evoq_process_queue works in the restored database" "$(q "SELECT count(*) FROM evolution_instance_creation_queue WHERE status = 'completed'")" "42"
+check "once given its own namespace, the copy creates its own instances" \
+  "$(q "SELECT count(*) FROM evolution_instance_creation_queue WHERE status = 'completed' AND instance_name LIKE 'evoq\_restored\_%'")" "2"
+check "one instance per user at the server, none taken over" "$(mock_count instances)" "42"
 DB=evoq_it
 
 # --- secrets in the server log -------------------------------------------------------------------
@@ -94,7 +102,34 @@ q "INSERT INTO profiles (email) VALUES ('late@example.com')"
 q "SELECT evoq_process_queue()" >/dev/null
 q "SELECT evoq_configure(api_url => 'ftp://nope', api_key => '$KEY')" >/dev/null 2>&1
 check "the API key is nowhere in the server log" "$(grep -c -- "$KEY" "$CLUSTER_DIR/server.log")" "0"
-check "the failure is in the row, with the cause" "$(q "SELECT error_message LIKE '%connection refused%' FROM evolution_instance_creation_queue q JOIN profiles p ON p.id = q.user_id WHERE p.email = 'late@example.com'")" "t"
+check "the cause is in evoq_status, the row is not charged" \
+  "$(q "SELECT circuit_cause LIKE '%connection refused%' FROM evoq_status")$(q "SELECT attempts FROM evolution_instance_creation_queue q JOIN profiles p ON p.id = q.user_id WHERE p.email = 'late@example.com'")" "t0"
+
+# --- scheduling from a database pg_cron does not run in ---------------------------------------------
+err=$(cluster_psql -d evoq_restored -tA -c "SELECT evoq_schedule()" 2>&1)
+check "evoq_schedule outside cron.database_name says what to run there" \
+  "$(grep -c "cron.schedule_in_database('process-evolution-queue'" <<<"$err")" "1"
+
+# --- Supabase's default privileges in place before CREATE EXTENSION ----------------------------------
+cluster_psql -d postgres -c "CREATE DATABASE evoq_supa" >/dev/null
+DB=evoq_supa
+q "CREATE ROLE anon NOLOGIN; CREATE ROLE authenticated NOLOGIN; CREATE ROLE service_role NOLOGIN;
+   CREATE SCHEMA auth; GRANT USAGE ON SCHEMA auth TO anon, authenticated, service_role;
+   CREATE FUNCTION auth.uid() RETURNS uuid LANGUAGE sql STABLE AS \$\$ SELECT (nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'sub')::uuid \$\$;
+   ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT ALL ON TABLES TO anon, authenticated, service_role;
+   ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT ALL ON FUNCTIONS TO anon, authenticated, service_role;
+   ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT ALL ON SEQUENCES TO anon, authenticated, service_role;
+   GRANT USAGE ON SCHEMA public TO anon, authenticated, service_role" >/dev/null 2>&1
+q "CREATE EXTENSION evoq" >/dev/null
+q "INSERT INTO evolution_instance_creation_queue (user_id) VALUES (gen_random_uuid())" >/dev/null
+for role in anon authenticated service_role; do
+  err=$(q "SET ROLE $role; TRUNCATE evolution_instance_creation_queue" 2>&1)
+  check "with Supabase's default privileges, $role cannot TRUNCATE the queue" "$(grep -c 'permission denied' <<<"$err")" "1"
+  err=$(q "SET ROLE $role; SELECT evoq_configure('http://attacker.example', 'k')" 2>&1)
+  check "with Supabase's default privileges, $role cannot call evoq_configure" "$(grep -c 'permission denied' <<<"$err")" "1"
+done
+check "the queue row survived" "$(q "SELECT count(*) FROM evolution_instance_creation_queue")" "1"
+DB=evoq_it
 
 echo "$passed passed, $failed failed"
 [ "$failed" = 0 ]

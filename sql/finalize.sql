@@ -4,20 +4,22 @@
 -- so it runs as the extension owner, with a pinned search_path.
 ALTER FUNCTION handle_profile_evolution_instance() SECURITY DEFINER SET search_path = pg_catalog, @extschema@;
 
--- evoq_attach takes a regclass, so a missing table is reported by Postgres itself.
+-- evoq_attach takes a regclass, so a missing table is reported by Postgres itself. SECURITY
+-- DEFINER so that GRANT EXECUTE on it is all a role needs; attach_trigger checks that the calling
+-- role may create triggers on that table itself.
 CREATE FUNCTION evoq_attach(tbl regclass, user_id_column name DEFAULT 'id') RETURNS text
-LANGUAGE sql
+LANGUAGE sql SECURITY DEFINER
 SET search_path = pg_catalog, @extschema@
 AS $$ SELECT evoq.attach_trigger(tbl::oid, user_id_column::text) $$;
 COMMENT ON FUNCTION evoq_attach(regclass, name) IS
     'Creates the trigger on_profile_created_create_evolution_instance AFTER INSERT on the profiles table.';
 
 CREATE FUNCTION evoq_detach(tbl regclass) RETURNS text
-LANGUAGE sql
+LANGUAGE sql SECURITY DEFINER
 SET search_path = pg_catalog, @extschema@
 AS $$ SELECT evoq.detach_trigger(tbl::oid) $$;
 
-COMMENT ON FUNCTION evoq_configure(text, text, text, text[], text) IS
+COMMENT ON FUNCTION evoq_configure(text, text, text, text[], text, text) IS
     'Stores the Evolution API URL, key and webhook. The key is readable by no ordinary role and never printed.';
 COMMENT ON FUNCTION evoq_process_queue() IS
     'Claims due queue rows, creates their Evolution instances, records the results; returns a jsonb summary.';
@@ -25,24 +27,7 @@ COMMENT ON FUNCTION evoq_refresh_qr() IS
     'Refreshes the QR of every connecting instance and marks scanned ones open; returns a jsonb summary.';
 COMMENT ON FUNCTION evoq_retry(uuid) IS 'Puts failed queue rows (all, or one user''s) back to pending.';
 
--- Nothing is executable by PUBLIC but the two helpers that leak nothing. Grant the rest to your
--- service role explicitly (the SECURITY DEFINER ones then work without table privileges).
-DO $$
-DECLARE
-    f regprocedure;
-BEGIN
-    FOR f IN
-        SELECT d.objid::regprocedure FROM pg_depend d
-        WHERE d.refclassid = 'pg_extension'::regclass
-          AND d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'evoq')
-          AND d.classid = 'pg_proc'::regclass AND d.deptype = 'e'
-    LOOP
-        IF f::oid NOT IN ('@extschema@.evoq_current_user_id()'::regprocedure,
-                          '@extschema@.evoq_instance_name(uuid)'::regprocedure) THEN
-            EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
-        END IF;
-    END LOOP;
-END
-$$;
-
+-- Privileges and policies: nothing is executable by PUBLIC but the two helpers that leak nothing,
+-- whatever default privileges granted (see evoq_apply_policies). Grant the rest to your service
+-- role explicitly (the SECURITY DEFINER ones then work without table privileges).
 SELECT evoq_apply_policies();

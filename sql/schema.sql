@@ -15,8 +15,20 @@ CREATE TABLE evoq.settings (
     webhook_url    text,
     webhook_events text[] NOT NULL,
     api_version    text NOT NULL DEFAULT 'auto' CHECK (api_version IN ('auto', 'v1', 'v2')),
-    updated_at     timestamptz NOT NULL DEFAULT now()
+    updated_at     timestamptz NOT NULL DEFAULT now(),
+    -- 0.2.0: what GET / said, kept so a slow server is not asked on every run; cleared when a
+    -- reply says the server now speaks the other dialect.
+    detected_version    text CHECK (detected_version IN ('v1', 'v2')),
+    detected_at         timestamptz,
+    -- 0.2.0: the deployment namespace in new instance names, and the database it was bound to.
+    -- A restored copy has another identity and refuses to touch the server until told.
+    namespace           text CHECK (namespace ~ '^[a-z0-9]{1,12}$'),
+    deployment_identity text
 );
+COMMENT ON COLUMN evoq.settings.namespace IS
+    'Part of every new instance name (evoq_<namespace>_<user hex>), so two databases never share an instance.';
+COMMENT ON COLUMN evoq.settings.deployment_identity IS
+    'system_identifier:database oid of the database the namespace was bound to; a copy differs.';
 
 -- The queue, as the product's edge-function setup had it, plus what the worker needs.
 CREATE TABLE evolution_instance_creation_queue (
@@ -103,54 +115,145 @@ CREATE TABLE evoq.job_runs (
     last_error_at timestamptz
 );
 
+-- 0.2.0: requests to put a user back in line, written where updating the queue row could wait
+-- on a job's lock: by the profile trigger for a re-inserted profile, and by the QR refresh for an
+-- instance the server lost. Append-only for writers (nothing to conflict on, so never a wait);
+-- evoq_process_queue applies them at the start of each run, skipping rows another run holds.
+CREATE TABLE evoq.requeue_requests (
+    id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    user_id      uuid NOT NULL,
+    reason       text NOT NULL CHECK (reason IN ('reinserted', 'lost')),
+    requested_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- 0.2.0: profile rows the trigger could not queue (user id column NULL, renamed or retyped after
+-- evoq_attach). Append-only, shown in evoq_status; a job run fails loudly while an attached
+-- table's user id column is unusable.
+CREATE TABLE evoq.skipped_profiles (
+    id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    table_name text NOT NULL,
+    reason     text NOT NULL,
+    skipped_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- 0.2.0: the circuit breaker. When every call of a batch fails the same way (server down, key
+-- rejected, wrong URL) the fault is the server's or the configuration's, not the rows': the batch
+-- is released unchanged and runs stop calling until next_probe_at, when one GET / decides.
+CREATE TABLE evoq.circuit (
+    singleton     boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    opened_at     timestamptz NOT NULL,
+    cause         text NOT NULL,
+    trips         integer NOT NULL DEFAULT 1,
+    next_probe_at timestamptz NOT NULL
+);
+
 -- pg_dump keeps the rows of these tables (extension tables are otherwise dumped empty).
 SELECT pg_catalog.pg_extension_config_dump('evolution_instance_creation_queue', '');
 SELECT pg_catalog.pg_extension_config_dump('evolution_instances', '');
 SELECT pg_catalog.pg_extension_config_dump('evoq.settings', '');
 SELECT pg_catalog.pg_extension_config_dump('evoq.instance_tokens', '');
 SELECT pg_catalog.pg_extension_config_dump('evoq.job_runs', '');
+SELECT pg_catalog.pg_extension_config_dump('evoq.requeue_requests', '');
+SELECT pg_catalog.pg_extension_config_dump('evoq.requeue_requests_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('evoq.skipped_profiles', '');
+SELECT pg_catalog.pg_extension_config_dump('evoq.skipped_profiles_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('evoq.circuit', '');
+
+-- This database's identity: a copy restored elsewhere (or into another database) differs.
+CREATE FUNCTION evoq._deployment_identity() RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog
+AS $$
+    SELECT (SELECT system_identifier::text FROM pg_control_system()) || ':'
+        || (SELECT oid::text FROM pg_database WHERE datname = current_database())
+$$;
+
+-- The namespace a deployment gets unless evoq_configure is told one: short, stable, derived from
+-- the identity above.
+CREATE FUNCTION evoq._default_namespace() RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog
+AS $$ SELECT substr(md5(evoq._deployment_identity()), 1, 8) $$;
 
 -- The signed-in user's id. Supabase's auth.uid() when it exists; otherwise the `sub` claim that
--- PostgREST puts in request.jwt.claims (or the older request.jwt.claim.sub).
+-- PostgREST puts in request.jwt.claims (or the older request.jwt.claim.sub). Anything that is
+-- not a uuid (an anonymous caller, a service token) is nobody. No EXCEPTION block: that would be
+-- a subtransaction per call; the policies call it once per statement as (SELECT ...).
 CREATE FUNCTION evoq_current_user_id() RETURNS uuid
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog
 AS $$
 DECLARE
-    claims text := nullif(current_setting('request.jwt.claims', true), '');
     sub text;
 BEGIN
     IF to_regprocedure('auth.uid()') IS NOT NULL THEN
-        EXECUTE 'SELECT auth.uid()' INTO sub;
+        EXECUTE 'SELECT auth.uid()::text' INTO sub;
+    ELSE
+        sub := coalesce(nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'sub',
+                        nullif(current_setting('request.jwt.claim.sub', true), ''));
+    END IF;
+    IF sub ~* '^[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}$' THEN
         RETURN sub::uuid;
     END IF;
-    sub := coalesce(claims::jsonb ->> 'sub', nullif(current_setting('request.jwt.claim.sub', true), ''));
-    RETURN sub::uuid;
-EXCEPTION WHEN invalid_text_representation OR invalid_parameter_value THEN
     RETURN NULL;
 END
 $$;
 COMMENT ON FUNCTION evoq_current_user_id() IS
     'The signed-in user''s id for row level security: auth.uid() on Supabase, else the sub claim of request.jwt.claims.';
 
--- (Re)creates the row level security policies and grants. Supabase-like databases (roles
--- authenticated and service_role, function auth.uid()) get the original setup's policies by
--- name; plain Postgres gets the same rules keyed on evoq_current_user_id(). Runs at install, and
--- again by hand if the Supabase roles appear later.
+-- (Re)creates the privileges and row level security policies of everything evoq owns. Runs at
+-- install, at every upgrade, and again by hand if the Supabase roles appear later.
+--
+-- Privileges first: whatever default privileges granted at creation time is taken back before
+-- evoq grants what each role needs. Supabase grants anon, authenticated and service_role ALL on
+-- every new table and function in public; RLS covers neither TRUNCATE nor EXECUTE of a SECURITY
+-- DEFINER function, so left alone that lets any signed-in user wipe the queue or repoint
+-- evoq_configure. TRIGGER, TRUNCATE and REFERENCES are taken from every role but the owner (a
+-- trigger on evoq's tables would run inside evoq's SECURITY DEFINER jobs); other grants an
+-- operator made to roles of their own stay.
 CREATE FUNCTION evoq_apply_policies() RETURNS text
 LANGUAGE plpgsql
 SET search_path = pg_catalog
 AS $$
 DECLARE
+    ext_oid oid := (SELECT oid FROM pg_extension WHERE extname = 'evoq');
     ext_schema text := (SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
                         WHERE e.extname = 'evoq');
     supabase boolean := to_regrole('authenticated') IS NOT NULL AND to_regrole('service_role') IS NOT NULL
                         AND to_regprocedure('auth.uid()') IS NOT NULL;
+    api_roles text[] := ARRAY(SELECT r FROM unnest(ARRAY['anon', 'authenticated', 'service_role']) r
+                              WHERE to_regrole(r) IS NOT NULL);
     queue text := format('%I.evolution_instance_creation_queue', ext_schema);
     inst text := format('%I.evolution_instances', ext_schema);
     status_view text := format('%I.evoq_status', ext_schema);
+    member record;
     pol record;
 BEGIN
+    FOR member IN
+        SELECT CASE c.relkind WHEN 'S' THEN 'SEQUENCE ' ELSE 'TABLE ' END || c.oid::regclass::text AS target,
+               a.grantee, a.privilege_type
+        FROM pg_depend d JOIN pg_class c ON c.oid = d.objid, aclexplode(c.relacl) a
+        WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_extension'::regclass
+          AND d.refobjid = ext_oid AND d.deptype = 'e' AND a.grantee <> c.relowner
+        UNION ALL
+        SELECT 'FUNCTION ' || p.oid::regprocedure::text, a.grantee, a.privilege_type
+        FROM pg_depend d JOIN pg_proc p ON p.oid = d.objid,
+             aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a
+        WHERE d.classid = 'pg_proc'::regclass AND d.refclassid = 'pg_extension'::regclass
+          AND d.refobjid = ext_oid AND d.deptype = 'e' AND a.grantee <> p.proowner
+    LOOP
+        IF member.grantee = 0 OR member.privilege_type IN ('TRUNCATE', 'REFERENCES', 'TRIGGER')
+           OR (SELECT rolname FROM pg_roles WHERE oid = member.grantee) = ANY (api_roles) THEN
+            EXECUTE format('REVOKE %s ON %s FROM %s', member.privilege_type, member.target,
+                           CASE WHEN member.grantee = 0 THEN 'PUBLIC'
+                                ELSE quote_ident((SELECT rolname FROM pg_roles WHERE oid = member.grantee)) END);
+        END IF;
+    END LOOP;
+    -- The two functions that reveal nothing: row level security calls the first as the querying
+    -- role, and the second names a user's instance.
+    EXECUTE format('GRANT EXECUTE ON FUNCTION %I.evoq_current_user_id(), %I.evoq_instance_name(uuid) TO PUBLIC',
+                   ext_schema, ext_schema);
+
     FOR pol IN SELECT policyname, tablename FROM pg_policies
                WHERE schemaname = ext_schema
                  AND tablename IN ('evolution_instance_creation_queue', 'evolution_instances') LOOP
@@ -158,40 +261,48 @@ BEGIN
     END LOOP;
 
     IF supabase THEN
+        -- (SELECT auth.uid()): evaluated once per statement, not once per row (Supabase lint 0003).
         EXECUTE format('CREATE POLICY "Service role can manage evolution instance queue" ON %s
                         FOR ALL TO service_role USING (true) WITH CHECK (true)', queue);
         EXECUTE format('CREATE POLICY "Users can view their own queue status" ON %s
-                        FOR SELECT TO authenticated USING (auth.uid() = user_id)', queue);
+                        FOR SELECT TO authenticated USING ((SELECT auth.uid()) = user_id)', queue);
         EXECUTE format('CREATE POLICY "Service role can manage evolution instances" ON %s
                         FOR ALL TO service_role USING (true) WITH CHECK (true)', inst);
         EXECUTE format('CREATE POLICY "Users can view their own evolution instance" ON %s
-                        FOR SELECT TO authenticated USING (auth.uid() = user_id)', inst);
+                        FOR SELECT TO authenticated USING ((SELECT auth.uid()) = user_id)', inst);
         EXECUTE format('GRANT SELECT ON %s, %s TO authenticated', queue, inst);
         EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON %s, %s TO service_role', queue, inst);
         EXECUTE format('GRANT SELECT ON %s TO service_role', status_view);
-        IF to_regrole('anon') IS NOT NULL THEN
-            -- Supabase's default privileges may grant anon everything on new tables: take it back.
-            EXECUTE format('REVOKE ALL ON %s, %s, %s FROM anon', queue, inst, status_view);
-        END IF;
-        EXECUTE format('REVOKE ALL ON %s FROM authenticated', status_view);
         RETURN 'supabase';
     END IF;
 
     EXECUTE format('CREATE POLICY "Users can view their own queue status" ON %s
-                    FOR SELECT USING (user_id = %I.evoq_current_user_id())', queue, ext_schema);
+                    FOR SELECT USING (user_id = (SELECT %I.evoq_current_user_id()))', queue, ext_schema);
     EXECUTE format('CREATE POLICY "Users can view their own evolution instance" ON %s
-                    FOR SELECT USING (user_id = %I.evoq_current_user_id())', inst, ext_schema);
+                    FOR SELECT USING (user_id = (SELECT %I.evoq_current_user_id()))', inst, ext_schema);
     RETURN 'postgres';
 END
 $$;
 REVOKE ALL ON FUNCTION evoq_apply_policies() FROM PUBLIC;
 COMMENT ON FUNCTION evoq_apply_policies() IS
-    'Recreates evoq''s row level security policies for this database (Supabase-like or plain Postgres).';
+    'Recreates evoq''s privileges and row level security policies for this database (Supabase-like or plain Postgres).';
 
 -- ---------------------------------------------------------------------------------------------
 -- Internal statements used by the Rust jobs. Each takes and returns jsonb so that one statement
 -- handles a whole batch (set-based), and the Rust side stays free of SQL string building.
 -- ---------------------------------------------------------------------------------------------
+
+-- Takes the API key and the instance's token out of a message before it is stored where users
+-- can read it (a proxy that echoes request headers put the key into an error body). The client
+-- already redacts what it knows; this is the last line.
+CREATE FUNCTION evoq._redact(message text, instance text) RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog
+AS $$
+    SELECT replace(replace(message,
+        coalesce((SELECT nullif(api_key, '') FROM evoq.settings), ''), '[redacted]'),
+        coalesce((SELECT nullif(token, '') FROM evoq.instance_tokens WHERE instance_name = instance), ''), '[redacted]')
+$$;
 
 -- Claims up to batch_size due rows. SKIP LOCKED: an overlapping run takes other rows. A claimed
 -- row stays locked until the run's transaction ends, so a crash or cancel simply makes it due
@@ -201,7 +312,7 @@ LANGUAGE sql
 SET search_path = pg_catalog, @extschema@
 AS $$
     WITH due AS (
-        SELECT id FROM evolution_instance_creation_queue
+        SELECT id, status, updated_at FROM evolution_instance_creation_queue
         WHERE status IN ('pending', 'processing') AND next_attempt_at <= now()
         ORDER BY next_attempt_at, created_at
         LIMIT batch_size
@@ -210,11 +321,87 @@ AS $$
         UPDATE evolution_instance_creation_queue q
         SET status = 'processing', attempts = q.attempts + 1, updated_at = clock_timestamp()
         FROM due WHERE q.id = due.id
-        RETURNING q.id, q.user_id, q.request_id, q.attempts
+        RETURNING q.id, q.user_id, q.request_id, q.attempts, q.instance_name,
+                  due.status AS prev_status, due.updated_at AS prev_updated_at
     )
     SELECT coalesce(jsonb_agg(jsonb_build_object(
-        'id', id, 'user_id', user_id, 'request_id', request_id, 'attempts', attempts)), '[]')
+        'id', id, 'user_id', user_id, 'request_id', request_id, 'attempts', attempts,
+        'instance_name', instance_name, 'prev_status', prev_status, 'prev_updated_at', prev_updated_at)), '[]')
     FROM claimed
+$$;
+
+-- Puts claimed rows back exactly as they were (the circuit breaker: a batch that failed because
+-- of the server or the configuration is not the rows' fault and costs them nothing).
+CREATE FUNCTION evoq._release_queue(claims jsonb) RETURNS void
+LANGUAGE sql
+SET search_path = pg_catalog, @extschema@
+AS $$
+    UPDATE evolution_instance_creation_queue q
+    SET status = c.prev_status, attempts = greatest(q.attempts - 1, 0), updated_at = c.prev_updated_at
+    FROM jsonb_to_recordset(claims) AS c(id uuid, prev_status text, prev_updated_at timestamptz)
+    WHERE q.id = c.id AND q.status = 'processing'
+$$;
+
+-- Applies the requeue requests (re-inserted profiles, lost instances) whose queue rows no other
+-- run holds; the rest wait for a later run. Never waits on a lock, so the trigger and either job
+-- can call it while holding their own.
+CREATE FUNCTION evoq._apply_requeue_requests() RETURNS integer
+LANGUAGE sql
+SET search_path = pg_catalog, @extschema@
+AS $$
+    WITH req AS (
+        SELECT id, user_id, reason, requested_at FROM evoq.requeue_requests FOR UPDATE SKIP LOCKED
+    ), per_user AS (
+        SELECT user_id, count(*) AS n, (array_agg(reason ORDER BY requested_at DESC, id DESC))[1] AS reason
+        FROM req GROUP BY user_id
+    ), free AS (
+        SELECT q.id, q.user_id FROM evolution_instance_creation_queue q
+        WHERE q.user_id IN (SELECT user_id FROM per_user)
+        FOR UPDATE SKIP LOCKED
+    ), requeued AS (
+        UPDATE evolution_instance_creation_queue q SET
+            status = 'pending', request_id = gen_random_uuid(), retry_count = q.retry_count + p.n,
+            attempts = 0, next_attempt_at = now(), processed_at = NULL, error_kind = NULL,
+            error_message = CASE p.reason WHEN 'lost'
+                THEN 'the Evolution API no longer knows this instance (404); creating it again' END,
+            last_http_status = CASE p.reason WHEN 'lost' THEN 404 END,
+            updated_at = clock_timestamp()
+        FROM free JOIN per_user p USING (user_id)
+        WHERE q.id = free.id
+        RETURNING q.user_id
+    ), added AS (
+        -- A lost instance whose queue row is gone (deleted by hand) is queued afresh.
+        INSERT INTO evolution_instance_creation_queue (user_id, instance_name)
+        SELECT p.user_id, i.instance_name FROM per_user p
+        LEFT JOIN evolution_instances i ON i.user_id = p.user_id
+        WHERE NOT EXISTS (SELECT 1 FROM evolution_instance_creation_queue q WHERE q.user_id = p.user_id)
+        ON CONFLICT (user_id) DO NOTHING
+        RETURNING user_id
+    ), applied AS (
+        DELETE FROM evoq.requeue_requests r USING req
+        WHERE r.id = req.id
+          AND (req.user_id IN (SELECT user_id FROM requeued) OR req.user_id IN (SELECT user_id FROM added))
+        RETURNING 1
+    )
+    SELECT count(*)::integer FROM applied
+$$;
+
+-- Unusable attachments: an attached table whose user id column was renamed, dropped or retyped
+-- after evoq_attach. NULL when every attachment works.
+CREATE FUNCTION evoq._attachment_problems() RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog
+AS $$
+    SELECT string_agg(format('%s: %s', t.tgrelid::regclass,
+               CASE WHEN a.attname IS NULL THEN format('no column %I', arg.col)
+                    ELSE format('column %I is %s, not uuid', arg.col, format_type(a.atttypid, a.atttypmod)) END),
+           '; ' ORDER BY t.tgrelid::regclass::text)
+    FROM pg_trigger t
+    CROSS JOIN LATERAL (SELECT CASE WHEN t.tgnargs > 0
+                                    THEN split_part(encode(t.tgargs, 'escape'), '\000', 1) ELSE 'id' END AS col) arg
+    LEFT JOIN pg_attribute a ON a.attrelid = t.tgrelid AND a.attname = arg.col AND a.attnum > 0 AND NOT a.attisdropped
+    WHERE t.tgname = 'on_profile_created_create_evolution_instance'
+      AND (a.attname IS NULL OR a.atttypid <> 'uuid'::regtype)
 $$;
 
 -- Writes the outcome of a batch. Each element of results:
@@ -263,7 +450,7 @@ AS $$
         status = CASE WHEN r.ok THEN 'completed' WHEN r.retry_in_ms IS NULL THEN 'failed' ELSE 'pending' END,
         instance_name = r.instance_name,
         processed_at = CASE WHEN r.ok THEN clock_timestamp() ELSE q.processed_at END,
-        error_message = CASE WHEN r.ok THEN NULL ELSE r.error END,
+        error_message = CASE WHEN r.ok THEN NULL ELSE evoq._redact(r.error, r.instance_name) END,
         error_kind = CASE WHEN r.ok THEN NULL ELSE r.error_kind END,
         last_http_status = r.http_status,
         last_error_at = CASE WHEN r.ok THEN q.last_error_at ELSE clock_timestamp() END,
@@ -283,6 +470,10 @@ AS $$
         SELECT id FROM evolution_instances
         WHERE instance_status = 'connecting'
           AND (last_refresh_at IS NULL OR last_refresh_at <= now() - min_interval_ms * interval '1 millisecond')
+          -- Another deployment's instance (rows a copy inherited from the original) is not ours
+          -- to touch; 0.1.0 names carry no namespace.
+          AND (instance_name NOT LIKE 'evoq\_%\_%'
+               OR instance_name LIKE 'evoq\_' || (SELECT namespace FROM evoq.settings) || '\_%')
         ORDER BY last_refresh_at NULLS FIRST
         LIMIT batch_size
         FOR UPDATE SKIP LOCKED
@@ -311,12 +502,12 @@ AS $$
             qr_code = CASE WHEN r.outcome IN ('open', 'lost') THEN NULL WHEN r.outcome = 'qr' THEN r.qr_code ELSE i.qr_code END,
             qr_text = CASE WHEN r.outcome IN ('open', 'lost') THEN NULL WHEN r.outcome = 'qr' THEN r.qr_text ELSE i.qr_text END,
             pairing_code = CASE WHEN r.outcome IN ('open', 'lost') THEN NULL WHEN r.outcome = 'qr' THEN r.pairing_code ELSE i.pairing_code END,
-            qr_count = CASE WHEN r.outcome = 'qr' THEN coalesce(r.qr_count, i.qr_count) ELSE i.qr_count END,
+            qr_count = CASE WHEN r.outcome IN ('qr', 'no_qr') THEN coalesce(r.qr_count, i.qr_count) ELSE i.qr_count END,
             -- Only a QR that differs from the stored one counts as an update.
             last_qr_update = CASE WHEN r.outcome = 'qr' AND r.qr_text IS DISTINCT FROM i.qr_text
                                   THEN clock_timestamp() ELSE i.last_qr_update END,
             connected_at = CASE WHEN r.outcome = 'open' THEN clock_timestamp() ELSE i.connected_at END,
-            last_error = CASE WHEN r.outcome = 'error' THEN r.error
+            last_error = CASE WHEN r.outcome = 'error' THEN evoq._redact(r.error, i.instance_name)
                               WHEN r.outcome = 'lost' THEN 'the Evolution API no longer knows this instance (404); its creation was queued again'
                               ELSE NULL END,
             last_error_at = CASE WHEN r.outcome IN ('error', 'lost') THEN clock_timestamp() ELSE i.last_error_at END,
@@ -324,14 +515,11 @@ AS $$
         FROM r WHERE i.id = r.id
         RETURNING i.user_id, i.instance_name, r.outcome
     )
-    -- A lost instance is created again: its queue row goes back to pending with a new request.
-    INSERT INTO evolution_instance_creation_queue AS q (user_id, instance_name, status)
-    SELECT user_id, instance_name, 'pending' FROM updated WHERE outcome = 'lost'
-    ON CONFLICT (user_id) DO UPDATE SET
-        status = 'pending', request_id = gen_random_uuid(), retry_count = q.retry_count + 1, attempts = 0,
-        next_attempt_at = now(), processed_at = NULL,
-        error_message = 'the Evolution API no longer knows this instance (404); creating it again',
-        error_kind = NULL, last_http_status = 404, updated_at = clock_timestamp()
+    -- A lost instance is created again: a requeue request, applied by the queue's next run (or at
+    -- the end of this one) to a row no run holds. Updating the queue row here would lock it while
+    -- this run holds the instance row, the opposite order of evoq_process_queue: a deadlock.
+    INSERT INTO evoq.requeue_requests (user_id, reason)
+    SELECT user_id, 'lost' FROM updated WHERE outcome = 'lost'
 $$;
 
 -- The end of a run: remembered for evoq_status.
@@ -368,7 +556,18 @@ SELECT
     (SELECT summary FROM evoq.job_runs WHERE job = 'refresh_qr')        AS last_refresh_summary,
     (SELECT last_error FROM evoq.job_runs WHERE last_error_at IS NOT NULL ORDER BY last_error_at DESC LIMIT 1) AS last_error,
     (SELECT max(last_error_at) FROM evoq.job_runs) AS last_error_at,
-    EXISTS (SELECT 1 FROM evoq.settings) AS configured
+    EXISTS (SELECT 1 FROM evoq.settings) AS configured,
+    -- 0.2.0
+    (SELECT namespace FROM evoq.settings) AS namespace,
+    (SELECT coalesce(nullif(api_version, 'auto'), detected_version) FROM evoq.settings) AS api_version,
+    CASE WHEN EXISTS (SELECT 1 FROM evoq.circuit) THEN 'open' ELSE 'closed' END AS circuit,
+    (SELECT opened_at FROM evoq.circuit)     AS circuit_opened_at,
+    (SELECT cause FROM evoq.circuit)         AS circuit_cause,
+    (SELECT next_probe_at FROM evoq.circuit) AS circuit_next_probe_at,
+    (SELECT count(*) FROM evoq.skipped_profiles) AS profiles_skipped,
+    (SELECT format('%s at %s: %s', table_name, skipped_at, reason) FROM evoq.skipped_profiles
+     ORDER BY id DESC LIMIT 1) AS last_profile_skip,
+    (SELECT count(*) FROM evoq.requeue_requests) AS requeue_requests_waiting
 FROM evolution_instance_creation_queue q;
 REVOKE ALL ON evoq_status FROM PUBLIC;
 COMMENT ON VIEW evoq_status IS 'Queue counts per state, oldest pending age, last runs and last error. Grant it to your operators.';

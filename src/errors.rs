@@ -17,6 +17,11 @@ pub enum EvoqError {
     MissingDependency { message: String, hint: String },
     /// evoq_attach pointed at something unusable.
     BadTarget { message: String, hint: String },
+    /// The database is not in a state where the call can work: a restored copy that was not told
+    /// it is a copy, an attachment whose user id column changed, the wrong database for pg_cron.
+    NotReady { message: String, hint: String },
+    /// The calling role lacks a privilege the call needs on the caller's own behalf.
+    PermissionDenied { message: String, hint: String },
 }
 
 impl EvoqError {
@@ -42,6 +47,14 @@ impl EvoqError {
             }
             EvoqError::BadTarget { message, hint } => {
                 (PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, message, Some(hint))
+            }
+            EvoqError::NotReady { message, hint } => (
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                message,
+                Some(hint),
+            ),
+            EvoqError::PermissionDenied { message, hint } => {
+                (PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE, message, Some(hint))
             }
         }
     }

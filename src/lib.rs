@@ -6,6 +6,7 @@ pub mod evolution;
 pub mod names;
 pub mod policy;
 pub mod pool;
+pub mod summary;
 
 // Postgres-facing: SQL functions, SPI, GUCs.
 mod errors;
@@ -13,8 +14,11 @@ mod jobs;
 mod queue;
 mod schedule;
 mod settings;
+mod subxact;
 mod trigger;
 
+#[cfg(any(test, feature = "pg_test"))]
+mod pg_tests;
 #[cfg(any(test, feature = "pg_test"))]
 mod testing;
 

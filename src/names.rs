@@ -1,29 +1,79 @@
-//! Instance names: derived from the user id alone, so every retry, every overlapping run and
-//! every re-created queue row asks the server for the same name, and a taken name can only be
-//! this user's own instance. Only `[A-Za-z0-9_-]`, well under the 64-character limit.
+//! Instance names: derived from the deployment's namespace and the user id alone, so every
+//! retry, every overlapping run and every re-created queue row asks the server for the same name,
+//! a taken name can only be this deployment's own instance of that user, and two databases
+//! pointed at one server (production and a staging copy) never share one. Only `[a-z0-9_]`,
+//! at most 50 characters (the recommended limit is 64).
+//!
+//! 0.1.0 named instances `evoq_<hex>`, with no namespace. Those instances keep their names: the
+//! name is stored in the queue and instance rows, and a stored name always wins over a derived one.
 
 use uuid::Uuid;
 
 pub const PREFIX: &str = "evoq_";
 
-pub fn instance_name(user_id: Uuid) -> String {
+/// `evoq_<namespace>_<32 hex digits>`.
+pub fn instance_name(namespace: &str, user_id: Uuid) -> String {
+    format!("{PREFIX}{namespace}_{}", user_id.simple())
+}
+
+/// The 0.1.0 name, for instances created before namespaces existed.
+pub fn legacy_instance_name(user_id: Uuid) -> String {
     format!("{PREFIX}{}", user_id.simple())
+}
+
+/// A namespace is 1 to 12 lower-case letters or digits.
+pub fn valid_namespace(namespace: &str) -> bool {
+    (1..=12).contains(&namespace.len())
+        && namespace
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn id() -> Uuid {
+        Uuid::parse_str("0f8fad5b-d9cb-469f-a165-70867728950e").unwrap()
+    }
+
     #[test]
-    fn deterministic_and_safe() {
-        let id = Uuid::parse_str("0f8fad5b-d9cb-469f-a165-70867728950e").unwrap();
-        let name = instance_name(id);
-        assert_eq!(name, "evoq_0f8fad5bd9cb469fa16570867728950e");
-        assert_eq!(name, instance_name(id));
-        assert!(name.len() <= 64);
-        assert!(name
+    fn deterministic_safe_and_namespaced() {
+        let name = instance_name("a1b2c3d4", id());
+        assert_eq!(name, "evoq_a1b2c3d4_0f8fad5bd9cb469fa16570867728950e");
+        assert_eq!(name, instance_name("a1b2c3d4", id()));
+        assert_ne!(name, instance_name("staging", id()));
+        assert_ne!(name, instance_name("a1b2c3d4", Uuid::new_v4()));
+        let longest = instance_name("abcdefghijkl", id());
+        assert!(longest.len() <= 50, "{longest}");
+        assert!(longest
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'));
-        assert_ne!(name, instance_name(Uuid::new_v4()));
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'));
+    }
+
+    #[test]
+    fn legacy_names_are_those_of_0_1_0() {
+        assert_eq!(
+            legacy_instance_name(id()),
+            "evoq_0f8fad5bd9cb469fa16570867728950e"
+        );
+    }
+
+    #[test]
+    fn namespaces_are_short_lowercase_alphanumerics() {
+        assert!(valid_namespace("prod"));
+        assert!(valid_namespace("a1b2c3d4e5f6"));
+        for bad in [
+            "",
+            "Prod",
+            "a_b",
+            "a-b",
+            "abcdefghijklm",
+            "ü",
+            "a b",
+            "x'; --",
+        ] {
+            assert!(!valid_namespace(bad), "{bad:?}");
+        }
     }
 }

@@ -8,6 +8,27 @@ pub const PROCESS_JOB: &str = "process-evolution-queue";
 pub const REFRESH_JOB: &str = "refresh-qr-codes";
 
 fn require_pg_cron() -> Result<(), EvoqError> {
+    // pg_cron lives in one database only (cron.database_name); from any other, neither
+    // cron.schedule nor CREATE EXTENSION pg_cron can work, so say exactly what to run there.
+    let (cron_db, here) = Spi::get_two::<String, String>(
+        "SELECT current_setting('cron.database_name', true), current_database()::text",
+    )
+    .unwrap_or((None, None));
+    if let (Some(cron_db), Some(here)) = (cron_db, here) {
+        if !cron_db.is_empty() && cron_db != here {
+            let schema = extension_schema();
+            return Err(EvoqError::NotReady {
+                message: format!(
+                    "pg_cron runs in database {cron_db:?}, not in {here:?}, so evoq cannot schedule its jobs from here"
+                ),
+                hint: format!(
+                    "Connect to {cron_db:?} and run: SELECT cron.schedule_in_database('{PROCESS_JOB}', '*/5 * * * *', \
+                     'SELECT {schema}evoq_process_queue()', '{here}'); SELECT cron.schedule_in_database('{REFRESH_JOB}', \
+                     '*/1 * * * *', 'SELECT {schema}evoq_refresh_qr()', '{here}');"
+                ),
+            });
+        }
+    }
     let installed = Spi::get_one::<bool>(
         "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_cron')",
     )
@@ -27,8 +48,8 @@ fn require_pg_cron() -> Result<(), EvoqError> {
     })
 }
 
-/// `SELECT evoq_process_queue()`, qualified only when evoq is not in public.
-fn command(function: &str) -> String {
+/// The qualifier for evoq's functions in a job command: empty when evoq is in public.
+fn extension_schema() -> String {
     let schema = Spi::get_one::<String>(
         "SELECT n.nspname::text FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'evoq'",
     )
@@ -36,22 +57,20 @@ fn command(function: &str) -> String {
     .flatten()
     .unwrap_or_else(|| "public".into());
     if schema == "public" {
-        format!("SELECT {function}()")
+        String::new()
     } else {
-        format!(
-            "SELECT {}.{function}()",
-            pgrx::spi::quote_identifier(&schema)
-        )
+        format!("{}.", pgrx::spi::quote_identifier(&schema))
     }
 }
 
+/// `SELECT evoq_process_queue()`, qualified only when evoq is not in public.
+fn command(function: &str) -> String {
+    format!("SELECT {}{function}()", extension_schema())
+}
+
 fn schedule_job(name: &str, schedule: &str, command: &str) -> i64 {
-    // pg_cron runs jobs in cron.database_name; schedule_in_database reaches any other database.
     Spi::get_one_with_args::<i64>(
-        "SELECT CASE WHEN current_database() = current_setting('cron.database_name', true)
-                       OR current_setting('cron.database_name', true) IS NULL
-                     THEN cron.schedule($1, $2, $3)
-                     ELSE cron.schedule_in_database($1, $2, $3, current_database()) END",
+        "SELECT cron.schedule($1, $2, $3)",
         &[name.into(), schedule.into(), command.into()],
     )
     .unwrap_or_else(|e| {

@@ -5,7 +5,7 @@
 //!   setting (`ALTER DATABASE ... SET evoq.concurrency = 32`), which pg_cron's sessions pick up.
 
 use crate::errors::{EvoqError, OrRaise};
-use crate::evolution::{ApiVersion, Webhook};
+use crate::evolution::{check_events, check_url, mask_credentials, ApiVersion, Webhook};
 use pgrx::prelude::*;
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 use std::time::Duration;
@@ -102,14 +102,47 @@ pub struct Connection {
     pub api_url: String,
     pub api_key: String,
     pub webhook: Option<Webhook>,
-    /// None means "ask the server" (GET /).
+    /// Pinned by evoq_configure (`v1`/`v2`), or what `GET /` said last time; None: ask.
     pub api_version: Option<ApiVersion>,
+    /// True when evoq_configure pinned the version (then it is never asked nor forgotten).
+    pub version_pinned: bool,
+    /// The deployment namespace in new instance names.
+    pub namespace: String,
 }
 
+fn parse_version(v: Option<&str>) -> Option<ApiVersion> {
+    match v {
+        Some("v1") => Some(ApiVersion::V1),
+        Some("v2") => Some(ApiVersion::V2),
+        _ => None,
+    }
+}
+
+type SettingsRow = (
+    String,
+    String,
+    Option<String>,
+    Vec<String>,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
+
+/// Reads the settings and refuses to go on in a database that is a copy of the one the
+/// deployment was bound to: a staging copy restored from production must not adopt production's
+/// instances, take their tokens and move their webhooks to itself.
 pub fn load_connection() -> Result<Connection, EvoqError> {
-    let row = Spi::connect(|client| {
+    let row: Option<SettingsRow> = Spi::connect(|client| {
         let table = client
-            .select("SELECT api_url, api_key, webhook_url, webhook_events, api_version FROM evoq.settings", Some(1), &[])
+            .select(
+                "SELECT api_url, api_key, webhook_url, webhook_events, api_version, detected_version,
+                        namespace, deployment_identity, evoq._deployment_identity()
+                 FROM evoq.settings",
+                Some(1),
+                &[],
+            )
             .ok()?;
         let row = table.first();
         Some((
@@ -121,149 +154,213 @@ pub fn load_connection() -> Result<Connection, EvoqError> {
                 .ok()
                 .flatten()
                 .unwrap_or_else(|| "auto".into()),
+            row.get::<String>(6).ok().flatten(),
+            row.get::<String>(7).ok().flatten(),
+            row.get::<String>(8).ok().flatten(),
+            row.get::<String>(9).ok().flatten(),
         ))
     });
-    let (api_url, api_key, webhook_url, events, version) = row.ok_or(EvoqError::NotConfigured)?;
+    let (api_url, api_key, webhook_url, events, pinned, detected, namespace, bound, identity) =
+        row.ok_or(EvoqError::NotConfigured)?;
+    let namespace = match namespace {
+        Some(ns) if bound.is_some() && bound == identity => ns,
+        other => return Err(copied_database(other.as_deref())),
+    };
+    let version_pinned = pinned != "auto";
     Ok(Connection {
         api_url,
         api_key,
         webhook: webhook_url.map(|url| Webhook { url, events }),
-        api_version: match version.as_str() {
-            "v1" => Some(ApiVersion::V1),
-            "v2" => Some(ApiVersion::V2),
-            _ => None,
+        api_version: if version_pinned {
+            parse_version(Some(&pinned))
+        } else {
+            parse_version(detected.as_deref())
         },
+        version_pinned,
+        namespace,
     })
 }
 
-/// Event names either server version accepts (contract section 5); the default subscription is
-/// what evoq's users need to follow a login.
-const KNOWN_EVENTS: &[&str] = &[
-    "APPLICATION_STARTUP",
-    "QRCODE_UPDATED",
-    "MESSAGES_SET",
-    "MESSAGES_UPSERT",
-    "MESSAGES_EDITED",
-    "MESSAGES_UPDATE",
-    "MESSAGES_DELETE",
-    "SEND_MESSAGE",
-    "SEND_MESSAGE_UPDATE",
-    "CONTACTS_SET",
-    "CONTACTS_UPSERT",
-    "CONTACTS_UPDATE",
-    "PRESENCE_UPDATE",
-    "CHATS_SET",
-    "CHATS_UPSERT",
-    "CHATS_UPDATE",
-    "CHATS_DELETE",
-    "GROUPS_UPSERT",
-    "GROUP_UPDATE",
-    "GROUP_PARTICIPANTS_UPDATE",
-    "CONNECTION_UPDATE",
-    "LABELS_EDIT",
-    "LABELS_ASSOCIATION",
-    "CALL",
-    "TYPEBOT_START",
-    "TYPEBOT_CHANGE_STATUS",
-    "REMOVE_INSTANCE",
-    "LOGOUT_INSTANCE",
-    "INSTANCE_CREATE",
-    "INSTANCE_DELETE",
-    "STATUS_INSTANCE",
-    "NEW_JWT_TOKEN",
-    "CHAMA_AI_ACTION",
-];
-
-fn check_url(what: &str, url: &str) -> Result<(), EvoqError> {
-    let rest = url
-        .strip_prefix("http://")
-        .or_else(|| url.strip_prefix("https://"));
-    match rest {
-        Some(r)
-            if !r.is_empty() && !r.starts_with('/') && !url.chars().any(char::is_whitespace) =>
-        {
-            Ok(())
-        }
-        _ => Err(EvoqError::invalid(
-            format!(
-                "{what} must be an http:// or https:// URL with a host, got {}",
-                if url.is_empty() {
-                    "an empty string".to_string()
-                } else {
-                    format!("{url:?}")
-                }
-            ),
-            format!("Pass {what} => 'https://host[:port][/path]'."),
-        )),
+fn copied_database(namespace: Option<&str>) -> EvoqError {
+    let keep = namespace.map_or(String::new(), |ns| {
+        format!(" If it is the same deployment moved to a new server, keep its namespace: namespace => '{ns}'.")
+    });
+    EvoqError::NotReady {
+        message: "this database is not the one evoq was configured in (a restored or moved copy), \
+                  so evoq will not call the Evolution API from it"
+            .into(),
+        hint: format!(
+            "A copy (staging, a test restore) must not take over the original's instances: give it a namespace \
+             of its own with SELECT evoq_configure(api_url => ..., api_key => ..., namespace => 'staging').{keep}"
+        ),
     }
 }
 
-/// Stores the connection settings. Only the URL host appears in what it returns; the key never.
+/// Forgets the detected version (a reply said the server now speaks the other dialect), so the
+/// next run asks `GET /` again.
+pub fn forget_detected_version() {
+    Spi::run("UPDATE evoq.settings SET detected_version = NULL, detected_at = NULL")
+        .unwrap_or_else(|e| pgrx::error!("evoq could not update its settings: {e}"));
+}
+
+/// Remembers what `GET /` said, so later runs do not ask a slow server again.
+pub fn remember_detected_version(version: ApiVersion) {
+    Spi::run_with_args(
+        "UPDATE evoq.settings SET detected_version = $1, detected_at = now()",
+        &[version.as_str().into()],
+    )
+    .unwrap_or_else(|e| pgrx::error!("evoq could not update its settings: {e}"));
+}
+
+fn config_error(e: crate::evolution::ConfigError) -> EvoqError {
+    EvoqError::invalid(e.message, e.hint)
+}
+
+fn required<'a>(name: &str, value: Option<&'a str>, hint: &str) -> &'a str {
+    match value.map(str::trim) {
+        Some(v) if !v.is_empty() => v,
+        _ => EvoqError::invalid(format!("{name} must not be empty or NULL"), hint).raise(),
+    }
+}
+
+/// The namespace to store: the one given, else the one this database already has, else one
+/// derived from the database's identity. A copy must be given one.
+fn choose_namespace(given: Option<&str>) -> String {
+    if let Some(ns) = given {
+        let ns = ns.trim();
+        if !crate::names::valid_namespace(ns) {
+            EvoqError::invalid(
+                format!("namespace must be 1 to 12 lower-case letters or digits, got {ns:?}"),
+                "It becomes part of every instance name (evoq_<namespace>_<user>), e.g. namespace => 'staging'.",
+            )
+            .raise();
+        }
+        return ns.to_string();
+    }
+    let existing = Spi::get_two::<String, bool>(
+        "SELECT namespace, deployment_identity IS NOT DISTINCT FROM evoq._deployment_identity() FROM evoq.settings",
+    )
+    .unwrap_or((None, None));
+    match existing {
+        (Some(ns), Some(true)) => ns,
+        (Some(ns), _) => copied_database(Some(&ns)).raise(),
+        (None, _) => Spi::get_one::<String>("SELECT evoq._default_namespace()")
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| pgrx::error!("evoq could not derive a namespace")),
+    }
+}
+
+/// Stores the connection settings. Only the URL (credentials masked) appears in what it returns;
+/// the key never.
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, @extschema@)]
 fn evoq_configure(
-    api_url: &str,
-    api_key: &str,
+    api_url: Option<&str>,
+    api_key: Option<&str>,
     webhook_url: default!(Option<&str>, "NULL"),
-    webhook_events: default!(Vec<String>, "ARRAY['QRCODE_UPDATED','CONNECTION_UPDATE']"),
-    api_version: default!(&str, "'auto'"),
+    webhook_events: default!(
+        Option<Vec<String>>,
+        "ARRAY['QRCODE_UPDATED','CONNECTION_UPDATE']"
+    ),
+    api_version: default!(Option<&str>, "'auto'"),
+    namespace: default!(Option<&str>, "NULL"),
 ) -> pgrx::JsonB {
     // Postgres logs the text of a failing statement (log_min_error_statement = error), and this
-    // statement's text holds the key. Errors are reported before the transaction unwinds, so a
-    // transaction-local setting here keeps the key out of the log for any error from now on.
+    // statement's text holds the key. Errors are reported before the transaction unwinds, so
+    // raising the threshold here keeps the key out of the log for any error from now on; it is
+    // put back before returning, so it does not outlive the call.
+    let saved =
+        Spi::get_one::<String>("SELECT pg_catalog.current_setting('log_min_error_statement')")
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| "error".into());
     Spi::run("SELECT pg_catalog.set_config('log_min_error_statement', 'panic', true)")
         .unwrap_or_else(|e| {
             pgrx::error!("evoq_configure could not protect the key from the log: {e}")
         });
-    let api_url = api_url.trim().trim_end_matches('/');
-    check_url("api_url", api_url).or_raise();
-    if api_key.trim().is_empty() {
-        EvoqError::invalid(
-            "api_key must not be empty",
-            "Pass the Evolution API's global key (AUTHENTICATION_API_KEY).",
-        )
-        .raise();
-    }
+    let api_url = required(
+        "api_url",
+        api_url,
+        "Pass api_url => 'http://your-evolution-host:8080'.",
+    )
+    .trim_end_matches('/');
+    check_url("api_url", api_url)
+        .map_err(config_error)
+        .or_raise();
+    let api_key = required(
+        "api_key",
+        api_key,
+        "Pass the Evolution API's global key (AUTHENTICATION_API_KEY).",
+    );
     let webhook_url = webhook_url.map(str::trim).filter(|w| !w.is_empty());
     if let Some(w) = webhook_url {
-        check_url("webhook_url", w).or_raise();
+        check_url("webhook_url", w).map_err(config_error).or_raise();
     }
-    for event in &webhook_events {
-        if !KNOWN_EVENTS.contains(&event.as_str()) {
-            EvoqError::invalid(
-                format!("unknown webhook event {event:?}"),
-                "Use Evolution API event names such as QRCODE_UPDATED, CONNECTION_UPDATE, MESSAGES_UPSERT.",
-            )
-            .raise();
-        }
-    }
+    let Some(webhook_events) = webhook_events else {
+        EvoqError::invalid(
+            "webhook_events must not be NULL",
+            "Leave it out for the default (QRCODE_UPDATED, CONNECTION_UPDATE), or pass an array of event names; '{}' subscribes to every event.",
+        )
+        .raise()
+    };
+    check_events(&webhook_events)
+        .map_err(config_error)
+        .or_raise();
+    let api_version = api_version.unwrap_or("auto");
     if !matches!(api_version, "auto" | "v1" | "v2") {
         EvoqError::invalid(
             format!("api_version must be 'auto', 'v1' or 'v2', got {api_version:?}"),
-            "Leave it at 'auto' to ask the server.",
+            "Leave it at 'auto' to ask the server once.",
         )
         .raise();
     }
+    let namespace = choose_namespace(namespace);
+    // A new namespace (a copy given its own): rows not completed yet carry names of the old
+    // deployment, whose instances this one must never adopt. They get names in the new one.
     Spi::run_with_args(
-        "INSERT INTO evoq.settings (singleton, api_url, api_key, webhook_url, webhook_events, api_version)
-         VALUES (true, $1, $2, $3, $4, $5)
+        "UPDATE evolution_instance_creation_queue SET instance_name = NULL
+         WHERE status <> 'completed' AND instance_name IS NOT NULL
+           AND EXISTS (SELECT 1 FROM evoq.settings WHERE namespace IS DISTINCT FROM $1)",
+        &[namespace.clone().into()],
+    )
+    .unwrap_or_else(|e| pgrx::error!("evoq_configure could not rename queued instances: {e}"));
+    Spi::run_with_args(
+        "INSERT INTO evoq.settings (singleton, api_url, api_key, webhook_url, webhook_events, api_version,
+                                    namespace, deployment_identity)
+         VALUES (true, $1, $2, $3, $4, $5, $6, evoq._deployment_identity())
          ON CONFLICT (singleton) DO UPDATE SET api_url = excluded.api_url, api_key = excluded.api_key,
              webhook_url = excluded.webhook_url, webhook_events = excluded.webhook_events,
-             api_version = excluded.api_version, updated_at = now()",
+             api_version = excluded.api_version, namespace = excluded.namespace,
+             deployment_identity = excluded.deployment_identity, updated_at = now(),
+             -- another server (or another URL for it) may speak another dialect
+             detected_version = NULL, detected_at = NULL",
         &[
             api_url.into(),
             api_key.into(),
             webhook_url.into(),
             webhook_events.clone().into(),
             api_version.into(),
+            namespace.clone().into(),
         ],
     )
     .unwrap_or_else(|e| pgrx::error!("evoq_configure could not store the settings: {e}"));
+    // A new configuration deserves a fresh start: the circuit may have opened because of the old one.
+    Spi::run("DELETE FROM evoq.circuit")
+        .unwrap_or_else(|e| pgrx::error!("evoq_configure could not reset the circuit: {e}"));
+    Spi::run_with_args(
+        "SELECT pg_catalog.set_config('log_min_error_statement', $1, true)",
+        &[saved.into()],
+    )
+    .unwrap_or_else(|e| {
+        pgrx::error!("evoq_configure could not restore log_min_error_statement: {e}")
+    });
     pgrx::JsonB(serde_json::json!({
-        "api_url": api_url,
-        "webhook_url": webhook_url,
+        "api_url": mask_credentials(api_url),
+        "webhook_url": webhook_url.map(mask_credentials),
         "webhook_events": webhook_events,
         "api_version": api_version,
+        "namespace": namespace,
         "api_key": "(stored; not shown)",
     }))
 }

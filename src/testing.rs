@@ -138,6 +138,7 @@ pub fn clean_committed() {
     committed(
         "DO $$ BEGIN
             DELETE FROM evoq.instance_tokens; DELETE FROM evolution_instances;
+            DELETE FROM evoq.requeue_requests; DELETE FROM evoq.circuit; DELETE FROM evoq.skipped_profiles;
             DELETE FROM evolution_instance_creation_queue; DELETE FROM evoq.settings; DELETE FROM evoq.job_runs;
             DROP TABLE IF EXISTS public.committed_profiles;
          END $$",

@@ -19,21 +19,24 @@ fn schema_is_in_place() {
     assert_eq!(one::<bool>("SELECT relrowsecurity FROM pg_class WHERE oid = 'evolution_instance_creation_queue'::regclass"), Some(true));
     assert_eq!(one::<bool>("SELECT relrowsecurity FROM pg_class WHERE oid = 'evolution_instances'::regclass"), Some(true));
     // pg_dump keeps the data of these tables.
-    assert_eq!(count("SELECT cardinality(extconfig) FROM pg_extension WHERE extname = 'evoq'"), 5);
+    assert_eq!(count("SELECT cardinality(extconfig) FROM pg_extension WHERE extname = 'evoq'"), 10);
     assert!(error_of("INSERT INTO evolution_instance_creation_queue (user_id, status) VALUES (gen_random_uuid(), 'bogus')").unwrap().starts_with("23514"));
-    assert_eq!(one::<String>("SELECT evoq_instance_name('0f8fad5b-d9cb-469f-a165-70867728950e')").unwrap(), "evoq_0f8fad5bd9cb469fa16570867728950e");
+    assert_eq!(
+        one::<String>("SELECT evoq_instance_name('0f8fad5b-d9cb-469f-a165-70867728950e')").unwrap(),
+        format!("evoq_{}_0f8fad5bd9cb469fa16570867728950e", one::<String>("SELECT evoq._default_namespace()").unwrap())
+    );
 }
 
 #[pg_test]
 fn configure_rejects_bad_input_and_changes_nothing() {
     run("DELETE FROM evoq.settings");
     for (sql, needle) in [
-        ("SELECT evoq_configure('', 'k')", "api_url must be an http:// or https:// URL"),
+        ("SELECT evoq_configure('', 'k')", "api_url must not be empty"),
         ("SELECT evoq_configure('ftp://evo:8080', 'k')", "api_url must be an http:// or https:// URL"),
         ("SELECT evoq_configure('http://', 'k')", "api_url must be"),
         ("SELECT evoq_configure('http://evo:8080', '')", "api_key must not be empty"),
         ("SELECT evoq_configure('http://evo:8080', '   ')", "api_key must not be empty"),
-        ("SELECT evoq_configure('http://evo:8080', 'k', webhook_url => 'not a url')", "webhook_url must be"),
+        ("SELECT evoq_configure('http://evo:8080', 'k', webhook_url => 'not a url')", "webhook_url must"),
         ("SELECT evoq_configure('http://evo:8080', 'k', webhook_events => ARRAY['NOPE'])", "unknown webhook event"),
         ("SELECT evoq_configure('http://evo:8080', 'k', api_version => 'v3')", "api_version must be"),
     ] {
@@ -301,18 +304,21 @@ fn permanent_errors_fail_at_once_and_evoq_retry_requeues() {
 }
 
 #[pg_test]
-fn a_rejected_key_fails_the_batch_and_stops_the_run() {
+fn a_rejected_key_stops_the_run_and_charges_no_row() {
     let mock = mock();
     run("SET LOCAL evoq.batch_size = 2");
     let (users, summary) = process_with_fault(&mock, 5, fault("POST", "/instance/create", FaultKind::Status { code: 401 }, None));
-    assert_eq!(summary["stopped"], "api_unreachable", "{summary}");
+    assert_eq!(summary["stopped"], "circuit_open", "{summary}");
     assert_eq!(summary["claimed"], 2, "{summary}");
-    let failed = users.iter().filter(|u| queue_row(u)["status"] == "failed").count();
-    assert_eq!(failed, 2);
-    let row = users.iter().map(|u| queue_row(u)).find(|r| r["status"] == "failed").unwrap();
-    assert!(s(&row["error_message"]).contains("401") && s(&row["error_message"]).contains("check the api_key"), "{row}");
-    assert!(!s(&row["error_message"]).contains(API_KEY));
-    assert_eq!(users.iter().filter(|u| queue_row(u)["attempts"] == 0).count(), 3, "untouched rows stay as they were");
+    assert_eq!(summary["released"], 2, "{summary}");
+    for u in &users {
+        let row = queue_row(u);
+        assert_eq!((row["status"].clone(), row["attempts"].clone()), ("pending".into(), 0.into()), "{row}");
+    }
+    let status = json("SELECT to_jsonb(s) FROM evoq_status s");
+    let cause = s(&status["circuit_cause"]);
+    assert!(cause.contains("401") && cause.contains("check the api_key"), "{status}");
+    assert!(!status.to_string().contains(API_KEY));
 }
 
 #[pg_test]
@@ -333,20 +339,22 @@ fn malformed_replies_are_transient() {
 }
 
 #[pg_test]
-fn an_unreachable_api_is_recorded_per_row() {
+fn an_unreachable_api_opens_the_circuit_and_charges_no_row() {
     // A port nobody listens on: bind one, then let it go.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     Spi::run_with_args("SELECT evoq_configure($1, $2)", &[format!("http://127.0.0.1:{port}").into(), API_KEY.into()]).unwrap();
     profiles();
     let users = sign_up(2);
     let summary = json("SELECT evoq_process_queue()");
-    assert_eq!(summary["stopped"], "api_unreachable", "{summary}");
+    assert_eq!(summary["stopped"], "circuit_open", "{summary}");
     for u in &users {
-        assert_retrying(&queue_row(u), "connection refused");
+        let row = queue_row(u);
+        assert_eq!((row["status"].clone(), row["attempts"].clone()), ("pending".into(), 0.into()), "{row}");
     }
     let status = json("SELECT to_jsonb(s) FROM evoq_status s");
     assert!(s(&status["last_error"]).contains("connection refused"), "{status}");
-    assert_eq!(status["retrying"], 2);
+    assert!(s(&status["circuit_cause"]).contains("connection refused"), "{status}");
+    assert_eq!(status["circuit"], "open");
 }
 
 #[pg_test]
@@ -517,7 +525,7 @@ fn refresh_fault_matrix_records_each_failure_and_goes_on() {
     Spi::run_with_args("SELECT evoq_configure($1, $2)", &[format!("http://127.0.0.1:{port}").into(), API_KEY.into()]).unwrap();
     make_refresh_due();
     let summary = json("SELECT evoq_refresh_qr()");
-    assert_eq!(summary["stopped"], "api_unreachable", "{summary}");
+    assert_eq!(summary["stopped"], "circuit_open", "{summary}");
     assert!(s(&summary["last_error"]).contains("connection refused"));
 }
 

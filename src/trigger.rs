@@ -1,7 +1,8 @@
 //! The profile trigger and the function that attaches it to the application's table.
 //!
-//! The trigger does one indexed upsert through a plan prepared once per backend, and no network
-//! I/O: a profile insert must never wait for, or fail because of, the Evolution API.
+//! The trigger does local inserts through plans prepared once per backend, no network I/O, and
+//! never waits on a lock a job holds: a profile insert must never wait for, or fail because of,
+//! the Evolution API or evoq's own runs.
 
 use crate::errors::{EvoqError, OrRaise};
 use pgrx::prelude::*;
@@ -11,38 +12,64 @@ use std::cell::RefCell;
 
 pub const TRIGGER_NAME: &str = "on_profile_created_create_evolution_instance";
 
-/// A new profile queues its user; a second insert for the same user starts a new request
-/// (new request_id, retry_count + 1) whatever state the row was in.
-const ENQUEUE: &str = "
-    INSERT INTO evolution_instance_creation_queue AS q (user_id) VALUES ($1)
-    ON CONFLICT (user_id) DO UPDATE SET
-        status = 'pending', request_id = gen_random_uuid(), retry_count = q.retry_count + 1,
-        attempts = 0, error_message = NULL, error_kind = NULL, last_http_status = NULL,
-        next_attempt_at = now(), processed_at = NULL, updated_at = now()";
+/// A new user: one insert. The NOT EXISTS reads the committed state without a lock, so a user
+/// already queued (whose row a running job may hold locked) inserts nothing here and never
+/// reaches the unique index's wait.
+const ENQUEUE_NEW: &str = "
+    INSERT INTO evolution_instance_creation_queue (user_id)
+    SELECT $1 WHERE NOT EXISTS (SELECT 1 FROM evolution_instance_creation_queue WHERE user_id = $1)
+    ON CONFLICT (user_id) DO NOTHING";
+
+/// A profile inserted again for a queued user starts a new request (new request_id,
+/// retry_count + 1) whatever state the row was in: at once if no job holds the row, otherwise
+/// through a requeue request that the next run applies. SKIP LOCKED: never a wait.
+const REQUEUE: &str = "
+    WITH target AS (
+        SELECT id FROM evolution_instance_creation_queue WHERE user_id = $1 FOR UPDATE SKIP LOCKED
+    ), requeued AS (
+        UPDATE evolution_instance_creation_queue q SET
+            status = 'pending', request_id = gen_random_uuid(), retry_count = q.retry_count + 1,
+            attempts = 0, error_message = NULL, error_kind = NULL, last_http_status = NULL,
+            next_attempt_at = now(), processed_at = NULL, updated_at = now()
+        FROM target WHERE q.id = target.id
+        RETURNING 1
+    )
+    INSERT INTO evoq.requeue_requests (user_id, reason)
+    SELECT $1, 'reinserted' WHERE NOT EXISTS (SELECT 1 FROM requeued)";
+
+const RECORD_SKIP: &str = "INSERT INTO evoq.skipped_profiles (table_name, reason) VALUES ($1, $2)";
 
 thread_local! {
-    // Postgres backends are single-threaded; the plan lives as long as the backend and is
-    // revalidated by the plan cache if the table changes.
-    static ENQUEUE_PLAN: RefCell<Option<OwnedPreparedStatement>> = const { RefCell::new(None) };
+    // Postgres backends are single-threaded; the plans live as long as the backend and are
+    // revalidated by the plan cache if the tables change.
+    static PLANS: RefCell<Option<[OwnedPreparedStatement; 2]>> = const { RefCell::new(None) };
 }
 
 fn enqueue(user_id: pgrx::Uuid) -> Result<(), pgrx::spi::Error> {
-    ENQUEUE_PLAN.with(|cell| {
+    PLANS.with(|cell| {
         let mut slot = cell.borrow_mut();
         Spi::connect_mut(|client| {
             if slot.is_none() {
-                let plan = client.prepare_mut(ENQUEUE, &[PgOid::from(pg_sys::UUIDOID)])?;
-                *slot = Some(plan.keep());
+                let uuid = [PgOid::from(pg_sys::UUIDOID)];
+                let new = client.prepare_mut(ENQUEUE_NEW, &uuid)?.keep();
+                let again = client.prepare_mut(REQUEUE, &uuid)?.keep();
+                *slot = Some([new, again]);
             }
-            let plan = slot.as_ref().expect("prepared above");
-            client.update(plan, None, &[user_id.into()]).map(|_| ())
+            let [new, again] = slot.as_ref().expect("prepared above");
+            if client.update(new, None, &[user_id.into()])?.is_empty() {
+                client.update(again, None, &[user_id.into()])?;
+            }
+            Ok(())
         })
     })
 }
 
-fn skip(trigger: &pgrx::PgTrigger, why: String) {
+/// A row that cannot be queued: a WARNING for the inserting session, and a row in
+/// evoq.skipped_profiles so operators see it in evoq_status (a warning alone goes unread).
+fn skip(trigger: &pgrx::PgTrigger, why: String) -> Result<(), pgrx::spi::Error> {
     let table = trigger.table_name().unwrap_or_else(|_| "?".into());
     pgrx::warning!("evoq: profile row in {table} not queued: {why}");
+    Spi::run_with_args(RECORD_SKIP, &[table.into(), why.into()])
 }
 
 /// The user id column named in CREATE TRIGGER (TG_ARGV[0]), read in place: this runs for
@@ -69,11 +96,11 @@ fn handle_profile_evolution_instance<'a>(
     };
     match new.get_by_name::<pgrx::Uuid>(column) {
         Ok(Some(user_id)) => enqueue(user_id)?,
-        Ok(None) => skip(trigger, format!("column {column} is NULL")),
+        Ok(None) => skip(trigger, format!("column {column} is NULL"))?,
         Err(e) => skip(
             trigger,
             format!("column {column} cannot be read as uuid ({e})"),
-        ),
+        )?,
     }
     Ok(None)
 }
@@ -125,6 +152,33 @@ fn check_target(table: pg_sys::Oid, column: &str) -> Result<String, EvoqError> {
     }
 }
 
+/// evoq_attach and evoq_detach run as the extension owner (so GRANT EXECUTE is all a role needs),
+/// but act only where the calling role could create a trigger itself: the role in effect outside
+/// any SECURITY DEFINER function (`GetOuterUserId`, what SET ROLE set) must own the table or hold
+/// TRIGGER on it.
+fn require_trigger_privilege(table: pg_sys::Oid) -> Result<(), EvoqError> {
+    // SAFETY: reads a backend global; always set in a running backend.
+    let caller = unsafe { pg_sys::GetOuterUserId() };
+    let (allowed, role, name) = Spi::get_three_with_args::<bool, String, String>(
+        "SELECT has_table_privilege($1, $2, 'TRIGGER'), (SELECT rolname::text FROM pg_roles WHERE oid = $1),
+                $2::regclass::text",
+        &[caller.into(), table.into()],
+    )
+    .unwrap_or((None, None, None));
+    if allowed == Some(true) {
+        return Ok(());
+    }
+    Err(EvoqError::PermissionDenied {
+        message: format!(
+            "role {} may not create triggers on {}",
+            role.unwrap_or_default(),
+            name.unwrap_or_default()
+        ),
+        hint: "evoq_attach and evoq_detach act for the calling role: it must own the table or hold the TRIGGER privilege on it."
+            .into(),
+    })
+}
+
 /// The regclass-typed SQL wrappers `evoq_attach`/`evoq_detach` (sql/finalize.sql) call these;
 /// they live in the private schema `evoq`.
 #[pg_schema]
@@ -137,6 +191,7 @@ mod evoq {
     #[pg_extern]
     fn attach_trigger(table: pg_sys::Oid, user_id_column: &str) -> String {
         let name = check_target(table, user_id_column).or_raise();
+        require_trigger_privilege(table).or_raise();
         let schema = extension_schema();
         let exists = Spi::get_one_with_args::<bool>(
             "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = $1 AND tgname = $2)",
@@ -164,6 +219,7 @@ mod evoq {
     /// Removes the trigger again (wrapped by `evoq_detach(regclass)`).
     #[pg_extern]
     fn detach_trigger(table: pg_sys::Oid) -> String {
+        require_trigger_privilege(table).or_raise();
         let name = Spi::get_one_with_args::<String>("SELECT $1::regclass::text", &[table.into()])
             .ok()
             .flatten()

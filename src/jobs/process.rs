@@ -1,9 +1,9 @@
 //! evoq_process_queue(): create an Evolution instance for every due queue row.
 
-use super::run::{budget_error, call_json, in_batch_context, record, Run};
+use super::run::{call_json, in_batch_context, record, require_working_attachments, Run};
 use crate::evolution::{ApiError, ApiVersion, Provisioned, Webhook};
 use crate::names::instance_name;
-use crate::policy::{random_unit, Decision, RetryPolicy};
+use crate::policy::{circuit_verdict, random_unit, Decision, RetryPolicy};
 use pgrx::prelude::*;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -13,6 +13,12 @@ struct ClaimedRow {
     id: uuid::Uuid,
     user_id: uuid::Uuid,
     attempts: i32,
+    /// Set once a row has been tried (and for every row queued before 0.2.0, whose instances
+    /// keep their 0.1.0 names); a stored name always wins over a derived one.
+    instance_name: Option<String>,
+    #[serde(flatten)]
+    /// prev_status and prev_updated_at, handed back as they are if the batch is released.
+    release: serde_json::Map<String, Value>,
 }
 
 #[derive(Default)]
@@ -22,6 +28,9 @@ struct Tally {
     adopted: u64,
     retrying: u64,
     failed: u64,
+    released: u64,
+    unrecordable: u64,
+    requeued: u64,
     batches: u64,
 }
 
@@ -36,8 +45,8 @@ fn success_record(id: uuid::Uuid, name: &str, p: &Provisioned) -> Value {
 }
 
 fn failure_record(
-    id: uuid::Uuid,
-    name: &str,
+    id: &Value,
+    name: &Value,
     attempts: i32,
     err: &ApiError,
     policy: &RetryPolicy,
@@ -57,6 +66,7 @@ fn failure_record(
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, @extschema@)]
 pub fn evoq_process_queue() -> pgrx::JsonB {
+    require_working_attachments();
     let mut run = Run::start("process_queue");
     let policy = RetryPolicy {
         max_attempts: run.tunables.max_attempts,
@@ -64,13 +74,19 @@ pub fn evoq_process_queue() -> pgrx::JsonB {
         cap: run.tunables.backoff_max,
     };
     let webhook: Option<Webhook> = run.connection.webhook.clone();
-    let mut tally = Tally::default();
+    let namespace = run.connection.namespace.clone();
+    let mut tally = Tally {
+        requeued: Spi::get_one::<i32>("SELECT evoq._apply_requeue_requests()")
+            .unwrap_or_else(|e| pgrx::error!("evoq could not apply requeue requests: {e}"))
+            .unwrap_or(0) as u64,
+        ..Tally::default()
+    };
     let client = run.client.clone();
     let mut pool = run.pool(move |(version, name): (ApiVersion, String)| {
         client.provision(version, &name, webhook.as_ref())
     });
 
-    let stopped = loop {
+    let stopped = run.circuit_allows().unwrap_or_else(|| loop {
         if run.out_of_time() {
             break "time_budget";
         }
@@ -84,30 +100,60 @@ pub fn evoq_process_queue() -> pgrx::JsonB {
             }
             tally.batches += 1;
             tally.claimed += rows.len() as u64;
-            let jobs: Vec<(ClaimedRow, String)> = rows
-                .into_iter()
+            let names: Vec<String> = rows
+                .iter()
                 .map(|r| {
-                    let n = instance_name(r.user_id);
-                    (r, n)
+                    r.instance_name
+                        .clone()
+                        .unwrap_or_else(|| instance_name(&namespace, r.user_id))
                 })
                 .collect();
 
-            // One version probe per run; if the server cannot be reached at all, every row of
-            // the batch gets that error and the run stops (all failures are server-wide).
-            let outcomes: Vec<Result<Provisioned, ApiError>> = match run.version() {
-                Err(e) => jobs.iter().map(|_| Err(e.clone())).collect(),
+            // None: no answer before the run's deadline.
+            let answers: Vec<Option<Result<Provisioned, ApiError>>> = match run.version() {
+                Err(e) => rows.iter().map(|_| Some(Err(e.clone()))).collect(),
                 Ok(version) => {
-                    let calls = jobs.iter().map(|(_, n)| (version, n.clone())).collect();
+                    let calls = names.iter().map(|n| (version, n.clone())).collect();
                     run.call_all(&mut pool, calls)
-                        .into_iter()
-                        .map(|o| o.unwrap_or_else(|| Err(budget_error(&run))))
-                        .collect()
                 }
             };
+            // Unanswered calls are not failures of the server's: they do not open the circuit.
+            let errors: Vec<Option<&ApiError>> = answers
+                .iter()
+                .map(|a| a.as_ref().and_then(|o| o.as_ref().err()))
+                .collect();
+            let verdict = circuit_verdict(&errors);
+            run.maybe_forget_version(&errors.iter().flatten().copied().collect::<Vec<_>>());
+            let outcomes: Vec<Result<Provisioned, ApiError>> = answers
+                .into_iter()
+                .map(|a| a.unwrap_or_else(|| Err(run.budget_error("POST /instance/create"))))
+                .collect();
+            for e in outcomes.iter().filter_map(|o| o.as_ref().err()) {
+                run.count_error(e);
+            }
 
-            let mut records = Vec::with_capacity(jobs.len());
-            let mut server_wide_failures = 0;
-            for ((row, name), outcome) in jobs.iter().zip(&outcomes) {
+            // The server or the configuration failed, not the rows: they go back untouched.
+            if let Some(cause) = verdict {
+                let claims: Vec<Value> = rows
+                    .iter()
+                    .map(|r| {
+                        let mut c = r.release.clone();
+                        c.insert("id".into(), json!(r.id));
+                        Value::Object(c)
+                    })
+                    .collect();
+                Spi::run_with_args(
+                    "SELECT evoq._release_queue($1)",
+                    &[pgrx::JsonB(Value::Array(claims)).into()],
+                )
+                .unwrap_or_else(|e| pgrx::error!("evoq could not release a batch: {e}"));
+                tally.released += rows.len() as u64;
+                run.trip(&cause);
+                return Some("circuit_open");
+            }
+
+            let mut records = Vec::with_capacity(rows.len());
+            for ((row, name), outcome) in rows.iter().zip(&names).zip(&outcomes) {
                 match outcome {
                     Ok(p) => {
                         if p.adopted {
@@ -118,35 +164,57 @@ pub fn evoq_process_queue() -> pgrx::JsonB {
                         records.push(success_record(row.id, name, p));
                     }
                     Err(err) => {
-                        let (rec, retrying) =
-                            failure_record(row.id, name, row.attempts, err, &policy);
+                        let (rec, retrying) = failure_record(
+                            &json!(row.id),
+                            &json!(name),
+                            row.attempts,
+                            err,
+                            &policy,
+                        );
                         if retrying {
                             tally.retrying += 1
                         } else {
                             tally.failed += 1
                         }
-                        if err.server_wide {
-                            server_wide_failures += 1
-                        }
-                        run.note_error(&err.message);
                         records.push(rec);
                     }
                 }
             }
-            record("SELECT evoq._record_queue_results($1)", records);
-            // Unreachable server or rejected key: the rest of the queue would fail the same way.
-            (server_wide_failures > 0 && server_wide_failures == outcomes.len())
-                .then_some("api_unreachable")
+            let attempts: std::collections::HashMap<String, i32> = rows
+                .iter()
+                .map(|r| (r.id.to_string(), r.attempts))
+                .collect();
+            tally.unrecordable += record(
+                "SELECT evoq._record_queue_results($1)",
+                records,
+                |rec, message| {
+                    let attempts = rec["id"]
+                        .as_str()
+                        .and_then(|id| attempts.get(id))
+                        .copied()
+                        .unwrap_or(1);
+                    failure_record(
+                        &rec["id"],
+                        &rec["instance_name"],
+                        attempts,
+                        &ApiError::transient(message),
+                        &policy,
+                    )
+                    .0
+                },
+            );
+            None
         });
         if let Some(reason) = stop {
             break reason;
         }
-    };
+    });
 
     let summary = json!({
         "claimed": tally.claimed, "created": tally.created, "adopted": tally.adopted,
-        "retrying": tally.retrying, "failed": tally.failed, "batches": tally.batches,
-        "stopped": stopped, "last_error": run.last_error,
+        "retrying": tally.retrying, "failed": tally.failed, "released": tally.released,
+        "unrecordable": tally.unrecordable, "requeued": tally.requeued, "batches": tally.batches,
+        "stopped": stopped,
     });
     run.finish(summary)
 }

@@ -1,8 +1,9 @@
 //! evoq_refresh_qr(): keep the QR of every connecting instance fresh, and notice when the user
 //! has scanned it.
 
-use super::run::{budget_error, call_json, in_batch_context, record, Run};
+use super::run::{call_json, in_batch_context, record, Run};
 use crate::evolution::{ApiError, ConnectOutcome};
+use crate::policy::circuit_verdict;
 use pgrx::prelude::*;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -22,6 +23,8 @@ struct Tally {
     opened: u64,
     lost: u64,
     errors: u64,
+    unrecordable: u64,
+    requeued: u64,
     batches: u64,
 }
 
@@ -39,9 +42,9 @@ fn outcome_record(
             tally.lost += 1;
             json!({"id": row.id, "outcome": "lost"})
         }
-        Ok(ConnectOutcome::NoQrYet) => {
+        Ok(ConnectOutcome::NoQrYet { count }) => {
             tally.unchanged += 1;
-            json!({"id": row.id, "outcome": "no_qr"})
+            json!({"id": row.id, "outcome": "no_qr", "qr_count": count})
         }
         Ok(ConnectOutcome::Qr(qr)) => {
             if qr.code.is_some() && qr.code == row.qr_text {
@@ -67,7 +70,7 @@ pub fn evoq_refresh_qr() -> pgrx::JsonB {
     let client = run.client.clone();
     let mut pool = run.pool(move |name: String| client.connect(&name));
 
-    let stopped = loop {
+    let stopped = run.circuit_allows().unwrap_or_else(|| loop {
         if run.out_of_time() {
             break "time_budget";
         }
@@ -85,34 +88,51 @@ pub fn evoq_refresh_qr() -> pgrx::JsonB {
             tally.batches += 1;
             tally.checked += rows.len() as u64;
             let names: Vec<String> = rows.iter().map(|r| r.instance_name.clone()).collect();
-            let outcomes: Vec<Result<ConnectOutcome, ApiError>> = run
-                .call_all(&mut pool, names)
-                .into_iter()
-                .map(|o| o.unwrap_or_else(|| Err(budget_error(&run))))
+            let answers = run.call_all(&mut pool, names);
+            let errors: Vec<Option<&ApiError>> = answers
+                .iter()
+                .map(|a| a.as_ref().and_then(|o| o.as_ref().err()))
                 .collect();
-            let mut server_wide = 0;
+            if let Some(cause) = circuit_verdict(&errors) {
+                // Nothing is recorded against the instances: the server is at fault.
+                for e in errors.iter().flatten() {
+                    run.count_error(e);
+                }
+                run.trip(&cause);
+                return Some("circuit_open");
+            }
+            let outcomes: Vec<Result<ConnectOutcome, ApiError>> = answers
+                .into_iter()
+                .map(|a| a.unwrap_or_else(|| Err(run.budget_error("GET /instance/connect"))))
+                .collect();
             let mut records = Vec::with_capacity(rows.len());
             for (row, outcome) in rows.iter().zip(&outcomes) {
                 if let Err(e) = outcome {
-                    if e.server_wide {
-                        server_wide += 1
-                    }
-                    run.note_error(&e.message);
+                    run.count_error(e);
                 }
                 records.push(outcome_record(row, outcome, &mut tally));
             }
-            record("SELECT evoq._record_refresh_results($1)", records);
-            (server_wide > 0 && server_wide == outcomes.len()).then_some("api_unreachable")
+            tally.unrecordable += record(
+                "SELECT evoq._record_refresh_results($1)",
+                records,
+                |rec, message| json!({"id": rec["id"], "outcome": "error", "error": message}),
+            );
+            None
         });
         if let Some(reason) = stop {
             break reason;
         }
-    };
+    });
+    // Lost instances were turned into requeue requests; apply those no run holds now, so the
+    // queue row is pending as soon as this run commits.
+    tally.requeued = Spi::get_one::<i32>("SELECT evoq._apply_requeue_requests()")
+        .unwrap_or_else(|e| pgrx::error!("evoq could not apply requeue requests: {e}"))
+        .unwrap_or(0) as u64;
 
     let summary = json!({
         "checked": tally.checked, "new_qr": tally.new_qr, "unchanged": tally.unchanged,
         "opened": tally.opened, "lost": tally.lost, "errors": tally.errors, "batches": tally.batches,
-        "stopped": stopped, "last_error": run.last_error,
+        "unrecordable": tally.unrecordable, "requeued": tally.requeued, "stopped": stopped,
     });
     run.finish(summary)
 }

@@ -1,10 +1,17 @@
-//! What both jobs share: the client built from the settings, the deadline, the per-batch memory
-//! context, waiting on the pool while honouring cancels, and the run summary.
+//! What both jobs share: the client built from the settings, the deadline, the circuit breaker,
+//! the server's dialect, the per-batch memory context, waiting on the pool while honouring
+//! cancels, recording results so one bad row cannot wedge a batch, and the run summary.
 
-use crate::errors::OrRaise;
+use crate::errors::{EvoqError, OrRaise};
 use crate::evolution::{ApiError, ApiVersion, Client, ClientConfig};
+use crate::policy::circuit_probe_delay;
 use crate::pool::Pool;
-use crate::settings::{load_connection, tunables, Connection, Tunables};
+use crate::settings::{
+    forget_detected_version, load_connection, remember_detected_version, tunables, Connection,
+    Tunables,
+};
+use crate::subxact;
+use crate::summary::ErrorTally;
 use pgrx::prelude::*;
 use pgrx::{FromDatum, JsonB, PgMemoryContexts};
 use serde::de::DeserializeOwned;
@@ -19,11 +26,13 @@ pub struct Run {
     pub connection: Connection,
     pub client: Client,
     version: Option<ApiVersion>,
-    pub last_error: Option<String>,
+    pub errors: ErrorTally,
+    notes: Vec<String>,
 }
 
 impl Run {
-    /// Reads the settings (ERROR if evoq is not configured) and builds the HTTP client.
+    /// Reads the settings (ERROR if evoq is not configured, or if this database is a copy that
+    /// was not told so) and builds the HTTP client.
     pub fn start(job: &'static str) -> Run {
         let connection = load_connection().or_raise();
         let tunables = tunables();
@@ -43,7 +52,8 @@ impl Run {
             tunables,
             connection,
             client,
-            last_error: None,
+            errors: ErrorTally::default(),
+            notes: Vec::new(),
         }
     }
 
@@ -51,20 +61,51 @@ impl Run {
         Instant::now() >= self.deadline
     }
 
-    /// The server's dialect: from the settings, or asked once per run with `GET /`.
+    /// Counts a failed call for the summary.
+    pub fn count_error(&mut self, err: &ApiError) {
+        self.errors.add(&err.class(), &err.message);
+    }
+
+    /// Something the operator should read in the summary that is not a failed call.
+    pub fn note(&mut self, message: impl Into<String>) {
+        self.notes.push(message.into());
+    }
+
+    /// One call on a thread of its own, waited for like a batch: cancel and statement_timeout
+    /// are honoured, and it gives up at the run's deadline. Nothing talks to the network from
+    /// the backend thread itself.
+    fn call_one<R: Send + 'static>(
+        &self,
+        work: impl Fn(&Client) -> R + Send + Sync + 'static,
+    ) -> Option<R> {
+        let client = self.client.clone();
+        let mut pool = Pool::new(1, move |_: ()| work(&client));
+        self.call_all(&mut pool, vec![()]).pop().flatten()
+    }
+
+    fn probe(&self) -> Result<ApiVersion, ApiError> {
+        self.call_one(|client| client.probe_version())
+            .unwrap_or_else(|| Err(self.budget_error("GET /")))
+    }
+
+    /// The server's dialect: pinned in the settings, or what `GET /` said the last time (kept in
+    /// the settings, since a loaded server can take 18 s to answer it), or asked now.
     ///
-    /// Only an unreachable server (or a rejected key) fails the probe. Any other trouble with
-    /// `GET /` (a v2 server blocks there while it looks up the WhatsApp Web version; a proxy may
-    /// answer it with HTML) falls back to v2, the current line, and says so in the summary.
+    /// A server that cannot be reached, or a URL that is not an Evolution API server, fails the
+    /// probe. A reply that is merely not what a server sends (a proxy's page) falls back to v2,
+    /// the current line, and says so in the summary.
     pub fn version(&mut self) -> Result<ApiVersion, ApiError> {
         if let Some(v) = self.version {
             return Ok(v);
         }
-        let v = match self.client.probe_version() {
-            Ok(v) => v,
+        let v = match self.probe() {
+            Ok(v) => {
+                remember_detected_version(v);
+                v
+            }
             Err(e) if e.server_wide => return Err(e),
             Err(e) => {
-                self.note_error(&format!(
+                self.note(format!(
                     "could not tell the Evolution API version ({e}); assuming v2. \
                      Pass api_version => 'v2' (or 'v1') to evoq_configure to skip the probe"
                 ));
@@ -75,21 +116,91 @@ impl Run {
         Ok(v)
     }
 
+    /// A reply said the server speaks the other dialect (it was upgraded or replaced): forget
+    /// what GET / said, so the next run asks again. A pinned version is the operator's word.
+    pub fn maybe_forget_version(&mut self, errors: &[&ApiError]) {
+        if !self.connection.version_pinned && errors.iter().any(|e| e.suggests_other_version()) {
+            forget_detected_version();
+            self.note(
+                "a reply suggests the server speaks the other API dialect; the next run asks GET / again",
+            );
+        }
+    }
+
     pub fn version_name(&self) -> Option<&'static str> {
         self.version.map(ApiVersion::as_str)
     }
 
-    pub fn note_error(&mut self, message: &str) {
-        self.last_error = Some(message.to_string());
+    /// Whether this run may call the server. With the circuit open, no call is made until its
+    /// next probe is due; then one `GET /` decides: an answer closes it, a failure keeps it open
+    /// for longer. Returns the reason to stop, if any.
+    pub fn circuit_allows(&mut self) -> Option<&'static str> {
+        let (open, due) = Spi::get_two::<bool, bool>(
+            "SELECT true, next_probe_at <= now() FROM evoq.circuit FOR UPDATE",
+        )
+        .unwrap_or((None, None));
+        if open != Some(true) {
+            return None;
+        }
+        if due != Some(true) {
+            return Some("circuit_open");
+        }
+        match self.probe() {
+            Ok(v) => {
+                Spi::run("DELETE FROM evoq.circuit")
+                    .unwrap_or_else(|e| pgrx::error!("evoq could not close its circuit: {e}"));
+                if self.version.is_none() {
+                    remember_detected_version(v);
+                    self.version = Some(v);
+                }
+                self.note("the circuit was open; GET / answered, so it is closed again");
+                None
+            }
+            Err(e) => {
+                self.count_error(&e);
+                self.trip(&e.message);
+                Some("circuit_open")
+            }
+        }
+    }
+
+    /// Opens the circuit (or keeps it open, probing later each time).
+    pub fn trip(&mut self, cause: &str) {
+        let trips = Spi::get_one::<i32>("SELECT trips FROM evoq.circuit")
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+            + 1;
+        let delay = circuit_probe_delay(trips as u32);
+        Spi::run_with_args(
+            "INSERT INTO evoq.circuit (singleton, opened_at, cause, trips, next_probe_at)
+             VALUES (true, now(), $1, $2, clock_timestamp() + $3 * interval '1 millisecond')
+             ON CONFLICT (singleton) DO UPDATE SET cause = excluded.cause, trips = excluded.trips,
+                 next_probe_at = excluded.next_probe_at",
+            &[
+                cause.into(),
+                trips.into(),
+                (delay.as_millis() as i64).into(),
+            ],
+        )
+        .unwrap_or_else(|e| pgrx::error!("evoq could not open its circuit: {e}"));
+        self.note(format!(
+            "circuit opened: every call failed the same way ({cause}); calls stop until the next probe in {} s",
+            delay.as_secs()
+        ));
     }
 
     /// Runs one batch on the run's worker pool, checking for cancel and statement_timeout
-    /// every few milliseconds. Items unanswered at the deadline come back as None.
+    /// every few milliseconds. Items unanswered at the deadline come back as None; past the
+    /// deadline nothing is handed out at all.
     pub fn call_all<T: Send + 'static, R: Send + 'static>(
         &self,
         pool: &mut Pool<T, R>,
         items: Vec<T>,
     ) -> Vec<Option<R>> {
+        if self.out_of_time() {
+            return items.iter().map(|_| None).collect();
+        }
         pool.run(items, Some(self.deadline), || {
             pgrx::check_for_interrupts!();
         })
@@ -103,22 +214,65 @@ impl Run {
         Pool::new(self.tunables.concurrency, work)
     }
 
+    /// The error for a call still unanswered when the run's time budget ran out.
+    pub fn budget_error(&self, what: &str) -> ApiError {
+        ApiError::deadline(format!(
+            "{what}: no answer before the run's time budget (evoq.time_budget_ms = {}) ran out",
+            self.tunables.time_budget.as_millis()
+        ))
+    }
+
     /// Remembers the run for evoq_status and returns the summary.
     pub fn finish(self, mut summary: Value) -> JsonB {
         summary["elapsed_ms"] = json!(self.started.elapsed().as_millis() as u64);
         if let Some(v) = self.version_name() {
             summary["api_version"] = json!(v);
         }
+        let seen = self.errors.to_json();
+        summary["errors_by_kind"] = seen["by_kind"].clone();
+        summary["first_errors"] = seen["first"].clone();
+        summary["last_error"] = json!(self.errors.last().or(self.notes.last().map(|s| s.as_str())));
+        if !self.notes.is_empty() {
+            summary["notes"] = json!(self.notes);
+        }
+        let last_error = self
+            .errors
+            .last()
+            .map(str::to_string)
+            .or_else(|| self.notes.last().cloned());
         Spi::run_with_args(
             "SELECT evoq._record_run($1, $2, $3)",
             &[
                 self.job.into(),
                 JsonB(summary.clone()).into(),
-                self.last_error.clone().into(),
+                last_error.into(),
             ],
         )
         .unwrap_or_else(|e| pgrx::error!("evoq could not record the run: {e}"));
         JsonB(summary)
+    }
+}
+
+/// The process job refuses to run while an attached table's user id column is unusable: every
+/// sign-up there is being skipped, and a WARNING in the inserting session goes unread.
+pub fn require_working_attachments() {
+    let problems = Spi::get_one::<String>("SELECT evoq._attachment_problems()")
+        .ok()
+        .flatten();
+    if let Some(problems) = problems {
+        let skipped = Spi::get_one::<i64>("SELECT count(*) FROM evoq.skipped_profiles")
+            .ok()
+            .flatten()
+            .unwrap_or(0);
+        EvoqError::NotReady {
+            message: format!(
+                "evoq's profile trigger cannot read the user id: {problems} ({skipped} profile rows skipped so far)"
+            ),
+            hint: "Attach it again with the right column: SELECT evoq_attach('your_table', user_id_column => 'the_uuid_column'); \
+                   the skipped rows are listed in evoq.skipped_profiles."
+                .into(),
+        }
+        .raise()
     }
 }
 
@@ -153,19 +307,31 @@ pub fn call_json<T: DeserializeOwned>(sql: &str, args: &[pgrx::datum::DatumWithO
         .unwrap_or_else(|e| pgrx::error!("evoq: {sql} returned an unexpected shape: {e}"))
 }
 
-/// Writes a batch's results with one statement.
-pub fn record(sql: &str, results: Vec<Value>) {
-    if results.is_empty() {
-        return;
-    }
-    Spi::run_with_args(sql, &[JsonB(Value::Array(results)).into()])
-        .unwrap_or_else(|e| pgrx::error!("evoq: recording results failed: {e}"));
+fn record_batch(sql: &str, results: Vec<Value>) -> Result<(), String> {
+    subxact::attempt(|| {
+        Spi::run_with_args(sql, &[JsonB(Value::Array(results)).into()]).map_err(|e| e.to_string())
+    })
+    .and_then(|r| r)
 }
 
-/// The message for a call still unanswered when the run's time budget ran out.
-pub fn budget_error(run: &Run) -> ApiError {
-    ApiError::transient(format!(
-        "no answer before the run's time budget (evoq.time_budget_ms = {}) ran out",
-        run.tunables.time_budget.as_millis()
-    ))
+/// Writes a batch's results with one statement. Anything the server sent is data, so a reply
+/// that still cannot be stored (it broke a constraint, a trigger of someone's refused it) must
+/// not wedge the queue: the batch is then recorded row by row, and a row that cannot be recorded
+/// is recorded as `as_failure(row, error)` instead. Returns how many rows took that path.
+pub fn record(sql: &str, results: Vec<Value>, as_failure: impl Fn(&Value, &str) -> Value) -> u64 {
+    if results.is_empty() || record_batch(sql, results.clone()).is_ok() {
+        return 0;
+    }
+    let mut failed = 0;
+    for row in results {
+        if let Err(e) = record_batch(sql, vec![row.clone()]) {
+            failed += 1;
+            let message = format!("the Evolution API's answer could not be stored: {e}");
+            if let Err(e) = record_batch(sql, vec![as_failure(&row, &message)]) {
+                // The row stays claimed until the run ends, then is due again.
+                pgrx::warning!("evoq could not record a result even as a failure: {e}");
+            }
+        }
+    }
+    failed
 }

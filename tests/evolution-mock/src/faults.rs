@@ -25,6 +25,10 @@ pub enum FaultKind {
     MissingFields,
     /// Close the connection without sending anything.
     Drop,
+    /// Reply this HTTP code and this exact JSON body: what a server, a proxy or a WAF in front
+    /// of it might send that the other faults do not cover (a `\u0000` in a QR, a count past
+    /// 2^31, a 403 that is not about a name, an echo of the request's headers).
+    Reply { code: u16, body: String },
 }
 
 /// One rule. `path_contains` is a substring of the request path (raw or percent-decoded);

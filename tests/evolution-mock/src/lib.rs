@@ -1,5 +1,5 @@
 //! A faithful in-memory mock of the Evolution API (WhatsApp HTTP API) server, following
-//! `/work/shared/evolution-api.md`: v2.3.6 or v1.8.2 body shapes, the error envelope, guard
+//! `docs/evolution-api.md`: v2.3.6 or v1.8.2 body shapes, the error envelope, guard
 //! order (404 and 403 before 401), QR cadence, plus fault injection and a `/__mock` control API.
 //!
 //! ```no_run

@@ -251,6 +251,10 @@ fn sleep_unless_stopped(shared: &Shared, ms: u64) {
 fn fault_reply(kind: &FaultKind, req: &Req) -> Reply {
     match kind {
         FaultKind::Status { code } => status_fault(*code, req),
+        FaultKind::Reply { code, body } => Reply {
+            status: *code,
+            body: Body::RawJson(body.clone()),
+        },
         FaultKind::Garbage => Reply {
             status: 200,
             body: Body::RawJson("<html>not json".into()),
