@@ -101,6 +101,11 @@ q "SELECT evoq_configure(api_url => 'http://127.0.0.1:9', api_key => '$KEY')" >/
 q "INSERT INTO profiles (email) VALUES ('late@example.com')"
 q "SELECT evoq_process_queue()" >/dev/null
 q "SELECT evoq_configure(api_url => 'ftp://nope', api_key => '$KEY')" >/dev/null 2>&1
+# A call that fails before evoq_configure runs (a misspelled argument) logs its statement: the key
+# read from a file is not in that text.
+printf '%s' "$KEY" >"$CLUSTER_DIR/api_key"; chown postgres "$CLUSTER_DIR/api_key"; chmod 600 "$CLUSTER_DIR/api_key"
+q "SELECT evoq_configure(api_urll => '$MOCK_URL', api_key => pg_read_file('$CLUSTER_DIR/api_key'))" >/dev/null 2>&1
+check "a call that fails before it runs logs its statement" "$(grep -c "STATEMENT:.*api_urll" "$CLUSTER_DIR/server.log")" "1"
 check "the API key is nowhere in the server log" "$(grep -c -- "$KEY" "$CLUSTER_DIR/server.log")" "0"
 check "the cause is in evoq_status, the row is not charged" \
   "$(q "SELECT circuit_cause LIKE '%connection refused%' FROM evoq_status")$(q "SELECT attempts FROM evolution_instance_creation_queue q JOIN profiles p ON p.id = q.user_id WHERE p.email = 'late@example.com'")" "t0"

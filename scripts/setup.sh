@@ -16,6 +16,11 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+# The style step needs rustup's clippy and rustfmt (in rustup's default profile).
+for tool in clippy fmt; do
+  cargo "$tool" --version >/dev/null 2>&1 || { echo "setup: cargo $tool is missing: rustup component add ${tool/fmt/rustfmt}" >&2; exit 1; }
+done
+
 PGRX_VERSION=0.18.1
 if ! cargo pgrx --version 2>/dev/null | grep -q "$PGRX_VERSION"; then
   echo "setup: installing cargo-pgrx $PGRX_VERSION (about 5 minutes on 2 cores)"

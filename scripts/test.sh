@@ -1,15 +1,23 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian machine (as root) or a developer's shell:
 #   1. setup (packages, cargo-pgrx, pgrx init)      scripts/setup.sh
-#   2. plain Rust tests of the mock Evolution API     cargo test -p evolution-mock
-#   3. the extension's tests in a real PostgreSQL 15  cargo pgrx test (pure Rust tests + #[pg_test]s,
+#   2. style                                          cargo fmt --check, cargo clippy -D warnings
+#   3. plain Rust tests of the mock Evolution API     cargo test -p evolution-mock
+#   4. the extension's tests in a real PostgreSQL 15  cargo pgrx test (pure Rust tests + #[pg_test]s,
 #      pg_cron preloaded, each test with its own mock server)
-#   4. integration tests against a real cluster       scripts/integration.sh
+#   5. integration tests against a real cluster       scripts/integration.sh
 #      (system install, crash with pg_ctl stop -m immediate, pg_dump/restore, secrets in logs)
+#   6. the upgrade from 0.1.0, then ALTER EXTENSION   scripts/upgrade-check.sh
+#      UPDATE: equal to a fresh install, every row kept
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/setup.sh
+
+echo "== style (cargo fmt --check, cargo clippy -D warnings)"
+cargo fmt --all -- --check
+cargo clippy --quiet --all-targets --features "pg15 pg_test" -- -D warnings
+cargo clippy --quiet --all-targets -p evolution-mock -- -D warnings
 
 echo "== mock Evolution API tests"
 cargo test -p evolution-mock --quiet 2>&1 | grep -E "^test result|FAILED|panicked"
@@ -29,3 +37,6 @@ RUST_TEST_THREADS=1 cargo pgrx test pg15 "${runas[@]}"
 
 echo "== integration tests (real cluster)"
 scripts/integration.sh
+
+echo "== upgrade from 0.1.0 (ALTER EXTENSION evoq UPDATE)"
+scripts/upgrade-check.sh

@@ -22,6 +22,9 @@ pub enum EvoqError {
     NotReady { message: String, hint: String },
     /// The calling role lacks a privilege the call needs on the caller's own behalf.
     PermissionDenied { message: String, hint: String },
+    /// evoq's own SQL failed where it cannot (a statement of the extension's, not the user's):
+    /// a broken or half-upgraded installation, or a bug.
+    Internal { message: String },
 }
 
 impl EvoqError {
@@ -56,6 +59,18 @@ impl EvoqError {
             EvoqError::PermissionDenied { message, hint } => {
                 (PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE, message, Some(hint))
             }
+            EvoqError::Internal { message } => (
+                PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+                message,
+                Some("Check that the installed evoq files match the extension version (SELECT extversion FROM pg_extension WHERE extname = 'evoq'; ALTER EXTENSION evoq UPDATE;), then report it with this message.".into()),
+            ),
+        }
+    }
+
+    /// evoq's own statement `what` failed with `detail`.
+    pub fn internal(what: &str, detail: impl std::fmt::Display) -> Self {
+        EvoqError::Internal {
+            message: format!("evoq {what}: {detail}"),
         }
     }
 
@@ -79,5 +94,21 @@ pub trait OrRaise<T> {
 impl<T> OrRaise<T> for Result<T, EvoqError> {
     fn or_raise(self) -> T {
         self.unwrap_or_else(|e| e.raise())
+    }
+}
+
+/// An SPI result from one of evoq's own statements: "no row" is None, any other failure is an
+/// internal error with what was being done. (0.1.0 turned such failures into silent defaults.)
+pub trait SpiResult<T> {
+    fn or_internal(self, what: &str) -> T;
+}
+
+impl<T: Default> SpiResult<T> for Result<T, pgrx::spi::Error> {
+    fn or_internal(self, what: &str) -> T {
+        match self {
+            Ok(value) => value,
+            Err(pgrx::spi::Error::InvalidPosition) => T::default(),
+            Err(e) => EvoqError::internal(what, e).raise(),
+        }
     }
 }

@@ -9,6 +9,7 @@ pub mod pool;
 pub mod summary;
 
 // Postgres-facing: SQL functions, SPI, GUCs.
+mod deployment;
 mod errors;
 mod jobs;
 mod queue;
@@ -33,12 +34,6 @@ mod testing;
 #[::pgrx::pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     settings::register_gucs();
-}
-
-#[cfg(any(test, feature = "pg_test"))]
-#[::pgrx::pg_schema]
-mod tests {
-    include!("tests.rs");
 }
 
 /// Required by `cargo pgrx test`.

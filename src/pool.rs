@@ -434,20 +434,34 @@ mod tests {
         assert_eq!(peak.load(Ordering::SeqCst), 4);
     }
 
+    /// Waits (at most 10 s) until `count` reaches `n`: a rendezvous that only completes when the
+    /// calls really run at the same time, with no wall-clock bound to flake on a busy machine.
+    fn rendezvous(count: &AtomicUsize, n: usize) -> bool {
+        count.fetch_add(1, Ordering::SeqCst);
+        let until = Instant::now() + Duration::from_secs(10);
+        while count.load(Ordering::SeqCst) < n {
+            if Instant::now() > until {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
+    }
+
     #[test]
     fn calls_overlap() {
-        let start = Instant::now();
-        run(
+        let arrived = Arc::new(AtomicUsize::new(0));
+        let a = arrived.clone();
+        let out = run(
             (0..16).collect(),
             16,
             None,
-            |_: u32| std::thread::sleep(Duration::from_millis(100)),
+            move |_: u32| rendezvous(&a, 16),
             || {},
         );
         assert!(
-            start.elapsed() < Duration::from_millis(1000),
-            "took {:?}",
-            start.elapsed()
+            out.iter().all(|met| *met == Some(true)),
+            "not all 16 calls were in flight at once: {out:?}"
         );
     }
 
@@ -466,26 +480,31 @@ mod tests {
 
     #[test]
     fn deadline_returns_unfinished_items_as_none() {
-        let start = Instant::now();
+        let release = Arc::new(AtomicBool::new(false));
+        let r = release.clone();
         let out = run(
-            vec![0u64, 2000],
+            vec![false, true],
             2,
             Some(Instant::now() + Duration::from_millis(200)),
-            |ms| {
-                std::thread::sleep(Duration::from_millis(ms));
-                ms
+            move |blocks: bool| {
+                // The blocking call runs until the test lets it go, long after the deadline.
+                while blocks && !r.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                blocks
             },
             || {},
         );
-        assert!(start.elapsed() < Duration::from_millis(1000));
-        assert_eq!(out, vec![Some(0), None]);
+        release.store(true, Ordering::SeqCst);
+        assert_eq!(out, vec![Some(false), None]);
     }
 
     #[test]
     fn unwinding_out_of_on_wait_abandons_the_rest_promptly() {
         let started = Arc::new(AtomicUsize::new(0));
-        let s = started.clone();
-        let begin = Instant::now();
+        let finished = Arc::new(AtomicUsize::new(0));
+        let release = Arc::new(AtomicBool::new(false));
+        let (s, f, r) = (started.clone(), finished.clone(), release.clone());
         let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let mut waits = 0;
             run(
@@ -494,7 +513,12 @@ mod tests {
                 None,
                 move |_: u32| {
                     s.fetch_add(1, Ordering::SeqCst);
-                    std::thread::sleep(Duration::from_millis(300));
+                    // Calls in hand block until the test releases them: the cancel cannot
+                    // have waited for them if it returns while they are still blocked.
+                    while !r.load(Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    f.fetch_add(1, Ordering::SeqCst);
                 },
                 || {
                     waits += 1;
@@ -505,14 +529,25 @@ mod tests {
             )
         }));
         assert!(caught.is_err());
-        assert!(
-            begin.elapsed() < Duration::from_millis(250),
-            "cancel took {:?}",
-            begin.elapsed()
+        assert_eq!(
+            finished.load(Ordering::SeqCst),
+            0,
+            "the cancel waited for calls in hand"
         );
-        std::thread::sleep(Duration::from_millis(700));
-        // Only the two calls in hand ran; nothing new was taken after the cancel.
-        assert_eq!(started.load(Ordering::SeqCst), 2);
+        release.store(true, Ordering::SeqCst);
+        let until = Instant::now() + Duration::from_secs(10);
+        while finished.load(Ordering::SeqCst) < started.load(Ordering::SeqCst)
+            && Instant::now() < until
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        // Only the calls in hand ran (at most the two workers'); nothing new was taken after.
+        assert!(
+            started.load(Ordering::SeqCst) <= 2,
+            "{} calls started",
+            started.load(Ordering::SeqCst)
+        );
     }
 
     /// What Postgres installs handlers for, and so must never see delivered to a worker.

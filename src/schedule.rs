@@ -1,7 +1,7 @@
 //! pg_cron glue: the two jobs, created or replaced by name. Their commands hold no secret; the
 //! functions read the connection from evoq's private settings.
 
-use crate::errors::{EvoqError, OrRaise};
+use crate::errors::{EvoqError, OrRaise, SpiResult};
 use pgrx::prelude::*;
 
 pub const PROCESS_JOB: &str = "process-evolution-queue";
@@ -13,7 +13,7 @@ fn require_pg_cron() -> Result<(), EvoqError> {
     let (cron_db, here) = Spi::get_two::<String, String>(
         "SELECT current_setting('cron.database_name', true), current_database()::text",
     )
-    .unwrap_or((None, None));
+    .or_internal("checking pg_cron");
     if let (Some(cron_db), Some(here)) = (cron_db, here) {
         if !cron_db.is_empty() && cron_db != here {
             let schema = extension_schema();
@@ -32,8 +32,7 @@ fn require_pg_cron() -> Result<(), EvoqError> {
     let installed = Spi::get_one::<bool>(
         "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_cron')",
     )
-    .ok()
-    .flatten()
+    .or_internal("checking pg_cron")
     .unwrap_or(false);
     if installed {
         return Ok(());
@@ -53,8 +52,7 @@ fn extension_schema() -> String {
     let schema = Spi::get_one::<String>(
         "SELECT n.nspname::text FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'evoq'",
     )
-    .ok()
-    .flatten()
+    .or_internal("checking pg_cron")
     .unwrap_or_else(|| "public".into());
     if schema == "public" {
         String::new()
@@ -68,19 +66,24 @@ fn command(function: &str) -> String {
     format!("SELECT {}{function}()", extension_schema())
 }
 
+/// pg_cron raises a Postgres ERROR for a schedule it cannot parse; caught in a subtransaction so
+/// the caller gets evoq's error with a hint instead of pg_cron's bare message.
 fn schedule_job(name: &str, schedule: &str, command: &str) -> i64 {
-    Spi::get_one_with_args::<i64>(
-        "SELECT cron.schedule($1, $2, $3)",
-        &[name.into(), schedule.into(), command.into()],
-    )
-    .unwrap_or_else(|e| {
-        EvoqError::invalid(
-            format!("pg_cron refused the schedule {schedule:?} for {name}: {e}"),
-            "Use a cron expression such as '*/5 * * * *'.",
+    let scheduled = crate::subxact::attempt(|| {
+        Spi::get_one_with_args::<i64>(
+            "SELECT cron.schedule($1, $2, $3)",
+            &[name.into(), schedule.into(), command.into()],
         )
-        .raise()
-    })
-    .unwrap_or_default()
+        .map_err(|e| e.to_string())
+    });
+    match scheduled {
+        Ok(Ok(id)) => id.unwrap_or_default(),
+        Ok(Err(e)) | Err(e) => EvoqError::invalid(
+            format!("pg_cron refused the schedule {schedule:?} for {name}: {e}"),
+            "Use a cron expression such as '*/5 * * * *' (pg_cron 1.4 has no seconds schedules).",
+        )
+        .raise(),
+    }
 }
 
 #[pg_extern(security_definer)]
@@ -109,7 +112,6 @@ fn evoq_unschedule() -> i64 {
     Spi::get_one::<i64>(&format!(
         "SELECT count(cron.unschedule(jobname)) FROM cron.job WHERE jobname IN ('{PROCESS_JOB}', '{REFRESH_JOB}')"
     ))
-    .ok()
-    .flatten()
+    .or_internal("checking pg_cron")
     .unwrap_or(0)
 }

@@ -4,7 +4,7 @@
 //! - tunables are GUCs (`evoq.*`) with bounds that Postgres enforces, set like any other
 //!   setting (`ALTER DATABASE ... SET evoq.concurrency = 32`), which pg_cron's sessions pick up.
 
-use crate::errors::{EvoqError, OrRaise};
+use crate::errors::{EvoqError, OrRaise, SpiResult};
 use crate::evolution::{check_events, check_url, mask_credentials, ApiVersion, Webhook};
 use pgrx::prelude::*;
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
@@ -135,36 +135,35 @@ type SettingsRow = (
 /// instances, take their tokens and move their webhooks to itself.
 pub fn load_connection() -> Result<Connection, EvoqError> {
     let row: Option<SettingsRow> = Spi::connect(|client| {
-        let table = client
-            .select(
-                "SELECT api_url, api_key, webhook_url, webhook_events, api_version, detected_version,
-                        namespace, deployment_identity, evoq._deployment_identity()
-                 FROM evoq.settings",
-                Some(1),
-                &[],
-            )
-            .ok()?;
+        let table = client.select(
+            "SELECT api_url, api_key, webhook_url, webhook_events, api_version, detected_version,
+                    namespace, deployment_identity, evoq._deployment_identity()
+             FROM evoq.settings",
+            Some(1),
+            &[],
+        )?;
+        if table.is_empty() {
+            return Ok(None);
+        }
         let row = table.first();
-        Some((
-            row.get::<String>(1).ok().flatten()?,
-            row.get::<String>(2).ok().flatten()?,
-            row.get::<String>(3).ok().flatten(),
-            row.get::<Vec<String>>(4).ok().flatten().unwrap_or_default(),
-            row.get::<String>(5)
-                .ok()
-                .flatten()
-                .unwrap_or_else(|| "auto".into()),
-            row.get::<String>(6).ok().flatten(),
-            row.get::<String>(7).ok().flatten(),
-            row.get::<String>(8).ok().flatten(),
-            row.get::<String>(9).ok().flatten(),
-        ))
-    });
+        Ok::<_, pgrx::spi::Error>(Some((
+            row.get::<String>(1)?.unwrap_or_default(),
+            row.get::<String>(2)?.unwrap_or_default(),
+            row.get::<String>(3)?,
+            row.get::<Vec<String>>(4)?.unwrap_or_default(),
+            row.get::<String>(5)?.unwrap_or_else(|| "auto".into()),
+            row.get::<String>(6)?,
+            row.get::<String>(7)?,
+            row.get::<String>(8)?,
+            row.get::<String>(9)?,
+        )))
+    })
+    .or_internal("reading its settings");
     let (api_url, api_key, webhook_url, events, pinned, detected, namespace, bound, identity) =
         row.ok_or(EvoqError::NotConfigured)?;
     let namespace = match namespace {
         Some(ns) if bound.is_some() && bound == identity => ns,
-        other => return Err(copied_database(other.as_deref())),
+        other => return Err(crate::deployment::copied_database(other.as_deref())),
     };
     let version_pinned = pinned != "auto";
     Ok(Connection {
@@ -181,26 +180,13 @@ pub fn load_connection() -> Result<Connection, EvoqError> {
     })
 }
 
-fn copied_database(namespace: Option<&str>) -> EvoqError {
-    let keep = namespace.map_or(String::new(), |ns| {
-        format!(" If it is the same deployment moved to a new server, keep its namespace: namespace => '{ns}'.")
-    });
-    EvoqError::NotReady {
-        message: "this database is not the one evoq was configured in (a restored or moved copy), \
-                  so evoq will not call the Evolution API from it"
-            .into(),
-        hint: format!(
-            "A copy (staging, a test restore) must not take over the original's instances: give it a namespace \
-             of its own with SELECT evoq_configure(api_url => ..., api_key => ..., namespace => 'staging').{keep}"
-        ),
-    }
-}
-
 /// Forgets the detected version (a reply said the server now speaks the other dialect), so the
 /// next run asks `GET /` again.
 pub fn forget_detected_version() {
     Spi::run("UPDATE evoq.settings SET detected_version = NULL, detected_at = NULL")
-        .unwrap_or_else(|e| pgrx::error!("evoq could not update its settings: {e}"));
+        .unwrap_or_else(|e| {
+            crate::errors::EvoqError::internal("could not update its settings", e).raise()
+        });
 }
 
 /// Remembers what `GET /` said, so later runs do not ask a slow server again.
@@ -209,7 +195,9 @@ pub fn remember_detected_version(version: ApiVersion) {
         "UPDATE evoq.settings SET detected_version = $1, detected_at = now()",
         &[version.as_str().into()],
     )
-    .unwrap_or_else(|e| pgrx::error!("evoq could not update its settings: {e}"));
+    .unwrap_or_else(|e| {
+        crate::errors::EvoqError::internal("could not update its settings", e).raise()
+    });
 }
 
 fn config_error(e: crate::evolution::ConfigError) -> EvoqError {
@@ -220,34 +208,6 @@ fn required<'a>(name: &str, value: Option<&'a str>, hint: &str) -> &'a str {
     match value.map(str::trim) {
         Some(v) if !v.is_empty() => v,
         _ => EvoqError::invalid(format!("{name} must not be empty or NULL"), hint).raise(),
-    }
-}
-
-/// The namespace to store: the one given, else the one this database already has, else one
-/// derived from the database's identity. A copy must be given one.
-fn choose_namespace(given: Option<&str>) -> String {
-    if let Some(ns) = given {
-        let ns = ns.trim();
-        if !crate::names::valid_namespace(ns) {
-            EvoqError::invalid(
-                format!("namespace must be 1 to 12 lower-case letters or digits, got {ns:?}"),
-                "It becomes part of every instance name (evoq_<namespace>_<user>), e.g. namespace => 'staging'.",
-            )
-            .raise();
-        }
-        return ns.to_string();
-    }
-    let existing = Spi::get_two::<String, bool>(
-        "SELECT namespace, deployment_identity IS NOT DISTINCT FROM evoq._deployment_identity() FROM evoq.settings",
-    )
-    .unwrap_or((None, None));
-    match existing {
-        (Some(ns), Some(true)) => ns,
-        (Some(ns), _) => copied_database(Some(&ns)).raise(),
-        (None, _) => Spi::get_one::<String>("SELECT evoq._default_namespace()")
-            .ok()
-            .flatten()
-            .unwrap_or_else(|| pgrx::error!("evoq could not derive a namespace")),
     }
 }
 
@@ -272,12 +232,11 @@ fn evoq_configure(
     // put back before returning, so it does not outlive the call.
     let saved =
         Spi::get_one::<String>("SELECT pg_catalog.current_setting('log_min_error_statement')")
-            .ok()
-            .flatten()
+            .or_internal("reading its settings")
             .unwrap_or_else(|| "error".into());
     Spi::run("SELECT pg_catalog.set_config('log_min_error_statement', 'panic', true)")
         .unwrap_or_else(|e| {
-            pgrx::error!("evoq_configure could not protect the key from the log: {e}")
+            crate::errors::EvoqError::internal("could not protect the key from the log", e).raise()
         });
     let api_url = required(
         "api_url",
@@ -315,7 +274,7 @@ fn evoq_configure(
         )
         .raise();
     }
-    let namespace = choose_namespace(namespace);
+    let namespace = crate::deployment::choose_namespace(namespace);
     // A new namespace (a copy given its own): rows not completed yet carry names of the old
     // deployment, whose instances this one must never adopt. They get names in the new one.
     Spi::run_with_args(
@@ -324,7 +283,9 @@ fn evoq_configure(
            AND EXISTS (SELECT 1 FROM evoq.settings WHERE namespace IS DISTINCT FROM $1)",
         &[namespace.clone().into()],
     )
-    .unwrap_or_else(|e| pgrx::error!("evoq_configure could not rename queued instances: {e}"));
+    .unwrap_or_else(|e| {
+        crate::errors::EvoqError::internal("could not rename queued instances", e).raise()
+    });
     Spi::run_with_args(
         "INSERT INTO evoq.settings (singleton, api_url, api_key, webhook_url, webhook_events, api_version,
                                     namespace, deployment_identity)
@@ -344,16 +305,17 @@ fn evoq_configure(
             namespace.clone().into(),
         ],
     )
-    .unwrap_or_else(|e| pgrx::error!("evoq_configure could not store the settings: {e}"));
+    .unwrap_or_else(|e| crate::errors::EvoqError::internal("could not store the settings", e).raise());
     // A new configuration deserves a fresh start: the circuit may have opened because of the old one.
-    Spi::run("DELETE FROM evoq.circuit")
-        .unwrap_or_else(|e| pgrx::error!("evoq_configure could not reset the circuit: {e}"));
+    Spi::run("DELETE FROM evoq.circuit").unwrap_or_else(|e| {
+        crate::errors::EvoqError::internal("could not reset the circuit", e).raise()
+    });
     Spi::run_with_args(
         "SELECT pg_catalog.set_config('log_min_error_statement', $1, true)",
         &[saved.into()],
     )
     .unwrap_or_else(|e| {
-        pgrx::error!("evoq_configure could not restore log_min_error_statement: {e}")
+        crate::errors::EvoqError::internal("could not restore log_min_error_statement", e).raise()
     });
     pgrx::JsonB(serde_json::json!({
         "api_url": mask_credentials(api_url),

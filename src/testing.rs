@@ -7,6 +7,32 @@ use pgrx::prelude::*;
 use pgrx::JsonB;
 use serde_json::Value;
 
+/// A JSON string's text, or "" for anything else.
+pub fn s(v: &Value) -> &str {
+    v.as_str().unwrap_or("")
+}
+
+/// A Supabase-like database: its three API roles, `auth.uid()`, and what Supabase's default
+/// privileges give those roles on every table and function in public (ALL), as evoq's objects
+/// have them right after CREATE EXTENSION; then evoq's policies applied over that.
+pub fn supabase_like() {
+    for role in ["anon", "authenticated", "service_role"] {
+        run(&format!(
+            "DO $$ BEGIN CREATE ROLE {role} NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$"
+        ));
+    }
+    run("CREATE SCHEMA IF NOT EXISTS auth");
+    run("CREATE OR REPLACE FUNCTION auth.uid() RETURNS uuid LANGUAGE sql STABLE AS
+         $$ SELECT (nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'sub')::uuid $$");
+    run("GRANT USAGE ON SCHEMA auth TO anon, authenticated, service_role");
+    run("GRANT ALL ON ALL TABLES IN SCHEMA public TO anon, authenticated, service_role");
+    run("GRANT ALL ON ALL FUNCTIONS IN SCHEMA public TO anon, authenticated, service_role");
+    assert_eq!(
+        one::<String>("SELECT evoq_apply_policies()").as_deref(),
+        Some("supabase")
+    );
+}
+
 /// A distinctive key, so tests can prove it leaks nowhere.
 pub const API_KEY: &str = "sk-evoq-test-7f3a9c1e-DO-NOT-LEAK";
 
@@ -203,10 +229,16 @@ pub fn finish_session(name: &str) -> String {
     result
 }
 
-/// Waits (up to 10 s) until the mock has seen at least `n` calls of `method` under `path`.
+/// Waits (up to 10 s) until the mock has seen at least `n` calls of `method` under `path`;
+/// panics if it has not by then, so a test never goes on believing the calls happened.
 pub fn wait_for_calls(mock: &MockServer, method: &str, path: &str, n: usize) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while mock.count_calls(method, path) < n && std::time::Instant::now() < deadline {
+    while mock.count_calls(method, path) < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the mock saw {} of {n} {method} {path} calls in 10 s",
+            mock.count_calls(method, path)
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }

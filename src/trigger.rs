@@ -4,7 +4,7 @@
 //! never waits on a lock a job holds: a profile insert must never wait for, or fail because of,
 //! the Evolution API or evoq's own runs.
 
-use crate::errors::{EvoqError, OrRaise};
+use crate::errors::{EvoqError, OrRaise, SpiResult};
 use pgrx::prelude::*;
 use pgrx::spi::OwnedPreparedStatement;
 use pgrx::PgOid;
@@ -111,8 +111,7 @@ fn extension_schema() -> String {
         "SELECT quote_ident(n.nspname) FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
          WHERE e.extname = 'evoq'",
     )
-    .ok()
-    .flatten()
+    .or_internal("reading the catalog")
     .unwrap_or_else(|| "public".into())
 }
 
@@ -121,7 +120,7 @@ fn check_target(table: pg_sys::Oid, column: &str) -> Result<String, EvoqError> {
         "SELECT c.oid::regclass::text, c.relkind::text FROM pg_class c WHERE c.oid = $1",
         &[table.into()],
     )
-    .unwrap_or((None, None));
+    .or_internal("reading the catalog");
     let name = name.ok_or_else(|| EvoqError::BadTarget {
         message: "the table given to evoq_attach does not exist".into(),
         hint: "Pass the profiles table, e.g. evoq_attach('public.profiles').".into(),
@@ -137,8 +136,7 @@ fn check_target(table: pg_sys::Oid, column: &str) -> Result<String, EvoqError> {
          WHERE attrelid = $1 AND attname = $2 AND attnum > 0 AND NOT attisdropped",
         &[table.into(), column.into()],
     )
-    .ok()
-    .flatten();
+    .or_internal("reading the catalog");
     match column_type.as_deref() {
         None => Err(EvoqError::BadTarget {
             message: format!("table {name} has no column {column:?}"),
@@ -164,7 +162,7 @@ fn require_trigger_privilege(table: pg_sys::Oid) -> Result<(), EvoqError> {
                 $2::regclass::text",
         &[caller.into(), table.into()],
     )
-    .unwrap_or((None, None, None));
+    .or_internal("reading the catalog");
     if allowed == Some(true) {
         return Ok(());
     }
@@ -197,12 +195,11 @@ mod evoq {
             "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = $1 AND tgname = $2)",
             &[table.into(), TRIGGER_NAME.into()],
         )
-        .ok()
-        .flatten()
+        .or_internal("reading the catalog")
         .unwrap_or(false);
         if exists {
             Spi::run(&format!("DROP TRIGGER {TRIGGER_NAME} ON {name}")).unwrap_or_else(|e| {
-                pgrx::error!("evoq_attach could not replace the trigger on {name}: {e}")
+                EvoqError::internal(&format!("could not replace the trigger on {name}"), e).raise()
             });
         }
         Spi::run(&format!(
@@ -211,7 +208,7 @@ mod evoq {
             pgrx::spi::quote_literal(user_id_column)
         ))
         .unwrap_or_else(|e| {
-            pgrx::error!("evoq_attach could not create the trigger on {name}: {e}")
+            EvoqError::internal(&format!("could not create the trigger on {name}"), e).raise()
         });
         format!("trigger {TRIGGER_NAME} created on {name} (user id column {user_id_column})")
     }
@@ -221,11 +218,10 @@ mod evoq {
     fn detach_trigger(table: pg_sys::Oid) -> String {
         require_trigger_privilege(table).or_raise();
         let name = Spi::get_one_with_args::<String>("SELECT $1::regclass::text", &[table.into()])
-            .ok()
-            .flatten()
+            .or_internal("reading the catalog")
             .unwrap_or_default();
         Spi::run(&format!("DROP TRIGGER IF EXISTS {TRIGGER_NAME} ON {name}")).unwrap_or_else(|e| {
-            pgrx::error!("evoq_detach could not drop the trigger on {name}: {e}")
+            EvoqError::internal(&format!("could not drop the trigger on {name}"), e).raise()
         });
         format!("trigger {TRIGGER_NAME} dropped from {name}")
     }

@@ -255,11 +255,12 @@ pub fn parse_create_reply(body: &str, expected_name: &str) -> Result<CreatedInst
         _ => "connecting",
     }
     .to_string();
+    // `{"count":0}` (no QR yet) is kept for its count: the row then says 0 QRs so far.
     let qr = v
         .get("qrcode")
         .filter(|q| q.is_object())
         .map(parse_qr)
-        .filter(Qr::is_present);
+        .filter(|q| q.is_present() || q.count.is_some());
     Ok(CreatedInstance {
         instance_name: name,
         instance_id: id_field(instance, "instanceId"),
@@ -378,7 +379,9 @@ mod tests {
         assert_eq!(c.instance_id.as_deref(), Some("f6de"));
         assert_eq!(c.token.as_deref(), Some("4BE17E02"));
         assert_eq!(c.status, "connecting");
-        assert_eq!(c.qr, None);
+        let qr = c.qr.unwrap();
+        assert!(!qr.is_present());
+        assert_eq!(qr.count, Some(0));
     }
 
     #[test]
@@ -540,7 +543,10 @@ mod tests {
         })
         .to_string();
         let c = parse_create_reply(&body, "t1").unwrap();
-        assert_eq!((c.instance_id, c.token, c.qr), (None, None, None));
+        assert_eq!((c.instance_id, c.token), (None, None));
+        // The oversized code and pairing code are dropped; the count stays.
+        let qr = c.qr.unwrap();
+        assert_eq!((qr.code, qr.pairing_code, qr.count), (None, None, Some(1)));
         let at_bound = serde_json::json!({"instance": {"instanceName": "t1", "instanceId": "i".repeat(MAX_ID_CHARS)}});
         assert!(parse_create_reply(&at_bound.to_string(), "t1")
             .unwrap()

@@ -1,7 +1,7 @@
 //! evoq_process_queue(): create an Evolution instance for every due queue row.
 
 use super::run::{call_json, in_batch_context, record, require_working_attachments, Run};
-use crate::evolution::{ApiError, ApiVersion, Provisioned, Webhook};
+use crate::evolution::{ApiError, ApiVersion, ErrorClass, Provisioned, Webhook};
 use crate::names::instance_name;
 use crate::policy::{circuit_verdict, random_unit, Decision, RetryPolicy};
 use pgrx::prelude::*;
@@ -77,7 +77,9 @@ pub fn evoq_process_queue() -> pgrx::JsonB {
     let namespace = run.connection.namespace.clone();
     let mut tally = Tally {
         requeued: Spi::get_one::<i32>("SELECT evoq._apply_requeue_requests()")
-            .unwrap_or_else(|e| pgrx::error!("evoq could not apply requeue requests: {e}"))
+            .unwrap_or_else(|e| {
+                crate::errors::EvoqError::internal("could not apply requeue requests", e).raise()
+            })
             .unwrap_or(0) as u64,
         ..Tally::default()
     };
@@ -90,6 +92,19 @@ pub fn evoq_process_queue() -> pgrx::JsonB {
         if run.out_of_time() {
             break "time_budget";
         }
+        // The dialect first, before any row is claimed: a server that cannot even answer GET /
+        // costs no row an attempt.
+        let version = match run.version() {
+            Ok(v) => v,
+            Err(e) => {
+                run.count_error(&e);
+                if e.error_class() == ErrorClass::Deadline {
+                    break "time_budget";
+                }
+                run.trip(&e.message);
+                break "circuit_open";
+            }
+        };
         let stop = in_batch_context(|| {
             let rows: Vec<ClaimedRow> = call_json(
                 "SELECT evoq._claim_queue($1)",
@@ -110,13 +125,9 @@ pub fn evoq_process_queue() -> pgrx::JsonB {
                 .collect();
 
             // None: no answer before the run's deadline.
-            let answers: Vec<Option<Result<Provisioned, ApiError>>> = match run.version() {
-                Err(e) => rows.iter().map(|_| Some(Err(e.clone()))).collect(),
-                Ok(version) => {
-                    let calls = names.iter().map(|n| (version, n.clone())).collect();
-                    run.call_all(&mut pool, calls)
-                }
-            };
+            let calls = names.iter().map(|n| (version, n.clone())).collect();
+            let answers: Vec<Option<Result<Provisioned, ApiError>>> =
+                run.call_all(&mut pool, calls);
             // Unanswered calls are not failures of the server's: they do not open the circuit.
             let errors: Vec<Option<&ApiError>> = answers
                 .iter()
@@ -146,7 +157,9 @@ pub fn evoq_process_queue() -> pgrx::JsonB {
                     "SELECT evoq._release_queue($1)",
                     &[pgrx::JsonB(Value::Array(claims)).into()],
                 )
-                .unwrap_or_else(|e| pgrx::error!("evoq could not release a batch: {e}"));
+                .unwrap_or_else(|e| {
+                    crate::errors::EvoqError::internal("could not release a batch", e).raise()
+                });
                 tally.released += rows.len() as u64;
                 run.trip(&cause);
                 return Some("circuit_open");

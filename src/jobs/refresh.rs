@@ -126,7 +126,9 @@ pub fn evoq_refresh_qr() -> pgrx::JsonB {
     // Lost instances were turned into requeue requests; apply those no run holds now, so the
     // queue row is pending as soon as this run commits.
     tally.requeued = Spi::get_one::<i32>("SELECT evoq._apply_requeue_requests()")
-        .unwrap_or_else(|e| pgrx::error!("evoq could not apply requeue requests: {e}"))
+        .unwrap_or_else(|e| {
+            crate::errors::EvoqError::internal("could not apply requeue requests", e).raise()
+        })
         .unwrap_or(0) as u64;
 
     let summary = json!({

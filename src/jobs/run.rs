@@ -2,8 +2,8 @@
 //! the server's dialect, the per-batch memory context, waiting on the pool while honouring
 //! cancels, recording results so one bad row cannot wedge a batch, and the run summary.
 
-use crate::errors::{EvoqError, OrRaise};
-use crate::evolution::{ApiError, ApiVersion, Client, ClientConfig};
+use crate::errors::{EvoqError, OrRaise, SpiResult};
+use crate::evolution::{ApiError, ApiVersion, Client, ClientConfig, ErrorClass};
 use crate::policy::circuit_probe_delay;
 use crate::pool::Pool;
 use crate::settings::{
@@ -103,7 +103,8 @@ impl Run {
                 remember_detected_version(v);
                 v
             }
-            Err(e) if e.server_wide => return Err(e),
+            // Out of time, or not a server at all: the caller stops before claiming anything.
+            Err(e) if e.server_wide || e.error_class() == ErrorClass::Deadline => return Err(e),
             Err(e) => {
                 self.note(format!(
                     "could not tell the Evolution API version ({e}); assuming v2. \
@@ -138,7 +139,7 @@ impl Run {
         let (open, due) = Spi::get_two::<bool, bool>(
             "SELECT true, next_probe_at <= now() FROM evoq.circuit FOR UPDATE",
         )
-        .unwrap_or((None, None));
+        .or_internal("reading its state");
         if open != Some(true) {
             return None;
         }
@@ -147,8 +148,9 @@ impl Run {
         }
         match self.probe() {
             Ok(v) => {
-                Spi::run("DELETE FROM evoq.circuit")
-                    .unwrap_or_else(|e| pgrx::error!("evoq could not close its circuit: {e}"));
+                Spi::run("DELETE FROM evoq.circuit").unwrap_or_else(|e| {
+                    crate::errors::EvoqError::internal("could not close its circuit", e).raise()
+                });
                 if self.version.is_none() {
                     remember_detected_version(v);
                     self.version = Some(v);
@@ -167,8 +169,7 @@ impl Run {
     /// Opens the circuit (or keeps it open, probing later each time).
     pub fn trip(&mut self, cause: &str) {
         let trips = Spi::get_one::<i32>("SELECT trips FROM evoq.circuit")
-            .ok()
-            .flatten()
+            .or_internal("reading its state")
             .unwrap_or(0)
             + 1;
         let delay = circuit_probe_delay(trips as u32);
@@ -183,7 +184,9 @@ impl Run {
                 (delay.as_millis() as i64).into(),
             ],
         )
-        .unwrap_or_else(|e| pgrx::error!("evoq could not open its circuit: {e}"));
+        .unwrap_or_else(|e| {
+            crate::errors::EvoqError::internal("could not open its circuit", e).raise()
+        });
         self.note(format!(
             "circuit opened: every call failed the same way ({cause}); calls stop until the next probe in {} s",
             delay.as_secs()
@@ -248,7 +251,9 @@ impl Run {
                 last_error.into(),
             ],
         )
-        .unwrap_or_else(|e| pgrx::error!("evoq could not record the run: {e}"));
+        .unwrap_or_else(|e| {
+            crate::errors::EvoqError::internal("could not record the run", e).raise()
+        });
         JsonB(summary)
     }
 }
@@ -257,12 +262,10 @@ impl Run {
 /// sign-up there is being skipped, and a WARNING in the inserting session goes unread.
 pub fn require_working_attachments() {
     let problems = Spi::get_one::<String>("SELECT evoq._attachment_problems()")
-        .ok()
-        .flatten();
+        .or_internal("reading its state");
     if let Some(problems) = problems {
         let skipped = Spi::get_one::<i64>("SELECT count(*) FROM evoq.skipped_profiles")
-            .ok()
-            .flatten()
+            .or_internal("reading its state")
             .unwrap_or(0);
         EvoqError::NotReady {
             message: format!(
@@ -301,10 +304,12 @@ pub fn call_json<T: DeserializeOwned>(sql: &str, args: &[pgrx::datum::DatumWithO
                 .map(|j| j.0),
         )
     })
-    .unwrap_or_else(|e| pgrx::error!("evoq: {sql} failed: {e}"))
+    .unwrap_or_else(|e| crate::errors::EvoqError::internal(sql, e).raise())
     .unwrap_or(Value::Array(vec![]));
-    serde_json::from_value(value)
-        .unwrap_or_else(|e| pgrx::error!("evoq: {sql} returned an unexpected shape: {e}"))
+    serde_json::from_value(value).unwrap_or_else(|e| {
+        crate::errors::EvoqError::internal(&format!("{sql} returned an unexpected shape"), e)
+            .raise()
+    })
 }
 
 fn record_batch(sql: &str, results: Vec<Value>) -> Result<(), String> {

@@ -22,33 +22,21 @@ mod tests {
         )
     }
 
+    /// `GET /` calls only (the mock's count_calls matches a path prefix, and "/" is every path).
+    fn probes(mock: &evolution_mock::MockServer) -> usize {
+        mock.calls()
+            .iter()
+            .filter(|c| c["method"] == "GET" && c["path"] == "/")
+            .count()
+    }
+
     fn process() -> Value {
         json("SELECT evoq_process_queue()")
     }
 
-    /// The roles and default privileges a Supabase project has, applied to evoq's objects the way
-    /// they are at install time (ALTER DEFAULT PRIVILEGES ... GRANT ALL to the three API roles).
-    fn supabase_with_default_privileges() {
-        for role in ["anon", "authenticated", "service_role"] {
-            run(&format!(
-                "DO $$ BEGIN CREATE ROLE {role} NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$"
-            ));
-        }
-        run("CREATE SCHEMA IF NOT EXISTS auth");
-        run("CREATE OR REPLACE FUNCTION auth.uid() RETURNS uuid LANGUAGE sql STABLE AS
-             $$ SELECT (nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'sub')::uuid $$");
-        run("GRANT USAGE ON SCHEMA auth TO anon, authenticated, service_role");
-        run("GRANT ALL ON ALL TABLES IN SCHEMA public TO anon, authenticated, service_role");
-        run("GRANT ALL ON ALL FUNCTIONS IN SCHEMA public TO anon, authenticated, service_role");
-        assert_eq!(
-            one::<String>("SELECT evoq_apply_policies()").unwrap(),
-            "supabase"
-        );
-    }
-
     #[pg_test]
     fn supabase_default_privileges_let_no_api_role_wipe_or_reconfigure() {
-        supabase_with_default_privileges();
+        supabase_like();
         let user = "11111111-1111-1111-1111-111111111111";
         run(&format!(
             "INSERT INTO evolution_instance_creation_queue (user_id) VALUES ('{user}')"
@@ -329,16 +317,12 @@ mod tests {
         );
     }
 
-    fn s(v: &Value) -> &str {
-        v.as_str().unwrap_or("")
-    }
-
     #[pg_test]
     fn a_hanging_version_probe_honours_the_budget_and_sends_nothing_late() {
         let mock = mock();
         configure(&mock);
         profiles();
-        sign_up(3);
+        let users = sign_up(3);
         mock.add_fault(fault("GET", "/", FaultKind::Hang, None));
         run("SET LOCAL evoq.time_budget_ms = 1000");
         let started = Instant::now();
@@ -348,12 +332,41 @@ mod tests {
             "took {:?}",
             started.elapsed()
         );
-        assert_eq!(summary["created"], 0, "{summary}");
-        // Rows unanswered at the deadline: none was charged as if the server had failed it...
+        assert_eq!(summary["stopped"], "time_budget", "{summary}");
+        // Nothing was claimed, so nothing was charged...
+        for u in &users {
+            assert_eq!(queue_row(u)["attempts"], 0);
+        }
+        // ...and no create is sent after the run gave up.
         std::thread::sleep(Duration::from_millis(500));
-        // ...and no create was sent after the run gave up.
         assert_eq!(mock.count_calls("POST", "/instance/create"), 0);
         mock.clear_faults();
+    }
+
+    #[pg_test]
+    fn statement_timeout_holds_while_the_version_probe_hangs() {
+        // 0.1.0 asked GET / on the backend thread: statement_timeout = 1s fired after 20 s.
+        let mock = mock();
+        clean_committed();
+        committed_configure(&mock, "");
+        committed_queue(2);
+        mock.add_fault(fault("GET", "/", FaultKind::Hang, None));
+        let started = Instant::now();
+        start_in_session(
+            "evoq_timeout",
+            "SET statement_timeout = '1s'; SET evoq.time_budget_ms = 600000",
+            "SELECT evoq_process_queue()::text",
+        );
+        let result = finish_session("evoq_timeout");
+        assert!(result.contains("statement timeout"), "{result}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "took {:?}",
+            started.elapsed()
+        );
+        assert_eq!(mock.count_calls("POST", "/instance/create"), 0);
+        mock.clear_faults();
+        clean_committed();
     }
 
     #[pg_test]
@@ -365,7 +378,7 @@ mod tests {
         process();
         sign_up(1);
         process();
-        assert_eq!(mock.count_calls("GET", "/"), 1);
+        assert_eq!(probes(&mock), 1);
         assert_eq!(
             one::<String>("SELECT detected_version FROM evoq.settings").as_deref(),
             Some("v2")
@@ -628,7 +641,14 @@ mod tests {
         configure(&mock);
         profiles();
         let users = sign_up(1);
+        // The create reply says {"count":0}...
         process();
+        assert_eq!(instance_row(&users[0])["qr_count"], 0);
+        // ...a refresh brings the first QR...
+        make_refresh_due();
+        json("SELECT evoq_refresh_qr()");
+        assert_eq!(instance_row(&users[0])["qr_count"], 1);
+        // ...and a server that starts over says {"count":0} again.
         make_refresh_due();
         mock.add_fault(reply_fault(
             "GET",
@@ -638,5 +658,33 @@ mod tests {
         ));
         json("SELECT evoq_refresh_qr()");
         assert_eq!(instance_row(&users[0])["qr_count"], 0);
+    }
+
+    #[pg_test]
+    fn a_reply_in_the_other_dialect_makes_the_next_run_ask_again() {
+        let mock = mock();
+        configure(&mock);
+        profiles();
+        sign_up(1);
+        process();
+        assert_eq!(probes(&mock), 1);
+        // The server was replaced by one that speaks the other dialect.
+        mock.add_fault(reply_fault(
+            "POST",
+            "/instance/create",
+            400,
+            r#"{"status":400,"error":"Bad Request","response":{"message":[["instance requires property \"webhook\""]]}}"#,
+        ));
+        sign_up(1);
+        let summary = process();
+        assert_eq!(summary["failed"], 1, "{summary}");
+        assert_eq!(
+            one::<String>("SELECT detected_version FROM evoq.settings"),
+            None
+        );
+        mock.clear_faults();
+        sign_up(1);
+        process();
+        assert_eq!(probes(&mock), 2);
     }
 }

@@ -1,0 +1,217 @@
+#!/usr/bin/env bash
+# Upgrade check: a database created by evoq 0.1.0, built from the commit that shipped it, filled
+# with rows in every state and then brought forward with ALTER EXTENSION evoq UPDATE must equal a
+# fresh install of this tree, object for object, and keep every row.
+#
+# PostgreSQL 15 loads extensions only from its own sharedir and pkglibdir, so this installs into
+# the system PostgreSQL: 0.1.0 for a while, and this tree's build again before it exits, whatever
+# happens (the integration tests and the demo use the system install).
+#
+# UPGRADE_CHECK_SELFTEST=schema  gives the fresh install an extra column the upgrade lacks;
+# UPGRADE_CHECK_SELFTEST=rows    loses a row after the upgrade. Either way the check must fail.
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
+ROOT=$PWD
+source scripts/lib/cluster.sh
+
+OLD=0.1.0 OLD_COMMIT=2519dd4872fdd462eb4d1dee86e032a52cd20bf1
+NEW=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n1)
+PG_CONFIG=$PGBIN/pg_config
+EXTDIR=$("$PG_CONFIG" --sharedir)/extension
+OLD_SRC=/tmp/evoq-upgrade-src-$OLD
+KEY=sk-evoq-upgrade-check
+A=evoq_upgraded B=evoq_fresh
+SELFTEST=${UPGRADE_CHECK_SELFTEST:-}
+# Both builds share this tree's target directory: the dependencies scripts/test.sh compiled for
+# cargo pgrx test are reused, not compiled again.
+CARGO_TARGET_DIR=$(realpath -m "${CARGO_TARGET_DIR:-target}")
+export CARGO_TARGET_DIR MOCK_BIN=$CARGO_TARGET_DIR/release/evolution-mock
+
+passed=0 failed=0
+check() { # check NAME ACTUAL EXPECTED
+  if [ "$2" = "$3" ]; then passed=$((passed + 1)); echo "ok   $1"
+  else failed=$((failed + 1)); echo "FAIL $1: got '$2', expected '$3'"; fi
+}
+die() { echo "upgrade-check: $*" >&2; echo "$passed passed, $((failed + 1)) failed"; exit 1; }
+q() { cluster_psql -d "$1" -tA -c "$2"; } # q DB SQL
+mock() { curl -fsS -X "$1" "$MOCK_URL/__mock/$2" ${3:+-d "$3"} >/dev/null; }
+signup() { q "$A" "INSERT INTO profiles (email) VALUES ('$1@example.com')"; }
+control_version() { sed -n "s/^default_version = '\(.*\)'$/\1/p" "$EXTDIR/evoq.control"; }
+
+installed=
+install_from() { # install_from SOURCE_DIR VERSION
+  # A debug build, like cargo pgrx test's: on a CI machine after scripts/test.sh the whole check
+  # takes 25 s; --release would first compile every dependency again (3 min more on 2 cores).
+  # Both versions link target/debug/deps/libevoq.so, a name without a hash: left in place, cargo
+  # would take the other version's library for fresh and install it under this version's name.
+  rm -f "$CARGO_TARGET_DIR"/debug/libevoq.so "$CARGO_TARGET_DIR"/debug/deps/libevoq.so
+  local sudo=() log=/tmp/evoq-upgrade-install-$2.log start=$SECONDS
+  [ "$(id -u)" = 0 ] || sudo=(--sudo)
+  if ! (cd "$1" && cargo pgrx install "${sudo[@]}" --pg-config "$PG_CONFIG") >"$log" 2>&1; then
+    tail -n 30 "$log" >&2
+    return 1
+  fi
+  installed=$2
+  echo "     installed evoq $2 from $1 in $((SECONDS - start)) s"
+}
+
+cleanup() {
+  mock_stop
+  cluster_stop immediate
+  if [ -n "$installed" ] && [ "$installed" != "$NEW" ]; then
+    echo "upgrade-check: putting this tree's build back in place" >&2
+    install_from "$ROOT" "$NEW" || echo "upgrade-check: could not; run cargo pgrx install" >&2
+  fi
+}
+trap cleanup EXIT
+
+# --- evoq 0.1.0 exactly as it shipped -------------------------------------------------------------
+if ! git cat-file -e "$OLD_COMMIT^{commit}" 2>/dev/null; then
+  # A shallow or single-branch clone (many CI checkouts) lacks it.
+  echo "upgrade-check: fetching $OLD_COMMIT (evoq $OLD) into this clone"
+  if [ "$(git rev-parse --is-shallow-repository)" = true ]; then git fetch --quiet --unshallow; fi
+  git cat-file -e "$OLD_COMMIT^{commit}" 2>/dev/null || git fetch --quiet origin "$OLD_COMMIT"
+  git cat-file -e "$OLD_COMMIT^{commit}" 2>/dev/null \
+    || die "commit $OLD_COMMIT (evoq $OLD as shipped) is not in this clone and could not be fetched; clone with full history (no --depth; actions/checkout: fetch-depth: 0)"
+fi
+rm -rf "$OLD_SRC" && mkdir -p "$OLD_SRC"
+git archive "$OLD_COMMIT" | tar -x -C "$OLD_SRC" || die "git archive $OLD_COMMIT failed"
+
+cargo build -p evolution-mock --release --quiet || die "the mock Evolution API does not build"
+install_from "$OLD_SRC" "$OLD" || die "evoq $OLD does not build or install"
+check "the installed control file defaults to $OLD" "$(control_version)" "$OLD"
+
+# --- database A: 0.1.0 with rows in every state -----------------------------------------------------
+cluster_init /tmp/evoq-upgrade 55435 "$A"
+cluster_start || die "the cluster does not start; see /tmp/evoq-upgrade/server.log"
+mock_start 18095 --api-key "$KEY" || die "the mock does not start"
+cluster_psql -d postgres -c "CREATE DATABASE $A" -c "CREATE DATABASE $B"
+profiles_with_trigger() {
+  q "$1" "CREATE TABLE profiles (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), email text)"
+  q "$1" "SELECT evoq_attach('profiles')" >/dev/null
+}
+q "$A" "CREATE EXTENSION pg_cron"
+q "$A" "CREATE EXTENSION evoq VERSION '$OLD'"
+q "$A" "SELECT evoq_configure(api_url => '$MOCK_URL', api_key => '$KEY', webhook_url => 'https://app.example/hook')" >/dev/null
+profiles_with_trigger "$A"
+# 31 February never comes: the jobs exist across the upgrade but never touch the rows under test.
+q "$A" "SELECT evoq_schedule('0 0 31 2 *', '0 0 31 2 *')" >/dev/null
+
+signup ana; signup bo; signup cy
+q "$A" "SELECT evoq_process_queue()" >/dev/null # completed
+mock POST faults '{"method":"POST","path_contains":"/instance/create","kind":"status","code":400,"times":1}'
+signup dee
+q "$A" "SELECT evoq_process_queue()" >/dev/null # failed: permanent
+mock POST faults '{"method":"POST","path_contains":"/instance/create","kind":"status","code":500,"times":1}'
+signup eve
+q "$A" "SELECT evoq_process_queue()" >/dev/null # pending: transient, backing off
+signup fay                                       # pending: never tried
+mock POST "instances/$(q "$A" "SELECT evoq_instance_name(id) FROM profiles WHERE email = 'ana@example.com'")/state" '{"state":"open"}'
+q "$A" "SELECT evoq_refresh_qr()" >/dev/null     # ana open, bo and cy with a QR
+
+check "0.1.0 queue rows in every state" \
+  "$(q "$A" "SELECT string_agg(status || '=' || n, ',' ORDER BY status) FROM (SELECT status, count(*) n FROM evolution_instance_creation_queue GROUP BY 1) s")" \
+  "completed=3,failed=1,pending=2"
+check "0.1.0 instances, QR codes, tokens, settings, runs" \
+  "$(q "$A" "SELECT concat_ws(',', (SELECT string_agg(instance_status || '=' || n, ',' ORDER BY instance_status) FROM (SELECT instance_status, count(*) n FROM evolution_instances GROUP BY 1) s),
+       (SELECT count(qr_code) FROM evolution_instances), (SELECT count(*) FROM evoq.instance_tokens),
+       (SELECT count(*) FROM evoq.settings), (SELECT count(*) FROM evoq.job_runs))")" \
+  "connecting=2,open=1,2,3,1,2"
+
+# Every row of every evoq table, over the columns 0.1.0 has, copied aside to compare with after
+# the upgrade: columns the upgrade adds do not count, a value it changes or a row it loses does.
+q "$A" "CREATE SCHEMA upgrade_check"
+tables=$(q "$A" "SELECT c.oid::regclass FROM pg_depend d JOIN pg_class c ON c.oid = d.objid
+                 WHERE d.classid = 'pg_class'::regclass AND d.deptype = 'e' AND c.relkind IN ('r', 'p')
+                   AND d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'evoq') ORDER BY 1")
+compare_rows='' copied=0
+for t in $tables; do
+  cols=$(q "$A" "SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum) FROM pg_attribute
+                 WHERE attrelid = '$t'::regclass AND attnum > 0 AND NOT attisdropped")
+  q "$A" "CREATE TABLE upgrade_check.\"$t\" AS SELECT $cols FROM $t"
+  copied=$((copied + $(q "$A" "SELECT count(*) FROM upgrade_check.\"$t\"")))
+  compare_rows+="${compare_rows:+ UNION ALL }
+    (SELECT '$t, only in $OLD: ' || x FROM (SELECT s::text FROM upgrade_check.\"$t\" s
+       EXCEPT ALL SELECT r::text FROM (SELECT $cols FROM $t) r) d(x))
+    UNION ALL
+    (SELECT '$t, only after the upgrade: ' || x FROM (SELECT r::text FROM (SELECT $cols FROM $t) r
+       EXCEPT ALL SELECT s::text FROM upgrade_check.\"$t\" s) d(x))"
+done
+check "0.1.0 rows copied aside" "$(wc -w <<<"$tables") tables, $copied rows" "5 tables, 15 rows"
+# What evoq--0.1.0--0.2.0.sql changes in 0.1.0 columns on purpose, done to the copy as well.
+# Users queued before 0.2.0 keep the 0.1.0 instance name:
+expected_migration="UPDATE upgrade_check.evolution_instance_creation_queue
+  SET instance_name = 'evoq_' || replace(user_id::text, '-', '') WHERE instance_name IS NULL"
+
+# --- this tree's build, then ALTER EXTENSION evoq UPDATE ---------------------------------------------
+install_from "$ROOT" "$NEW" || die "this tree (evoq $NEW) does not build or install"
+check "the installed control file defaults to $NEW" "$(control_version)" "$NEW"
+check "$OLD's install script is still installed" "$([ -f "$EXTDIR/evoq--$OLD.sql" ] && echo yes)" "yes"
+# cargo pgrx install copies sql/evoq--*--*.sql itself, with @CARGO_VERSION@ filled in.
+check "this tree's upgrade script is installed" \
+  "$(sed "s/@CARGO_VERSION@/$NEW/g" "sql/evoq--$OLD--$NEW.sql" | cmp - "$EXTDIR/evoq--$OLD--$NEW.sql" 2>&1 && echo same)" "same"
+
+q "$A" "ALTER EXTENSION evoq UPDATE"
+check "ALTER EXTENSION evoq UPDATE reaches $NEW" "$(q "$A" "SELECT extversion FROM pg_extension WHERE extname = 'evoq'")" "$NEW"
+[ "$SELFTEST" = rows ] && q "$A" "DELETE FROM evoq.job_runs WHERE job = 'refresh_qr'"
+q "$A" "$expected_migration" >/dev/null
+row_changes=$(q "$A" "$compare_rows" 2>&1)
+[ -z "$row_changes" ] || echo "$row_changes"
+check "every row and value survives the upgrade" "$(grep -c . <<<"$row_changes")" "0"
+q "$A" "SET client_min_messages = warning; DROP SCHEMA upgrade_check CASCADE" # not evoq's
+
+# --- database B: a fresh install; both must be the same, object for object -------------------------
+q "$B" "CREATE EXTENSION evoq"
+check "a fresh install is $NEW" "$(q "$B" "SELECT extversion FROM pg_extension WHERE extname = 'evoq'")" "$NEW"
+profiles_with_trigger "$B"
+[ "$SELFTEST" = schema ] && q "$B" "ALTER TABLE evolution_instances ADD COLUMN selftest integer"
+
+# pg_dump prints only CREATE EXTENSION for an extension's objects, except with --binary-upgrade,
+# which prints each one with its definition, grants, comments and extension membership. What the
+# filter drops differs between two equal databases:
+read -r -d '' normalize <<'PERL'
+s/^SELECT pg_catalog\.binary_upgrade_set_next_[^\n]*\n//mg;   # the OIDs, relfilenodes, LSNs objects happen to have
+s/^-- For binary upgrade, set (heap|toast)'s relfrozenxid and relminmxid\nUPDATE pg_catalog\.pg_class\nSET relfrozenxid [^\n]*\nWHERE oid = [^\n]*\n//mg;   # a table's transaction horizon
+s/(binary_upgrade_create_empty_extension\([^{]*)\{[\d,]*\}/$1\{config tables by oid\}/g;   # compared by name below
+s/^\\(un)?restrict [^\n]*\n//mg;   # a random key per dump (15.14+)
+# Traces of ALTER TABLE in an upgraded table that a fresh one cannot have: the value rows older
+# than an ADD COLUMN ... DEFAULT take (the DEFAULT itself is compared), and dropped columns.
+s/^-- set missing value\.\nSELECT pg_catalog\.binary_upgrade_set_missing_value\([^\n]*\n//mg;
+s/^-- For binary upgrade, recreate dropped column\.\n(?:[^\n]*\n){4}ALTER TABLE ONLY [^\n]* DROP COLUMN "\.+pg\.dropped\.\d+\.+";\n//mg;
+s/,\n +"\.+pg\.dropped\.\d+\.+" INTEGER \/\* dummy \*\///g;
+s/\(\n +"\.+pg\.dropped\.\d+\.+" INTEGER \/\* dummy \*\/,/(/g;
+s/\n{3,}/\n\n/g;   # what the above leaves behind
+PERL
+schema() { # schema DB
+  as_postgres "$PGBIN/pg_dump" -h "$CLUSTER_DIR" -p "$CLUSTER_PORT" -U postgres \
+    --schema-only --binary-upgrade --extension=evoq "$1" | perl -0pe "$normalize" &&
+  q "$1" "
+    SELECT * FROM (SELECT 'config table ' || t.rel::regclass || ' dumped where ' || quote_literal(t.cond)
+                   FROM pg_extension e, unnest(e.extconfig, e.extcondition) t(rel, cond)
+                   WHERE e.extname = 'evoq' ORDER BY 1) c
+    UNION ALL
+    SELECT * FROM (SELECT 'member ' || pg_describe_object(classid, objid, objsubid) FROM pg_depend
+                   WHERE refclassid = 'pg_extension'::regclass AND deptype = 'e'
+                     AND refobjid = (SELECT oid FROM pg_extension WHERE extname = 'evoq') ORDER BY 1) m"
+}
+schema "$A" >/tmp/evoq-upgrade/schema-upgraded.sql && schema "$B" >/tmp/evoq-upgrade/schema-fresh.sql
+ntables=$(q "$B" "SELECT count(*) FROM pg_class WHERE relkind IN ('r', 'p') AND relnamespace::regnamespace::text IN ('public', 'evoq')")
+check "both dumps show every table" "$(cat /tmp/evoq-upgrade/schema-{upgraded,fresh}.sql | grep -c '^CREATE TABLE')" "$((2 * ntables))"
+if diff -u --label "upgraded from $OLD" --label "fresh $NEW" /tmp/evoq-upgrade/schema-{upgraded,fresh}.sql; then
+  check "the upgraded schema equals a fresh install" same same
+else
+  check "the upgraded schema equals a fresh install (diff above)" differs same
+fi
+
+# --- the upgraded database works ----------------------------------------------------------------
+# What pg_cron would run, verbatim: the commands scheduled under 0.1.0 must work against $NEW.
+for job in process-evolution-queue refresh-qr-codes; do
+  cmd=$(q "$A" "SELECT command FROM cron.job WHERE jobname = '$job'")
+  check "cron job $job runs after the upgrade" "$([ -n "$cmd" ] && q "$A" "$cmd" >/dev/null && echo ok)" "ok"
+done
+check "the never-tried user is completed after the upgrade" \
+  "$(q "$A" "SELECT q.status FROM evolution_instance_creation_queue q JOIN profiles p ON p.id = q.user_id WHERE p.email = 'fay@example.com'")" \
+  "completed"
+
+echo "$passed passed, $failed failed"
+[ "$failed" = 0 ]
