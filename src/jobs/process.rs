@@ -198,7 +198,7 @@ pub fn evoq_process_queue() -> pgrx::JsonB {
                 .map(|r| (r.id.to_string(), r.attempts))
                 .collect();
             tally.unrecordable += record(
-                "SELECT evoq._record_queue_results($1)",
+                "SELECT evoq._record_queue_results($1::jsonb)",
                 records,
                 |rec, message| {
                     let attempts = rec["id"]

@@ -113,7 +113,7 @@ pub fn evoq_refresh_qr() -> pgrx::JsonB {
                 records.push(outcome_record(row, outcome, &mut tally));
             }
             tally.unrecordable += record(
-                "SELECT evoq._record_refresh_results($1)",
+                "SELECT evoq._record_refresh_results($1::jsonb)",
                 records,
                 |rec, message| json!({"id": rec["id"], "outcome": "error", "error": message}),
             );

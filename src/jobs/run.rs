@@ -312,11 +312,12 @@ pub fn call_json<T: DeserializeOwned>(sql: &str, args: &[pgrx::datum::DatumWithO
     })
 }
 
-fn record_batch(sql: &str, results: Vec<Value>) -> Result<(), String> {
-    subxact::attempt(|| {
-        Spi::run_with_args(sql, &[JsonB(Value::Array(results)).into()]).map_err(|e| e.to_string())
-    })
-    .and_then(|r| r)
+/// `sql` takes the results as `$1::jsonb`: they go in as JSON text, serialized from a borrow
+/// (what pgrx's JsonB would do after a copy), so the fallback below still has them.
+fn record_batch(sql: &str, results: &[Value]) -> Result<(), String> {
+    let text = serde_json::to_string(results).map_err(|e| e.to_string())?;
+    subxact::attempt(|| Spi::run_with_args(sql, &[text.into()]).map_err(|e| e.to_string()))
+        .and_then(|r| r)
 }
 
 /// Writes a batch's results with one statement. Anything the server sent is data, so a reply
@@ -324,15 +325,15 @@ fn record_batch(sql: &str, results: Vec<Value>) -> Result<(), String> {
 /// not wedge the queue: the batch is then recorded row by row, and a row that cannot be recorded
 /// is recorded as `as_failure(row, error)` instead. Returns how many rows took that path.
 pub fn record(sql: &str, results: Vec<Value>, as_failure: impl Fn(&Value, &str) -> Value) -> u64 {
-    if results.is_empty() || record_batch(sql, results.clone()).is_ok() {
+    if results.is_empty() || record_batch(sql, &results).is_ok() {
         return 0;
     }
     let mut failed = 0;
-    for row in results {
-        if let Err(e) = record_batch(sql, vec![row.clone()]) {
+    for row in results.chunks(1) {
+        if let Err(e) = record_batch(sql, row) {
             failed += 1;
             let message = format!("the Evolution API's answer could not be stored: {e}");
-            if let Err(e) = record_batch(sql, vec![as_failure(&row, &message)]) {
+            if let Err(e) = record_batch(sql, &[as_failure(&row[0], &message)]) {
                 // The row stays claimed until the run ends, then is due again.
                 pgrx::warning!("evoq could not record a result even as a failure: {e}");
             }
