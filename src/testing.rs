@@ -253,3 +253,17 @@ pub fn concurrently(sessions: usize, setup: &str, sql: &str) -> Vec<String> {
     }
     names.iter().map(|name| finish_session(name)).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 0.1.0's wait_for_calls returned silently after 10 s, so a test could go on believing
+    /// calls had happened. The mock is a plain HTTP server: no Postgres needed here.
+    #[test]
+    #[should_panic(expected = "the mock saw 0 of 1 GET /instance/connect calls in 10 s")]
+    fn wait_for_calls_fails_loudly() {
+        let mock = mock();
+        wait_for_calls(&mock, "GET", "/instance/connect", 1);
+    }
+}
