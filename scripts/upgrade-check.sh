@@ -151,6 +151,17 @@ check "$OLD's install script is still installed" "$([ -f "$EXTDIR/evoq--$OLD.sql
 check "this tree's upgrade script is installed" \
   "$(sed "s/@CARGO_VERSION@/$NEW/g" "sql/evoq--$OLD--$NEW.sql" | cmp - "$EXTDIR/evoq--$OLD--$NEW.sql" 2>&1 && echo same)" "same"
 
+# Between installing the new files and ALTER EXTENSION evoq UPDATE, backends run the new library
+# against the old schema: a sign-up, and a profile inserted again, must still work (rolled back,
+# so the row comparison below is unaffected).
+window=$(q "$A" "BEGIN;
+  INSERT INTO profiles (email) VALUES ('window@example.com');
+  DELETE FROM profiles WHERE email = 'ana@example.com';
+  INSERT INTO profiles (id, email) SELECT user_id, 'ana@example.com' FROM evolution_instance_creation_queue q
+    WHERE NOT EXISTS (SELECT 1 FROM profiles p WHERE p.id = q.user_id) LIMIT 1;
+  ROLLBACK" 2>&1 && echo ok)
+check "before ALTER EXTENSION UPDATE, sign-ups and re-inserts still work on the new library" "$(tail -n 1 <<<"$window")" "ok"
+
 q "$A" "ALTER EXTENSION evoq UPDATE"
 check "ALTER EXTENSION evoq UPDATE reaches $NEW" "$(q "$A" "SELECT extversion FROM pg_extension WHERE extname = 'evoq'")" "$NEW"
 [ "$SELFTEST" = rows ] && q "$A" "DELETE FROM evoq.job_runs WHERE job = 'refresh_qr'"

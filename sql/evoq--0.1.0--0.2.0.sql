@@ -263,11 +263,13 @@ AS $$
         WHERE q.id = free.id
         RETURNING q.user_id
     ), added AS (
-        -- A lost instance whose queue row is gone (deleted by hand) is queued afresh.
+        -- A lost instance whose queue row is gone (deleted by hand) is queued afresh. Only for
+        -- 'lost': a re-inserted profile whose row vanished was queued by its own insert.
         INSERT INTO evolution_instance_creation_queue (user_id, instance_name)
         SELECT p.user_id, i.instance_name FROM per_user p
         LEFT JOIN evolution_instances i ON i.user_id = p.user_id
-        WHERE NOT EXISTS (SELECT 1 FROM evolution_instance_creation_queue q WHERE q.user_id = p.user_id)
+        WHERE p.reason = 'lost'
+          AND NOT EXISTS (SELECT 1 FROM evolution_instance_creation_queue q WHERE q.user_id = p.user_id)
         ON CONFLICT (user_id) DO NOTHING
         RETURNING user_id
     ), applied AS (

@@ -27,7 +27,8 @@ COMMENT ON FUNCTION evoq_refresh_qr() IS
     'Refreshes the QR of every connecting instance and marks scanned ones open; returns a jsonb summary.';
 COMMENT ON FUNCTION evoq_retry(uuid) IS 'Puts failed queue rows (all, or one user''s) back to pending.';
 
--- Privileges and policies: nothing is executable by PUBLIC but the two helpers that leak nothing,
+-- Privileges and policies: nothing is executable by PUBLIC but evoq_current_user_id (RLS calls it)
+-- and evoq_instance_name (a user's instance name and the deployment's namespace),
 -- whatever default privileges granted (see evoq_apply_policies). Grant the rest to your service
 -- role explicitly (the SECURITY DEFINER ones then work without table privileges).
 SELECT evoq_apply_policies();

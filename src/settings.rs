@@ -183,21 +183,18 @@ pub fn load_connection() -> Result<Connection, EvoqError> {
 /// Forgets the detected version (a reply said the server now speaks the other dialect), so the
 /// next run asks `GET /` again.
 pub fn forget_detected_version() {
-    Spi::run("UPDATE evoq.settings SET detected_version = NULL, detected_at = NULL")
-        .unwrap_or_else(|e| {
-            crate::errors::EvoqError::internal("could not update its settings", e).raise()
-        });
+    crate::subxact::write_shared(
+        "UPDATE evoq.settings SET detected_version = NULL, detected_at = NULL",
+        &[],
+    );
 }
 
 /// Remembers what `GET /` said, so later runs do not ask a slow server again.
 pub fn remember_detected_version(version: ApiVersion) {
-    Spi::run_with_args(
+    crate::subxact::write_shared(
         "UPDATE evoq.settings SET detected_version = $1, detected_at = now()",
         &[version.as_str().into()],
-    )
-    .unwrap_or_else(|e| {
-        crate::errors::EvoqError::internal("could not update its settings", e).raise()
-    });
+    );
 }
 
 fn config_error(e: crate::evolution::ConfigError) -> EvoqError {

@@ -40,36 +40,47 @@ const REQUEUE: &str = "
 const RECORD_SKIP: &str = "INSERT INTO evoq.skipped_profiles (table_name, reason) VALUES ($1, $2)";
 
 thread_local! {
-    // Postgres backends are single-threaded; the plans live as long as the backend and are
-    // revalidated by the plan cache if the tables change.
-    static PLANS: RefCell<Option<[OwnedPreparedStatement; 2]>> = const { RefCell::new(None) };
+    // Postgres backends are single-threaded; the plan lives as long as the backend and is
+    // revalidated by the plan cache if the table changes.
+    static ENQUEUE_PLAN: RefCell<Option<OwnedPreparedStatement>> = const { RefCell::new(None) };
 }
 
 fn enqueue(user_id: pgrx::Uuid) -> Result<(), pgrx::spi::Error> {
-    PLANS.with(|cell| {
+    let inserted = ENQUEUE_PLAN.with(|cell| {
         let mut slot = cell.borrow_mut();
         Spi::connect_mut(|client| {
             if slot.is_none() {
-                let uuid = [PgOid::from(pg_sys::UUIDOID)];
-                let new = client.prepare_mut(ENQUEUE_NEW, &uuid)?.keep();
-                let again = client.prepare_mut(REQUEUE, &uuid)?.keep();
-                *slot = Some([new, again]);
+                let plan = client.prepare_mut(ENQUEUE_NEW, &[PgOid::from(pg_sys::UUIDOID)])?;
+                *slot = Some(plan.keep());
             }
-            let [new, again] = slot.as_ref().expect("prepared above");
-            if client.update(new, None, &[user_id.into()])?.is_empty() {
-                client.update(again, None, &[user_id.into()])?;
-            }
-            Ok(())
+            let plan = slot.as_ref().expect("prepared above");
+            Ok::<_, pgrx::spi::Error>(!client.update(plan, None, &[user_id.into()])?.is_empty())
         })
-    })
+    })?;
+    if !inserted {
+        // The rare path (a profile inserted again), in a subtransaction: between installing new
+        // evoq files and ALTER EXTENSION evoq UPDATE, the tables it writes may not exist yet,
+        // and that must not fail the application's insert.
+        let requeued = crate::subxact::attempt(|| {
+            Spi::run_with_args(REQUEUE, &[user_id.into()]).map_err(|e| e.to_string())
+        });
+        if let Some(e) = requeued.and_then(|r| r).err() {
+            pgrx::warning!(
+                "evoq: profile inserted again, but its user could not be queued again: {e}"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// A row that cannot be queued: a WARNING for the inserting session, and a row in
-/// evoq.skipped_profiles so operators see it in evoq_status (a warning alone goes unread).
-fn skip(trigger: &pgrx::PgTrigger, why: String) -> Result<(), pgrx::spi::Error> {
+/// evoq.skipped_profiles so operators see it in evoq_status (a warning alone goes unread). In a
+/// subtransaction, like the requeue above: a profile insert never fails because of evoq.
+fn skip(trigger: &pgrx::PgTrigger, why: String) {
     let table = trigger.table_name().unwrap_or_else(|_| "?".into());
     pgrx::warning!("evoq: profile row in {table} not queued: {why}");
-    Spi::run_with_args(RECORD_SKIP, &[table.into(), why.into()])
+    let _ =
+        crate::subxact::attempt(|| Spi::run_with_args(RECORD_SKIP, &[table.into(), why.into()]));
 }
 
 /// The user id column named in CREATE TRIGGER (TG_ARGV[0]), read in place: this runs for
@@ -96,11 +107,11 @@ fn handle_profile_evolution_instance<'a>(
     };
     match new.get_by_name::<pgrx::Uuid>(column) {
         Ok(Some(user_id)) => enqueue(user_id)?,
-        Ok(None) => skip(trigger, format!("column {column} is NULL"))?,
+        Ok(None) => skip(trigger, format!("column {column} is NULL")),
         Err(e) => skip(
             trigger,
             format!("column {column} cannot be read as uuid ({e})"),
-        )?,
+        ),
     }
     Ok(None)
 }

@@ -88,7 +88,7 @@ pub fn evoq_process_queue() -> pgrx::JsonB {
         client.provision(version, &name, webhook.as_ref())
     });
 
-    let stopped = run.circuit_allows().unwrap_or_else(|| loop {
+    let stopped = run.circuit_blocks().unwrap_or_else(|| loop {
         if run.out_of_time() {
             break "time_budget";
         }
@@ -164,6 +164,7 @@ pub fn evoq_process_queue() -> pgrx::JsonB {
                 run.trip(&cause);
                 return Some("circuit_open");
             }
+            run.batch_went_through();
 
             let mut records = Vec::with_capacity(rows.len());
             for ((row, name), outcome) in rows.iter().zip(&names).zip(&outcomes) {
@@ -200,6 +201,7 @@ pub fn evoq_process_queue() -> pgrx::JsonB {
             tally.unrecordable += record(
                 "SELECT evoq._record_queue_results($1::jsonb)",
                 records,
+                run.protect_next_batch(),
                 |rec, message| {
                     let attempts = rec["id"]
                         .as_str()

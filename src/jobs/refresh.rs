@@ -70,7 +70,7 @@ pub fn evoq_refresh_qr() -> pgrx::JsonB {
     let client = run.client.clone();
     let mut pool = run.pool(move |name: String| client.connect(&name));
 
-    let stopped = run.circuit_allows().unwrap_or_else(|| loop {
+    let stopped = run.circuit_blocks().unwrap_or_else(|| loop {
         if run.out_of_time() {
             break "time_budget";
         }
@@ -101,6 +101,7 @@ pub fn evoq_refresh_qr() -> pgrx::JsonB {
                 run.trip(&cause);
                 return Some("circuit_open");
             }
+            run.batch_went_through();
             let outcomes: Vec<Result<ConnectOutcome, ApiError>> = answers
                 .into_iter()
                 .map(|a| a.unwrap_or_else(|| Err(run.budget_error("GET /instance/connect"))))
@@ -115,6 +116,7 @@ pub fn evoq_refresh_qr() -> pgrx::JsonB {
             tally.unrecordable += record(
                 "SELECT evoq._record_refresh_results($1::jsonb)",
                 records,
+                run.protect_next_batch(),
                 |rec, message| json!({"id": rec["id"], "outcome": "error", "error": message}),
             );
             None

@@ -28,7 +28,18 @@ pub struct Run {
     version: Option<ApiVersion>,
     pub errors: ErrorTally,
     notes: Vec<String>,
+    /// The circuit was open and its probe answered: the next batch decides whether it closes.
+    circuit_half_open: bool,
+    /// Batches recorded inside a subtransaction so far (see `protect_next_batch`).
+    protected_batches: u32,
 }
+
+/// Batches per run recorded inside a subtransaction. A transaction with more than 64
+/// subtransactions that wrote overflows PostgreSQL's per-backend cache of them, and every
+/// snapshot in the cluster gets slower until it ends. Later batches are written directly: a row
+/// whose answer cannot be stored then aborts the run, but it is due first in the next run, where
+/// it falls within the protected batches and fails alone.
+pub const PROTECTED_BATCHES: u32 = 48;
 
 impl Run {
     /// Reads the settings (ERROR if evoq is not configured, or if this database is a copy that
@@ -54,6 +65,8 @@ impl Run {
             client,
             errors: ErrorTally::default(),
             notes: Vec::new(),
+            circuit_half_open: false,
+            protected_batches: 0,
         }
     }
 
@@ -132,14 +145,14 @@ impl Run {
         self.version.map(ApiVersion::as_str)
     }
 
-    /// Whether this run may call the server. With the circuit open, no call is made until its
-    /// next probe is due; then one `GET /` decides: an answer closes it, a failure keeps it open
-    /// for longer. Returns the reason to stop, if any.
-    pub fn circuit_allows(&mut self) -> Option<&'static str> {
-        let (open, due) = Spi::get_two::<bool, bool>(
-            "SELECT true, next_probe_at <= now() FROM evoq.circuit FOR UPDATE",
-        )
-        .or_internal("reading its state");
+    /// Whether this run may call the server; the reason to stop if not. With the circuit open,
+    /// no call is made until its next probe is due; then one `GET /` decides whether a batch may
+    /// be tried (half-open), and that batch decides whether it closes. The circuit row is only
+    /// read here, never locked: see `subxact::write_shared`.
+    pub fn circuit_blocks(&mut self) -> Option<&'static str> {
+        let (open, due) =
+            Spi::get_two::<bool, bool>("SELECT true, next_probe_at <= now() FROM evoq.circuit")
+                .or_internal("reading its state");
         if open != Some(true) {
             return None;
         }
@@ -148,14 +161,12 @@ impl Run {
         }
         match self.probe() {
             Ok(v) => {
-                Spi::run("DELETE FROM evoq.circuit").unwrap_or_else(|e| {
-                    crate::errors::EvoqError::internal("could not close its circuit", e).raise()
-                });
                 if self.version.is_none() {
                     remember_detected_version(v);
                     self.version = Some(v);
                 }
-                self.note("the circuit was open; GET / answered, so it is closed again");
+                self.circuit_half_open = true;
+                self.note("the circuit is open and GET / answered: one batch is tried");
                 None
             }
             Err(e) => {
@@ -166,14 +177,25 @@ impl Run {
         }
     }
 
-    /// Opens the circuit (or keeps it open, probing later each time).
+    /// A batch did not fail as a whole: a half-open circuit closes.
+    pub fn batch_went_through(&mut self) {
+        if self.circuit_half_open && crate::subxact::write_shared("DELETE FROM evoq.circuit", &[]) {
+            self.circuit_half_open = false;
+            self.note("the circuit is closed again");
+        }
+    }
+
+    /// Opens the circuit (or keeps it open, probing later each time; trips count on across a
+    /// probe that answered, so a server that answers GET / but fails every call is asked less
+    /// and less often).
     pub fn trip(&mut self, cause: &str) {
+        self.circuit_half_open = false;
         let trips = Spi::get_one::<i32>("SELECT trips FROM evoq.circuit")
             .or_internal("reading its state")
             .unwrap_or(0)
             + 1;
         let delay = circuit_probe_delay(trips as u32);
-        Spi::run_with_args(
+        crate::subxact::write_shared(
             "INSERT INTO evoq.circuit (singleton, opened_at, cause, trips, next_probe_at)
              VALUES (true, now(), $1, $2, clock_timestamp() + $3 * interval '1 millisecond')
              ON CONFLICT (singleton) DO UPDATE SET cause = excluded.cause, trips = excluded.trips,
@@ -183,14 +205,17 @@ impl Run {
                 trips.into(),
                 (delay.as_millis() as i64).into(),
             ],
-        )
-        .unwrap_or_else(|e| {
-            crate::errors::EvoqError::internal("could not open its circuit", e).raise()
-        });
+        );
         self.note(format!(
             "circuit opened: every call failed the same way ({cause}); calls stop until the next probe in {} s",
             delay.as_secs()
         ));
+    }
+
+    /// Whether the next batch is recorded inside a subtransaction (see PROTECTED_BATCHES).
+    pub fn protect_next_batch(&mut self) -> bool {
+        self.protected_batches += 1;
+        self.protected_batches <= PROTECTED_BATCHES
     }
 
     /// Runs one batch on the run's worker pool, checking for cancel and statement_timeout
@@ -324,8 +349,23 @@ fn record_batch(sql: &str, results: &[Value]) -> Result<(), String> {
 /// that still cannot be stored (it broke a constraint, a trigger of someone's refused it) must
 /// not wedge the queue: the batch is then recorded row by row, and a row that cannot be recorded
 /// is recorded as `as_failure(row, error)` instead. Returns how many rows took that path.
-pub fn record(sql: &str, results: Vec<Value>, as_failure: impl Fn(&Value, &str) -> Value) -> u64 {
-    if results.is_empty() || record_batch(sql, &results).is_ok() {
+pub fn record(
+    sql: &str,
+    results: Vec<Value>,
+    protect: bool,
+    as_failure: impl Fn(&Value, &str) -> Value,
+) -> u64 {
+    if results.is_empty() {
+        return 0;
+    }
+    if !protect {
+        let text = serde_json::to_string(&results)
+            .unwrap_or_else(|e| EvoqError::internal("could not encode results", e).raise());
+        Spi::run_with_args(sql, &[text.into()])
+            .unwrap_or_else(|e| EvoqError::internal("recording results", e).raise());
+        return 0;
+    }
+    if record_batch(sql, &results).is_ok() {
         return 0;
     }
     let mut failed = 0;

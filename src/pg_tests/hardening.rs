@@ -437,6 +437,40 @@ mod tests {
     }
 
     #[pg_test]
+    fn a_circuit_closes_only_after_a_batch_goes_through() {
+        let mock = mock();
+        configure(&mock);
+        profiles();
+        let users = sign_up(3);
+        mock.add_fault(fault(
+            "POST",
+            "/instance/create",
+            FaultKind::Status { code: 500 },
+            None,
+        ));
+        assert_eq!(process()["stopped"], "circuit_open");
+        // GET / answers, but every create still fails the same way: open again, probed later.
+        run("UPDATE evoq.circuit SET next_probe_at = now() - interval '1 second'");
+        let summary = process();
+        assert_eq!(summary["stopped"], "circuit_open", "{summary}");
+        assert_eq!(one::<i32>("SELECT trips FROM evoq.circuit"), Some(2));
+        assert!(
+            count("SELECT count(*) FROM evoq.circuit WHERE next_probe_at > now() + interval '50 seconds'") == 1,
+            "the second trip waits longer"
+        );
+        assert_eq!(queue_row(&users[0])["attempts"], 0);
+        // The server recovers: the probe lets one batch through, and it closes the circuit.
+        mock.clear_faults();
+        run("UPDATE evoq.circuit SET next_probe_at = now() - interval '1 second'");
+        let summary = process();
+        assert_eq!(summary["created"], 3, "{summary}");
+        assert_eq!(
+            one::<String>("SELECT circuit FROM evoq_status").as_deref(),
+            Some("closed")
+        );
+    }
+
+    #[pg_test]
     fn a_403_that_is_not_about_the_name_is_not_adopted() {
         let mock = mock();
         configure(&mock);
