@@ -7,7 +7,8 @@ ALTER TABLE evoq.settings
     ADD COLUMN detected_version    text CHECK (detected_version IN ('v1', 'v2')),
     ADD COLUMN detected_at         timestamptz,
     ADD COLUMN namespace           text CHECK (namespace ~ '^[a-z0-9]{1,12}$'),
-    ADD COLUMN deployment_identity text;
+    ADD COLUMN deployment_identity text,
+    ADD COLUMN owns_legacy_names   boolean NOT NULL DEFAULT false;
 COMMENT ON COLUMN evoq.settings.namespace IS
     'Part of every new instance name (evoq_<namespace>_<user hex>), so two databases never share an instance.';
 COMMENT ON COLUMN evoq.settings.deployment_identity IS
@@ -68,7 +69,8 @@ SET search_path = pg_catalog
 AS $$ SELECT substr(md5(evoq._deployment_identity()), 1, 8) $$;
 
 -- The deployment this database already is: bound now, so a later copy of it is recognised.
-UPDATE evoq.settings SET namespace = evoq._default_namespace(), deployment_identity = evoq._deployment_identity();
+UPDATE evoq.settings SET namespace = evoq._default_namespace(), deployment_identity = evoq._deployment_identity(),
+    owns_legacy_names = true;
 
 -- Everyone queued before 0.2.0 keeps the 0.1.0 name (evoq_<hex>): their instance may already
 -- exist on the server (a create whose answer was lost), and must be adopted, not duplicated.
@@ -363,8 +365,9 @@ AS $$
           AND (last_refresh_at IS NULL OR last_refresh_at <= now() - min_interval_ms * interval '1 millisecond')
           -- Another deployment's instance (rows a copy inherited from the original) is not ours
           -- to touch; 0.1.0 names carry no namespace.
-          AND (instance_name NOT LIKE 'evoq\_%\_%'
-               OR instance_name LIKE 'evoq\_' || (SELECT namespace FROM evoq.settings) || '\_%')
+          AND CASE WHEN instance_name LIKE 'evoq\_%\_%'
+                   THEN instance_name LIKE 'evoq\_' || (SELECT namespace FROM evoq.settings) || '\_%'
+                   ELSE coalesce((SELECT owns_legacy_names FROM evoq.settings), false) END
         ORDER BY last_refresh_at NULLS FIRST
         LIMIT batch_size
         FOR UPDATE SKIP LOCKED

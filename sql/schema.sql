@@ -23,7 +23,10 @@ CREATE TABLE evoq.settings (
     -- 0.2.0: the deployment namespace in new instance names, and the database it was bound to.
     -- A restored copy has another identity and refuses to touch the server until told.
     namespace           text CHECK (namespace ~ '^[a-z0-9]{1,12}$'),
-    deployment_identity text
+    deployment_identity text,
+    -- 0.2.0: whether the 0.1.0 names (evoq_<hex>, no namespace) are this database's: true only
+    -- where the upgrade from 0.1.0 ran, false once a copy is given a namespace of its own.
+    owns_legacy_names   boolean NOT NULL DEFAULT false
 );
 COMMENT ON COLUMN evoq.settings.namespace IS
     'Part of every new instance name (evoq_<namespace>_<user hex>), so two databases never share an instance.';
@@ -474,8 +477,9 @@ AS $$
           AND (last_refresh_at IS NULL OR last_refresh_at <= now() - min_interval_ms * interval '1 millisecond')
           -- Another deployment's instance (rows a copy inherited from the original) is not ours
           -- to touch; 0.1.0 names carry no namespace.
-          AND (instance_name NOT LIKE 'evoq\_%\_%'
-               OR instance_name LIKE 'evoq\_' || (SELECT namespace FROM evoq.settings) || '\_%')
+          AND CASE WHEN instance_name LIKE 'evoq\_%\_%'
+                   THEN instance_name LIKE 'evoq\_' || (SELECT namespace FROM evoq.settings) || '\_%'
+                   ELSE coalesce((SELECT owns_legacy_names FROM evoq.settings), false) END
         ORDER BY last_refresh_at NULLS FIRST
         LIMIT batch_size
         FOR UPDATE SKIP LOCKED

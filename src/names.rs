@@ -21,6 +21,20 @@ pub fn legacy_instance_name(user_id: Uuid) -> String {
     format!("{PREFIX}{}", user_id.simple())
 }
 
+/// Whether a stored name is this deployment's to use: its own namespace's, or a 0.1.0 name
+/// (no namespace) when this database is the one that was upgraded from 0.1.0. A name of another
+/// namespace (rows a copy inherited from the original) is not: the row gets a new name instead,
+/// so the copy never adopts the original's instance.
+pub fn is_ours(name: &str, namespace: &str, owns_legacy_names: bool) -> bool {
+    match name.strip_prefix(PREFIX) {
+        Some(rest) if rest.contains('_') => rest
+            .strip_prefix(namespace)
+            .is_some_and(|r| r.starts_with('_')),
+        Some(_) => owns_legacy_names,
+        None => false,
+    }
+}
+
 /// A namespace is 1 to 12 lower-case letters or digits.
 pub fn valid_namespace(namespace: &str) -> bool {
     (1..=12).contains(&namespace.len())
@@ -74,5 +88,18 @@ mod tests {
         ] {
             assert!(!valid_namespace(bad), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn only_this_deployments_names_are_used() {
+        let ours = instance_name("prod", id());
+        assert!(is_ours(&ours, "prod", false));
+        assert!(!is_ours(&instance_name("staging", id()), "prod", true));
+        // "prod" must not match a namespace that merely starts with it.
+        assert!(!is_ours(&instance_name("prod2", id()), "prod", true));
+        let legacy = legacy_instance_name(id());
+        assert!(is_ours(&legacy, "prod", true));
+        assert!(!is_ours(&legacy, "prod", false));
+        assert!(!is_ours("someone_else", "prod", true));
     }
 }

@@ -108,6 +108,8 @@ pub struct Connection {
     pub version_pinned: bool,
     /// The deployment namespace in new instance names.
     pub namespace: String,
+    /// Whether 0.1.0's names (`evoq_<hex>`) are this deployment's (see `names::is_ours`).
+    pub owns_legacy_names: bool,
 }
 
 fn parse_version(v: Option<&str>) -> Option<ApiVersion> {
@@ -128,6 +130,7 @@ type SettingsRow = (
     Option<String>,
     Option<String>,
     Option<String>,
+    bool,
 );
 
 /// Reads the settings and refuses to go on in a database that is a copy of the one the
@@ -137,7 +140,7 @@ pub fn load_connection() -> Result<Connection, EvoqError> {
     let row: Option<SettingsRow> = Spi::connect(|client| {
         let table = client.select(
             "SELECT api_url, api_key, webhook_url, webhook_events, api_version, detected_version,
-                    namespace, deployment_identity, evoq._deployment_identity()
+                    namespace, deployment_identity, evoq._deployment_identity(), owns_legacy_names
              FROM evoq.settings",
             Some(1),
             &[],
@@ -156,11 +159,22 @@ pub fn load_connection() -> Result<Connection, EvoqError> {
             row.get::<String>(7)?,
             row.get::<String>(8)?,
             row.get::<String>(9)?,
+            row.get::<bool>(10)?.unwrap_or(false),
         )))
     })
     .or_internal("reading its settings");
-    let (api_url, api_key, webhook_url, events, pinned, detected, namespace, bound, identity) =
-        row.ok_or(EvoqError::NotConfigured)?;
+    let (
+        api_url,
+        api_key,
+        webhook_url,
+        events,
+        pinned,
+        detected,
+        namespace,
+        bound,
+        identity,
+        owns_legacy_names,
+    ) = row.ok_or(EvoqError::NotConfigured)?;
     let namespace = match namespace {
         Some(ns) if bound.is_some() && bound == identity => ns,
         other => return Err(crate::deployment::copied_database(other.as_deref())),
@@ -177,6 +191,7 @@ pub fn load_connection() -> Result<Connection, EvoqError> {
         },
         version_pinned,
         namespace,
+        owns_legacy_names,
     })
 }
 
@@ -290,6 +305,9 @@ fn evoq_configure(
          ON CONFLICT (singleton) DO UPDATE SET api_url = excluded.api_url, api_key = excluded.api_key,
              webhook_url = excluded.webhook_url, webhook_events = excluded.webhook_events,
              api_version = excluded.api_version, namespace = excluded.namespace,
+             -- a copy given a namespace of its own does not own the original's 0.1.0 names
+             owns_legacy_names = evoq.settings.owns_legacy_names
+                                 AND evoq.settings.namespace IS NOT DISTINCT FROM excluded.namespace,
              deployment_identity = excluded.deployment_identity, updated_at = now(),
              -- another server (or another URL for it) may speak another dialect
              detected_version = NULL, detected_at = NULL",

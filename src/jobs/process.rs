@@ -2,7 +2,7 @@
 
 use super::run::{call_json, in_batch_context, record, require_working_attachments, Run};
 use crate::evolution::{ApiError, ApiVersion, ErrorClass, Provisioned, Webhook};
-use crate::names::instance_name;
+use crate::names::{instance_name, is_ours};
 use crate::policy::{circuit_verdict, random_unit, Decision, RetryPolicy};
 use pgrx::prelude::*;
 use serde::Deserialize;
@@ -16,9 +16,9 @@ struct ClaimedRow {
     /// Set once a row has been tried (and for every row queued before 0.2.0, whose instances
     /// keep their 0.1.0 names); a stored name always wins over a derived one.
     instance_name: Option<String>,
-    #[serde(flatten)]
-    /// prev_status and prev_updated_at, handed back as they are if the batch is released.
-    release: serde_json::Map<String, Value>,
+    /// How the row was before the claim, handed back as it is if the batch is released.
+    prev_status: String,
+    prev_updated_at: Value,
 }
 
 #[derive(Default)]
@@ -75,6 +75,7 @@ pub fn evoq_process_queue() -> pgrx::JsonB {
     };
     let webhook: Option<Webhook> = run.connection.webhook.clone();
     let namespace = run.connection.namespace.clone();
+    let owns_legacy_names = run.connection.owns_legacy_names;
     let mut tally = Tally {
         requeued: Spi::get_one::<i32>("SELECT evoq._apply_requeue_requests()")
             .unwrap_or_else(|e| {
@@ -117,10 +118,11 @@ pub fn evoq_process_queue() -> pgrx::JsonB {
             tally.claimed += rows.len() as u64;
             let names: Vec<String> = rows
                 .iter()
-                .map(|r| {
-                    r.instance_name
-                        .clone()
-                        .unwrap_or_else(|| instance_name(&namespace, r.user_id))
+                .map(|r| match &r.instance_name {
+                    Some(stored) if is_ours(stored, &namespace, owns_legacy_names) => {
+                        stored.clone()
+                    }
+                    _ => instance_name(&namespace, r.user_id),
                 })
                 .collect();
 
@@ -148,9 +150,7 @@ pub fn evoq_process_queue() -> pgrx::JsonB {
                 let claims: Vec<Value> = rows
                     .iter()
                     .map(|r| {
-                        let mut c = r.release.clone();
-                        c.insert("id".into(), json!(r.id));
-                        Value::Object(c)
+                        json!({"id": r.id, "prev_status": r.prev_status, "prev_updated_at": r.prev_updated_at})
                     })
                     .collect();
                 Spi::run_with_args(

@@ -28,6 +28,8 @@ pub struct Run {
     version: Option<ApiVersion>,
     pub errors: ErrorTally,
     notes: Vec<String>,
+    /// The last note that is a problem (shown as last_error when no call failed).
+    last_warning: Option<String>,
     /// The circuit was open and its probe answered: the next batch decides whether it closes.
     circuit_half_open: bool,
     /// Batches recorded inside a subtransaction so far (see `protect_next_batch`).
@@ -65,6 +67,7 @@ impl Run {
             client,
             errors: ErrorTally::default(),
             notes: Vec::new(),
+            last_warning: None,
             circuit_half_open: false,
             protected_batches: 0,
         }
@@ -82,6 +85,13 @@ impl Run {
     /// Something the operator should read in the summary that is not a failed call.
     pub fn note(&mut self, message: impl Into<String>) {
         self.notes.push(message.into());
+    }
+
+    /// A note that is a problem: it also becomes the run's last_error if no call failed.
+    pub fn warn(&mut self, message: impl Into<String>) {
+        let message = message.into();
+        self.last_warning = Some(message.clone());
+        self.notes.push(message);
     }
 
     /// One call on a thread of its own, waited for like a batch: cancel and statement_timeout
@@ -119,7 +129,7 @@ impl Run {
             // Out of time, or not a server at all: the caller stops before claiming anything.
             Err(e) if e.server_wide || e.error_class() == ErrorClass::Deadline => return Err(e),
             Err(e) => {
-                self.note(format!(
+                self.warn(format!(
                     "could not tell the Evolution API version ({e}); assuming v2. \
                      Pass api_version => 'v2' (or 'v1') to evoq_configure to skip the probe"
                 ));
@@ -206,7 +216,7 @@ impl Run {
                 (delay.as_millis() as i64).into(),
             ],
         );
-        self.note(format!(
+        self.warn(format!(
             "circuit opened: every call failed the same way ({cause}); calls stop until the next probe in {} s",
             delay.as_secs()
         ));
@@ -259,15 +269,15 @@ impl Run {
         let seen = self.errors.to_json();
         summary["errors_by_kind"] = seen["by_kind"].clone();
         summary["first_errors"] = seen["first"].clone();
-        summary["last_error"] = json!(self.errors.last().or(self.notes.last().map(|s| s.as_str())));
-        if !self.notes.is_empty() {
-            summary["notes"] = json!(self.notes);
-        }
         let last_error = self
             .errors
             .last()
             .map(str::to_string)
-            .or_else(|| self.notes.last().cloned());
+            .or(self.last_warning.clone());
+        summary["last_error"] = json!(last_error);
+        if !self.notes.is_empty() {
+            summary["notes"] = json!(self.notes);
+        }
         Spi::run_with_args(
             "SELECT evoq._record_run($1, $2, $3)",
             &[

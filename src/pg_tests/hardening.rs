@@ -530,6 +530,8 @@ mod tests {
         .unwrap();
         profiles();
         let users = sign_up(1);
+        // A database upgraded from 0.1.0 owns the 0.1.0 names.
+        run("UPDATE evoq.settings SET owns_legacy_names = true");
         let legacy_user = "55555555-5555-5555-5555-555555555555";
         run(&format!(
             "INSERT INTO evolution_instance_creation_queue (user_id, instance_name) VALUES ('{legacy_user}', 'evoq_55555555555555555555555555555555')"
@@ -564,10 +566,18 @@ mod tests {
             assert!(err.contains("namespace =>"), "{err}");
         }
         assert_eq!(mock.calls().len(), 0);
-        // Rows the original had tried carry the original's names; an instance it created is in the
-        // table too.
+        // Rows the original had tried carry the original's names; instances it created are in the
+        // table too: one of its own namespace, and one from before namespaces (it was upgraded
+        // from 0.1.0, so it owns those names).
         run("UPDATE evolution_instance_creation_queue SET instance_name = 'evoq_orig_' || replace(user_id::text, '-', '')");
         run("INSERT INTO evolution_instances (user_id, instance_name) VALUES (gen_random_uuid(), 'evoq_orig_0000')");
+        run("INSERT INTO evolution_instances (user_id, instance_name) VALUES (gen_random_uuid(), 'evoq_00000000000000000000000000000000')");
+        run("UPDATE evoq.settings SET owns_legacy_names = true");
+        // A user the original had completed, whose profile the copy sees inserted again later.
+        let done_user = "66666666-6666-6666-6666-666666666666";
+        run(&format!(
+            "INSERT INTO evolution_instance_creation_queue (user_id, instance_name, status) VALUES ('{done_user}', 'evoq_00000000000000000000000000000066', 'completed')"
+        ));
         // Reconfiguring without a namespace is refused too: it would silently reuse the original's.
         assert!(error_of(&format!(
             "SELECT evoq_configure('{}', '{API_KEY}')",
@@ -585,10 +595,22 @@ mod tests {
             count("SELECT count(*) FROM evolution_instances WHERE instance_name LIKE 'evoq\\_staging\\_%'"),
             2
         );
-        // The original's instance is not the copy's to refresh.
+        assert_eq!(
+            one::<bool>("SELECT owns_legacy_names FROM evoq.settings"),
+            Some(false)
+        );
+        // The completed user comes back: a new name in the copy's namespace, not the original's.
+        run(&format!(
+            "UPDATE evolution_instance_creation_queue SET status = 'pending' WHERE user_id = '{done_user}'"
+        ));
+        assert_eq!(process()["created"], 1);
+        assert!(s(&queue_row(done_user)["instance_name"]).starts_with("evoq_staging_"));
+        assert_eq!(mock.count_calls("GET", "/instance/fetchInstances"), 0);
+        // The original's instances are not the copy's to refresh.
         make_refresh_due();
         json("SELECT evoq_refresh_qr()");
         assert_eq!(mock.count_calls("GET", "/instance/connect/evoq_orig_"), 0);
+        assert_eq!(mock.count_calls("GET", "/instance/connect/evoq_0000"), 0);
         assert_eq!(
             mock.count_calls("GET", "/instance/connect/evoq_staging_"),
             2
