@@ -101,6 +101,16 @@ pub fn configure(mock: &MockServer) {
     .unwrap();
 }
 
+/// evoq_configure with this URL and key and any further named arguments (`extra`, e.g.
+/// `", namespace => 'prod'"`), in the test's own transaction.
+pub fn configure_with(url: &str, key: &str, extra: &str) {
+    Spi::run_with_args(
+        &format!("SELECT evoq_configure(api_url => $1, api_key => $2{extra})"),
+        &[url.into(), key.into()],
+    )
+    .unwrap_or_else(|e| panic!("evoq_configure({url}, {extra}): {e}"));
+}
+
 /// A profiles table with the trigger attached.
 pub fn profiles() {
     run("CREATE TABLE public.profiles (id uuid NOT NULL, email text)");

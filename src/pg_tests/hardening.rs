@@ -388,11 +388,7 @@ mod tests {
     #[pg_test]
     fn a_rejected_key_releases_the_batch_and_opens_the_circuit() {
         let mock = mock();
-        Spi::run_with_args(
-            "SELECT evoq_configure(api_url => $1, api_key => 'wrong-key')",
-            &[mock.url().into()],
-        )
-        .unwrap();
+        configure_with(&mock.url(), "wrong-key", "");
         profiles();
         let users = sign_up(3);
         let summary = process();
@@ -419,11 +415,7 @@ mod tests {
     #[pg_test]
     fn a_wrong_path_prefix_burns_no_row() {
         let mock = mock();
-        Spi::run_with_args(
-            "SELECT evoq_configure(api_url => $1 || '/wrong/prefix', api_key => $2)",
-            &[mock.url().into(), API_KEY.into()],
-        )
-        .unwrap();
+        configure_with(&format!("{}/wrong/prefix", mock.url()), API_KEY, "");
         profiles();
         let users = sign_up(4);
         let summary = process();
@@ -523,11 +515,7 @@ mod tests {
     #[pg_test]
     fn new_names_carry_the_namespace_and_old_ones_are_kept() {
         let mock = mock();
-        Spi::run_with_args(
-            "SELECT evoq_configure(api_url => $1, api_key => $2, namespace => 'prod')",
-            &[mock.url().into(), API_KEY.into()],
-        )
-        .unwrap();
+        configure_with(&mock.url(), API_KEY, ", namespace => 'prod'");
         profiles();
         let users = sign_up(1);
         // A database upgraded from 0.1.0 owns the 0.1.0 names.
@@ -585,11 +573,7 @@ mod tests {
         ))
         .unwrap()
         .contains("copy"));
-        Spi::run_with_args(
-            "SELECT evoq_configure(api_url => $1, api_key => $2, namespace => 'staging')",
-            &[mock.url().into(), API_KEY.into()],
-        )
-        .unwrap();
+        configure_with(&mock.url(), API_KEY, ", namespace => 'staging'");
         assert_eq!(process()["created"], 2);
         assert_eq!(
             count("SELECT count(*) FROM evolution_instances WHERE instance_name LIKE 'evoq\\_staging\\_%'"),
@@ -611,9 +595,10 @@ mod tests {
         json("SELECT evoq_refresh_qr()");
         assert_eq!(mock.count_calls("GET", "/instance/connect/evoq_orig_"), 0);
         assert_eq!(mock.count_calls("GET", "/instance/connect/evoq_0000"), 0);
+        // The copy's own three (the two new users and the returning one) are.
         assert_eq!(
             mock.count_calls("GET", "/instance/connect/evoq_staging_"),
-            2
+            3
         );
     }
 
