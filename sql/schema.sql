@@ -346,14 +346,17 @@ AS $$
 $$;
 
 -- Applies the requeue requests (re-inserted profiles, lost instances) whose queue rows no other
--- run holds; the rest wait for a later run. Never waits on a lock, so the trigger and either job
--- can call it while holding their own.
-CREATE FUNCTION evoq._apply_requeue_requests() RETURNS integer
+-- run holds; the rest wait for a later run. Never waits on a lock, so the trigger (for its own
+-- user only: an application's transaction must not hold other users' rows) and either job can
+-- call it while holding their own. The one place that says what requeueing a row means.
+CREATE FUNCTION evoq._apply_requeue_requests(only_user uuid DEFAULT NULL) RETURNS integer
 LANGUAGE sql
 SET search_path = pg_catalog, @extschema@
 AS $$
     WITH req AS (
-        SELECT id, user_id, reason, requested_at FROM evoq.requeue_requests FOR UPDATE SKIP LOCKED
+        SELECT id, user_id, reason, requested_at FROM evoq.requeue_requests
+        WHERE only_user IS NULL OR user_id = only_user
+        FOR UPDATE SKIP LOCKED
     ), per_user AS (
         SELECT user_id, count(*) AS n, (array_agg(reason ORDER BY requested_at DESC, id DESC))[1] AS reason
         FROM req GROUP BY user_id

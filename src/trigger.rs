@@ -21,21 +21,13 @@ const ENQUEUE_NEW: &str = "
     ON CONFLICT (user_id) DO NOTHING";
 
 /// A profile inserted again for a queued user starts a new request (new request_id,
-/// retry_count + 1) whatever state the row was in: at once if no job holds the row, otherwise
-/// through a requeue request that the next run applies. SKIP LOCKED: never a wait.
-const REQUEUE: &str = "
-    WITH target AS (
-        SELECT id FROM evolution_instance_creation_queue WHERE user_id = $1 FOR UPDATE SKIP LOCKED
-    ), requeued AS (
-        UPDATE evolution_instance_creation_queue q SET
-            status = 'pending', request_id = gen_random_uuid(), retry_count = q.retry_count + 1,
-            attempts = 0, error_message = NULL, error_kind = NULL, last_http_status = NULL,
-            next_attempt_at = now(), processed_at = NULL, updated_at = now()
-        FROM target WHERE q.id = target.id
-        RETURNING 1
-    )
-    INSERT INTO evoq.requeue_requests (user_id, reason)
-    SELECT $1, 'reinserted' WHERE NOT EXISTS (SELECT 1 FROM requeued)";
+/// retry_count + 1) whatever state the row was in: a requeue request, applied at once unless a
+/// job holds the row (then the job's next run applies it). Never a wait.
+/// Two statements: a row inserted by a CTE would not be visible to the function it calls.
+const REQUEUE: [&str; 2] = [
+    "INSERT INTO evoq.requeue_requests (user_id, reason) VALUES ($1, 'reinserted')",
+    "SELECT evoq._apply_requeue_requests($1)",
+];
 
 const RECORD_SKIP: &str = "INSERT INTO evoq.skipped_profiles (table_name, reason) VALUES ($1, $2)";
 
@@ -62,7 +54,10 @@ fn enqueue(user_id: pgrx::Uuid) -> Result<(), pgrx::spi::Error> {
         // evoq files and ALTER EXTENSION evoq UPDATE, the tables it writes may not exist yet,
         // and that must not fail the application's insert.
         let requeued = crate::subxact::attempt(|| {
-            Spi::run_with_args(REQUEUE, &[user_id.into()]).map_err(|e| e.to_string())
+            REQUEUE
+                .iter()
+                .try_for_each(|sql| Spi::run_with_args(sql, &[user_id.into()]))
+                .map_err(|e| e.to_string())
         });
         if let Some(e) = requeued.and_then(|r| r).err() {
             pgrx::warning!(

@@ -1,6 +1,8 @@
 //! evoq_process_queue(): create an Evolution instance for every due queue row.
 
-use super::run::{call_json, in_batch_context, record, require_working_attachments, Run};
+use super::run::{
+    apply_requeue_requests, call_json, in_batch_context, record, require_working_attachments, Run,
+};
 use crate::evolution::{ApiError, ApiVersion, ErrorClass, Provisioned, Webhook};
 use crate::names::{instance_name, is_ours};
 use crate::policy::{circuit_verdict, random_unit, Decision, RetryPolicy};
@@ -77,11 +79,7 @@ pub fn evoq_process_queue() -> pgrx::JsonB {
     let namespace = run.connection.namespace.clone();
     let owns_legacy_names = run.connection.owns_legacy_names;
     let mut tally = Tally {
-        requeued: Spi::get_one::<i32>("SELECT evoq._apply_requeue_requests()")
-            .unwrap_or_else(|e| {
-                crate::errors::EvoqError::internal("could not apply requeue requests", e).raise()
-            })
-            .unwrap_or(0) as u64,
+        requeued: apply_requeue_requests(),
         ..Tally::default()
     };
     let client = run.client.clone();

@@ -1,7 +1,7 @@
 //! evoq_refresh_qr(): keep the QR of every connecting instance fresh, and notice when the user
 //! has scanned it.
 
-use super::run::{call_json, in_batch_context, record, Run};
+use super::run::{apply_requeue_requests, call_json, in_batch_context, record, Run};
 use crate::evolution::{ApiError, ConnectOutcome};
 use crate::policy::circuit_verdict;
 use pgrx::prelude::*;
@@ -127,11 +127,7 @@ pub fn evoq_refresh_qr() -> pgrx::JsonB {
     });
     // Lost instances were turned into requeue requests; apply those no run holds now, so the
     // queue row is pending as soon as this run commits.
-    tally.requeued = Spi::get_one::<i32>("SELECT evoq._apply_requeue_requests()")
-        .unwrap_or_else(|e| {
-            crate::errors::EvoqError::internal("could not apply requeue requests", e).raise()
-        })
-        .unwrap_or(0) as u64;
+    tally.requeued = apply_requeue_requests();
 
     let summary = json!({
         "checked": tally.checked, "new_qr": tally.new_qr, "unchanged": tally.unchanged,

@@ -293,6 +293,14 @@ impl Run {
     }
 }
 
+/// Applies the requeue requests no other run's rows hold (see evoq._apply_requeue_requests);
+/// returns how many it applied.
+pub fn apply_requeue_requests() -> u64 {
+    Spi::get_one::<i32>("SELECT evoq._apply_requeue_requests()")
+        .or_internal("could not apply requeue requests")
+        .unwrap_or(0) as u64
+}
+
 /// The process job refuses to run while an attached table's user id column is unusable: every
 /// sign-up there is being skipped, and a WARNING in the inserting session goes unread.
 pub fn require_working_attachments() {
