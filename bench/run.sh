@@ -5,7 +5,8 @@
 #   BENCH_ROWS (10000)     queue size for the concurrency-64 and memory runs
 #   BENCH_BIG_ROWS (100000) queue size for the big memory drain
 #   BENCH_PGBENCH_SECONDS (10)
-#   BENCH_ONLY             comma list of sections to run: calls,trigger,memory (default: all)
+#   BENCH_ONLY             comma list of sections to run: calls,trigger,memory,qr (default: all)
+#   BENCH_QR_SECONDS (45)  sampling time of each QR validity run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/cluster.sh
@@ -152,4 +153,101 @@ print('%-22s %14s %14s %20s' % ('run', 'peak private', 'over idle', 'VmHWM (incl
 print('%-22s %11.1f MB %14s %17.1f MB' % ('idle (empty queue)', ia / 1024, '', it / 1024))
 print('%-22s %11.1f MB %11.1f MB %17.1f MB' % ('drain $ROWS rows', aa / 1024, (aa - ia) / 1024, at / 1024))
 print('%-22s %11.1f MB %11.1f MB %17.1f MB' % ('drain $BIG rows', ba / 1024, (ba - ia) / 1024, bt / 1024))"
+fi
+
+# --- QR validity and webhook delivery -> row --------------------------------------------------------
+# What a user sees: is the QR in the row the server's current one? The mock's QR lives 4.5 s (Baileys'
+# 45 s scaled down 10x); polling runs evoq_refresh_qr every 6 s (pg_cron's minute, scaled the same);
+# with webhooks the mock's deliveries reach evoq_webhook through postgrest-standin (one psql per
+# delivery: a real PostgREST keeps its connections, so this is the slower path). 5 connecting
+# instances, sampled every 100 ms for QR_SECONDS.
+if only qr; then
+QR_SECONDS=${BENCH_QR_SECONDS:-45}
+echo
+echo "QR validity: mock QR life 4.5 s (45 s / 10), polling every 6 s (60 s / 10), 5 instances, ${QR_SECONDS} s sampled every 100 ms"
+qr_mode() { # qr_mode polling|webhooks -> "valid_fraction p50_ms p99_ms deliveries"
+  local mode=$1 db=evoq_qr_$1 port=18094 standin_port=18096 hook refresher="" standin=""
+  "${MOCK_BIN:-target/release/evolution-mock}" --port $port --api-key bench-key --qr-ttl-ms 4500 --webhook-retry-ms 200 \
+    >"$CLUSTER_DIR/mock-qr.log" 2>&1 &
+  local qr_mock=$!
+  cluster_psql -d postgres -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db" >/dev/null
+  cluster_psql -d "$db" -tA -c "DO \$\$ BEGIN CREATE ROLE anon NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END \$\$" \
+    -c "CREATE EXTENSION evoq" >/dev/null
+  if [ "$mode" = webhooks ]; then
+    target/release/postgrest-standin --port $standin_port --role anon -- -h 127.0.0.1 -p "$CLUSTER_PORT" -U postgres -d "$db" -X \
+      >"$CLUSTER_DIR/standin-qr.log" 2>&1 &
+    standin=$!
+    hook="http://127.0.0.1:$standin_port/rest/v1/rpc/evoq_webhook"
+  else
+    hook="http://127.0.0.1:9/hook"   # nothing listens: no delivery reaches evoq
+  fi
+  for _ in $(seq 50); do curl -fsS "http://127.0.0.1:$port/" >/dev/null 2>&1 && break; sleep 0.1; done
+  cluster_psql -d "$db" -tA -c "SELECT evoq_configure('http://127.0.0.1:$port', 'bench-key', webhook_url => '$hook')" \
+    -c "INSERT INTO evolution_instance_creation_queue (user_id) SELECT gen_random_uuid() FROM generate_series(1, 5)" \
+    -c "SELECT evoq_process_queue()" >/dev/null
+  if [ "$mode" = polling ]; then
+    (while true; do cluster_psql -d "$db" -tA -c "SET evoq.qr_refresh_interval_ms = 0" -c "SELECT evoq_refresh_qr()" >/dev/null; sleep 6; done) &
+    refresher=$!
+  fi
+  python3 - "$db" "$port" "$QR_SECONDS" "$CLUSTER_DIR" "$CLUSTER_PORT" <<'PY'
+import json, subprocess, sys, time, urllib.request
+db, port, seconds, cdir, cport = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4], sys.argv[5]
+sudo = [] if subprocess.run(['id', '-u'], capture_output=True, text=True).stdout.strip() != '0' else ['sudo', '-u', 'postgres']
+def rows():
+    out = subprocess.run(sudo + ['psql', '-X', '-h', cdir, '-p', cport, '-U', 'postgres', '-d', db, '-tA', '-F', '|',
+                                 '-c', 'SELECT instance_name, coalesce(qr_text, \'\') FROM evolution_instances'],
+                         capture_output=True, text=True).stdout
+    return dict(l.split('|', 1) for l in out.splitlines() if '|' in l)
+def server():
+    with urllib.request.urlopen('http://127.0.0.1:%s/__mock/instances' % port) as r:
+        return {i['name']: i['qr_code'] for i in json.load(r)}
+valid = total = 0
+end = time.time() + seconds
+time.sleep(1)
+while time.time() < end:
+    s, r = server(), rows()
+    for name, code in s.items():
+        total += 1
+        valid += (code is not None and r.get(name) == code)
+    time.sleep(0.1)
+with urllib.request.urlopen('http://127.0.0.1:%s/__mock/deliveries' % port) as f:
+    d = [x for x in json.load(f) if x['event'] == 'qrcode.updated' and x['delivered']]
+lat = sorted(x['delivered_at_ms'] - x['first_sent_at_ms'] for x in d)
+pick = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] if lat else float('nan')
+print('%.4f %s %s %d' % (valid / max(total, 1), pick(0.5), pick(0.99), len(lat)))
+PY
+  [ -n "$refresher" ] && kill "$refresher" 2>/dev/null
+  [ -n "$standin" ] && kill "$standin" 2>/dev/null
+  kill "$qr_mock" 2>/dev/null
+  wait 2>/dev/null || true
+}
+# evoq's own part of a delivery: evoq_webhook applying a QR delivery (secret check, one UPDATE),
+# called back to back by pgbench in one session for 5 s; what a transport adds is not in it.
+evoq_cost() { # evoq_cost DB -> "p50_ms p99_ms calls_per_s"
+  local db=$1 name secret
+  name=$(cluster_psql -d "$db" -tA -c "SELECT instance_name FROM evolution_instances LIMIT 1")
+  secret=$(cluster_psql -d "$db" -tA -c "SELECT webhook_secret FROM evoq.settings")
+  cat >"$CLUSTER_DIR/deliver.sql" <<SQL
+SELECT set_config('request.headers', '{"x-evoq-secret": "$secret"}', false);
+SELECT evoq_webhook('{"event": "qrcode.updated", "instance": "$name", "date_time": "2099-01-01T00:00:00.000Z", "data": {"qrcode": {"instance": "$name", "code": "2@bench", "base64": "data:image/png;base64,AAAA"}}}'::jsonb);
+SQL
+  chown postgres "$CLUSTER_DIR/deliver.sql" 2>/dev/null || true
+  rm -f "$CLUSTER_DIR"/deliver_log*
+  (cd "$CLUSTER_DIR" && as_postgres "$PGBIN/pgbench" -n -h "$CLUSTER_DIR" -p "$CLUSTER_PORT" -U postgres -f deliver.sql \
+    -c 1 -T 5 -l --log-prefix=deliver_log "$db" >/dev/null 2>&1)
+  cat "$CLUSTER_DIR"/deliver_log* | python3 -c "
+import sys
+lat = sorted(int(l.split()[2]) / 1000 for l in sys.stdin if l.strip())
+print('%.2f %.2f %.0f' % (lat[len(lat) // 2], lat[min(len(lat) - 1, int(0.99 * len(lat)))], len(lat) / 5))"
+}
+read -r poll_valid _ _ _ <<<"$(qr_mode polling)"
+read -r hook_valid p50 p99 n <<<"$(qr_mode webhooks)"
+read -r e50 e99 erate <<<"$(evoq_cost evoq_qr_webhooks)"
+python3 -c "
+print('%-34s %10s' % ('', 'QR valid'))
+print('%-34s %9.1f%%' % ('polling only (baseline)', 100 * $poll_valid))
+print('%-34s %9.1f%%   target >= 99%%' % ('webhook deliveries', 100 * $hook_valid))
+print('delivery -> row, end to end through postgrest-standin (a psql process per delivery; %d QR deliveries):' % $n)
+print('    p50 %s ms, p99 %s ms' % ('$p50', '$p99'))
+print('delivery -> row inside PostgreSQL (evoq_webhook, one session): p50 %s ms, p99 %s ms, %s deliveries/s   target p99 < 50 ms' % ('$e50', '$e99', '$erate'))"
 fi

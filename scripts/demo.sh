@@ -2,6 +2,8 @@
 # The main job, end to end, against the bundled mock Evolution API:
 # builds and installs evoq, starts a local PostgreSQL 15 cluster with pg_cron and the mock server,
 # signs up a few users, lets pg_cron and evoq do their work, and shows the queue and instances.
+# With the mock, the server's webhooks reach evoq_webhook through postgrest-standin (what PostgREST
+# does for /rest/v1/rpc/evoq_webhook): QRs arrive as the server issues them and a scan is seen at once.
 #   EVOQ_DEMO_KEEP=1   leave the cluster and the mock running afterwards (psql line printed)
 #   EVOQ_API_URL/EVOQ_API_KEY   use a real Evolution API server instead of the mock
 set -euo pipefail
@@ -15,21 +17,30 @@ cargo pgrx install --release --pg-config "$PGBIN/pg_config" >/dev/null
 
 cluster_init /tmp/evoq-demo 55432 evoq_demo
 cluster_start
-if [ "${EVOQ_DEMO_KEEP:-0}" != 1 ]; then trap 'mock_stop; cluster_stop' EXIT; fi
+STANDIN_PID=
+stop_all() { mock_stop; [ -n "$STANDIN_PID" ] && kill "$STANDIN_PID" 2>/dev/null; cluster_stop; }
+if [ "${EVOQ_DEMO_KEEP:-0}" != 1 ]; then trap stop_all EXIT; fi
 if [ -n "${EVOQ_API_URL:-}" ]; then
   API_URL=$EVOQ_API_URL API_KEY=${EVOQ_API_KEY:?set EVOQ_API_KEY too}
+  WEBHOOK_URL=https://app.example.com/hooks/evolution
 else
   API_KEY=demo-global-key
-  mock_start 18080 --api-key "$API_KEY"
+  # QRs every 5 s instead of 45 s, so the demo shows a few.
+  mock_start 18080 --api-key "$API_KEY" --qr-ttl-ms 5000 --webhook-retry-ms 500
   API_URL=$MOCK_URL
+  target/release/postgrest-standin --port 18081 --role anon -- -h 127.0.0.1 -p "$CLUSTER_PORT" -U postgres -d evoq_demo -X \
+    >"$CLUSTER_DIR/standin.log" 2>&1 &
+  STANDIN_PID=$!
+  WEBHOOK_URL=http://127.0.0.1:18081/rest/v1/rpc/evoq_webhook
 fi
 echo "== cluster at $CLUSTER_DIR (port $CLUSTER_PORT), Evolution API at $API_URL"
 cluster_psql -d postgres -c "CREATE DATABASE evoq_demo"
 
 run() { echo; echo "evoq_demo=# $1"; cluster_psql -d evoq_demo -P pager=off -c "$1"; }
 run "CREATE EXTENSION pg_cron"
+run "CREATE ROLE anon NOLOGIN"   # PostgREST's anonymous role: the Evolution server has no JWT
 run "CREATE EXTENSION evoq"
-run "SELECT evoq_configure(api_url => '$API_URL', api_key => '$API_KEY', webhook_url => 'https://app.example.com/hooks/evolution')" \
+run "SELECT evoq_configure(api_url => '$API_URL', api_key => '$API_KEY', webhook_url => '$WEBHOOK_URL', webhook_headers => '{\"apikey\": \"<anon key>\"}')" \
   | sed "s/$API_KEY/***/g"
 run "CREATE TABLE profiles (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), email text NOT NULL)"
 run "SELECT evoq_attach('profiles')"
@@ -40,11 +51,22 @@ run "SELECT p.email, q.status, q.retry_count, q.created_at FROM evolution_instan
 
 echo; echo "== process-evolution-queue runs every 5 minutes; run its command now rather than wait"
 run "SELECT evoq_process_queue()"
-run "SELECT p.email, i.instance_status, i.qr_code IS NOT NULL AS has_qr FROM evolution_instances i JOIN profiles p ON p.id = i.user_id ORDER BY p.email"
-echo; echo "== waiting (up to a minute) for pg_cron to fire refresh-qr-codes, which fetches the QR codes"
+if [ -n "$STANDIN_PID" ]; then
+  echo; echo "== the server pushes each new QR to evoq_webhook: no refresh has run, yet the QRs are there"
+  for _ in $(seq 50); do
+    [ "$(cluster_psql -d evoq_demo -tA -c "SELECT count(*) FROM evolution_instances WHERE qr_text IS NOT NULL")" = 3 ] && break
+    sleep 0.1
+  done
+  run "SELECT p.email, i.instance_status, left(i.qr_text, 16) || '...' AS qr_text, i.last_qr_update FROM evolution_instances i JOIN profiles p ON p.id = i.user_id ORDER BY p.email"
+  sleep 5.5
+  echo; echo "== five seconds later the server has rotated its QRs, and the rows followed"
+  run "SELECT p.email, left(i.qr_text, 16) || '...' AS qr_text, i.last_qr_update FROM evolution_instances i JOIN profiles p ON p.id = i.user_id ORDER BY p.email"
+  run "SELECT webhooks_applied, webhooks_ignored, webhooks_rejected FROM evoq_status"
+fi
+echo; echo "== waiting (up to a minute) for pg_cron to fire refresh-qr-codes (the fallback when no webhook arrives)"
 for _ in $(seq 80); do
-  done_count=$(cluster_psql -d evoq_demo -tA -c "SELECT count(*) FROM evolution_instances WHERE qr_text IS NOT NULL")
-  [ "$done_count" = 3 ] && break
+  fired=$(cluster_psql -d evoq_demo -tA -c "SELECT count(*) FROM cron.job_run_details d JOIN cron.job j USING (jobid) WHERE j.jobname = 'refresh-qr-codes' AND d.status = 'succeeded'")
+  [ "$fired" -ge 1 ] && break
   sleep 1
 done
 run "SELECT j.jobname, d.status, d.return_message, d.start_time FROM cron.job_run_details d JOIN cron.job j USING (jobid) ORDER BY d.start_time"
@@ -52,13 +74,22 @@ run "SELECT p.email, q.status, q.instance_name, q.processed_at FROM evolution_in
 run "SELECT p.email, i.instance_status, left(i.qr_code, 40) || '...' AS qr_code, left(i.qr_text, 16) || '...' AS qr_text, i.last_qr_update FROM evolution_instances i JOIN profiles p ON p.id = i.user_id ORDER BY p.email"
 
 if [ -z "${EVOQ_API_URL:-}" ]; then
-  echo; echo "== ana scans her QR code (the mock moves her instance to 'open'); the next refresh notices"
+  echo; echo "== ana scans her QR code; the server's connection.update reaches the row at once, no refresh needed"
   ana=$(cluster_psql -d evoq_demo -tA -c "SELECT i.instance_name FROM evolution_instances i JOIN profiles p ON p.id = i.user_id WHERE p.email = 'ana@example.com'")
-  curl -fsS -X POST "$MOCK_URL/__mock/instances/$ana/state" -d '{"state":"open"}' >/dev/null
-  run "SET evoq.qr_refresh_interval_ms = 0; SELECT evoq_refresh_qr()"
-  run "SELECT p.email, i.instance_status, i.qr_code IS NOT NULL AS has_qr, i.connected_at FROM evolution_instances i JOIN profiles p ON p.id = i.user_id ORDER BY p.email"
+  curl -fsS -X POST "$MOCK_URL/__mock/instances/$ana/scan" -d '{"number": "5511987654321", "profile_name": "Ana"}' >/dev/null
+  start=$(date +%s%N)
+  for _ in $(seq 50); do
+    [ "$(cluster_psql -d evoq_demo -tA -c "SELECT instance_status FROM evolution_instances WHERE instance_name = '$ana'")" = open ] && break
+    sleep 0.05
+  done
+  echo "(open in the row $(( ($(date +%s%N) - start) / 1000000 )) ms after the scan)"
+  run "SELECT p.email, i.instance_status, i.owner_number, i.profile_name, i.qr_code IS NOT NULL AS has_qr, i.connected_at FROM evolution_instances i JOIN profiles p ON p.id = i.user_id ORDER BY p.email"
+  echo; echo "== bruno deletes his account: his WhatsApp session is logged out and deleted at the server"
+  run "DELETE FROM profiles WHERE email = 'bruno@example.com'"
+  run "SELECT evoq_process_queue()"
+  run "SELECT p.email, q.action, q.status, i.instance_status, i.disconnect_reason FROM evolution_instance_creation_queue q LEFT JOIN evolution_instances i USING (user_id) LEFT JOIN profiles p ON p.id = q.user_id ORDER BY q.created_at"
 fi
-run "SELECT pending, completed, failed, instances_connecting, instances_open, last_process_run_at, last_error FROM evoq_status"
+run "SELECT pending, completed, failed, instances_connecting, instances_open, instances_deleted, webhooks_applied, last_process_run_at, last_error FROM evoq_status"
 
 if [ "${EVOQ_DEMO_KEEP:-0}" = 1 ]; then
   echo; echo "Left running. Connect with: sudo -u postgres psql -h $CLUSTER_DIR -p $CLUSTER_PORT evoq_demo"

@@ -28,7 +28,7 @@ mock_start 18091 --api-key "$KEY"
 
 cluster_psql -c "CREATE DATABASE evoq_it" -d postgres
 q "CREATE EXTENSION evoq"
-check "CREATE EXTENSION evoq works without pg_cron" "$(q "SELECT extversion FROM pg_extension WHERE extname = 'evoq'")" "0.2.0"
+check "CREATE EXTENSION evoq works without pg_cron" "$(q "SELECT extversion FROM pg_extension WHERE extname = 'evoq'")" "$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n1)"
 err=$(q "SELECT evoq_schedule()" 2>&1)
 check "evoq_schedule without pg_cron names the fix" "$(grep -c 'pg_cron is not installed' <<<"$err")" "1"
 q "CREATE EXTENSION pg_cron" >/dev/null
@@ -134,6 +134,79 @@ for role in anon authenticated service_role; do
   check "with Supabase's default privileges, $role cannot call evoq_configure" "$(grep -c 'permission denied' <<<"$err")" "1"
 done
 check "the queue row survived" "$(q "SELECT count(*) FROM evolution_instance_creation_queue")" "1"
+DB=evoq_it
+
+# --- webhooks over HTTP: the mock delivers, a PostgREST stand-in calls evoq_webhook as anon ------------
+# PostgREST is not packaged here; postgrest-standin does what it does for this call (SET LOCAL ROLE
+# anon, request.headers, the body as the jsonb argument), through psql over TCP.
+cluster_psql -d postgres -c "CREATE DATABASE evoq_hooks" >/dev/null
+DB=evoq_hooks
+HOOK_MOCK=http://127.0.0.1:18092 STANDIN_PORT=18093
+target/release/evolution-mock --port 18092 --api-key "$KEY" --qr-ttl-ms 1000 --webhook-retry-ms 200 >"$CLUSTER_DIR/mock-hooks.log" 2>&1 &
+hook_mock_pid=$!
+target/release/postgrest-standin --port $STANDIN_PORT --role anon -- -h 127.0.0.1 -p "$CLUSTER_PORT" -U postgres -d evoq_hooks -X \
+  >"$CLUSTER_DIR/standin.log" 2>&1 &
+standin_pid=$!
+trap 'kill $hook_mock_pid $standin_pid 2>/dev/null; mock_stop; cluster_stop immediate' EXIT
+for _ in $(seq 100); do curl -fsS "$HOOK_MOCK/" >/dev/null 2>&1 && grep -q listening "$CLUSTER_DIR/standin.log" && break; sleep 0.1; done
+q "CREATE ROLE anon NOLOGIN" >/dev/null 2>&1
+q "CREATE EXTENSION evoq" >/dev/null
+q "SELECT evoq_configure(api_url => '$HOOK_MOCK', api_key => '$KEY',
+     webhook_url => 'http://127.0.0.1:$STANDIN_PORT/rest/v1/rpc/evoq_webhook',
+     webhook_headers => '{\"apikey\": \"anon-gateway-key\"}')" >/dev/null
+q "CREATE TABLE profiles (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), email text)"
+q "SELECT evoq_attach('profiles')" >/dev/null
+q "INSERT INTO profiles (email) VALUES ('ana@example.com'), ('bo@example.com')"
+q "SELECT evoq_process_queue()" >/dev/null
+ana=$(q "SELECT i.instance_name FROM evolution_instances i JOIN profiles p ON p.id = i.user_id WHERE p.email = 'ana@example.com'")
+bo=$(q "SELECT i.instance_name FROM evolution_instances i JOIN profiles p ON p.id = i.user_id WHERE p.email = 'bo@example.com'")
+wait_for() { # wait_for SQL EXPECTED SECONDS: polls until SQL returns EXPECTED; prints the last value
+  local v="" end=$((SECONDS + $3))
+  while [ $SECONDS -le $end ]; do v=$(q "$1"); [ "$v" = "$2" ] && break; sleep 0.1; done
+  echo "$v"
+}
+check "a QR arrives by webhook, with no refresh run" \
+  "$(wait_for "SELECT qr_text IS NOT NULL FROM evolution_instances WHERE instance_name = '$ana'" t 5)" "t"
+first=$(q "SELECT qr_text FROM evolution_instances WHERE instance_name = '$ana'")
+check "the stored QR follows the server's clock" \
+  "$(wait_for "SELECT qr_text <> '$first' FROM evolution_instances WHERE instance_name = '$ana'" t 5)" "t"
+check "no refresh ran at all" "$(q "SELECT count(*) FROM evoq.job_runs WHERE job = 'refresh_qr'")" "0"
+curl -fsS -X POST "$HOOK_MOCK/__mock/instances/$ana/scan" -d '{"number": "5511999990000", "profile_name": "Ana"}' >/dev/null
+check "a scan is noticed at once (open, with the owner's number)" \
+  "$(wait_for "SELECT instance_status || ' ' || owner_number FROM evolution_instances WHERE instance_name = '$ana'" "open 5511999990000" 3)" "open 5511999990000"
+curl -fsS -X POST "$HOOK_MOCK/__mock/instances/$ana/unlink" >/dev/null
+check "a phone that unlinks is noticed at once" \
+  "$(wait_for "SELECT instance_status FROM evolution_instances WHERE instance_name = '$ana'" close 3)" "close"
+forged=$(curl -s -o /dev/null -w '%{http_code}' -X POST "http://127.0.0.1:$STANDIN_PORT/rest/v1/rpc/evoq_webhook" \
+  -H 'Content-Type: application/json' -H 'x-evoq-secret: guessed' \
+  -d "{\"event\":\"connection.update\",\"instance\":\"$bo\",\"data\":{\"state\":\"open\"}}")
+check "a forged delivery is refused with 401 (the server does not retry it)" "$forged" "401"
+check "and counted, and it changed nothing" \
+  "$(q "SELECT webhooks_rejected FROM evoq_status")$(q "SELECT instance_status FROM evolution_instances WHERE instance_name = '$bo'")" "1connecting"
+# Two kinds of delivery racing for one row, 10 of each at once, arriving in any order: the newer
+# (by the server's date_time) wins, whatever came last.
+secret=$(q "SELECT webhook_secret FROM evoq.settings")
+racers=()
+for _ in $(seq 10); do
+  for body in "{\"event\":\"connection.update\",\"instance\":\"$bo\",\"date_time\":\"2099-01-01T10:00:00.000Z\",\"data\":{\"state\":\"open\",\"statusReason\":200}}" \
+              "{\"event\":\"connection.update\",\"instance\":\"$bo\",\"date_time\":\"2099-01-01T10:00:01.000Z\",\"data\":{\"state\":\"close\",\"statusReason\":401}}"; do
+    curl -s -o /dev/null -X POST "http://127.0.0.1:$STANDIN_PORT/rest/v1/rpc/evoq_webhook" \
+      -H 'Content-Type: application/json' -H "x-evoq-secret: $secret" -d "$body" &
+    racers+=($!)
+  done
+done
+wait "${racers[@]}"
+check "racing deliveries end in the newer state" \
+  "$(q "SELECT instance_status FROM evolution_instances WHERE instance_name = '$bo'")" "close"
+# Deprovisioning: the profile goes, its instance is logged out and deleted at the server.
+q "DELETE FROM profiles WHERE email = 'ana@example.com'"
+q "SELECT evoq_process_queue()" >/dev/null
+check "a deleted profile's instance is gone from the server" \
+  "$(curl -fsS "$HOOK_MOCK/__mock/sockets" | python3 -c "import json,sys; d=json.load(sys.stdin); print('$ana' in d['per_instance'], d['orphans'])")" "False 0"
+check "its row says deleted, and later deliveries leave it so" \
+  "$(wait_for "SELECT instance_status FROM evolution_instances WHERE instance_name = '$ana'" deleted 3)" "deleted"
+undelivered=$(curl -fsS "$HOOK_MOCK/__mock/deliveries" | python3 -c "import json,sys; print(sum(1 for d in json.load(sys.stdin) if not d['delivered'] and not d['pending']))")
+check "every delivery of the mock was acknowledged" "$undelivered" "0"
 DB=evoq_it
 
 echo "$passed passed, $failed failed"

@@ -147,9 +147,12 @@ expected_migration="UPDATE upgrade_check.evolution_instance_creation_queue
 install_from "$ROOT" "$NEW" || die "this tree (evoq $NEW) does not build or install"
 check "the installed control file defaults to $NEW" "$(control_version)" "$NEW"
 check "$OLD's install script is still installed" "$([ -f "$EXTDIR/evoq--$OLD.sql" ] && echo yes)" "yes"
-# cargo pgrx install copies sql/evoq--*--*.sql itself, with @CARGO_VERSION@ filled in.
-check "this tree's upgrade script is installed" \
-  "$(sed "s/@CARGO_VERSION@/$NEW/g" "sql/evoq--$OLD--$NEW.sql" | cmp - "$EXTDIR/evoq--$OLD--$NEW.sql" 2>&1 && echo same)" "same"
+# cargo pgrx install copies sql/evoq--*--*.sql itself, with @CARGO_VERSION@ filled in. ALTER
+# EXTENSION UPDATE chains them: $OLD -> ... -> $NEW.
+for script in sql/evoq--*--*.sql; do
+  check "this tree's $(basename "$script") is installed" \
+    "$(sed "s/@CARGO_VERSION@/$NEW/g" "$script" | cmp - "$EXTDIR/$(basename "$script")" 2>&1 && echo same)" "same"
+done
 
 # Between installing the new files and ALTER EXTENSION evoq UPDATE, backends run the new library
 # against the old schema: a sign-up, and a profile inserted again, must still work (rolled back,
@@ -220,6 +223,10 @@ for job in process-evolution-queue refresh-qr-codes; do
   cmd=$(q "$A" "SELECT command FROM cron.job WHERE jobname = '$job'")
   check "cron job $job runs after the upgrade" "$([ -n "$cmd" ] && q "$A" "$cmd" >/dev/null && echo ok)" "ok"
 done
+check "the upgrade created the webhook secret and asks for every instance to be pointed at it" \
+  "$(q "$A" "SELECT length(webhook_secret), webhook_changed_at IS NOT NULL FROM evoq.settings" | tr '|' ' ')" "64 t"
+check "the upgrade attached the delete trigger where the insert trigger was" \
+  "$(q "$A" "SELECT count(*) FROM pg_trigger WHERE tgname = 'on_profile_deleted_delete_evolution_instance' AND tgrelid = 'profiles'::regclass")" "1"
 check "the never-tried user is completed after the upgrade" \
   "$(q "$A" "SELECT q.status FROM evolution_instance_creation_queue q JOIN profiles p ON p.id = q.user_id WHERE p.email = 'fay@example.com'")" \
   "completed"

@@ -26,7 +26,15 @@ CREATE TABLE evoq.settings (
     deployment_identity text,
     -- 0.2.0: whether the 0.1.0 names (evoq_<hex>, no namespace) are this database's: true only
     -- where the upgrade from 0.1.0 ran, false once a copy is given a namespace of its own.
-    owns_legacy_names   boolean NOT NULL DEFAULT false
+    owns_legacy_names   boolean NOT NULL DEFAULT false,
+    -- 0.3.0: the secret every webhook delivery must carry (a header on v2, a query parameter of
+    -- the URL on v1.8); the one before a rotation, accepted until every instance carries the
+    -- new one; extra delivery headers (a gateway's key); when the webhook last changed
+    -- (instances registered before are pointed at it again by evoq_refresh_qr).
+    webhook_secret          text,
+    webhook_secret_previous text,
+    webhook_headers         jsonb NOT NULL DEFAULT '{}' CHECK (jsonb_typeof(webhook_headers) = 'object'),
+    webhook_changed_at      timestamptz
 );
 COMMENT ON COLUMN evoq.settings.namespace IS
     'Part of every new instance name (evoq_<namespace>_<user hex>), so two databases never share an instance.';
@@ -51,7 +59,10 @@ CREATE TABLE evolution_instance_creation_queue (
     next_attempt_at  timestamptz NOT NULL DEFAULT now(),
     last_error_at    timestamptz,
     last_http_status integer,
-    error_kind       text CHECK (error_kind IN ('transient', 'permanent'))
+    error_kind       text CHECK (error_kind IN ('transient', 'permanent')),
+    -- 0.3.0: what the row's current request is: create the user's instance, or delete it
+    -- (deprovisioning: the profile was deleted, or evoq_deprovision). Same claims, retries, backoff.
+    action           text NOT NULL DEFAULT 'create' CHECK (action IN ('create', 'delete'))
 );
 COMMENT ON TABLE evolution_instance_creation_queue IS
     'One row per user whose Evolution instance evoq must create. Filled by the profile trigger, drained by evoq_process_queue().';
@@ -78,7 +89,7 @@ CREATE TABLE evolution_instances (
     instance_name   text NOT NULL UNIQUE,
     instance_id     text,
     instance_status text NOT NULL DEFAULT 'connecting'
-                    CHECK (instance_status IN ('connecting', 'open', 'lost')),
+                    CHECK (instance_status IN ('connecting', 'open', 'close', 'refused', 'expired', 'lost', 'deleted')),
     qr_code         text,
     qr_text         text,
     pairing_code    text,
@@ -89,15 +100,38 @@ CREATE TABLE evolution_instances (
     last_error      text,
     last_error_at   timestamptz,
     created_at      timestamptz NOT NULL DEFAULT now(),
-    updated_at      timestamptz NOT NULL DEFAULT now()
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    -- 0.3.0: the rest of an instance's life.
+    owner_number        text,
+    profile_name        text,
+    connecting_since    timestamptz,
+    disconnected_at     timestamptz,
+    disconnect_reason   text,
+    last_event_at       timestamptz,
+    no_qr_rounds        integer NOT NULL DEFAULT 0,
+    last_state_check_at timestamptz,
+    webhook_set_at      timestamptz
 );
 COMMENT ON TABLE evolution_instances IS
-    'One row per user instance on the Evolution API server. instance_status: connecting (waiting for a QR scan), open (connected), lost (the server no longer knows it; re-queued).';
+    'One row per user instance on the Evolution API server. instance_status: connecting (waiting for a QR scan), open (connected), close (disconnected; disconnect_reason says why), refused (the server''s QR limit), expired (not scanned within evoq.qr_window_ms; logged out), lost (the server no longer knows it; re-queued), deleted (deprovisioned).';
+COMMENT ON COLUMN evolution_instances.connecting_since IS
+    'Start of the QR window: a connecting instance not scanned within evoq.qr_window_ms expires.';
+COMMENT ON COLUMN evolution_instances.last_event_at IS
+    'The server''s date_time of the last webhook delivery applied; an older delivery changes nothing.';
+COMMENT ON COLUMN evolution_instances.no_qr_rounds IS
+    'Consecutive refreshes that got no QR ({"count":0}); 3 or more shows in evoq_status.instances_without_qr.';
 COMMENT ON COLUMN evolution_instances.qr_code IS 'The QR as a data:image/png;base64 URL, ready for an <img src>.';
 COMMENT ON COLUMN evolution_instances.qr_text IS 'The raw QR string (2@...), for clients that render it themselves.';
 CREATE INDEX evolution_instances_connecting_idx
     ON evolution_instances (last_refresh_at NULLS FIRST)
     WHERE instance_status = 'connecting';
+-- 0.3.0: the sweep of open instances, and instances to point at a changed webhook.
+CREATE INDEX evolution_instances_open_idx
+    ON evolution_instances (last_state_check_at NULLS FIRST)
+    WHERE instance_status = 'open';
+CREATE INDEX evolution_instances_webhook_idx
+    ON evolution_instances (webhook_set_at NULLS FIRST)
+    WHERE instance_status IN ('connecting', 'open', 'close', 'refused', 'expired');
 ALTER TABLE evolution_instances ENABLE ROW LEVEL SECURITY;
 
 -- Instance tokens (the `hash` of create): they authorize anything on that instance, so they are
@@ -125,7 +159,7 @@ CREATE TABLE evoq.job_runs (
 CREATE TABLE evoq.requeue_requests (
     id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     user_id      uuid NOT NULL,
-    reason       text NOT NULL CHECK (reason IN ('reinserted', 'lost')),
+    reason       text NOT NULL CHECK (reason IN ('reinserted', 'lost', 'deprovision')),
     requested_at timestamptz NOT NULL DEFAULT now()
 );
 
@@ -150,6 +184,30 @@ CREATE TABLE evoq.circuit (
     next_probe_at timestamptz NOT NULL
 );
 
+-- 0.3.0: webhook deliveries evoq does not consume itself (messages.upsert and the rest the
+-- operator subscribed to), kept for the application, which reads and deletes them; each insert
+-- is announced on the channel evoq_events.
+CREATE TABLE evolution_instance_events (
+    id            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    user_id       uuid,
+    instance_name text NOT NULL,
+    event         text NOT NULL,
+    payload       jsonb NOT NULL,
+    received_at   timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE evolution_instance_events IS
+    'Webhook deliveries evoq does not consume (messages and the like), for the application to read and delete. NOTIFY channel: evoq_events.';
+ALTER TABLE evolution_instance_events ENABLE ROW LEVEL SECURITY;
+
+-- 0.3.0: webhook counters. Sequences, not rows: they count without a row lock that concurrent
+-- deliveries would queue on, and a rejected delivery is counted although its ERROR rolls the
+-- transaction back (nextval is not transactional). After a crash a counter may jump ahead by
+-- up to 32.
+CREATE SEQUENCE evoq.webhooks_applied;
+CREATE SEQUENCE evoq.webhooks_ignored;
+CREATE SEQUENCE evoq.webhooks_rejected;
+CREATE SEQUENCE evoq.webhooks_relayed;
+
 -- pg_dump keeps the rows of these tables (extension tables are otherwise dumped empty).
 SELECT pg_catalog.pg_extension_config_dump('evolution_instance_creation_queue', '');
 SELECT pg_catalog.pg_extension_config_dump('evolution_instances', '');
@@ -161,6 +219,12 @@ SELECT pg_catalog.pg_extension_config_dump('evoq.requeue_requests_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('evoq.skipped_profiles', '');
 SELECT pg_catalog.pg_extension_config_dump('evoq.skipped_profiles_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('evoq.circuit', '');
+SELECT pg_catalog.pg_extension_config_dump('evolution_instance_events', '');
+SELECT pg_catalog.pg_extension_config_dump('evolution_instance_events_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('evoq.webhooks_applied', '');
+SELECT pg_catalog.pg_extension_config_dump('evoq.webhooks_ignored', '');
+SELECT pg_catalog.pg_extension_config_dump('evoq.webhooks_rejected', '');
+SELECT pg_catalog.pg_extension_config_dump('evoq.webhooks_relayed', '');
 
 -- This database's identity: a copy restored elsewhere (or into another database) differs.
 CREATE FUNCTION evoq._deployment_identity() RETURNS text
@@ -229,6 +293,7 @@ DECLARE
     queue text := format('%I.evolution_instance_creation_queue', ext_schema);
     inst text := format('%I.evolution_instances', ext_schema);
     status_view text := format('%I.evoq_status', ext_schema);
+    app_events text := format('%I.evolution_instance_events', ext_schema);
     member record;
     pol record;
 BEGIN
@@ -256,10 +321,16 @@ BEGIN
     -- role, and the second names a user's instance.
     EXECUTE format('GRANT EXECUTE ON FUNCTION %I.evoq_current_user_id(), %I.evoq_instance_name(uuid) TO PUBLIC',
                    ext_schema, ext_schema);
+    -- The webhook endpoint is for PostgREST's anonymous role: the Evolution server has no JWT.
+    -- It checks the webhook secret before it reads anything else.
+    IF to_regrole('anon') IS NOT NULL THEN
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %I.evoq_webhook(jsonb) TO anon', ext_schema);
+    END IF;
 
     FOR pol IN SELECT policyname, tablename FROM pg_policies
                WHERE schemaname = ext_schema
-                 AND tablename IN ('evolution_instance_creation_queue', 'evolution_instances') LOOP
+                 AND tablename IN ('evolution_instance_creation_queue', 'evolution_instances',
+                                   'evolution_instance_events') LOOP
         EXECUTE format('DROP POLICY %I ON %I.%I', pol.policyname, ext_schema, pol.tablename);
     END LOOP;
 
@@ -276,6 +347,12 @@ BEGIN
         EXECUTE format('GRANT SELECT ON %s, %s TO authenticated', queue, inst);
         EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON %s, %s TO service_role', queue, inst);
         EXECUTE format('GRANT SELECT ON %s TO service_role', status_view);
+        EXECUTE format('CREATE POLICY "Service role can manage instance events" ON %s
+                        FOR ALL TO service_role USING (true) WITH CHECK (true)', app_events);
+        EXECUTE format('GRANT SELECT, DELETE ON %s TO service_role', app_events);
+        -- Each checks that the signed-in user acts on their own instance.
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %I.evoq_reconnect(uuid), %I.evoq_deprovision(uuid)
+                        TO authenticated, service_role', ext_schema, ext_schema);
         RETURN 'supabase';
     END IF;
 
@@ -309,7 +386,8 @@ $$;
 
 -- Claims up to batch_size due rows. SKIP LOCKED: an overlapping run takes other rows. A claimed
 -- row stays locked until the run's transaction ends, so a crash or cancel simply makes it due
--- again; 'processing' is never visible to anyone else.
+-- again; 'processing' is never visible to anyone else. 0.3.0: with the row's action, and the
+-- name of the user's instance row (what a delete removes).
 CREATE FUNCTION evoq._claim_queue(batch_size integer) RETURNS jsonb
 LANGUAGE sql
 SET search_path = pg_catalog, @extschema@
@@ -324,13 +402,15 @@ AS $$
         UPDATE evolution_instance_creation_queue q
         SET status = 'processing', attempts = q.attempts + 1, updated_at = clock_timestamp()
         FROM due WHERE q.id = due.id
-        RETURNING q.id, q.user_id, q.request_id, q.attempts, q.instance_name,
+        RETURNING q.id, q.user_id, q.request_id, q.attempts, q.instance_name, q.action,
                   due.status AS prev_status, due.updated_at AS prev_updated_at
     )
     SELECT coalesce(jsonb_agg(jsonb_build_object(
-        'id', id, 'user_id', user_id, 'request_id', request_id, 'attempts', attempts,
-        'instance_name', instance_name, 'prev_status', prev_status, 'prev_updated_at', prev_updated_at)), '[]')
-    FROM claimed
+        'id', c.id, 'user_id', c.user_id, 'request_id', c.request_id, 'attempts', c.attempts,
+        'instance_name', c.instance_name, 'action', c.action,
+        'instance_row_name', (SELECT i.instance_name FROM evolution_instances i WHERE i.user_id = c.user_id),
+        'prev_status', c.prev_status, 'prev_updated_at', c.prev_updated_at)), '[]')
+    FROM claimed c
 $$;
 
 -- Puts claimed rows back exactly as they were (the circuit breaker: a batch that failed because
@@ -345,10 +425,16 @@ AS $$
     WHERE q.id = c.id AND q.status = 'processing'
 $$;
 
--- Applies the requeue requests (re-inserted profiles, lost instances) whose queue rows no other
--- run holds; the rest wait for a later run. Never waits on a lock, so the trigger (for its own
--- user only: an application's transaction must not hold other users' rows) and either job can
--- call it while holding their own. The one place that says what requeueing a row means.
+-- Applies the requeue requests (re-inserted profiles, lost instances, deprovisioned users) whose
+-- queue rows no other run holds; the rest wait for a later run. Never waits on a lock, so the
+-- profile triggers (for their own user only: an application's transaction must not hold other
+-- users' rows) and either job can call it while holding their own. The one place that says what
+-- requeueing a row means. A user's latest request wins: signing up again after a deletion
+-- creates a fresh instance, deleting after a re-insert deletes.
+--
+-- Deprovisioning a user whose creation was never tried (no instance row, no name stored on the
+-- queue row) cancels it here: no call, nothing is ever created for a user who is gone. Any other
+-- deprovisioning becomes a delete request (log out, then DELETE) for evoq_process_queue.
 CREATE FUNCTION evoq._apply_requeue_requests(only_user uuid DEFAULT NULL) RETURNS integer
 LANGUAGE sql
 SET search_path = pg_catalog, @extschema@
@@ -358,37 +444,54 @@ AS $$
         WHERE only_user IS NULL OR user_id = only_user
         FOR UPDATE SKIP LOCKED
     ), per_user AS (
-        SELECT user_id, count(*) AS n, (array_agg(reason ORDER BY requested_at DESC, id DESC))[1] AS reason
+        -- n: re-inserts and losses, which retry_count counts (as the original setup did); a
+        -- deprovisioning is not a retry.
+        SELECT user_id, count(*) FILTER (WHERE reason <> 'deprovision') AS n,
+               (array_agg(reason ORDER BY requested_at DESC, id DESC))[1] AS reason
         FROM req GROUP BY user_id
     ), free AS (
-        SELECT q.id, q.user_id FROM evolution_instance_creation_queue q
+        SELECT q.id, q.user_id, q.instance_name, q.action FROM evolution_instance_creation_queue q
         WHERE q.user_id IN (SELECT user_id FROM per_user)
         FOR UPDATE SKIP LOCKED
     ), requeued AS (
         UPDATE evolution_instance_creation_queue q SET
-            status = 'pending', request_id = gen_random_uuid(), retry_count = q.retry_count + p.n,
-            attempts = 0, next_attempt_at = now(), processed_at = NULL, error_kind = NULL,
-            error_message = CASE p.reason WHEN 'lost'
-                THEN 'the Evolution API no longer knows this instance (404); creating it again' END,
+            action = CASE p.reason WHEN 'deprovision' THEN 'delete' ELSE 'create' END,
+            status = CASE WHEN cancel.it THEN 'completed' ELSE 'pending' END,
+            request_id = gen_random_uuid(),
+            retry_count = q.retry_count + p.n,
+            attempts = 0, next_attempt_at = now(),
+            processed_at = CASE WHEN cancel.it THEN clock_timestamp() END, error_kind = NULL,
+            error_message = CASE WHEN cancel.it THEN 'deprovisioned before its instance was created: nothing was sent'
+                                 WHEN p.reason = 'lost'
+                                 THEN 'the Evolution API no longer knows this instance (404); creating it again' END,
             last_http_status = CASE p.reason WHEN 'lost' THEN 404 END,
             updated_at = clock_timestamp()
         FROM free JOIN per_user p USING (user_id)
+        CROSS JOIN LATERAL (SELECT p.reason = 'deprovision' AND free.action = 'create' AND free.instance_name IS NULL
+                                   AND NOT EXISTS (SELECT 1 FROM evolution_instances i WHERE i.user_id = free.user_id)
+                            AS it) cancel
         WHERE q.id = free.id
         RETURNING q.user_id
     ), added AS (
-        -- A lost instance whose queue row is gone (deleted by hand) is queued afresh. Only for
-        -- 'lost': a re-inserted profile whose row vanished was queued by its own insert.
-        INSERT INTO evolution_instance_creation_queue (user_id, instance_name)
-        SELECT p.user_id, i.instance_name FROM per_user p
+        -- A lost or deprovisioned instance whose queue row is gone (deleted by hand) is queued
+        -- afresh. Not for a re-inserted profile: its own insert queued it.
+        INSERT INTO evolution_instance_creation_queue (user_id, instance_name, action)
+        SELECT p.user_id, i.instance_name, CASE p.reason WHEN 'deprovision' THEN 'delete' ELSE 'create' END
+        FROM per_user p
         LEFT JOIN evolution_instances i ON i.user_id = p.user_id
-        WHERE p.reason = 'lost'
+        WHERE (p.reason = 'lost' OR (p.reason = 'deprovision' AND i.instance_status <> 'deleted'))
           AND NOT EXISTS (SELECT 1 FROM evolution_instance_creation_queue q WHERE q.user_id = p.user_id)
         ON CONFLICT (user_id) DO NOTHING
         RETURNING user_id
     ), applied AS (
         DELETE FROM evoq.requeue_requests r USING req
         WHERE r.id = req.id
-          AND (req.user_id IN (SELECT user_id FROM requeued) OR req.user_id IN (SELECT user_id FROM added))
+          AND (req.user_id IN (SELECT user_id FROM requeued) OR req.user_id IN (SELECT user_id FROM added)
+               -- nothing to requeue: a deprovisioned user evoq never queued
+               OR (req.reason = 'deprovision'
+                   AND NOT EXISTS (SELECT 1 FROM evolution_instance_creation_queue q WHERE q.user_id = req.user_id)
+                   AND NOT EXISTS (SELECT 1 FROM evolution_instances i WHERE i.user_id = req.user_id
+                                   AND i.instance_status <> 'deleted')))
         RETURNING 1
     )
     SELECT count(*)::integer FROM applied
@@ -413,8 +516,9 @@ AS $$
 $$;
 
 -- Writes the outcome of a batch. Each element of results:
---   {"id", "instance_name", "ok": true, "instance_id", "token", "instance_status",
---    "qr_code", "qr_text", "pairing_code", "qr_count"}
+--   {"id", "instance_name", "ok": true, "action": "create", "instance_id", "token", "instance_status",
+--    "qr_code", "qr_text", "pairing_code", "qr_count", "webhook_set"}
+--   {"id", "instance_name", "ok": true, "action": "delete"}
 --   {"id", "instance_name", "ok": false, "error", "http_status", "error_kind", "retry_in_ms" | null (give up)}
 CREATE FUNCTION evoq._record_queue_results(results jsonb) RETURNS void
 LANGUAGE sql
@@ -422,30 +526,41 @@ SET search_path = pg_catalog, @extschema@
 AS $$
     WITH r AS (
         SELECT * FROM jsonb_to_recordset(results) AS x(
-            id uuid, instance_name text, ok boolean, instance_id text, token text, instance_status text,
-            qr_code text, qr_text text, pairing_code text, qr_count integer,
+            id uuid, instance_name text, ok boolean, action text, instance_id text, token text, instance_status text,
+            qr_code text, qr_text text, pairing_code text, qr_count integer, webhook_set boolean,
             error text, http_status integer, error_kind text, retry_in_ms bigint)
     ), ok AS (
-        SELECT r.*, q.user_id FROM r JOIN evolution_instance_creation_queue q ON q.id = r.id WHERE r.ok
+        SELECT r.*, q.user_id FROM r JOIN evolution_instance_creation_queue q ON q.id = r.id
+        WHERE r.ok AND coalesce(r.action, 'create') = 'create'
     ), instances AS (
         INSERT INTO evolution_instances AS i (user_id, instance_name, instance_id, instance_status,
                                               qr_code, qr_text, pairing_code, qr_count, last_qr_update,
-                                              connected_at)
+                                              connected_at, connecting_since, webhook_set_at,
+                                              last_state_check_at)
         SELECT user_id, instance_name, instance_id, instance_status, qr_code, qr_text, pairing_code, qr_count,
                CASE WHEN qr_code IS NOT NULL OR qr_text IS NOT NULL THEN clock_timestamp() END,
+               CASE WHEN instance_status = 'open' THEN clock_timestamp() END,
+               clock_timestamp(),
+               CASE WHEN webhook_set THEN clock_timestamp() END,
+               -- an open instance is checked one evoq.state_check_interval_ms from now
                CASE WHEN instance_status = 'open' THEN clock_timestamp() END
         FROM ok
         ON CONFLICT (user_id) DO UPDATE SET
             instance_name = excluded.instance_name,
             instance_id = coalesce(excluded.instance_id, i.instance_id),
             instance_status = excluded.instance_status,
-            qr_code = coalesce(excluded.qr_code, CASE WHEN excluded.instance_status = 'open' THEN NULL ELSE i.qr_code END),
-            qr_text = coalesce(excluded.qr_text, CASE WHEN excluded.instance_status = 'open' THEN NULL ELSE i.qr_text END),
-            pairing_code = coalesce(excluded.pairing_code, CASE WHEN excluded.instance_status = 'open' THEN NULL ELSE i.pairing_code END),
+            qr_code = coalesce(excluded.qr_code, CASE WHEN excluded.instance_status = 'connecting' AND i.instance_status = 'connecting' THEN i.qr_code END),
+            qr_text = coalesce(excluded.qr_text, CASE WHEN excluded.instance_status = 'connecting' AND i.instance_status = 'connecting' THEN i.qr_text END),
+            pairing_code = coalesce(excluded.pairing_code, CASE WHEN excluded.instance_status = 'connecting' AND i.instance_status = 'connecting' THEN i.pairing_code END),
             qr_count = coalesce(excluded.qr_count, i.qr_count),
             last_qr_update = coalesce(excluded.last_qr_update, i.last_qr_update),
             connected_at = coalesce(i.connected_at, excluded.connected_at),
             last_error = NULL, last_error_at = NULL,
+            -- A created (or adopted) instance starts a new life: a new QR window, no old events.
+            connecting_since = excluded.connecting_since,
+            disconnected_at = NULL, disconnect_reason = NULL, last_event_at = NULL, no_qr_rounds = 0,
+            last_state_check_at = excluded.last_state_check_at,
+            webhook_set_at = coalesce(excluded.webhook_set_at, i.webhook_set_at),
             updated_at = clock_timestamp()
         RETURNING i.instance_name
     ), tokens AS (
@@ -453,10 +568,22 @@ AS $$
         SELECT ok.instance_name, ok.token FROM ok JOIN instances USING (instance_name)
         WHERE ok.token IS NOT NULL
         ON CONFLICT (instance_name) DO UPDATE SET token = excluded.token, updated_at = clock_timestamp()
+    ), removed AS (
+        -- Deprovisioned: the row stays (the app may show "deleted"), its QR and token go.
+        UPDATE evolution_instances i SET
+            instance_status = 'deleted', qr_code = NULL, qr_text = NULL, pairing_code = NULL,
+            disconnected_at = coalesce(i.disconnected_at, clock_timestamp()),
+            disconnect_reason = 'deprovisioned: deleted at the Evolution API',
+            last_error = NULL, last_error_at = NULL, updated_at = clock_timestamp()
+        FROM r JOIN evolution_instance_creation_queue q ON q.id = r.id
+        WHERE r.ok AND r.action = 'delete' AND i.user_id = q.user_id
+        RETURNING i.instance_name
+    ), forgotten AS (
+        DELETE FROM evoq.instance_tokens t USING removed WHERE t.instance_name = removed.instance_name
     )
     UPDATE evolution_instance_creation_queue q SET
         status = CASE WHEN r.ok THEN 'completed' WHEN r.retry_in_ms IS NULL THEN 'failed' ELSE 'pending' END,
-        instance_name = r.instance_name,
+        instance_name = coalesce(r.instance_name, q.instance_name),
         processed_at = CASE WHEN r.ok THEN clock_timestamp() ELSE q.processed_at END,
         error_message = CASE WHEN r.ok THEN NULL ELSE evoq._redact(r.error, r.instance_name) END,
         error_kind = CASE WHEN r.ok THEN NULL ELSE r.error_kind END,
@@ -469,35 +596,105 @@ AS $$
     FROM r WHERE q.id = r.id
 $$;
 
--- Claims up to batch_size connecting instances not refreshed within min_interval_ms.
-CREATE FUNCTION evoq._claim_refresh(batch_size integer, min_interval_ms bigint) RETURNS jsonb
-LANGUAGE sql
-SET search_path = pg_catalog, @extschema@
+-- Whether an instance name is this deployment's to touch: its namespace's, or a 0.1.0 name
+-- (no namespace) where this database was upgraded from 0.1.0. The SQL twin of names::is_ours.
+CREATE FUNCTION evoq._is_ours(instance_name text, namespace text, owns_legacy_names boolean) RETURNS boolean
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog
 AS $$
-    WITH due AS (
-        SELECT id FROM evolution_instances
-        WHERE instance_status = 'connecting'
-          AND (last_refresh_at IS NULL OR last_refresh_at <= now() - min_interval_ms * interval '1 millisecond')
-          -- Another deployment's instance (rows a copy inherited from the original) is not ours
-          -- to touch; 0.1.0 names carry no namespace.
-          AND CASE WHEN instance_name LIKE 'evoq\_%\_%'
-                   THEN instance_name LIKE 'evoq\_' || (SELECT namespace FROM evoq.settings) || '\_%'
-                   ELSE coalesce((SELECT owns_legacy_names FROM evoq.settings), false) END
-        ORDER BY last_refresh_at NULLS FIRST
-        LIMIT batch_size
-        FOR UPDATE SKIP LOCKED
-    ), claimed AS (
-        UPDATE evolution_instances i SET last_refresh_at = clock_timestamp()
-        FROM due WHERE i.id = due.id
-        RETURNING i.id, i.user_id, i.instance_name, i.qr_text
-    )
-    SELECT coalesce(jsonb_agg(jsonb_build_object(
-        'id', id, 'user_id', user_id, 'instance_name', instance_name, 'qr_text', qr_text)), '[]')
-    FROM claimed
+    SELECT CASE WHEN instance_name LIKE 'evoq\_%\_%'
+                THEN instance_name LIKE 'evoq\_' || namespace || '\_%'
+                ELSE instance_name LIKE 'evoq\_%' AND coalesce(owns_legacy_names, false) END
 $$;
 
--- Writes the outcome of a refresh batch. Each element: {"id", "outcome": "qr"|"open"|"no_qr"|"lost"|"error",
--- "qr_code", "qr_text", "pairing_code", "qr_count", "error"}.
+-- Claims up to batch_size instances with something to do, each with its task, in this order:
+--   expire:  connecting, not scanned within window_ms: log it out (its QR loop costs the server);
+--   connect: connecting, not refreshed within min_interval_ms: ask for the current QR;
+--   repoint: registered before the webhook last changed (URL, events, headers, secret), unless
+--            the caller says not to;
+--   check:   open, not checked within check_interval_ms: ask connectionState (never connect).
+-- close, refused and expired instances are never connected by a job: only evoq_reconnect
+-- re-arms them. Another deployment's instances (rows a copy inherited) are not touched.
+CREATE FUNCTION evoq._claim_refresh(batch_size integer, min_interval_ms bigint, window_ms bigint,
+                                    check_interval_ms bigint, repoint boolean) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, @extschema@
+AS $$
+DECLARE
+    s record;
+    claimed jsonb := '[]';
+    part jsonb;
+    paced timestamptz := now() - min_interval_ms * interval '1 millisecond';
+BEGIN
+    SELECT namespace, owns_legacy_names, webhook_url, webhook_changed_at INTO s FROM evoq.settings;
+
+    -- Connecting instances not asked within min_interval_ms: past their window first (expire),
+    -- then the rest (connect). One statement, so a row is claimed for one of the two.
+    WITH due AS (
+        SELECT id, coalesce(connecting_since, created_at) <= now() - window_ms * interval '1 millisecond' AS past
+        FROM evolution_instances
+        WHERE instance_status = 'connecting'
+          AND (last_refresh_at IS NULL OR last_refresh_at <= paced)
+          AND evoq._is_ours(instance_name, s.namespace, s.owns_legacy_names)
+        ORDER BY 2 DESC, last_refresh_at NULLS FIRST
+        LIMIT batch_size
+        FOR UPDATE SKIP LOCKED
+    ), upd AS (
+        UPDATE evolution_instances i SET last_refresh_at = clock_timestamp()
+        FROM due WHERE i.id = due.id
+        RETURNING i.id, i.instance_name, i.qr_text, due.past
+    )
+    SELECT coalesce(jsonb_agg(jsonb_build_object('id', id, 'instance_name', instance_name, 'qr_text', qr_text,
+                                                 'task', CASE WHEN past THEN 'expire' ELSE 'connect' END)), '[]')
+    INTO part FROM upd;
+    claimed := claimed || part;
+
+    -- Not paced by a column: the caller stops asking for these once one failed in its run.
+    IF repoint AND s.webhook_url IS NOT NULL AND s.webhook_changed_at IS NOT NULL THEN
+        WITH due AS (
+            SELECT id FROM evolution_instances
+            WHERE instance_status IN ('connecting', 'open', 'close', 'refused', 'expired')
+              AND (webhook_set_at IS NULL OR webhook_set_at < s.webhook_changed_at)
+              AND evoq._is_ours(instance_name, s.namespace, s.owns_legacy_names)
+              AND id NOT IN (SELECT (c->>'id')::uuid FROM jsonb_array_elements(claimed) c)
+            ORDER BY webhook_set_at NULLS FIRST
+            LIMIT batch_size - jsonb_array_length(claimed)
+            FOR UPDATE SKIP LOCKED
+        )
+        SELECT coalesce(jsonb_agg(jsonb_build_object('id', i.id, 'instance_name', i.instance_name,
+                                                     'qr_text', i.qr_text, 'task', 'repoint')), '[]')
+        INTO part FROM due JOIN evolution_instances i USING (id);
+        claimed := claimed || part;
+    END IF;
+
+    WITH due AS (
+        SELECT id FROM evolution_instances
+        WHERE instance_status = 'open'
+          AND (last_state_check_at IS NULL
+               OR last_state_check_at <= now() - check_interval_ms * interval '1 millisecond')
+          AND evoq._is_ours(instance_name, s.namespace, s.owns_legacy_names)
+          AND id NOT IN (SELECT (c->>'id')::uuid FROM jsonb_array_elements(claimed) c)
+        ORDER BY last_state_check_at NULLS FIRST
+        LIMIT batch_size - jsonb_array_length(claimed)
+        FOR UPDATE SKIP LOCKED
+    ), upd AS (
+        UPDATE evolution_instances i SET last_state_check_at = clock_timestamp()
+        FROM due WHERE i.id = due.id
+        RETURNING i.id, i.instance_name, i.qr_text
+    )
+    SELECT coalesce(jsonb_agg(jsonb_build_object('id', id, 'instance_name', instance_name, 'qr_text', qr_text,
+                                                 'task', 'check')), '[]')
+    INTO part FROM upd;
+    RETURN claimed || part;
+END
+$$;
+
+-- Writes the outcome of a refresh batch. Each element: {"id", "outcome", "qr_code", "qr_text",
+-- "pairing_code", "qr_count", "error"}, outcome one of
+--   qr, no_qr, open, lost, error           (connect);
+--   expired                                (expire: logged out);
+--   checked, closed                        (check: still open, or the server says close; lost as above);
+--   repointed                              (repoint).
 CREATE FUNCTION evoq._record_refresh_results(results jsonb) RETURNS void
 LANGUAGE sql
 SET search_path = pg_catalog, @extschema@
@@ -507,17 +704,29 @@ AS $$
             id uuid, outcome text, qr_code text, qr_text text, pairing_code text, qr_count integer, error text)
     ), updated AS (
         UPDATE evolution_instances i SET
-            instance_status = CASE r.outcome WHEN 'open' THEN 'open' WHEN 'lost' THEN 'lost' ELSE i.instance_status END,
-            qr_code = CASE WHEN r.outcome IN ('open', 'lost') THEN NULL WHEN r.outcome = 'qr' THEN r.qr_code ELSE i.qr_code END,
-            qr_text = CASE WHEN r.outcome IN ('open', 'lost') THEN NULL WHEN r.outcome = 'qr' THEN r.qr_text ELSE i.qr_text END,
-            pairing_code = CASE WHEN r.outcome IN ('open', 'lost') THEN NULL WHEN r.outcome = 'qr' THEN r.pairing_code ELSE i.pairing_code END,
+            instance_status = CASE r.outcome WHEN 'open' THEN 'open' WHEN 'lost' THEN 'lost'
+                                             WHEN 'expired' THEN 'expired' WHEN 'closed' THEN 'close'
+                                             ELSE i.instance_status END,
+            qr_code = CASE WHEN r.outcome IN ('open', 'lost', 'expired', 'closed') THEN NULL WHEN r.outcome = 'qr' THEN r.qr_code ELSE i.qr_code END,
+            qr_text = CASE WHEN r.outcome IN ('open', 'lost', 'expired', 'closed') THEN NULL WHEN r.outcome = 'qr' THEN r.qr_text ELSE i.qr_text END,
+            pairing_code = CASE WHEN r.outcome IN ('open', 'lost', 'expired', 'closed') THEN NULL WHEN r.outcome = 'qr' THEN r.pairing_code ELSE i.pairing_code END,
             qr_count = CASE WHEN r.outcome IN ('qr', 'no_qr') THEN coalesce(r.qr_count, i.qr_count) ELSE i.qr_count END,
+            no_qr_rounds = CASE r.outcome WHEN 'no_qr' THEN i.no_qr_rounds + 1 WHEN 'qr' THEN 0 ELSE i.no_qr_rounds END,
             -- Only a QR that differs from the stored one counts as an update.
             last_qr_update = CASE WHEN r.outcome = 'qr' AND r.qr_text IS DISTINCT FROM i.qr_text
                                   THEN clock_timestamp() ELSE i.last_qr_update END,
             connected_at = CASE WHEN r.outcome = 'open' THEN clock_timestamp() ELSE i.connected_at END,
+            last_state_check_at = CASE WHEN r.outcome = 'open' THEN clock_timestamp() ELSE i.last_state_check_at END,
+            disconnected_at = CASE WHEN r.outcome IN ('expired', 'closed') THEN clock_timestamp()
+                                   WHEN r.outcome = 'open' THEN NULL ELSE i.disconnected_at END,
+            disconnect_reason = CASE r.outcome
+                WHEN 'expired' THEN 'not scanned within the QR window (evoq.qr_window_ms); logged out at the server'
+                WHEN 'closed' THEN 'the Evolution API reports the session closed (connectionState)'
+                WHEN 'open' THEN NULL ELSE i.disconnect_reason END,
+            webhook_set_at = CASE WHEN r.outcome = 'repointed' THEN clock_timestamp() ELSE i.webhook_set_at END,
             last_error = CASE WHEN r.outcome = 'error' THEN evoq._redact(r.error, i.instance_name)
                               WHEN r.outcome = 'lost' THEN 'the Evolution API no longer knows this instance (404); its creation was queued again'
+                              WHEN r.outcome IN ('checked', 'repointed') THEN i.last_error
                               ELSE NULL END,
             last_error_at = CASE WHEN r.outcome IN ('error', 'lost') THEN clock_timestamp() ELSE i.last_error_at END,
             updated_at = clock_timestamp()
@@ -530,6 +739,100 @@ AS $$
     INSERT INTO evoq.requeue_requests (user_id, reason)
     SELECT user_id, 'lost' FROM updated WHERE outcome = 'lost'
 $$;
+
+-- Applies one webhook delivery to its instance row: a single guarded UPDATE (webhook.rs and
+-- lifecycle.rs decide what it writes). d: {"instance", "from": [states it may leave], "to",
+-- "kind": "qr"|"open"|"close"|"refused"|"removed", "event_at", "qr_code", "qr_text",
+-- "pairing_code", "number", "profile_name", "reason"}. The row changes only from a state in
+-- "from", and only if no newer delivery of the server was applied already; a row being
+-- deprovisioned that the server reports removed is deleted, any other is lost and queued for
+-- creation again (as a 404 in the refresh). Returns the row's new status, NULL when nothing
+-- changed.
+CREATE FUNCTION evoq._apply_delivery(d jsonb) RETURNS text
+LANGUAGE sql
+SET search_path = pg_catalog, @extschema@
+AS $$
+    WITH x AS (
+        SELECT * FROM jsonb_to_record(d) AS x(
+            instance text, "from" text[], "to" text, kind text, event_at timestamptz,
+            qr_code text, qr_text text, pairing_code text, number text, profile_name text, reason text)
+    ), changed AS (
+        UPDATE evolution_instances i SET
+            instance_status = CASE
+                WHEN x.kind = 'removed' AND EXISTS (SELECT 1 FROM evolution_instance_creation_queue q
+                                                    WHERE q.user_id = i.user_id AND q.action = 'delete')
+                THEN 'deleted' ELSE x."to" END,
+            qr_code = CASE WHEN x.kind = 'qr' THEN x.qr_code END,
+            qr_text = CASE WHEN x.kind = 'qr' THEN x.qr_text END,
+            pairing_code = CASE WHEN x.kind = 'qr' THEN x.pairing_code END,
+            last_qr_update = CASE WHEN x.kind = 'qr' AND x.qr_text IS DISTINCT FROM i.qr_text
+                                  THEN clock_timestamp() ELSE i.last_qr_update END,
+            no_qr_rounds = CASE WHEN x.kind = 'qr' THEN 0 ELSE i.no_qr_rounds END,
+            owner_number = CASE WHEN x.kind = 'open' THEN coalesce(x.number, i.owner_number) ELSE i.owner_number END,
+            profile_name = CASE WHEN x.kind = 'open' THEN coalesce(x.profile_name, i.profile_name) ELSE i.profile_name END,
+            connected_at = CASE WHEN x.kind = 'open' AND i.instance_status <> 'open' THEN clock_timestamp()
+                                ELSE i.connected_at END,
+            last_state_check_at = CASE WHEN x.kind = 'open' AND i.instance_status <> 'open' THEN clock_timestamp()
+                                       ELSE i.last_state_check_at END,
+            disconnected_at = CASE WHEN x.kind IN ('close', 'refused', 'removed') THEN clock_timestamp()
+                                   WHEN x.kind = 'open' THEN NULL ELSE i.disconnected_at END,
+            disconnect_reason = CASE WHEN x.kind IN ('close', 'refused', 'removed') THEN x.reason
+                                     WHEN x.kind = 'open' THEN NULL ELSE i.disconnect_reason END,
+            last_event_at = coalesce(x.event_at, i.last_event_at),
+            last_error = CASE WHEN x.kind = 'removed' THEN NULL ELSE i.last_error END,
+            updated_at = clock_timestamp()
+        FROM x
+        WHERE i.instance_name = x.instance
+          AND i.instance_status = ANY (x."from")
+          AND (x.event_at IS NULL OR i.last_event_at IS NULL OR i.last_event_at <= x.event_at)
+        RETURNING i.user_id, i.instance_status
+    ), requeued AS (
+        INSERT INTO evoq.requeue_requests (user_id, reason)
+        SELECT user_id, 'lost' FROM changed WHERE instance_status = 'lost'
+    )
+    SELECT instance_status FROM changed
+$$;
+
+-- Keeps a delivery evoq does not consume for the application, if the instance is one of this
+-- deployment's rows, and announces it on evoq_events. Returns the new row's id, NULL if none.
+CREATE FUNCTION evoq._relay_event(instance text, event text, payload jsonb) RETURNS bigint
+LANGUAGE sql
+SET search_path = pg_catalog, @extschema@
+AS $$
+    WITH kept AS (
+        INSERT INTO evolution_instance_events (user_id, instance_name, event, payload)
+        SELECT i.user_id, i.instance_name, event, payload FROM evolution_instances i
+        WHERE i.instance_name = instance AND i.instance_status <> 'deleted'
+        RETURNING id, user_id, instance_name, event
+    )
+    -- pg_notify is volatile, so the planner keeps it although nothing reads its column.
+    SELECT id FROM (SELECT id, pg_notify('evoq_events', json_build_object(
+                                   'id', id, 'user_id', user_id, 'instance_name', instance_name,
+                                   'event', event)::text)
+                    FROM kept) announced
+$$;
+
+-- Every change of an instance's status or QR is announced on the channel evoq_instances with
+-- {user_id, instance_name, status, qr_updated_at}; never the QR itself: a listener re-reads
+-- the row, which row level security lets it see or not.
+CREATE FUNCTION evoq._notify_instance_change() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog
+AS $$
+BEGIN
+    PERFORM pg_notify('evoq_instances', json_build_object(
+        'user_id', NEW.user_id, 'instance_name', NEW.instance_name,
+        'status', NEW.instance_status, 'qr_updated_at', NEW.last_qr_update)::text);
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER evoq_notify_insert AFTER INSERT ON evolution_instances
+    FOR EACH ROW EXECUTE FUNCTION evoq._notify_instance_change();
+CREATE TRIGGER evoq_notify_update AFTER UPDATE ON evolution_instances
+    FOR EACH ROW
+    WHEN (OLD.instance_status IS DISTINCT FROM NEW.instance_status
+          OR OLD.last_qr_update IS DISTINCT FROM NEW.last_qr_update)
+    EXECUTE FUNCTION evoq._notify_instance_change();
 
 -- The end of a run: remembered for evoq_status.
 CREATE FUNCTION evoq._record_run(job text, summary jsonb, last_error text) RETURNS void
@@ -576,7 +879,28 @@ SELECT
     (SELECT count(*) FROM evoq.skipped_profiles) AS profiles_skipped,
     (SELECT format('%s at %s: %s', table_name, skipped_at, reason) FROM evoq.skipped_profiles
      ORDER BY id DESC LIMIT 1) AS last_profile_skip,
-    (SELECT count(*) FROM evoq.requeue_requests) AS requeue_requests_waiting
+    (SELECT count(*) FROM evoq.requeue_requests) AS requeue_requests_waiting,
+    -- 0.3.0
+    (SELECT count(*) FROM evolution_instances WHERE instance_status = 'close')   AS instances_close,
+    (SELECT count(*) FROM evolution_instances WHERE instance_status = 'refused') AS instances_refused,
+    (SELECT count(*) FROM evolution_instances WHERE instance_status = 'expired') AS instances_expired,
+    (SELECT count(*) FROM evolution_instances WHERE instance_status = 'deleted') AS instances_deleted,
+    (SELECT count(*) FROM evolution_instances WHERE instance_status = 'connecting' AND no_qr_rounds >= 3)
+        AS instances_without_qr,
+    CASE WHEN EXISTS (SELECT 1 FROM evolution_instances WHERE instance_status = 'connecting' AND no_qr_rounds >= 3)
+         THEN 'the Evolution API answers {"count":0} (no QR) for these instances, round after round: usually the '
+              'server''s WhatsApp Web version (CONFIG_SESSION_PHONE_VERSION) or its network to WhatsApp; see '
+              'Evolution API issues #1541 and #2385' END AS instances_without_qr_hint,
+    (SELECT count(*) FILTER (WHERE q.action = 'delete' AND q.status IN ('pending', 'processing'))) AS deletions_pending,
+    (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM evoq.webhooks_applied)  AS webhooks_applied,
+    (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM evoq.webhooks_ignored)  AS webhooks_ignored,
+    (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM evoq.webhooks_rejected) AS webhooks_rejected,
+    (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM evoq.webhooks_relayed)  AS webhooks_relayed,
+    (SELECT count(*) FROM evolution_instance_events) AS app_events_waiting,
+    (SELECT count(*) FROM evolution_instances i, evoq.settings s
+     WHERE s.webhook_url IS NOT NULL AND s.webhook_changed_at IS NOT NULL
+       AND i.instance_status IN ('connecting', 'open', 'close', 'refused', 'expired')
+       AND (i.webhook_set_at IS NULL OR i.webhook_set_at < s.webhook_changed_at)) AS webhooks_to_repoint
 FROM evolution_instance_creation_queue q;
 REVOKE ALL ON evoq_status FROM PUBLIC;
 COMMENT ON VIEW evoq_status IS 'Queue counts per state, oldest pending age, last runs and last error. Grant it to your operators.';

@@ -3,6 +3,7 @@
 
 // Pure Rust, no pgrx: tested with plain `cargo test`.
 pub mod evolution;
+pub mod lifecycle;
 pub mod names;
 pub mod policy;
 pub mod pool;
@@ -11,12 +12,14 @@ pub mod summary;
 // Postgres-facing: SQL functions, SPI, GUCs.
 mod deployment;
 mod errors;
+mod instances;
 mod jobs;
 mod queue;
 mod schedule;
 mod settings;
 mod subxact;
 mod trigger;
+mod webhook;
 
 #[cfg(any(test, feature = "pg_test"))]
 mod pg_tests;

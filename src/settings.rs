@@ -5,9 +5,12 @@
 //!   setting (`ALTER DATABASE ... SET evoq.concurrency = 32`), which pg_cron's sessions pick up.
 
 use crate::errors::{EvoqError, OrRaise, SpiResult};
-use crate::evolution::{check_events, check_url, mask_credentials, ApiVersion, Webhook};
+use crate::evolution::{
+    check_events, check_headers, check_url, mask_credentials, ApiVersion, Webhook,
+};
 use pgrx::prelude::*;
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 pub struct IntGuc {
@@ -46,6 +49,10 @@ gucs! {
         c"Upper bound of the retry delay, in ms.";
     QR_REFRESH_INTERVAL_MS = c"evoq.qr_refresh_interval_ms", 20_000, 0, 3_600_000,
         c"An instance is asked for a new QR at most once per this many ms (the server issues one every 45 s).";
+    QR_WINDOW_MS = c"evoq.qr_window_ms", 600_000, 1_000, 86_400_000,
+        c"A connecting instance not scanned within this many ms is logged out and becomes expired (the server itself gives up after about 22 minutes); evoq_reconnect re-arms it.";
+    STATE_CHECK_INTERVAL_MS = c"evoq.state_check_interval_ms", 300_000, 1_000, 86_400_000,
+        c"Each open instance is checked with connectionState at most once per this many ms, to notice a phone that unlinked the device when no webhook says so.";
 }
 
 /// Registers the GUCs; called from _PG_init.
@@ -76,6 +83,8 @@ pub struct Tunables {
     pub backoff_base: Duration,
     pub backoff_max: Duration,
     pub qr_refresh_interval_ms: i64,
+    pub qr_window_ms: i64,
+    pub state_check_interval_ms: i64,
 }
 
 fn ms(v: &GucSetting<i32>) -> Duration {
@@ -93,6 +102,8 @@ pub fn tunables() -> Tunables {
         backoff_base: ms(&BACKOFF_BASE_MS),
         backoff_max: ms(&BACKOFF_MAX_MS),
         qr_refresh_interval_ms: QR_REFRESH_INTERVAL_MS.get() as i64,
+        qr_window_ms: QR_WINDOW_MS.get() as i64,
+        state_check_interval_ms: STATE_CHECK_INTERVAL_MS.get() as i64,
     }
 }
 
@@ -131,6 +142,8 @@ type SettingsRow = (
     Option<String>,
     Option<String>,
     bool,
+    Option<pgrx::JsonB>,
+    Option<String>,
 );
 
 /// Reads the settings and refuses to go on in a database that is a copy of the one the
@@ -140,7 +153,8 @@ pub fn load_connection() -> Result<Connection, EvoqError> {
     let row: Option<SettingsRow> = Spi::connect(|client| {
         let table = client.select(
             "SELECT api_url, api_key, webhook_url, webhook_events, api_version, detected_version,
-                    namespace, deployment_identity, evoq._deployment_identity(), owns_legacy_names
+                    namespace, deployment_identity, evoq._deployment_identity(), owns_legacy_names,
+                    webhook_headers, webhook_secret
              FROM evoq.settings",
             Some(1),
             &[],
@@ -160,6 +174,8 @@ pub fn load_connection() -> Result<Connection, EvoqError> {
             row.get::<String>(8)?,
             row.get::<String>(9)?,
             row.get::<bool>(10)?.unwrap_or(false),
+            row.get::<pgrx::JsonB>(11)?,
+            row.get::<String>(12)?,
         )))
     })
     .or_internal("reading its settings");
@@ -174,6 +190,8 @@ pub fn load_connection() -> Result<Connection, EvoqError> {
         bound,
         identity,
         owns_legacy_names,
+        headers,
+        secret,
     ) = row.ok_or(EvoqError::NotConfigured)?;
     let namespace = match namespace {
         Some(ns) if bound.is_some() && bound == identity => ns,
@@ -183,7 +201,12 @@ pub fn load_connection() -> Result<Connection, EvoqError> {
     Ok(Connection {
         api_url,
         api_key,
-        webhook: webhook_url.map(|url| Webhook { url, events }),
+        webhook: webhook_url.map(|url| Webhook {
+            url,
+            events,
+            headers: header_map(headers.map(|h| h.0)),
+            secret,
+        }),
         api_version: if version_pinned {
             parse_version(Some(&pinned))
         } else {
@@ -193,6 +216,26 @@ pub fn load_connection() -> Result<Connection, EvoqError> {
         namespace,
         owns_legacy_names,
     })
+}
+
+/// The stored extra headers (a JSON object of strings; evoq_configure checked them).
+fn header_map(headers: Option<serde_json::Value>) -> BTreeMap<String, String> {
+    match headers {
+        Some(serde_json::Value::Object(map)) => map
+            .into_iter()
+            .filter_map(|(k, v)| v.as_str().map(|v| (k, v.to_string())))
+            .collect(),
+        _ => BTreeMap::new(),
+    }
+}
+
+/// A new webhook secret: 64 hex digits from the operating system's random source.
+fn new_webhook_secret() -> String {
+    format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    )
 }
 
 /// Forgets the detected version (a reply said the server now speaks the other dialect), so the
@@ -225,6 +268,8 @@ fn required<'a>(name: &str, value: Option<&'a str>, hint: &str) -> &'a str {
 
 /// Stores the connection settings. Only the URL (credentials masked) appears in what it returns;
 /// the key never.
+// One argument per setting, named in SQL (`api_url => ...`): the SQL signature is the API.
+#[allow(clippy::too_many_arguments)]
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, @extschema@)]
 fn evoq_configure(
@@ -237,6 +282,8 @@ fn evoq_configure(
     ),
     api_version: default!(Option<&str>, "'auto'"),
     namespace: default!(Option<&str>, "NULL"),
+    webhook_headers: default!(Option<pgrx::JsonB>, "NULL"),
+    rotate_webhook_secret: default!(bool, "false"),
 ) -> pgrx::JsonB {
     // Postgres logs the text of a failing statement (log_min_error_statement = error), and this
     // statement's text holds the key. Errors are reported before the transaction unwinds, so
@@ -286,6 +333,14 @@ fn evoq_configure(
         )
         .raise();
     }
+    let webhook_headers = webhook_headers.map_or(serde_json::json!({}), |h| h.0);
+    check_headers(&webhook_headers)
+        .map_err(config_error)
+        .or_raise();
+    let header_names: Vec<String> = webhook_headers
+        .as_object()
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default();
     let namespace = crate::deployment::choose_namespace(namespace);
     // A new namespace (a copy given its own): rows not completed yet carry names of the old
     // deployment, whose instances this one must never adopt. They get names in the new one.
@@ -300,9 +355,23 @@ fn evoq_configure(
     });
     Spi::run_with_args(
         "INSERT INTO evoq.settings (singleton, api_url, api_key, webhook_url, webhook_events, api_version,
-                                    namespace, deployment_identity)
-         VALUES (true, $1, $2, $3, $4, $5, $6, evoq._deployment_identity())
+                                    namespace, deployment_identity, webhook_headers, webhook_secret,
+                                    webhook_changed_at)
+         VALUES (true, $1, $2, $3, $4, $5, $6, evoq._deployment_identity(), $7, $8, clock_timestamp())
          ON CONFLICT (singleton) DO UPDATE SET api_url = excluded.api_url, api_key = excluded.api_key,
+             -- A webhook that changed (or a new secret) is set again on every instance by the
+             -- refresh job; until then the previous secret is still accepted.
+             webhook_changed_at = CASE
+                 WHEN $9 OR evoq.settings.webhook_secret IS NULL
+                      OR evoq.settings.webhook_url IS DISTINCT FROM excluded.webhook_url
+                      OR evoq.settings.webhook_events IS DISTINCT FROM excluded.webhook_events
+                      OR evoq.settings.webhook_headers IS DISTINCT FROM excluded.webhook_headers
+                 THEN clock_timestamp() ELSE evoq.settings.webhook_changed_at END,
+             webhook_secret_previous = CASE WHEN $9 THEN evoq.settings.webhook_secret
+                                            ELSE evoq.settings.webhook_secret_previous END,
+             webhook_secret = CASE WHEN $9 OR evoq.settings.webhook_secret IS NULL
+                                   THEN excluded.webhook_secret ELSE evoq.settings.webhook_secret END,
+             webhook_headers = excluded.webhook_headers,
              webhook_url = excluded.webhook_url, webhook_events = excluded.webhook_events,
              api_version = excluded.api_version, namespace = excluded.namespace,
              -- a copy given a namespace of its own does not own the original's 0.1.0 names
@@ -318,6 +387,9 @@ fn evoq_configure(
             webhook_events.clone().into(),
             api_version.into(),
             namespace.clone().into(),
+            pgrx::JsonB(webhook_headers).into(),
+            new_webhook_secret().into(),
+            rotate_webhook_secret.into(),
         ],
     )
     .unwrap_or_else(|e| crate::errors::EvoqError::internal("could not store the settings", e).raise());
@@ -339,5 +411,11 @@ fn evoq_configure(
         "api_version": api_version,
         "namespace": namespace,
         "api_key": "(stored; not shown)",
+        "webhook_headers": header_names,
+        "webhook_secret": if rotate_webhook_secret {
+            "(rotated; the previous one is accepted until every instance has the new one)"
+        } else {
+            "(stored; not shown)"
+        },
     }))
 }

@@ -11,6 +11,8 @@ use pgrx::PgOid;
 use std::cell::RefCell;
 
 pub const TRIGGER_NAME: &str = "on_profile_created_create_evolution_instance";
+/// 0.3.0: deleting the profile row deprovisions the user's instance.
+pub const DELETE_TRIGGER_NAME: &str = "on_profile_deleted_delete_evolution_instance";
 
 /// A new user: one insert. The NOT EXISTS reads the committed state without a lock, so a user
 /// already queued (whose row a running job may hold locked) inserts nothing here and never
@@ -111,6 +113,36 @@ fn handle_profile_evolution_instance<'a>(
     Ok(None)
 }
 
+/// A deleted profile: its user's instance is deleted at the server (or its creation cancelled if
+/// never tried). Like the insert trigger, never a wait and never a failed DELETE because of evoq.
+#[pg_trigger]
+fn handle_profile_evolution_instance_delete<'a>(
+    trigger: &'a pgrx::PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, pgrx::spi::Error> {
+    let column = user_id_column(trigger);
+    let Some(old) = trigger.old() else {
+        return Ok(None);
+    };
+    match old.get_by_name::<pgrx::Uuid>(column) {
+        Ok(Some(user_id)) => {
+            let queued = crate::subxact::attempt(|| {
+                crate::instances::request_deprovision(user_id).map_err(|e| e.to_string())
+            });
+            if let Some(e) = queued.and_then(|r| r).err() {
+                pgrx::warning!(
+                    "evoq: profile deleted, but its instance could not be queued for deletion: {e}"
+                );
+            }
+        }
+        Ok(None) => skip(trigger, format!("column {column} is NULL")),
+        Err(e) => skip(
+            trigger,
+            format!("column {column} cannot be read as uuid ({e})"),
+        ),
+    }
+    Ok(None)
+}
+
 /// Where the extension lives, quoted, for the trigger's EXECUTE FUNCTION clause.
 fn extension_schema() -> String {
     Spi::get_one::<String>(
@@ -197,26 +229,39 @@ mod evoq {
         let name = check_target(table, user_id_column).or_raise();
         require_trigger_privilege(table).or_raise();
         let schema = extension_schema();
-        let exists = Spi::get_one_with_args::<bool>(
-            "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = $1 AND tgname = $2)",
-            &[table.into(), TRIGGER_NAME.into()],
-        )
-        .or_internal("reading the catalog")
-        .unwrap_or(false);
-        if exists {
-            Spi::run(&format!("DROP TRIGGER {TRIGGER_NAME} ON {name}")).unwrap_or_else(|e| {
-                EvoqError::internal(&format!("could not replace the trigger on {name}"), e).raise()
+        for (trigger, event, function) in [
+            (TRIGGER_NAME, "INSERT", "handle_profile_evolution_instance"),
+            (
+                DELETE_TRIGGER_NAME,
+                "DELETE",
+                "handle_profile_evolution_instance_delete",
+            ),
+        ] {
+            // Checked first: DROP TRIGGER IF EXISTS would print a NOTICE for every first attach.
+            let exists = Spi::get_one_with_args::<bool>(
+                "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = $1 AND tgname = $2)",
+                &[table.into(), trigger.into()],
+            )
+            .or_internal("reading the catalog")
+            .unwrap_or(false);
+            if exists {
+                Spi::run(&format!("DROP TRIGGER {trigger} ON {name}")).unwrap_or_else(|e| {
+                    EvoqError::internal(&format!("could not replace the trigger on {name}"), e)
+                        .raise()
+                });
+            }
+            Spi::run(&format!(
+                "CREATE TRIGGER {trigger} AFTER {event} ON {name}
+                     FOR EACH ROW EXECUTE FUNCTION {schema}.{function}({})",
+                pgrx::spi::quote_literal(user_id_column)
+            ))
+            .unwrap_or_else(|e| {
+                EvoqError::internal(&format!("could not create the trigger on {name}"), e).raise()
             });
         }
-        Spi::run(&format!(
-            "CREATE TRIGGER {TRIGGER_NAME} AFTER INSERT ON {name}
-                 FOR EACH ROW EXECUTE FUNCTION {schema}.handle_profile_evolution_instance({})",
-            pgrx::spi::quote_literal(user_id_column)
-        ))
-        .unwrap_or_else(|e| {
-            EvoqError::internal(&format!("could not create the trigger on {name}"), e).raise()
-        });
-        format!("trigger {TRIGGER_NAME} created on {name} (user id column {user_id_column})")
+        format!(
+            "triggers {TRIGGER_NAME} and {DELETE_TRIGGER_NAME} created on {name} (user id column {user_id_column})"
+        )
     }
 
     /// Removes the trigger again (wrapped by `evoq_detach(regclass)`).
@@ -226,9 +271,11 @@ mod evoq {
         let name = Spi::get_one_with_args::<String>("SELECT $1::regclass::text", &[table.into()])
             .or_internal("reading the catalog")
             .unwrap_or_default();
-        Spi::run(&format!("DROP TRIGGER IF EXISTS {TRIGGER_NAME} ON {name}")).unwrap_or_else(|e| {
-            EvoqError::internal(&format!("could not drop the trigger on {name}"), e).raise()
-        });
-        format!("trigger {TRIGGER_NAME} dropped from {name}")
+        for trigger in [TRIGGER_NAME, DELETE_TRIGGER_NAME] {
+            Spi::run(&format!("DROP TRIGGER IF EXISTS {trigger} ON {name}")).unwrap_or_else(|e| {
+                EvoqError::internal(&format!("could not drop the trigger on {name}"), e).raise()
+            });
+        }
+        format!("triggers {TRIGGER_NAME} and {DELETE_TRIGGER_NAME} dropped from {name}")
     }
 }

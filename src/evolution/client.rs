@@ -9,10 +9,11 @@
 
 use super::config::mask_credentials;
 use super::reply::{
-    envelope_message, error_words, is_instance_missing, is_name_in_use, parse_connect_reply,
-    parse_create_reply, parse_fetch_instance, parse_version,
+    envelope_message, error_words, is_instance_missing, is_name_in_use, is_not_connected,
+    parse_connect_reply, parse_connection_state, parse_create_reply, parse_fetch_instance,
+    parse_version, LiveState, Removal,
 };
-use super::request::{connect_path, create_body, path_segment, webhook_set_body};
+use super::request::{connect_path, create_body, instance_path, path_segment, webhook_set_body};
 use super::{ApiError, ApiVersion, ConnectOutcome, CreatedInstance, ErrorClass, Webhook};
 use std::fmt;
 use std::time::Duration;
@@ -178,6 +179,11 @@ impl Client {
         let url = format!("{}{}", self.base_url, path);
         let result: Result<Response<Body>, ureq::Error> = match (method, body) {
             ("GET", _) => self.agent.get(&url).header("apikey", &self.api_key).call(),
+            ("DELETE", _) => self
+                .agent
+                .delete(&url)
+                .header("apikey", &self.api_key)
+                .call(),
             (_, Some(json)) => self
                 .agent
                 .post(&url)
@@ -360,6 +366,102 @@ impl Client {
     }
 }
 
+impl Client {
+    /// A 404 that says the instance does not exist (`Ok(true)`), or an error for a 404 of
+    /// something else: a route that does not exist means a wrong api_url, not a gone instance.
+    fn missing_instance(reply: &Reply, what: &str) -> Result<bool, ApiError> {
+        if reply.status != 404 {
+            return Ok(false);
+        }
+        if envelope_message(&reply.body)
+            .as_deref()
+            .is_some_and(is_instance_missing)
+        {
+            return Ok(true);
+        }
+        let mut e = ApiError::http(404, what, error_words(&reply.body));
+        e.message
+            .push_str(" (not the Evolution API's \"instance does not exist\": check api_url)");
+        Err(e)
+    }
+
+    /// `GET /instance/connectionState/{name}`: the state in the server's memory. Never starts a
+    /// socket, unlike connect on a closed instance (contract 3.2, 3.3).
+    pub fn connection_state(&self, name: &str) -> Result<LiveState, ApiError> {
+        const WHAT: &str = "GET /instance/connectionState";
+        self.scrubbed(|_| {
+            let reply = self.call("GET", &instance_path("connectionState", name), WHAT, None)?;
+            if Self::missing_instance(&reply, WHAT)? {
+                return Ok(LiveState::Lost);
+            }
+            Self::expect_success(&reply, WHAT)?;
+            parse_connection_state(&reply.body)
+        })
+    }
+
+    /// `DELETE /instance/logout/{name}`: ends the session and stops the socket and its QR loop.
+    /// "Not connected" (400) and "no such instance" (404) leave nothing to stop: the goal.
+    pub fn logout(&self, name: &str) -> Result<Removal, ApiError> {
+        const WHAT: &str = "DELETE /instance/logout";
+        self.scrubbed(|_| {
+            let reply = self.call("DELETE", &instance_path("logout", name), WHAT, None)?;
+            if Self::missing_instance(&reply, WHAT)? {
+                return Ok(Removal::AlreadyThere);
+            }
+            if reply.status == 400
+                && envelope_message(&reply.body)
+                    .as_deref()
+                    .is_some_and(is_not_connected)
+            {
+                return Ok(Removal::AlreadyThere);
+            }
+            Self::expect_success(&reply, WHAT)?;
+            Ok(Removal::Done)
+        })
+    }
+
+    /// `DELETE /instance/delete/{name}`; 404 means already gone (contract 3.8).
+    pub fn delete(&self, name: &str) -> Result<Removal, ApiError> {
+        const WHAT: &str = "DELETE /instance/delete";
+        self.scrubbed(|_| {
+            let reply = self.call("DELETE", &instance_path("delete", name), WHAT, None)?;
+            if Self::missing_instance(&reply, WHAT)? {
+                return Ok(Removal::AlreadyThere);
+            }
+            Self::expect_success(&reply, WHAT)?;
+            Ok(Removal::Done)
+        })
+    }
+
+    /// Deprovisioning: log out first (a delete alone was seen to leave a reconnect loop running
+    /// on a real 2.3.6 server), then delete.
+    pub fn remove(&self, name: &str) -> Result<Removal, ApiError> {
+        self.logout(name)?;
+        self.delete(name)
+    }
+
+    /// `POST /webhook/set/{name}`: points an existing instance at the configured webhook (after
+    /// evoq_configure changed its URL, events, headers or secret).
+    pub fn set_webhook(
+        &self,
+        version: ApiVersion,
+        name: &str,
+        hook: &Webhook,
+    ) -> Result<(), ApiError> {
+        const WHAT: &str = "POST /webhook/set";
+        self.scrubbed(|_| {
+            let path = format!("/webhook/set/{}", path_segment(name));
+            let reply = self.call("POST", &path, WHAT, Some(&webhook_set_body(version, hook)))?;
+            if Self::missing_instance(&reply, WHAT)? {
+                return Err(ApiError::not_found(format!(
+                    "{WHAT}: the Evolution API no longer knows this instance"
+                )));
+            }
+            Self::expect_success(&reply, WHAT)
+        })
+    }
+}
+
 /// The result of `Client::provision`.
 #[derive(Debug, Clone)]
 pub struct Provisioned {
@@ -496,6 +598,82 @@ mod tests {
     }
 
     #[test]
+    fn removal_logs_out_then_deletes_and_takes_gone_as_done() {
+        let server = TestServer::start(|r| match (r.method.as_str(), r.path.as_str()) {
+            ("DELETE", "/instance/logout/live") => Canned::json(
+                200,
+                r#"{"status":"SUCCESS","error":false,"response":{"message":"Instance logged out"}}"#,
+            ),
+            ("DELETE", "/instance/logout/closed") => Canned::json(
+                400,
+                &envelope(400, "The \"closed\" instance is not connected"),
+            ),
+            ("DELETE", p) if p.starts_with("/instance/logout/") => {
+                Canned::json(404, &envelope(404, "The \"gone\" instance does not exist"))
+            }
+            ("DELETE", "/instance/delete/gone") => {
+                Canned::json(404, &envelope(404, "The \"gone\" instance does not exist"))
+            }
+            ("DELETE", "/instance/delete/open-v1") => Canned::json(
+                400,
+                &envelope(400, "The \"open-v1\" instance needs to be disconnected"),
+            ),
+            ("DELETE", _) => Canned::json(
+                200,
+                r#"{"status":"SUCCESS","error":false,"response":{"message":"Instance deleted"}}"#,
+            ),
+            _ => Canned::json(500, "{}"),
+        });
+        let c = client(&server);
+        assert_eq!(c.remove("live").unwrap(), Removal::Done);
+        assert_eq!(c.remove("closed").unwrap(), Removal::Done);
+        assert_eq!(c.remove("gone").unwrap(), Removal::AlreadyThere);
+        let e = c.remove("open-v1").unwrap_err();
+        assert!(
+            e.message.contains("needs to be disconnected"),
+            "{}",
+            e.message
+        );
+        let seen: Vec<(String, String)> = server
+            .requests()
+            .iter()
+            .map(|r| (r.method.clone(), r.path.clone()))
+            .collect();
+        assert_eq!(seen[0], ("DELETE".into(), "/instance/logout/live".into()));
+        assert_eq!(seen[1], ("DELETE".into(), "/instance/delete/live".into()));
+        assert_eq!(seen.len(), 8, "{seen:?}");
+    }
+
+    #[test]
+    fn a_404_of_a_wrong_route_is_an_error_not_a_gone_instance() {
+        let server = TestServer::start(|_| {
+            Canned::json(404, &envelope(404, "Cannot DELETE /x/instance/delete/a"))
+        });
+        let c = client(&server);
+        assert!(c.delete("a").unwrap_err().message.contains("check api_url"));
+        assert!(c.logout("a").is_err());
+        assert!(c.connection_state("a").is_err());
+    }
+
+    #[test]
+    fn connection_state_never_connects() {
+        let server = TestServer::start(|r| {
+            if r.path.ends_with("/lost") {
+                Canned::json(404, &envelope(404, "The \"lost\" instance does not exist"))
+            } else {
+                Canned::json(200, r#"{"instance":{"instanceName":"a","state":"close"}}"#)
+            }
+        });
+        let c = client(&server);
+        assert_eq!(c.connection_state("a").unwrap(), LiveState::Close);
+        assert_eq!(c.connection_state("lost").unwrap(), LiveState::Lost);
+        assert!(server
+            .requests()
+            .iter()
+            .all(|r| r.method == "GET" && r.path.starts_with("/instance/connectionState/")));
+    }
+
+    #[test]
     fn a_body_that_is_not_utf8_says_so() {
         let server = TestServer::start(|_| Canned::raw(200, vec![b'{', 0xff, 0xfe, b'}']));
         let e = client(&server).connect("x").unwrap_err();
@@ -568,6 +746,8 @@ mod tests {
         let hook = Webhook {
             url: "https://app.example/hook".into(),
             events: vec!["QRCODE_UPDATED".into()],
+            headers: Default::default(),
+            secret: None,
         };
         let e = client(&server)
             .provision(ApiVersion::V2, "evoq_1", Some(&hook))
@@ -592,6 +772,8 @@ mod tests {
         let hook = Webhook {
             url: "https://app.example/hook".into(),
             events: vec![],
+            headers: Default::default(),
+            secret: None,
         };
         let p = client(&server)
             .provision(ApiVersion::V2, "evoq_1", Some(&hook))

@@ -185,6 +185,59 @@ pub fn check_events(events: &[String]) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// Checks the extra webhook headers: a JSON object of header names to string values, as the
+/// server sends them with every delivery (v2). Names are HTTP tokens, values one line, the
+/// secret's header is evoq's own, and the whole is small (the server stores it per instance).
+pub fn check_headers(headers: &serde_json::Value) -> Result<(), ConfigError> {
+    const HINT: &str = "Pass a JSON object of header names and string values, e.g. \
+                        webhook_headers => '{\"apikey\": \"<your anon key>\"}'.";
+    let Some(map) = headers.as_object() else {
+        return Err(ConfigError::new(
+            "webhook_headers must be a JSON object",
+            HINT,
+        ));
+    };
+    if map.len() > 16 || headers.to_string().len() > 8192 {
+        return Err(ConfigError::new(
+            "webhook_headers is too large (at most 16 headers, 8 KB)",
+            HINT,
+        ));
+    }
+    for (name, value) in map {
+        let shown: String = name.chars().take(64).collect();
+        let token = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.!#$%&'*+^`|~".contains(&b));
+        if !token {
+            return Err(ConfigError::new(
+                format!("webhook_headers: {shown:?} is not a header name"),
+                HINT,
+            ));
+        }
+        if name.eq_ignore_ascii_case(super::SECRET_HEADER) {
+            return Err(ConfigError::new(
+                format!("webhook_headers: {shown} is evoq's own header"),
+                "evoq sends the webhook secret in it; rotate the secret with rotate_webhook_secret => true.",
+            ));
+        }
+        let Some(v) = value.as_str() else {
+            return Err(ConfigError::new(
+                format!("webhook_headers: the value of {shown} is not a string"),
+                HINT,
+            ));
+        };
+        if v.contains(['\r', '\n', '\0']) {
+            return Err(ConfigError::new(
+                format!("webhook_headers: the value of {shown} spans lines"),
+                HINT,
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The URL with any `user:password@` replaced by `***@`, for echoing a URL back:
 /// `https://user:pass@host/x` → `https://***@host/x`. Anything else is returned unchanged.
 pub fn mask_credentials(url: &str) -> String {
@@ -333,5 +386,21 @@ mod tests {
             mask_credentials("https://host:8080/a@b"),
             "https://host:8080/a@b"
         );
+    }
+
+    #[test]
+    fn webhook_headers_are_checked() {
+        use serde_json::json;
+        assert!(check_headers(&json!({})).is_ok());
+        assert!(check_headers(&json!({"apikey": "anon", "Authorization": "Bearer x"})).is_ok());
+        let msg = |v| check_headers(&v).unwrap_err().message;
+        assert_eq!(msg(json!(["a"])), "webhook_headers must be a JSON object");
+        assert!(msg(json!({"bad name": "x"})).contains("not a header name"));
+        assert!(msg(json!({"X-Evoq-Secret": "x"})).contains("evoq's own header"));
+        assert!(msg(json!({"apikey": 1})).contains("not a string"));
+        assert!(msg(json!({"apikey": "a\r\nInjected: yes"})).contains("spans lines"));
+        let many: serde_json::Map<String, serde_json::Value> =
+            (0..17).map(|i| (format!("h{i}"), json!("v"))).collect();
+        assert!(msg(serde_json::Value::Object(many)).contains("too large"));
     }
 }

@@ -7,6 +7,7 @@
 
 mod client;
 mod config;
+mod delivery;
 mod error;
 mod reply;
 mod request;
@@ -14,14 +15,23 @@ mod request;
 mod test_server;
 
 pub use client::{Client, ClientConfig, Provisioned, MAX_REPLY_BYTES};
-pub use config::{check_events, check_url, mask_credentials, ConfigError, KNOWN_EVENTS};
+pub use config::{
+    check_events, check_headers, check_url, mask_credentials, ConfigError, KNOWN_EVENTS,
+};
+pub use delivery::{
+    header_secret, parse_delivery, same_secret, secret_in_url, Change, Connection, Delivery,
+    DeliveryError, MAX_DELIVERY_BYTES,
+};
 pub use error::{ApiError, ErrorClass, ErrorKind, MAX_MESSAGE_CHARS, REDACTED};
 pub use reply::{
     envelope_message, parse_connect_reply, parse_create_reply, parse_fetch_instance, parse_version,
 };
-pub use reply::{ConnectOutcome, CreatedInstance, Qr};
+pub use reply::{ConnectOutcome, CreatedInstance, LiveState, Qr, Removal};
 pub use reply::{MAX_ID_CHARS, MAX_PAIRING_CODE_CHARS, MAX_QR_CODE_CHARS, MAX_QR_IMAGE_BYTES};
-pub use request::{connect_path, create_body, webhook_set_body, Webhook};
+pub use request::{
+    connect_path, create_body, instance_path, webhook_set_body, Webhook, SECRET_HEADER,
+    SECRET_PARAM,
+};
 
 /// The two body dialects of the Evolution API. v1.8 is snake_case and flat; v2 is camelCase with
 /// a nested webhook object. `GET /` tells which one a server speaks.

@@ -56,6 +56,28 @@ pub struct CreatedInstance {
     pub qr: Option<Qr>,
 }
 
+/// What `GET /instance/connectionState/{name}` said (contract 3.3). It reads the server's
+/// memory only and never starts a socket, which is why the sweep of open instances uses it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LiveState {
+    Open,
+    Connecting,
+    Close,
+    /// `{"instance": {"instanceName": "x"}}` with no state: known, but not loaded in memory.
+    NotLoaded,
+    /// 404 "instance does not exist".
+    Lost,
+}
+
+/// What a logout or a delete achieved (contract 3.7, 3.8). Both are the goal reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    /// The server did it now.
+    Done,
+    /// Nothing to do: not connected (logout), or no such instance (either).
+    AlreadyThere,
+}
+
 /// What `GET /instance/connect/{name}` said.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConnectOutcome {
@@ -73,7 +95,7 @@ pub enum ConnectOutcome {
 // ----------------------------------------------------------------- one function per kind --
 
 /// The base of every string field: a JSON string, NUL removed, not empty, at most `max_chars`.
-fn bounded_text(v: &Value, key: &str, max_chars: usize) -> Option<String> {
+pub(super) fn bounded_text(v: &Value, key: &str, max_chars: usize) -> Option<String> {
     let s = v.get(key)?.as_str()?;
     let s = if s.contains('\0') {
         s.replace('\0', "")
@@ -84,27 +106,27 @@ fn bounded_text(v: &Value, key: &str, max_chars: usize) -> Option<String> {
 }
 
 /// Instance names, instance ids, tokens.
-fn id_field(v: &Value, key: &str) -> Option<String> {
+pub(super) fn id_field(v: &Value, key: &str) -> Option<String> {
     bounded_text(v, key, MAX_ID_CHARS)
 }
 
 /// Connection states, versions: only compared, never stored as they are.
-fn word_field(v: &Value, key: &str) -> Option<String> {
+pub(super) fn word_field(v: &Value, key: &str) -> Option<String> {
     bounded_text(v, key, MAX_WORD_CHARS)
 }
 
-fn qr_code_field(v: &Value, key: &str) -> Option<String> {
+pub(super) fn qr_code_field(v: &Value, key: &str) -> Option<String> {
     bounded_text(v, key, MAX_QR_CODE_CHARS)
 }
 
 /// Only a `data:image/...` URL within `MAX_QR_IMAGE_BYTES`: the app puts this value into an
 /// image source as it is.
-fn qr_image_field(v: &Value, key: &str) -> Option<String> {
+pub(super) fn qr_image_field(v: &Value, key: &str) -> Option<String> {
     bounded_text(v, key, MAX_QR_IMAGE_BYTES)
         .filter(|s| s.len() <= MAX_QR_IMAGE_BYTES && s.starts_with("data:image/"))
 }
 
-fn pairing_code_field(v: &Value, key: &str) -> Option<String> {
+pub(super) fn pairing_code_field(v: &Value, key: &str) -> Option<String> {
     bounded_text(v, key, MAX_PAIRING_CODE_CHARS)
 }
 
@@ -151,7 +173,7 @@ fn reject_error_body(v: &Value, what: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn parse_qr(v: &Value) -> Qr {
+pub(super) fn parse_qr(v: &Value) -> Qr {
     Qr {
         base64: qr_image_field(v, "base64"),
         code: qr_code_field(v, "code"),
@@ -336,9 +358,64 @@ pub fn parse_connect_reply(body: &str) -> Result<ConnectOutcome, ApiError> {
     }
 }
 
+/// `GET /instance/connectionState/{name}`, a 200 reply: `{"instance": {"instanceName", "state"}}`.
+pub fn parse_connection_state(body: &str) -> Result<LiveState, ApiError> {
+    const WHAT: &str = "GET /instance/connectionState";
+    let v = parse_json(body, WHAT)?;
+    reject_error_body(&v, WHAT)?;
+    let Some(instance) = v.get("instance").filter(|i| i.is_object()) else {
+        return Err(ApiError::malformed(WHAT, "no instance object"));
+    };
+    Ok(match word_field(instance, "state").as_deref() {
+        Some("open") => LiveState::Open,
+        Some("connecting") => LiveState::Connecting,
+        // `close` and anything else a newer server may say (`refused` only comes by webhook).
+        Some(_) => LiveState::Close,
+        None => LiveState::NotLoaded,
+    })
+}
+
+/// True for the 400 of a logout on an instance without a session (`The "x" instance is not
+/// connected`): nothing to log out, which is what the caller wanted.
+pub fn is_not_connected(message: &str) -> bool {
+    message.to_ascii_lowercase().contains("is not connected")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connection_states() {
+        let state = |s: &str| parse_connection_state(s).unwrap();
+        assert_eq!(
+            state(r#"{"instance":{"instanceName":"t1","state":"open"}}"#),
+            LiveState::Open
+        );
+        assert_eq!(
+            state(r#"{"instance":{"instanceName":"t1","state":"close"}}"#),
+            LiveState::Close
+        );
+        assert_eq!(
+            state(r#"{"instance":{"instanceName":"t1","state":"connecting"}}"#),
+            LiveState::Connecting
+        );
+        assert_eq!(
+            state(r#"{"instance":{"instanceName":"t1"}}"#),
+            LiveState::NotLoaded
+        );
+        assert!(parse_connection_state(r#"{"error":true,"message":"x"}"#).is_err());
+        assert!(parse_connection_state("[]").is_err());
+        assert!(parse_connection_state("").is_err());
+    }
+
+    #[test]
+    fn not_connected_is_recognised() {
+        assert!(is_not_connected("The \"t2\" instance is not connected"));
+        assert!(!is_not_connected(
+            "The \"t2\" instance needs to be disconnected"
+        ));
+    }
 
     #[test]
     fn envelope_messages_in_all_three_shapes() {

@@ -1,4 +1,5 @@
-//! evoq_process_queue(): create an Evolution instance for every due queue row.
+//! evoq_process_queue(): create an Evolution instance for every due queue row, or delete the
+//! instance of a deprovisioned user (the row's action).
 
 use super::run::{
     apply_requeue_requests, call_json, in_batch_context, record, require_working_attachments, Run,
@@ -18,9 +19,34 @@ struct ClaimedRow {
     /// Set once a row has been tried (and for every row queued before 0.2.0, whose instances
     /// keep their 0.1.0 names); a stored name always wins over a derived one.
     instance_name: Option<String>,
+    /// `create` or `delete` (0.3.0).
+    #[serde(default = "create_action")]
+    action: String,
+    /// The name in the user's instance row, if there is one: what a delete removes.
+    #[serde(default)]
+    instance_row_name: Option<String>,
     /// How the row was before the claim, handed back as it is if the batch is released.
     prev_status: String,
     prev_updated_at: Value,
+}
+
+fn create_action() -> String {
+    "create".into()
+}
+
+/// One row's call.
+enum Call {
+    Create(ApiVersion, String),
+    /// Log out, then delete.
+    Remove(String),
+    /// A delete with nothing of this deployment's at the server: no call at all.
+    Nothing,
+}
+
+enum Done {
+    Created(Provisioned),
+    /// Logged out and deleted, or already gone.
+    Removed,
 }
 
 #[derive(Default)]
@@ -34,16 +60,45 @@ struct Tally {
     unrecordable: u64,
     requeued: u64,
     batches: u64,
+    deleted: u64,
 }
 
-fn success_record(id: uuid::Uuid, name: &str, p: &Provisioned) -> Value {
+fn success_record(id: uuid::Uuid, name: &str, p: &Provisioned, webhook_set: bool) -> Value {
     let qr = p.instance.qr.clone().unwrap_or_default();
     json!({
-        "id": id, "instance_name": name, "ok": true,
+        "id": id, "instance_name": name, "ok": true, "action": "create",
         "instance_id": p.instance.instance_id, "token": p.instance.token,
         "instance_status": p.instance.status,
         "qr_code": qr.base64, "qr_text": qr.code, "pairing_code": qr.pairing_code, "qr_count": qr.count,
+        "webhook_set": webhook_set,
     })
+}
+
+/// What a row's call is: a create under its stored (or derived) name, or the removal of the
+/// user's instance if it is this deployment's.
+fn call_for(
+    row: &ClaimedRow,
+    version: ApiVersion,
+    namespace: &str,
+    owns_legacy: bool,
+) -> (Call, Option<String>) {
+    if row.action == "delete" {
+        let name = row
+            .instance_name
+            .iter()
+            .chain(row.instance_row_name.iter())
+            .find(|n| is_ours(n, namespace, owns_legacy))
+            .cloned();
+        return match name {
+            Some(n) => (Call::Remove(n.clone()), Some(n)),
+            None => (Call::Nothing, row.instance_name.clone()),
+        };
+    }
+    let name = match &row.instance_name {
+        Some(stored) if is_ours(stored, namespace, owns_legacy) => stored.clone(),
+        _ => instance_name(namespace, row.user_id),
+    };
+    (Call::Create(version, name.clone()), Some(name))
 }
 
 fn failure_record(
@@ -82,9 +137,14 @@ pub fn evoq_process_queue() -> pgrx::JsonB {
         requeued: apply_requeue_requests(),
         ..Tally::default()
     };
+    let webhook_set = webhook.is_some();
     let client = run.client.clone();
-    let mut pool = run.pool(move |(version, name): (ApiVersion, String)| {
-        client.provision(version, &name, webhook.as_ref())
+    let mut pool = run.pool(move |call: Call| match call {
+        Call::Create(version, name) => client
+            .provision(version, &name, webhook.as_ref())
+            .map(Done::Created),
+        Call::Remove(name) => client.remove(&name).map(|_| Done::Removed),
+        Call::Nothing => Ok(Done::Removed),
     });
 
     let stopped = run.circuit_blocks().unwrap_or_else(|| loop {
@@ -114,20 +174,13 @@ pub fn evoq_process_queue() -> pgrx::JsonB {
             }
             tally.batches += 1;
             tally.claimed += rows.len() as u64;
-            let names: Vec<String> = rows
+            let (calls, names): (Vec<Call>, Vec<Option<String>>) = rows
                 .iter()
-                .map(|r| match &r.instance_name {
-                    Some(stored) if is_ours(stored, &namespace, owns_legacy_names) => {
-                        stored.clone()
-                    }
-                    _ => instance_name(&namespace, r.user_id),
-                })
-                .collect();
+                .map(|r| call_for(r, version, &namespace, owns_legacy_names))
+                .unzip();
 
             // None: no answer before the run's deadline.
-            let calls = names.iter().map(|n| (version, n.clone())).collect();
-            let answers: Vec<Option<Result<Provisioned, ApiError>>> =
-                run.call_all(&mut pool, calls);
+            let answers: Vec<Option<Result<Done, ApiError>>> = run.call_all(&mut pool, calls);
             // Unanswered calls are not failures of the server's: they do not open the circuit.
             let errors: Vec<Option<&ApiError>> = answers
                 .iter()
@@ -135,9 +188,18 @@ pub fn evoq_process_queue() -> pgrx::JsonB {
                 .collect();
             let verdict = circuit_verdict(&errors);
             run.maybe_forget_version(&errors.iter().flatten().copied().collect::<Vec<_>>());
-            let outcomes: Vec<Result<Provisioned, ApiError>> = answers
+            let outcomes: Vec<Result<Done, ApiError>> = answers
                 .into_iter()
-                .map(|a| a.unwrap_or_else(|| Err(run.budget_error("POST /instance/create"))))
+                .zip(&rows)
+                .map(|(a, r)| {
+                    a.unwrap_or_else(|| {
+                        Err(run.budget_error(if r.action == "delete" {
+                            "DELETE /instance/logout, /instance/delete"
+                        } else {
+                            "POST /instance/create"
+                        }))
+                    })
+                })
                 .collect();
             for e in outcomes.iter().filter_map(|o| o.as_ref().err()) {
                 run.count_error(e);
@@ -167,13 +229,20 @@ pub fn evoq_process_queue() -> pgrx::JsonB {
             let mut records = Vec::with_capacity(rows.len());
             for ((row, name), outcome) in rows.iter().zip(&names).zip(&outcomes) {
                 match outcome {
-                    Ok(p) => {
+                    Ok(Done::Created(p)) => {
                         if p.adopted {
                             tally.adopted += 1
                         } else {
                             tally.created += 1
                         }
-                        records.push(success_record(row.id, name, p));
+                        let name = name.as_deref().unwrap_or_default();
+                        records.push(success_record(row.id, name, p, webhook_set));
+                    }
+                    Ok(Done::Removed) => {
+                        tally.deleted += 1;
+                        records.push(json!({
+                            "id": row.id, "instance_name": name, "ok": true, "action": "delete",
+                        }));
                     }
                     Err(err) => {
                         let (rec, retrying) = failure_record(
@@ -227,7 +296,7 @@ pub fn evoq_process_queue() -> pgrx::JsonB {
         "claimed": tally.claimed, "created": tally.created, "adopted": tally.adopted,
         "retrying": tally.retrying, "failed": tally.failed, "released": tally.released,
         "unrecordable": tally.unrecordable, "requeued": tally.requeued, "batches": tally.batches,
-        "stopped": stopped,
+        "deleted": tally.deleted, "stopped": stopped,
     });
     run.finish(summary)
 }

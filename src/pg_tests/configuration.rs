@@ -17,10 +17,10 @@ mod tests {
             ),
             Some(true)
         );
-        // pg_dump keeps the data of these tables.
+        // pg_dump keeps the data of these tables (and sequences).
         assert_eq!(
             count("SELECT cardinality(extconfig) FROM pg_extension WHERE extname = 'evoq'"),
-            10
+            16
         );
         assert!(error_of("INSERT INTO evolution_instance_creation_queue (user_id, status) VALUES (gen_random_uuid(), 'bogus')").unwrap().starts_with("23514"));
         assert_eq!(

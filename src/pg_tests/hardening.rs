@@ -227,7 +227,7 @@ mod tests {
         )
         .unwrap();
         run("SELECT dblink_exec('evoq_refresh', 'BEGIN')");
-        run("SELECT * FROM dblink('evoq_refresh', 'SELECT evoq._claim_refresh(10, 0)::text') AS t(x text)");
+        run("SELECT * FROM dblink('evoq_refresh', 'SELECT evoq._claim_refresh(10, 0, 600000, 300000, true)::text') AS t(x text)");
         // ...while the queue job claims the queue row and waits for the instance row.
         let pid = start_in_session("evoq_proc", "", "SELECT evoq_process_queue()::text");
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -638,8 +638,8 @@ mod tests {
             assert!(!err.contains("unwrap"), "{err}");
         }
         assert_eq!(count("SELECT count(*) FROM evoq.settings"), 0);
-        let echoed = json("SELECT evoq_configure('https://user:secret@evo.example:8080', 'k')");
-        assert!(!echoed.to_string().contains("secret"), "{echoed}");
+        let echoed = json("SELECT evoq_configure('https://user:hunter2@evo.example:8080', 'k')");
+        assert!(!echoed.to_string().contains("hunter2"), "{echoed}");
         // The log threshold evoq_configure raises to keep the key out of the log is put back.
         assert_eq!(
             one::<String>("SELECT current_setting('log_min_error_statement')").as_deref(),
@@ -685,10 +685,13 @@ mod tests {
         // The create reply says {"count":0}...
         process();
         assert_eq!(instance_row(&users[0])["qr_count"], 0);
-        // ...a refresh brings the first QR...
+        // ...a refresh brings a QR and the server's count...
         make_refresh_due();
         json("SELECT evoq_refresh_qr()");
-        assert_eq!(instance_row(&users[0])["qr_count"], 1);
+        let name = s(&instance_row(&users[0])["instance_name"]).to_string();
+        let server_count = mock.instance(&name).unwrap()["qr_count"].clone();
+        assert!(server_count.as_i64().unwrap_or(0) >= 1, "{server_count}");
+        assert_eq!(instance_row(&users[0])["qr_count"], server_count);
         // ...and a server that starts over says {"count":0} again.
         make_refresh_due();
         mock.add_fault(reply_fault(

@@ -5,7 +5,9 @@
 mod concurrency;
 mod configuration;
 mod hardening;
+mod lifecycle;
 mod process;
 mod refresh;
 mod security;
 mod trigger;
+mod webhooks;

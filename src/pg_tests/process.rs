@@ -110,9 +110,13 @@ mod tests {
             .into_iter()
             .find(|c| c["path"] == "/instance/create")
             .unwrap();
+        // v1.8 sends no custom headers: the webhook secret rides in the URL.
         assert_eq!(
-            create["body"]["webhook"],
-            "https://app.example/hooks/evolution"
+            s(&create["body"]["webhook"]),
+            format!(
+                "https://app.example/hooks/evolution?evoq_secret={}",
+                one::<String>("SELECT webhook_secret FROM evoq.settings").unwrap()
+            )
         );
         assert_eq!(
             create["body"]["events"],

@@ -6,7 +6,9 @@ use serde_json::{json, Value};
 
 use crate::faults::FaultRule;
 use crate::http::Reply;
+use crate::lifecycle;
 use crate::server::{lock, Req, Shared};
+use crate::state::{ConnState, Instance};
 
 /// `POST /__mock/config` body: any subset of the knobs.
 #[derive(Deserialize)]
@@ -15,6 +17,17 @@ struct ConfigPatch {
     latency_ms: Option<u64>,
     qr_on_create: Option<bool>,
     qr_ttl_ms: Option<u64>,
+    qr_limit: Option<u32>,
+    webhook_retry_ms: Option<u64>,
+    qr_never: Option<bool>,
+}
+
+/// `POST /__mock/instances/{name}/scan` body (optional).
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ScanBody {
+    number: Option<String>,
+    profile_name: Option<String>,
 }
 
 fn ok() -> Reply {
@@ -33,7 +46,67 @@ fn config_json(shared: &Shared) -> Value {
         "latency_ms": k.latency_ms,
         "qr_on_create": k.qr_on_create,
         "qr_ttl_ms": k.qr_ttl_ms,
+        "qr_limit": k.qr_limit,
+        "webhook_retry_ms": k.webhook_retry_ms,
+        "qr_never": k.qr_never,
     })
+}
+
+fn no_instance(name: &str) -> Reply {
+    Reply::json(
+        404,
+        json!({"ok": false, "error": format!("no instance {name:?}")}),
+    )
+}
+
+fn conflict(msg: String) -> Reply {
+    Reply::json(409, json!({"ok": false, "error": msg}))
+}
+
+/// `{"ok": true, "instance": <the /__mock/instances item>}`.
+fn ok_instance(i: &Instance) -> Reply {
+    Reply::json(200, json!({"ok": true, "instance": i.to_json()}))
+}
+
+/// The phone-side and clock-side actions on one instance.
+fn instance_action(shared: &Shared, name: &str, action: &str, body: &Value) -> Reply {
+    let scan_body = if action == "scan" && !body.is_null() {
+        match serde_json::from_value::<ScanBody>(body.clone()) {
+            Ok(b) => b,
+            Err(e) => return bad(e.to_string()),
+        }
+    } else {
+        ScanBody::default()
+    };
+    let r = shared.with_instance(name, |s, i| match (action, i.state) {
+        ("scan", ConnState::Open) => conflict(format!("instance {name:?} is already open")),
+        ("scan", _) => {
+            lifecycle::scan(
+                s,
+                i,
+                scan_body.number.as_deref(),
+                scan_body.profile_name.as_deref(),
+            );
+            ok_instance(i)
+        }
+        ("unlink", ConnState::Close) => conflict(format!("instance {name:?} is not connected")),
+        ("unlink", _) => {
+            lifecycle::logout(s, i);
+            ok_instance(i)
+        }
+        (_, ConnState::Connecting) if i.sockets > 0 => {
+            if action == "qr" {
+                lifecycle::qr_arrives(s, i);
+            } else {
+                lifecycle::qr_limit(s, i);
+            }
+            ok_instance(i)
+        }
+        _ => conflict(format!(
+            "instance {name:?} is not connecting on a live socket"
+        )),
+    });
+    r.unwrap_or_else(|| no_instance(name))
 }
 
 pub fn handle(shared: &Shared, req: &Req) -> Reply {
@@ -68,7 +141,18 @@ pub fn handle(shared: &Shared, req: &Req) -> Reply {
                 if let Some(v) = patch.qr_ttl_ms {
                     k.qr_ttl_ms = v;
                 }
+                if let Some(v) = patch.qr_limit {
+                    k.qr_limit = v;
+                }
+                if let Some(v) = patch.webhook_retry_ms {
+                    k.webhook_retry_ms = v;
+                }
+                if let Some(v) = patch.qr_never {
+                    k.qr_never = v;
+                }
             }
+            // A shorter period or QRs allowed again may bring the next tick closer.
+            shared.clock.poke();
             Reply::json(200, config_json(shared))
         }
         ("POST", ["faults"]) => match serde_json::from_value::<FaultRule>(req.body.clone()) {
@@ -95,22 +179,25 @@ pub fn handle(shared: &Shared, req: &Req) -> Reply {
             if shared.set_instance_state(name, state) {
                 ok()
             } else {
-                Reply::json(
-                    404,
-                    json!({"ok": false, "error": format!("no instance {name:?}")}),
-                )
+                no_instance(name)
             }
+        }
+        ("POST", ["instances", name, action @ ("scan" | "unlink" | "qr" | "qr-limit")]) => {
+            instance_action(shared, name, action, &req.body)
         }
         ("DELETE", ["instances", name]) => {
             if shared.remove_instance(name) {
                 ok()
             } else {
-                Reply::json(
-                    404,
-                    json!({"ok": false, "error": format!("no instance {name:?}")}),
-                )
+                no_instance(name)
             }
         }
+        ("GET", ["deliveries"]) => Reply::json(200, Value::Array(shared.deliveries.list())),
+        ("DELETE", ["deliveries"]) => {
+            shared.deliveries.clear();
+            ok()
+        }
+        ("GET", ["sockets"]) => Reply::json(200, shared.sockets_json()),
         _ => Reply::json(
             404,
             json!({"ok": false, "error": format!("unknown control route {} {}", req.method, req.path)}),

@@ -1,6 +1,7 @@
 //! A faithful in-memory mock of the Evolution API (WhatsApp HTTP API) server, following
 //! `docs/evolution-api.md`: v2.3.6 or v1.8.2 body shapes, the error envelope, guard
-//! order (404 and 403 before 401), QR cadence, plus fault injection and a `/__mock` control API.
+//! order (404 and 403 before 401), the QR clock and QR limit, webhook deliveries with v2's
+//! retries, socket accounting, plus fault injection and a `/__mock` control API.
 //!
 //! ```no_run
 //! use evolution_mock::{MockConfig, MockServer};
@@ -11,6 +12,7 @@
 mod control;
 mod faults;
 mod http;
+mod lifecycle;
 mod routes;
 mod server;
 mod state;
@@ -18,6 +20,7 @@ mod util;
 mod v1;
 mod v2;
 mod validate;
+mod webhook;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -58,8 +61,17 @@ pub struct MockConfig {
     pub latency_ms: u64,
     /// Put a real QR into the create reply instead of the usual `{"count":0}`.
     pub qr_on_create: bool,
-    /// Age after which `connect` emits a new QR (Evolution's `qrTimeout`); 0 = every call.
+    /// The QR clock: a connecting instance gets a new QR every this many ms (Evolution's
+    /// `qrTimeout`, 45 s). 0 = no clock; then every connect on a connecting instance counts
+    /// as a tick and returns a new QR.
     pub qr_ttl_ms: u64,
+    /// QRCODE_LIMIT: after this many QRs without a scan, the next one is refused and the
+    /// instance logged out (default 30).
+    pub qr_limit: u32,
+    /// v2 webhook retries: backoff base in ms (default 5000), doubling, capped at 60× base.
+    pub webhook_retry_ms: u64,
+    /// The server never gets a QR: connect and create answer `{"count":0}` forever.
+    pub qr_never: bool,
 }
 
 impl Default for MockConfig {
@@ -70,6 +82,9 @@ impl Default for MockConfig {
             latency_ms: 0,
             qr_on_create: false,
             qr_ttl_ms: 45_000,
+            qr_limit: 30,
+            webhook_retry_ms: 5_000,
+            qr_never: false,
         }
     }
 }
@@ -102,12 +117,23 @@ impl MockServer {
                 latency_ms: config.latency_ms,
                 qr_on_create: config.qr_on_create,
                 qr_ttl_ms: config.qr_ttl_ms,
+                qr_limit: config.qr_limit,
+                webhook_retry_ms: config.webhook_retry_ms,
+                qr_never: config.qr_never,
             }),
             store: Mutex::new(Store::default()),
             calls: Mutex::new(CallLog::new(start)),
             faults: faults::Faults::new(),
             stopped: AtomicBool::new(false),
+            deliveries: webhook::Deliveries::new(),
+            clock: lifecycle::Clock::new(),
         });
+        {
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name("evolution-mock-qr-clock".into())
+                .spawn(move || lifecycle::run_clock(shared))?;
+        }
         let listener = {
             let _guard = runtime.enter();
             tokio::net::TcpListener::from_std(listener)?
@@ -172,11 +198,96 @@ impl MockServer {
 
     pub fn set_qr_ttl_ms(&self, ms: u64) {
         lock(&self.shared.knobs).qr_ttl_ms = ms;
+        self.shared.clock.poke();
     }
 
-    /// "open" (QR scanned), "close" or "connecting". False for an unknown instance or state.
+    pub fn set_qr_limit(&self, n: u32) {
+        lock(&self.shared.knobs).qr_limit = n;
+    }
+
+    pub fn set_webhook_retry_ms(&self, ms: u64) {
+        lock(&self.shared.knobs).webhook_retry_ms = ms;
+    }
+
+    pub fn set_qr_never(&self, on: bool) {
+        lock(&self.shared.knobs).qr_never = on;
+        self.shared.clock.poke();
+    }
+
+    /// "open" (as `scan` with defaults), "close" (as `unlink`) or "connecting" (a socket
+    /// starts), with their webhooks; the current state is a no-op. False for an unknown
+    /// instance or state.
     pub fn set_state(&self, name: &str, state: &str) -> bool {
         self.shared.set_instance_state(name, state)
+    }
+
+    /// The phone scans the QR: `open` with owner `<number digits>@s.whatsapp.net` (default
+    /// 5511999999999) and this profile name (default "Mock User"). False if there is no such
+    /// instance or it is already open.
+    pub fn scan(&self, name: &str, number: Option<&str>, profile_name: Option<&str>) -> bool {
+        self.shared
+            .with_instance(name, |s, i| {
+                if i.state == state::ConnState::Open {
+                    return false;
+                }
+                lifecycle::scan(s, i, number, profile_name);
+                true
+            })
+            .unwrap_or(false)
+    }
+
+    /// The phone unlinks the device: `close` 401 (+ `logout.instance` on v2), sockets 0.
+    /// False if there is no such instance or it is `close`.
+    pub fn unlink(&self, name: &str) -> bool {
+        self.shared
+            .with_instance(name, |s, i| {
+                if i.state == state::ConnState::Close {
+                    return false;
+                }
+                lifecycle::logout(s, i);
+                true
+            })
+            .unwrap_or(false)
+    }
+
+    /// The QR clock ticks now for this instance (a new QR, or the limit if reached).
+    /// False unless it is `connecting` on a live socket.
+    pub fn rotate_qr(&self, name: &str) -> bool {
+        self.connecting_action(name, lifecycle::qr_arrives)
+    }
+
+    /// The QR limit is reached now. False unless it is `connecting` on a live socket.
+    pub fn reach_qr_limit(&self, name: &str) -> bool {
+        self.connecting_action(name, lifecycle::qr_limit)
+    }
+
+    fn connecting_action(&self, name: &str, f: fn(&Shared, &mut state::Instance)) -> bool {
+        self.shared
+            .with_instance(name, |s, i| {
+                if i.state != state::ConnState::Connecting || i.sockets == 0 {
+                    return false;
+                }
+                f(s, i);
+                true
+            })
+            .unwrap_or(false)
+    }
+
+    /// The delivery log (`GET /__mock/deliveries`), oldest first: `{seq, event, instance, url,
+    /// headers, attempts, status, error, delivered, pending, envelope, first_sent_at_ms,
+    /// delivered_at_ms}` per event.
+    pub fn deliveries(&self) -> Vec<Value> {
+        self.shared.deliveries.list()
+    }
+
+    /// Empties the delivery log and drops queued deliveries and pending retries.
+    pub fn clear_deliveries(&self) {
+        self.shared.deliveries.clear();
+    }
+
+    /// `{"total", "orphans", "per_instance": {name: n}}` (`GET /__mock/sockets`).
+    pub fn sockets(&self) -> Value {
+        self.shared.sockets_json()
     }
 
     /// The server "loses" the instance. False if it did not exist.
@@ -192,12 +303,13 @@ impl MockServer {
             .collect()
     }
 
-    /// `{name, id, token, integration, state, qr_count, qr_code, webhook}` or None.
+    /// `{name, id, token, integration, state, qr_count, qr_code, webhook, sockets, wuid,
+    /// profile_name}` or None.
     pub fn instance(&self, name: &str) -> Option<Value> {
         lock(&self.shared.store).get(name).map(|i| i.to_json())
     }
 
-    /// Forget instances, calls and faults.
+    /// Forget instances, orphan sockets, calls, deliveries and faults.
     pub fn reset(&self) {
         self.shared.reset();
     }
@@ -207,6 +319,8 @@ impl Drop for MockServer {
     fn drop(&mut self) {
         self.shared.stopped.store(true, Ordering::SeqCst);
         self.shared.faults.stop();
+        self.shared.deliveries.stop();
+        self.shared.clock.poke();
         // Drops the accept loop and every connection; blocking handlers still sleeping finish
         // on their own and find the server stopped.
         if let Some(runtime) = self.runtime.take() {

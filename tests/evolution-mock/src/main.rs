@@ -1,5 +1,6 @@
 //! `evolution-mock [--port 8080] [--api-version 2.3.6|1.8.2] [--api-key KEY] [--latency-ms N]
-//! [--qr-on-create] [--qr-ttl-ms N]`: runs the mock until killed. Prints one line with the URL
+//! [--qr-on-create] [--qr-ttl-ms N] [--qr-limit N] [--webhook-retry-ms N] [--qr-never]`: runs
+//! the mock until killed. Prints one line with the URL
 //! so scripts can wait for it.
 
 use std::io::Write;
@@ -8,7 +9,8 @@ use std::process::ExitCode;
 use evolution_mock::{Flavor, MockConfig, MockServer};
 
 const USAGE: &str = "usage: evolution-mock [--port 8080] [--api-version 2.3.6|1.8.2] \
-[--api-key KEY] [--latency-ms N] [--qr-on-create] [--qr-ttl-ms N]";
+[--api-key KEY] [--latency-ms N] [--qr-on-create] [--qr-ttl-ms N] [--qr-limit N] \
+[--webhook-retry-ms N] [--qr-never]";
 
 fn parse_args(args: &[String]) -> Result<(u16, MockConfig), String> {
     let mut port = 8080u16;
@@ -45,7 +47,15 @@ fn parse_args(args: &[String]) -> Result<(u16, MockConfig), String> {
             "--api-key" => config.api_key = value()?,
             "--latency-ms" => config.latency_ms = number(value()?)?,
             "--qr-ttl-ms" => config.qr_ttl_ms = number(value()?)?,
+            "--qr-limit" => {
+                let v = value()?;
+                config.qr_limit = v
+                    .parse()
+                    .map_err(|_| format!("--qr-limit: not a number: {v}"))?;
+            }
+            "--webhook-retry-ms" => config.webhook_retry_ms = number(value()?)?,
             "--qr-on-create" => config.qr_on_create = true,
+            "--qr-never" => config.qr_never = true,
             "-h" | "--help" => return Err(USAGE.to_string()),
             other => return Err(format!("unknown argument {other}\n{USAGE}")),
         }

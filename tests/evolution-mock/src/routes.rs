@@ -1,14 +1,12 @@
 //! Route table, guards (exists → auth, in that order) and the routes whose replies are the
 //! same in v1.8 and v2. Version-specific bodies and replies live in `v1.rs` and `v2.rs`.
 
-use std::time::Duration;
-
 use serde_json::{json, Value};
 
 use crate::http::Reply;
 use crate::server::{lock, Req, Shared};
 use crate::state::{ConnState, Instance, Store};
-use crate::{v1, v2, Flavor};
+use crate::{lifecycle, v1, v2, Flavor};
 
 /// Which handler a request goes to, with the instance name from the path when there is one.
 enum Route {
@@ -80,14 +78,9 @@ pub fn dispatch(shared: &Shared, req: &Req) -> Reply {
         Route::Restart(n) => guarded(shared, &mut store, req, &n, restart),
         Route::Logout(n) => guarded(shared, &mut store, req, &n, logout),
         Route::Delete(n) => {
-            let r = guarded(shared, &mut store, req, &n, |s, i, _| match s.flavor {
-                Flavor::V1 if i.state == ConnState::Open => Reply::thrown(
-                    400,
-                    format!("The \"{}\" instance needs to be disconnected", i.name),
-                ),
-                _ => success("Instance deleted"),
-            });
+            let r = guarded(shared, &mut store, req, &n, delete);
             if r.status == 200 {
+                // Sockets still counted (a close instance's loops) become orphans (3.8).
                 store.remove(&n);
             }
             r
@@ -187,41 +180,79 @@ fn connect(shared: &Shared, i: &mut Instance, req: &Req) -> Reply {
     match i.state {
         ConnState::Open => return Reply::json(200, state_shape(i)),
         ConnState::Close => {
-            // A close instance starts a new socket; the mock's "WhatsApp" answers with a QR at once.
-            i.set_state(ConnState::Connecting);
-            i.issue_qr();
+            // Each connect on a close instance starts another socket (contract 3.2, 7); the
+            // mock's "WhatsApp" hands it a QR at once (none with `qr_never`).
+            lifecycle::start_socket(shared, i);
+            lifecycle::first_qr(shared, i);
         }
         ConnState::Connecting => {
-            let ttl = Duration::from_millis(shared.knobs().qr_ttl_ms);
-            let stale = i.qr.as_ref().is_none_or(|q| q.issued.elapsed() >= ttl);
-            if stale {
-                i.issue_qr();
+            // The current QR: the clock rotates it. Without a clock (qr_ttl_ms 0) every
+            // connect counts as a tick, so each one sees a new QR.
+            let knobs = shared.knobs();
+            if knobs.qr_ttl_ms == 0 && !knobs.qr_never && i.sockets > 0 {
+                lifecycle::qr_arrives(shared, i);
             }
         }
     }
     Reply::json(200, qr_shape(i))
 }
 
-fn restart(shared: &Shared, i: &mut Instance, req: &Req) -> Reply {
-    match shared.flavor {
-        // v1.8 `PUT /instance/restart` answers with the connectionState shape.
-        Flavor::V1 => Reply::json(200, state_shape(i)),
+fn restart(shared: &Shared, i: &mut Instance, _req: &Req) -> Reply {
+    match (shared.flavor, i.state) {
+        // v1.8 `PUT /instance/restart` reloads an open connection and answers with the
+        // connectionState shape whatever the state.
+        (Flavor::V1, ConnState::Open) => {
+            lifecycle::reconnect_open(shared, i);
+            Reply::json(200, state_shape(i))
+        }
+        (Flavor::V1, _) => Reply::json(200, state_shape(i)),
         // v2.3.6 fails a restart of a closed instance with an HTTP 200 error body.
-        Flavor::V2 if i.state == ConnState::Close => {
+        (Flavor::V2, ConnState::Close) => {
             Reply::json(200, json!({"error": true, "message": "[object Object]"}))
         }
-        Flavor::V2 => connect(shared, i, req),
+        // v2 ends the socket and calls connect, which still sees the old state and answers
+        // with it; the ended socket then reconnects.
+        (Flavor::V2, ConnState::Open) => {
+            let reply = Reply::json(200, state_shape(i));
+            lifecycle::reconnect_open(shared, i);
+            reply
+        }
+        (Flavor::V2, ConnState::Connecting) => {
+            let reply = Reply::json(200, qr_shape(i));
+            lifecycle::replace_socket(shared, i);
+            lifecycle::first_qr(shared, i);
+            reply
+        }
     }
 }
 
-fn logout(_shared: &Shared, i: &mut Instance, _req: &Req) -> Reply {
+fn logout(shared: &Shared, i: &mut Instance, _req: &Req) -> Reply {
     if i.state == ConnState::Close {
         return Reply::thrown(400, format!("The \"{}\" instance is not connected", i.name));
     }
-    i.set_state(ConnState::Close);
     // The session is gone, so the next connect starts counting QRs again.
-    i.qr_count = 0;
+    lifecycle::logout(shared, i);
     success("Instance logged out")
+}
+
+/// v2 logs out a connecting or open instance first, then announces the delete; v1.8
+/// refuses an open instance and logs out a connecting one (its INSTANCE_DELETE is not an
+/// event v1.8 subscriptions can name). The caller removes the instance.
+fn delete(shared: &Shared, i: &mut Instance, _req: &Req) -> Reply {
+    match (shared.flavor, i.state) {
+        (Flavor::V1, ConnState::Open) => {
+            return Reply::thrown(
+                400,
+                format!("The \"{}\" instance needs to be disconnected", i.name),
+            )
+        }
+        (_, ConnState::Close) => {}
+        _ => lifecycle::logout(shared, i),
+    }
+    if shared.flavor == Flavor::V2 {
+        lifecycle::announce_delete(shared, i);
+    }
+    success("Instance deleted")
 }
 
 /// Best guess at the instance a request is about (path name, else body `instanceName`),

@@ -16,7 +16,9 @@ use serde_json::{json, Value};
 
 use crate::faults::{FaultKind, Faults};
 use crate::http::{self, Body, Reply};
+use crate::lifecycle::{self, Clock};
 use crate::state::{CallLog, ConnState, Store};
+use crate::webhook::Deliveries;
 use crate::{control, routes, Flavor};
 
 /// Knobs that can change while the server runs.
@@ -24,7 +26,14 @@ use crate::{control, routes, Flavor};
 pub struct Knobs {
     pub latency_ms: u64,
     pub qr_on_create: bool,
+    /// The QR clock's period; 0 = no clock, every connect on a connecting instance ticks.
     pub qr_ttl_ms: u64,
+    /// QRCODE_LIMIT: after this many QRs without a scan the next one is refused.
+    pub qr_limit: u32,
+    /// v2 webhook retry backoff base.
+    pub webhook_retry_ms: u64,
+    /// The server never gets a QR (connect answers `{"count":0}` forever).
+    pub qr_never: bool,
 }
 
 /// Everything request threads share.
@@ -37,6 +46,8 @@ pub struct Shared {
     pub calls: Mutex<CallLog>,
     pub faults: Faults,
     pub stopped: AtomicBool,
+    pub deliveries: Arc<Deliveries>,
+    pub clock: Clock,
 }
 
 /// Poison-tolerant lock: one panicking request thread must not break every later request.
@@ -49,24 +60,50 @@ impl Shared {
         lock(&self.knobs).clone()
     }
 
-    /// Simulates the phone side: "open" as if the QR was scanned, "close" as if the session
-    /// dropped, "connecting" as if a socket started. False for an unknown name or state.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::SeqCst)
+    }
+
+    /// Simulates the phone side, with the webhooks that go with it: "open" is a scan (as
+    /// `scan` with defaults), "close" the phone unlinking the device (as `unlink`),
+    /// "connecting" a socket starting (`lifecycle::force_connecting`). Asking for the state
+    /// the instance is already in changes nothing. False for an unknown name or state.
     pub fn set_instance_state(&self, name: &str, state: &str) -> bool {
         let Some(state) = ConnState::parse(state) else {
             return false;
         };
-        match lock(&self.store).get_mut(name) {
-            Some(i) => {
-                i.set_state(state);
-                true
-            }
-            None => false,
+        let mut store = lock(&self.store);
+        let Some(i) = store.get_mut(name) else {
+            return false;
+        };
+        match state {
+            _ if state == i.state => {}
+            ConnState::Open => lifecycle::scan(self, i, None, None),
+            ConnState::Close => lifecycle::logout(self, i),
+            ConnState::Connecting => lifecycle::force_connecting(self, i),
         }
+        true
     }
 
-    /// The server "loses" the instance, as if its row or directory vanished.
+    /// Runs `f` on the named instance under the state lock; None if there is no such instance.
+    pub fn with_instance<T>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&Shared, &mut crate::state::Instance) -> T,
+    ) -> Option<T> {
+        let mut store = lock(&self.store);
+        store.get_mut(name).map(|i| f(self, i))
+    }
+
+    /// The server "loses" the instance, as if its row or directory vanished (its sockets, if
+    /// any, keep running as orphans).
     pub fn remove_instance(&self, name: &str) -> bool {
         lock(&self.store).remove(name)
+    }
+
+    /// `GET /__mock/sockets`.
+    pub fn sockets_json(&self) -> Value {
+        lock(&self.store).sockets_json()
     }
 
     pub fn instances_json(&self) -> Vec<Value> {
@@ -77,10 +114,16 @@ impl Shared {
             .collect()
     }
 
-    /// Forget instances, calls and faults (hung requests are released).
+    /// Forget instances, orphan sockets, calls, deliveries (pending ones are dropped) and
+    /// faults (hung requests are released).
     pub fn reset(&self) {
-        lock(&self.store).instances.clear();
+        {
+            let mut store = lock(&self.store);
+            store.instances.clear();
+            store.orphan_sockets = 0;
+        }
         lock(&self.calls).clear();
+        self.deliveries.clear();
         self.faults.clear();
     }
 }

@@ -41,7 +41,6 @@ pub struct Qr {
     pub base64: String,
     /// 8-character code, only when a `number` was given (pairing instead of scanning).
     pub pairing_code: Option<String>,
-    pub issued: Instant,
 }
 
 impl Qr {
@@ -61,7 +60,6 @@ impl Qr {
             code,
             base64: format!("data:image/png;base64,{}", util::base64(&png)),
             pairing_code: None,
-            issued: Instant::now(),
         }
     }
 }
@@ -138,6 +136,17 @@ pub struct Instance {
     pub settings_id: String,
     pub created_ms: u64,
     pub updated_ms: u64,
+    /// Sockets the server keeps alive for this instance (contract 3.2, 7): +1 per socket
+    /// start, 0 after a logout, 1 while open. The mock only counts them.
+    pub sockets: u32,
+    /// Owner JID (`<digits>@s.whatsapp.net`) from the scan until the session ends; the
+    /// webhook envelope's `sender`.
+    pub wuid: Option<String>,
+    /// WhatsApp profile name from the scan (fetchInstances, the `open` webhook).
+    pub profile_name: Option<String>,
+    /// When the last QR was issued, or the socket started without one: the QR clock's
+    /// next tick is `qr_anchor + qr_ttl_ms`. None when no socket is waiting for a scan.
+    pub qr_anchor: Option<Instant>,
 }
 
 impl Instance {
@@ -157,6 +166,10 @@ impl Instance {
             settings_id: format!("c{}", util::random_string(24, util::LOWER_ALNUM)),
             created_ms: now,
             updated_ms: now,
+            sockets: 0,
+            wuid: None,
+            profile_name: None,
+            qr_anchor: None,
         }
     }
 
@@ -168,6 +181,7 @@ impl Instance {
             qr.pairing_code = Some(util::random_string(8, b"ABCDEFGHJKLMNPQRSTVWXYZ0123456789"));
         }
         self.qr = Some(qr);
+        self.qr_anchor = Some(Instant::now());
     }
 
     /// Moves to a new state; leaving `connecting` drops the QR since it can no longer be scanned.
@@ -175,6 +189,7 @@ impl Instance {
         self.state = state;
         if state != ConnState::Connecting {
             self.qr = None;
+            self.qr_anchor = None;
         }
         self.updated_ms = util::now_epoch_ms();
     }
@@ -190,6 +205,9 @@ impl Instance {
             "qr_count": self.qr_count,
             "qr_code": self.qr.as_ref().map(|q| q.code.clone()),
             "webhook": self.webhook.as_ref().map(Webhook::to_json),
+            "sockets": self.sockets,
+            "wuid": self.wuid,
+            "profile_name": self.profile_name,
         })
     }
 }
@@ -198,6 +216,9 @@ impl Instance {
 #[derive(Default)]
 pub struct Store {
     pub instances: Vec<Instance>,
+    /// Sockets of instances that were deleted (or lost) while their sockets still ran:
+    /// a delete does not stop a running reconnect loop (contract 3.8).
+    pub orphan_sockets: u64,
 }
 
 impl Store {
@@ -209,10 +230,25 @@ impl Store {
         self.instances.iter_mut().find(|i| i.name == name)
     }
 
+    /// Removes the instance; sockets it still had keep running as orphans.
     pub fn remove(&mut self, name: &str) -> bool {
-        let before = self.instances.len();
-        self.instances.retain(|i| i.name != name);
-        before != self.instances.len()
+        let Some(pos) = self.instances.iter().position(|i| i.name == name) else {
+            return false;
+        };
+        let gone = self.instances.remove(pos);
+        self.orphan_sockets += u64::from(gone.sockets);
+        true
+    }
+
+    /// `{"total", "orphans", "per_instance": {name: n}}` for `GET /__mock/sockets`.
+    pub fn sockets_json(&self) -> Value {
+        let mut per = serde_json::Map::new();
+        let mut total = self.orphan_sockets;
+        for i in &self.instances {
+            total += u64::from(i.sockets);
+            per.insert(i.name.clone(), json!(i.sockets));
+        }
+        json!({"total": total, "orphans": self.orphan_sockets, "per_instance": per})
     }
 }
 

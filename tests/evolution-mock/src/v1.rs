@@ -5,6 +5,7 @@
 use serde_json::{json, Map, Value};
 
 use crate::http::Reply;
+use crate::lifecycle;
 use crate::routes::{is_global_key, qr_shape};
 use crate::server::{Req, Shared};
 use crate::state::{ConnState, Instance, Store, Webhook};
@@ -112,10 +113,12 @@ pub fn create(shared: &Shared, store: &mut Store, req: &Req) -> Reply {
     }
 
     let wants_qr = is_true("qrcode");
+    // As on v2: the first QR comes after the reply unless qr_on_create.
+    let qr_in_reply = wants_qr && shared.knobs().qr_on_create;
     if wants_qr {
-        inst.set_state(ConnState::Connecting);
-        if shared.knobs().qr_on_create {
-            inst.issue_qr();
+        lifecycle::start_socket(shared, &mut inst);
+        if qr_in_reply {
+            lifecycle::first_qr(shared, &mut inst);
         }
     }
 
@@ -146,6 +149,9 @@ pub fn create(shared: &Shared, store: &mut Store, req: &Req) -> Reply {
     });
     if wants_qr {
         reply["qrcode"] = qr_shape(&inst);
+        if !qr_in_reply {
+            lifecycle::first_qr(shared, &mut inst);
+        }
     }
     store.instances.push(inst);
     Reply::json(201, reply)
@@ -158,9 +164,8 @@ fn item(i: &Instance) -> Value {
         "status": i.state.as_str(),
     });
     if i.state == ConnState::Open {
-        let number = i.number.clone().unwrap_or_else(|| "5511999999999".into());
-        inst["owner"] = json!(format!("{number}@s.whatsapp.net"));
-        inst["profileName"] = json!("Mock User");
+        inst["owner"] = json!(i.wuid);
+        inst["profileName"] = json!(i.profile_name);
         inst["profilePictureUrl"] = Value::Null;
         inst["profileStatus"] = json!("");
     }

@@ -4,6 +4,7 @@
 use serde_json::{json, Map, Value};
 
 use crate::http::Reply;
+use crate::lifecycle;
 use crate::routes::{is_global_key, qr_shape};
 use crate::server::{Req, Shared};
 use crate::state::{ConnState, Instance, Store, Webhook};
@@ -118,12 +119,16 @@ pub fn create(shared: &Shared, store: &mut Store, req: &Req) -> Reply {
         }
     }
 
+    // The webhook is stored before `instance.create` goes out, so it can receive it.
+    lifecycle::announce_create(shared, &inst);
     let wants_qr = is_true("qrcode") && integration == BAILEYS;
+    // Offline (and often online) no QR arrives within create's 5 s window: `{"count":0}`;
+    // the first QR comes right after the reply (or within the window with qr_on_create).
+    let qr_in_reply = wants_qr && shared.knobs().qr_on_create;
     if wants_qr {
-        inst.set_state(ConnState::Connecting);
-        // Offline (and often online) no QR arrives within create's 5 s window: `{"count":0}`.
-        if shared.knobs().qr_on_create {
-            inst.issue_qr();
+        lifecycle::start_socket(shared, &mut inst);
+        if qr_in_reply {
+            lifecycle::first_qr(shared, &mut inst);
         }
     }
 
@@ -155,6 +160,9 @@ pub fn create(shared: &Shared, store: &mut Store, req: &Req) -> Reply {
     });
     if wants_qr {
         reply["qrcode"] = qr_shape(&inst);
+        if !qr_in_reply {
+            lifecycle::first_qr(shared, &mut inst);
+        }
     }
     store.instances.push(inst);
     Reply::json(201, reply)
@@ -173,18 +181,14 @@ fn string_list(v: Option<&Value>) -> Vec<String> {
 /// One database row with its relations, as `monitor.service.ts` `instanceInfo` returns it.
 fn row(i: &Instance) -> Value {
     let open = i.state == ConnState::Open;
-    let jid = open.then(|| {
-        format!(
-            "{}@s.whatsapp.net",
-            i.number.clone().unwrap_or_else(|| "5511999999999".into())
-        )
-    });
+    let jid = if open { i.wuid.clone() } else { None };
+    let profile_name = if open { i.profile_name.clone() } else { None };
     json!({
         "id": i.id,
         "name": i.name,
         "connectionStatus": i.state.as_str(),
         "ownerJid": jid,
-        "profileName": open.then_some("Mock User"),
+        "profileName": profile_name,
         "profilePicUrl": null,
         "integration": i.integration,
         "number": i.number,

@@ -419,7 +419,7 @@ fn connect_qr_cadence() {
     let created = create_v2(&c, "q", true);
     assert_eq!(created["qrcode"], json!({"count": 0}));
 
-    // First connect emits QR 1; within the TTL the same QR comes back.
+    // QR 1 arrives right after create; connect returns the current QR and mints none.
     let (s, q1) = c.get("/instance/connect/q", Some(KEY));
     assert_eq!(s, 200);
     assert_eq!(q1["count"], 1);
@@ -432,7 +432,7 @@ fn connect_qr_cadence() {
     let (_, again) = c.get("/instance/connect/q", Some(KEY));
     assert_eq!(again, q1);
 
-    // TTL 0: a new QR on every call.
+    // TTL 0: no clock; every connect counts as a tick, so a new QR on every call.
     mock.set_qr_ttl_ms(0);
     let (_, q2) = c.get("/instance/connect/q", Some(KEY));
     let (_, q3) = c.get("/instance/connect/q", Some(KEY));
@@ -465,7 +465,7 @@ fn connect_qr_cadence() {
 }
 
 #[test]
-fn qr_on_create_and_ttl_expiry() {
+fn qr_on_create_and_qr_clock() {
     let mock = MockServer::start(
         0,
         MockConfig {
@@ -483,9 +483,21 @@ fn qr_on_create_and_ttl_expiry() {
     assert!(code.as_str().unwrap().starts_with("2@"));
     let (_, q) = c.get("/instance/connect/q", Some(KEY));
     assert_eq!(q["code"], code);
-    std::thread::sleep(Duration::from_millis(200));
-    let (_, q) = c.get("/instance/connect/q", Some(KEY));
-    assert_eq!(q["count"], 2);
+    // The QR clock rotates it after qr_ttl_ms; connect then answers the new one.
+    let start = Instant::now();
+    let q = loop {
+        let (_, q) = c.get("/instance/connect/q", Some(KEY));
+        if q["count"] != 1 {
+            break q;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the QR never rotated"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(start.elapsed() >= Duration::from_millis(100));
+    assert!(q["count"].as_u64().unwrap() >= 2);
     assert_ne!(q["code"], code);
 }
 

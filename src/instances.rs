@@ -1,0 +1,119 @@
+//! Actions on one user's instance, callable by that signed-in user through PostgREST (or by a
+//! role that manages instances): `evoq_reconnect` (the app's "show me a new QR" button) and
+//! `evoq_deprovision` (delete the user's WhatsApp session at the server).
+
+use crate::errors::{EvoqError, OrRaise, SpiResult};
+use pgrx::prelude::*;
+
+/// The user acting on their own instance (`evoq_current_user_id()`: Supabase's auth.uid(), or
+/// the JWT's `sub` under PostgREST), or a role that may update evolution_instances itself (the
+/// owner, service_role, an operator). The role is the one outside any SECURITY DEFINER function.
+fn require_owner_or_manager(user_id: pgrx::Uuid, action: &str) -> Result<(), EvoqError> {
+    // SAFETY: reads a backend global; always set in a running backend.
+    let caller = unsafe { pg_sys::GetOuterUserId() };
+    let allowed = Spi::get_one_with_args::<bool>(
+        "SELECT coalesce(evoq_current_user_id() = $1, false)
+             OR has_table_privilege($2, 'evolution_instances', 'UPDATE')",
+        &[user_id.into(), caller.into()],
+    )
+    .or_internal("checking who is calling");
+    if allowed == Some(true) {
+        return Ok(());
+    }
+    Err(EvoqError::PermissionDenied {
+        message: format!("{action}: only the user themselves may do this for their instance"),
+        hint: "Call it as the signed-in user (PostgREST with their JWT) for their own user id, or as a role that may update evolution_instances.".into(),
+    })
+}
+
+/// Re-arms a user's instance: a fresh QR window of `evoq.qr_window_ms`. A `close`, `refused`
+/// or `expired` instance becomes `connecting` again, and the next `evoq_refresh_qr` asks the
+/// server for a QR (which starts a new socket: the user asked for it). A `connecting` one just
+/// gets a new window. Returns the new status.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, @extschema@)]
+fn evoq_reconnect(user_id: pgrx::Uuid) -> String {
+    require_owner_or_manager(user_id, "evoq_reconnect").or_raise();
+    let rearmed = Spi::get_one_with_args::<String>(
+        "UPDATE evolution_instances i SET
+             instance_status = 'connecting', connecting_since = clock_timestamp(), last_refresh_at = NULL,
+             qr_code = CASE WHEN i.instance_status = 'connecting' THEN i.qr_code END,
+             qr_text = CASE WHEN i.instance_status = 'connecting' THEN i.qr_text END,
+             pairing_code = CASE WHEN i.instance_status = 'connecting' THEN i.pairing_code END,
+             no_qr_rounds = 0, disconnected_at = NULL, disconnect_reason = NULL,
+             last_error = NULL, last_error_at = NULL, updated_at = clock_timestamp()
+         WHERE i.user_id = $1 AND i.instance_status IN ('connecting', 'close', 'refused', 'expired')
+         RETURNING i.instance_status",
+        &[user_id.into()],
+    )
+    .or_internal("re-arming an instance");
+    if let Some(status) = rearmed {
+        return status;
+    }
+    let status = Spi::get_one_with_args::<String>(
+        "SELECT instance_status FROM evolution_instances WHERE user_id = $1",
+        &[user_id.into()],
+    )
+    .or_internal("reading an instance");
+    let (message, hint) = match status.as_deref() {
+        Some("open") => (
+            "the instance is connected already",
+            "Nothing to reconnect: the user's phone is linked.",
+        ),
+        Some("lost") => (
+            "the instance is being created again (the server lost it)",
+            "Its new QR comes with the creation; evoq_process_queue runs it.",
+        ),
+        Some("deleted") => (
+            "the instance was deprovisioned",
+            "A new profile row for the user creates a new instance.",
+        ),
+        _ => (
+            "the user has no instance yet",
+            "It is created from the queue (evolution_instance_creation_queue) by evoq_process_queue.",
+        ),
+    };
+    EvoqError::NotReady {
+        message: format!("evoq_reconnect: {message}"),
+        hint: hint.into(),
+    }
+    .raise()
+}
+
+/// Queues the deletion of a user's instance, exactly as deleting their profile row does: a
+/// creation not tried yet is cancelled (nothing is sent), anything else is logged out and
+/// deleted at the server by evoq_process_queue, with its retries. Returns what happened:
+/// `cancelled`, `queued`, `waiting` (a running job holds the row; its next run applies it), or
+/// `nothing` (evoq never queued this user).
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, @extschema@)]
+fn evoq_deprovision(user_id: pgrx::Uuid) -> String {
+    require_owner_or_manager(user_id, "evoq_deprovision").or_raise();
+    request_deprovision(user_id)
+        .unwrap_or_else(|e| EvoqError::internal("could not queue a deprovisioning", e).raise());
+    let state = Spi::get_three_with_args::<String, String, bool>(
+        "SELECT q.action, q.status,
+                EXISTS (SELECT 1 FROM evoq.requeue_requests r WHERE r.user_id = $1)
+         FROM (SELECT 1) one
+         LEFT JOIN evolution_instance_creation_queue q ON q.user_id = $1",
+        &[user_id.into()],
+    )
+    .or_internal("reading the queue");
+    match state {
+        (_, _, Some(true)) => "waiting",
+        (Some(a), Some(s), _) if a == "delete" && s == "completed" => "cancelled",
+        (Some(a), _, _) if a == "delete" => "queued",
+        _ => "nothing",
+    }
+    .into()
+}
+
+/// A requeue request for the user's deletion, applied at once unless a job holds the row. Never
+/// waits on a lock (see evoq._apply_requeue_requests).
+pub fn request_deprovision(user_id: pgrx::Uuid) -> Result<(), pgrx::spi::Error> {
+    Spi::run_with_args(
+        "INSERT INTO evoq.requeue_requests (user_id, reason) VALUES ($1, 'deprovision')",
+        &[user_id.into()],
+    )?;
+    Spi::run_with_args("SELECT evoq._apply_requeue_requests($1)", &[user_id.into()])
+}

@@ -1,0 +1,440 @@
+//! pg_tests: the rest of an instance's life that jobs and users drive: the QR window and
+//! expiry, evoq_reconnect, the sweep of open instances, deprovisioning, a changed webhook,
+//! instances that never get a QR, and NOTIFY.
+
+#[pgrx::pg_schema]
+mod tests {
+    use crate::testing::*;
+    use evolution_mock::{FaultKind, MockServer};
+    use pgrx::prelude::*;
+    use serde_json::{json, Value};
+
+    fn connecting_instance(mock: &MockServer) -> (String, String) {
+        configure(mock);
+        profiles();
+        let user = sign_up(1).remove(0);
+        assert_eq!(json("SELECT evoq_process_queue()")["created"], 1);
+        let name = s(&instance_row(&user)["instance_name"]).to_string();
+        (user, name)
+    }
+
+    /// Moves the instance's QR window start into the past.
+    fn window_started(user: &str, ago: &str) {
+        run(&format!(
+            "UPDATE evolution_instances SET connecting_since = now() - interval '{ago}', last_refresh_at = NULL
+             WHERE user_id = '{user}'"
+        ));
+    }
+
+    fn status(user: &str) -> String {
+        s(&instance_row(user)["instance_status"]).to_string()
+    }
+
+    #[pg_test]
+    fn an_unscanned_instance_expires_is_logged_out_and_never_connected_again() {
+        let mock = mock();
+        let (user, name) = connecting_instance(&mock);
+        assert!(instance_row(&user)["connecting_since"].is_string());
+        assert_eq!(
+            mock.instance(&name).unwrap()["sockets"],
+            1,
+            "create started a socket"
+        );
+        // Inside the window: refreshed as before.
+        json("SELECT evoq_refresh_qr()");
+        assert_eq!(mock.count_calls("GET", "/instance/connect/"), 1);
+
+        window_started(&user, "11 minutes");
+        let summary = json("SELECT evoq_refresh_qr()");
+        assert_eq!(summary["expired"], 1, "{summary}");
+        assert_eq!(mock.count_calls("DELETE", "/instance/logout/"), 1);
+        assert_eq!(
+            mock.count_calls("GET", "/instance/connect/"),
+            1,
+            "no connect for it"
+        );
+        let row = instance_row(&user);
+        assert_eq!(row["instance_status"], "expired");
+        assert_eq!(row["qr_code"], Value::Null);
+        assert!(s(&row["disconnect_reason"]).contains("QR window"), "{row}");
+        assert_eq!(
+            mock.instance(&name).unwrap()["sockets"],
+            0,
+            "an expired instance costs the server no socket"
+        );
+
+        // Later runs leave it alone: no connect starts a new socket behind the user's back.
+        for _ in 0..3 {
+            make_refresh_due();
+            json("SELECT evoq_refresh_qr()");
+        }
+        assert_eq!(mock.count_calls("GET", "/instance/connect/"), 1);
+        assert_eq!(mock.count_calls("DELETE", "/instance/logout/"), 1);
+        assert_eq!(mock.instance(&name).unwrap()["sockets"], 0);
+
+        // The user asks for a new QR: a new window, and the next run connects.
+        assert_eq!(
+            one::<String>(&format!("SELECT evoq_reconnect('{user}')")).as_deref(),
+            Some("connecting")
+        );
+        let summary = json("SELECT evoq_refresh_qr()");
+        assert_eq!(summary["new_qr"], 1, "{summary}");
+        assert_eq!(status(&user), "connecting");
+        assert_eq!(mock.instance(&name).unwrap()["sockets"], 1);
+    }
+
+    #[pg_test]
+    fn the_window_is_a_setting() {
+        let mock = mock();
+        let (user, _) = connecting_instance(&mock);
+        window_started(&user, "3 seconds");
+        run("SET LOCAL evoq.qr_window_ms = 2000");
+        assert_eq!(json("SELECT evoq_refresh_qr()")["expired"], 1);
+        assert_eq!(status(&user), "expired");
+    }
+
+    #[pg_test]
+    fn a_failed_logout_keeps_the_row_connecting_and_is_tried_again() {
+        let mock = mock();
+        let (user, _) = connecting_instance(&mock);
+        window_started(&user, "11 minutes");
+        mock.add_fault(fault(
+            "DELETE",
+            "/instance/logout/",
+            FaultKind::Status { code: 500 },
+            Some(1),
+        ));
+        let summary = json("SELECT evoq_refresh_qr()");
+        assert_eq!(summary["errors"], 1, "{summary}");
+        assert_eq!(status(&user), "connecting");
+        assert_eq!(mock.count_calls("GET", "/instance/connect/"), 0);
+        make_refresh_due();
+        assert_eq!(json("SELECT evoq_refresh_qr()")["expired"], 1);
+        assert_eq!(status(&user), "expired");
+    }
+
+    #[pg_test]
+    fn reconnect_is_for_the_user_themselves() {
+        let mock = mock();
+        let (user, _) = connecting_instance(&mock);
+        supabase_like();
+        window_started(&user, "11 minutes");
+        json("SELECT evoq_refresh_qr()");
+        assert_eq!(status(&user), "expired");
+
+        run("SET LOCAL ROLE authenticated");
+        run(&format!(
+            "SELECT set_config('request.jwt.claims', '{{\"sub\": \"{}\"}}', true)",
+            "00000000-0000-4000-8000-000000000001"
+        ));
+        let e = error_of(&format!("SELECT evoq_reconnect('{user}')")).expect("refused");
+        assert!(
+            e.starts_with("42501: evoq_reconnect: only the user themselves"),
+            "{e}"
+        );
+        let e = error_of(&format!("SELECT evoq_deprovision('{user}')")).expect("refused");
+        assert!(
+            e.starts_with("42501: evoq_deprovision: only the user themselves"),
+            "{e}"
+        );
+        run(&format!(
+            "SELECT set_config('request.jwt.claims', '{{\"sub\": \"{user}\"}}', true)"
+        ));
+        assert_eq!(
+            one::<String>(&format!("SELECT evoq_reconnect('{user}')")).as_deref(),
+            Some("connecting")
+        );
+        run("RESET ROLE");
+        assert_eq!(status(&user), "connecting");
+
+        // An open instance has nothing to reconnect.
+        run(&format!(
+            "UPDATE evolution_instances SET instance_status = 'open' WHERE user_id = '{user}'"
+        ));
+        let e = error_of(&format!("SELECT evoq_reconnect('{user}')")).unwrap();
+        assert!(
+            e.starts_with("55000: evoq_reconnect: the instance is connected already"),
+            "{e}"
+        );
+    }
+
+    #[pg_test]
+    fn a_phone_that_unlinks_is_noticed_without_webhooks() {
+        let mock = mock();
+        let (user, name) = connecting_instance(&mock);
+        assert!(mock.scan(&name, None, None));
+        make_refresh_due();
+        assert_eq!(json("SELECT evoq_refresh_qr()")["opened"], 1);
+        assert_eq!(status(&user), "open");
+        let connects = mock.count_calls("GET", "/instance/connect/");
+
+        // Not due yet: an open instance is checked once per evoq.state_check_interval_ms.
+        json("SELECT evoq_refresh_qr()");
+        assert_eq!(mock.count_calls("GET", "/instance/connectionState/"), 0);
+        run("UPDATE evolution_instances SET last_state_check_at = now() - interval '6 minutes'");
+        let summary = json("SELECT evoq_refresh_qr()");
+        assert_eq!(summary["still_open"], 1, "{summary}");
+        assert_eq!(status(&user), "open");
+
+        assert!(mock.unlink(&name));
+        run("UPDATE evolution_instances SET last_state_check_at = now() - interval '6 minutes'");
+        let summary = json("SELECT evoq_refresh_qr()");
+        assert_eq!(summary["closed"], 1, "{summary}");
+        let row = instance_row(&user);
+        assert_eq!(row["instance_status"], "close");
+        assert!(
+            s(&row["disconnect_reason"]).contains("connectionState"),
+            "{row}"
+        );
+        // Never a connect: that would start a socket for a user who did not ask.
+        for _ in 0..2 {
+            make_refresh_due();
+            run("UPDATE evolution_instances SET last_state_check_at = NULL");
+            json("SELECT evoq_refresh_qr()");
+        }
+        assert_eq!(mock.count_calls("GET", "/instance/connect/"), connects);
+        assert_eq!(mock.instance(&name).unwrap()["sockets"], 0);
+    }
+
+    #[pg_test]
+    fn deleting_a_profile_deletes_its_instance_at_the_server() {
+        let mock = mock();
+        let (user, name) = connecting_instance(&mock);
+        assert!(one::<String>(&format!(
+            "SELECT token FROM evoq.instance_tokens WHERE instance_name = '{name}'"
+        ))
+        .is_some());
+        run(&format!("DELETE FROM public.profiles WHERE id = '{user}'"));
+        let q = queue_row(&user);
+        assert_eq!(
+            (&q["action"], &q["status"]),
+            (&json!("delete"), &json!("pending")),
+            "{q}"
+        );
+
+        let summary = json("SELECT evoq_process_queue()");
+        assert_eq!(summary["deleted"], 1, "{summary}");
+        let calls: Vec<String> = mock
+            .calls()
+            .iter()
+            .filter(|c| c["method"] == "DELETE")
+            .map(|c| s(&c["path"]).to_string())
+            .collect();
+        assert_eq!(
+            calls,
+            vec![
+                format!("/instance/logout/{name}"),
+                format!("/instance/delete/{name}")
+            ],
+            "logout first, then delete"
+        );
+        assert!(mock.instance(&name).is_none(), "gone from the server");
+        let row = instance_row(&user);
+        assert_eq!(row["instance_status"], "deleted");
+        assert_eq!(queue_row(&user)["status"], "completed");
+        assert_eq!(
+            count(&format!(
+                "SELECT count(*) FROM evoq.instance_tokens WHERE instance_name = '{name}'"
+            )),
+            0,
+            "its token is removed"
+        );
+
+        // The user signs up again later: a fresh instance.
+        run(&format!(
+            "INSERT INTO public.profiles (id, email) VALUES ('{user}', 'back@example.com')"
+        ));
+        assert_eq!(json("SELECT evoq_process_queue()")["created"], 1);
+        assert_eq!(status(&user), "connecting");
+        assert!(mock.instance(&name).is_some());
+    }
+
+    #[pg_test]
+    fn a_pending_creation_is_cancelled_and_nothing_is_ever_created() {
+        let mock = mock();
+        configure(&mock);
+        profiles();
+        let user = sign_up(1).remove(0);
+        run(&format!("DELETE FROM public.profiles WHERE id = '{user}'"));
+        let q = queue_row(&user);
+        assert_eq!(
+            (&q["action"], &q["status"]),
+            (&json!("delete"), &json!("completed")),
+            "{q}"
+        );
+        assert!(s(&q["error_message"]).contains("nothing was sent"), "{q}");
+        json("SELECT evoq_process_queue()");
+        assert_eq!(
+            mock.count_calls("POST", "/instance/") + mock.count_calls("DELETE", "/instance/"),
+            0,
+            "nothing created, nothing to delete"
+        );
+        assert_eq!(count("SELECT count(*) FROM evolution_instances"), 0);
+    }
+
+    #[pg_test]
+    fn deprovisioning_an_instance_already_gone_is_done() {
+        let mock = mock();
+        let (user, name) = connecting_instance(&mock);
+        assert!(mock.remove_instance(&name));
+        assert_eq!(
+            one::<String>(&format!("SELECT evoq_deprovision('{user}')")).as_deref(),
+            Some("queued")
+        );
+        assert_eq!(json("SELECT evoq_process_queue()")["deleted"], 1);
+        assert_eq!(status(&user), "deleted");
+        assert_eq!(
+            one::<String>("SELECT evoq_deprovision(gen_random_uuid())").as_deref(),
+            Some("nothing")
+        );
+    }
+
+    #[pg_test]
+    fn a_failed_delete_is_retried_like_a_creation() {
+        let mock = mock();
+        let (user, _) = connecting_instance(&mock);
+        mock.add_fault(fault(
+            "DELETE",
+            "/instance/delete/",
+            FaultKind::Status { code: 503 },
+            Some(1),
+        ));
+        one::<String>(&format!("SELECT evoq_deprovision('{user}')"));
+        let summary = json("SELECT evoq_process_queue()");
+        assert_eq!(summary["retrying"], 1, "{summary}");
+        let q = queue_row(&user);
+        assert_eq!(
+            (&q["action"], &q["status"]),
+            (&json!("delete"), &json!("pending")),
+            "{q}"
+        );
+        make_all_due();
+        assert_eq!(json("SELECT evoq_process_queue()")["deleted"], 1);
+        assert_eq!(status(&user), "deleted");
+    }
+
+    #[pg_test]
+    fn a_changed_webhook_is_set_on_existing_instances_and_the_old_secret_retires() {
+        let mock = mock();
+        let (_, name) = connecting_instance(&mock);
+        let old = one::<String>("SELECT webhook_secret FROM evoq.settings").unwrap();
+        assert_eq!(
+            count("SELECT webhooks_to_repoint FROM evoq_status"),
+            0,
+            "created with the webhook"
+        );
+        configure_with(
+            &mock.url(),
+            API_KEY,
+            ", webhook_url => 'https://db.example/rest/v1/rpc/evoq_webhook', webhook_headers => '{\"apikey\": \"anon-key\"}', rotate_webhook_secret => true",
+        );
+        let new = one::<String>("SELECT webhook_secret FROM evoq.settings").unwrap();
+        assert_ne!(new, old);
+        assert_eq!(
+            one::<String>("SELECT webhook_secret_previous FROM evoq.settings").as_deref(),
+            Some(old.as_str()),
+            "the old secret is accepted until every instance has the new one"
+        );
+        assert_eq!(count("SELECT webhooks_to_repoint FROM evoq_status"), 1);
+        let summary = json("SELECT evoq_refresh_qr()");
+        assert_eq!(summary["repointed"], 1, "{summary}");
+        let hook = &mock.instance(&name).unwrap()["webhook"];
+        assert_eq!(
+            hook["url"], "https://db.example/rest/v1/rpc/evoq_webhook",
+            "{hook}"
+        );
+        assert_eq!(hook["headers"]["apikey"], "anon-key", "{hook}");
+        assert_eq!(s(&hook["headers"]["x-evoq-secret"]), new, "{hook}");
+        assert_eq!(count("SELECT webhooks_to_repoint FROM evoq_status"), 0);
+        assert_eq!(
+            one::<String>("SELECT webhook_secret_previous FROM evoq.settings"),
+            None,
+            "retired once no instance carries it"
+        );
+        // Configuring again with the same webhook sets nothing again.
+        configure_with(
+            &mock.url(),
+            API_KEY,
+            ", webhook_url => 'https://db.example/rest/v1/rpc/evoq_webhook', webhook_headers => '{\"apikey\": \"anon-key\"}'",
+        );
+        assert_eq!(count("SELECT webhooks_to_repoint FROM evoq_status"), 0);
+    }
+
+    #[pg_test]
+    fn bad_webhook_headers_are_refused() {
+        let mock = mock();
+        for (headers, expected) in [
+            ("'[1]'", "webhook_headers must be a JSON object"),
+            ("'{\"bad name\": \"x\"}'", "is not a header name"),
+            ("'{\"x-evoq-secret\": \"x\"}'", "evoq's own header"),
+        ] {
+            let e = error_of(&format!(
+                "SELECT evoq_configure(api_url => '{}', api_key => 'k', webhook_headers => {headers})",
+                mock.url()
+            ))
+            .expect("refused");
+            assert!(e.starts_with("22023: ") && e.contains(expected), "{e}");
+        }
+    }
+
+    #[pg_test]
+    fn instances_that_never_get_a_qr_surface_in_status() {
+        let mock = mock();
+        mock.set_qr_never(true);
+        let (_, _) = connecting_instance(&mock);
+        for _ in 0..3 {
+            make_refresh_due();
+            json("SELECT evoq_refresh_qr()");
+        }
+        let status = json("SELECT to_jsonb(s) FROM evoq_status s");
+        assert_eq!(status["instances_without_qr"], 1, "{status}");
+        assert!(
+            s(&status["instances_without_qr_hint"]).contains("WhatsApp Web version"),
+            "{status}"
+        );
+    }
+
+    /// A listening application: a second session LISTENs, changes are committed, and it reads
+    /// what arrived.
+    #[pg_test]
+    fn every_status_and_qr_change_is_announced() {
+        clean_committed();
+        let mock = mock();
+        committed_configure(&mock, "");
+        let user = "00000000-0000-4000-8000-00000000beef";
+        run("CREATE EXTENSION IF NOT EXISTS dblink");
+        Spi::run_with_args(
+            "SELECT dblink_connect('evoq_listener', $1)",
+            &[self_conninfo().into()],
+        )
+        .unwrap();
+        run("SELECT dblink_exec('evoq_listener', 'LISTEN evoq_instances')");
+        committed(&format!(
+            "INSERT INTO evolution_instance_creation_queue (user_id) VALUES ('{user}')"
+        ));
+        committed("DO $$ BEGIN PERFORM evoq_process_queue(); END $$");
+        committed("UPDATE evolution_instances SET last_refresh_at = NULL");
+        committed("DO $$ BEGIN PERFORM evoq_refresh_qr(); END $$");
+        // Not a status or QR change: no notification.
+        committed("UPDATE evolution_instances SET last_refresh_at = NULL");
+        let got: Vec<Value> = Spi::connect(|c| {
+            c.select(
+                "SELECT extra FROM dblink_get_notify('evoq_listener') WHERE notify_name = 'evoq_instances'",
+                None,
+                &[],
+            )
+            .unwrap()
+            .map(|row| serde_json::from_str(&row.get::<String>(1).unwrap().unwrap()).unwrap())
+            .collect()
+        });
+        let _ = error_of("SELECT dblink_disconnect('evoq_listener')");
+        clean_committed();
+        assert_eq!(got.len(), 2, "created, then a new QR: {got:?}");
+        assert_eq!(got[0]["user_id"], user);
+        assert_eq!(got[0]["status"], "connecting");
+        assert!(got[1]["qr_updated_at"].is_string(), "{got:?}");
+        assert!(got
+            .iter()
+            .all(|n| n.get("qr_code").is_none() && n.get("qr_text").is_none()));
+    }
+}

@@ -1,0 +1,213 @@
+//! `evoq_webhook(payload)`: applies the Evolution server's webhook deliveries. The one code path
+//! every transport calls (PostgREST's `/rpc/evoq_webhook` today, a listener in a background
+//! worker later): `ingest` takes the payload and the secret the transport saw in a header.
+//!
+//! Cost per delivery: one read of the settings, at most one indexed UPDATE of the instance row
+//! (or one INSERT for an event kept for the application), and one counter. A forged delivery
+//! costs a counter and nothing else: the secret is checked before anything is read.
+
+use crate::errors::{EvoqError, SpiResult};
+use crate::evolution::{
+    header_secret, parse_delivery, same_secret, secret_in_url, Delivery, MAX_DELIVERY_BYTES,
+    SECRET_HEADER, SECRET_PARAM,
+};
+use crate::lifecycle::{effect, Effect, Write};
+use crate::names::is_ours;
+use pgrx::prelude::*;
+use serde_json::{json, Value};
+
+/// What the caller presented, and what the settings accept.
+struct Gate {
+    secret: Option<String>,
+    previous: Option<String>,
+    namespace: Option<String>,
+    owns_legacy_names: bool,
+    /// The `x-evoq-secret` header PostgREST put into `request.headers`.
+    header: Option<String>,
+}
+
+fn count(counter: &str) {
+    // nextval is not transactional: a delivery rejected with an ERROR stays counted.
+    Spi::run(&format!(
+        "SELECT pg_catalog.nextval('evoq.webhooks_{counter}')"
+    ))
+    .unwrap_or_else(|e| EvoqError::internal("could not count a webhook delivery", e).raise());
+}
+
+fn read_gate() -> Option<Gate> {
+    Spi::connect(|client| {
+        let rows = client.select(
+            "SELECT webhook_secret, webhook_secret_previous, namespace, owns_legacy_names,
+                    pg_catalog.current_setting('request.headers', true)
+             FROM evoq.settings",
+            Some(1),
+            &[],
+        )?;
+        if rows.is_empty() {
+            return Ok::<_, pgrx::spi::Error>(None);
+        }
+        let row = rows.first();
+        let headers: Option<String> = row.get(5)?;
+        Ok(Some(Gate {
+            secret: row.get(1)?,
+            previous: row.get(2)?,
+            namespace: row.get(3)?,
+            owns_legacy_names: row.get::<bool>(4)?.unwrap_or(false),
+            header: headers.and_then(|h| header_secret(&h)),
+        }))
+    })
+    .or_internal("reading its settings")
+}
+
+fn refuse(message: impl Into<String>, hint: impl Into<String>) -> ! {
+    count("rejected");
+    EvoqError::PermissionDenied {
+        message: message.into(),
+        hint: hint.into(),
+    }
+    .raise()
+}
+
+fn invalid(message: impl Into<String>, hint: impl Into<String>) -> ! {
+    count("rejected");
+    EvoqError::invalid(message, hint).raise()
+}
+
+fn ignored(d: &Delivery, why: &str) -> Value {
+    count("ignored");
+    json!({"result": "ignored", "event": d.event, "instance": d.instance, "why": why})
+}
+
+/// The guarded UPDATE for one applicable delivery (see `evoq._apply_delivery`).
+fn apply_step(d: &Delivery, step: &crate::lifecycle::Step) -> Option<String> {
+    let mut arg = json!({
+        "instance": d.instance,
+        "from": step.from.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+        "to": step.to.as_str(),
+        "event_at": d.sent_at,
+    });
+    let fields = match &step.write {
+        Write::Qr(qr) => json!({"kind": "qr", "qr_code": qr.base64, "qr_text": qr.code,
+                                "pairing_code": qr.pairing_code}),
+        Write::Opened {
+            number,
+            profile_name,
+        } => json!({"kind": "open", "number": number, "profile_name": profile_name}),
+        Write::Closed { reason } => json!({"kind": "close", "reason": reason}),
+        Write::Refused => json!({"kind": "refused",
+            "reason": "the Evolution API stopped issuing QR codes (its QR limit); evoq_reconnect starts again"}),
+        Write::Removed => json!({"kind": "removed",
+            "reason": "the Evolution API deleted the instance"}),
+    };
+    if let (Some(a), Some(f)) = (arg.as_object_mut(), fields.as_object()) {
+        a.extend(f.clone());
+    }
+    Spi::get_one_with_args::<String>(
+        "SELECT evoq._apply_delivery($1)",
+        &[pgrx::JsonB(arg).into()],
+    )
+    .or_internal("applying a webhook delivery")
+}
+
+/// Applies one delivery. `header` is the secret the transport received in the
+/// `x-evoq-secret` header, if it has headers; PostgREST's `request.headers` is read too.
+pub fn ingest(payload: Value, header: Option<&str>) -> Value {
+    let size = serde_json::to_string(&payload).map_or(usize::MAX, |s| s.len());
+    if size > MAX_DELIVERY_BYTES {
+        invalid(
+            format!("the webhook payload is {size} bytes, over evoq's limit of {MAX_DELIVERY_BYTES}"),
+            "Evolution API deliveries are a few KB. Subscribe the webhook without base64 media (evoq always sends base64: false).",
+        );
+    }
+    let Some(gate) = read_gate() else {
+        refuse(
+            "webhook delivery refused: evoq is not configured",
+            "Run evoq_configure first; it creates the webhook secret deliveries must carry.",
+        )
+    };
+    let Some(secret) = gate.secret.as_deref() else {
+        refuse(
+            "webhook delivery refused: no webhook secret is set",
+            "Run evoq_configure again: it creates the secret and sets it on every instance.",
+        )
+    };
+    let destination = payload.get("destination").and_then(Value::as_str);
+    let presented = header
+        .map(str::to_string)
+        .or(gate.header.clone())
+        .or_else(|| destination.and_then(secret_in_url).map(str::to_string));
+    let accepted = presented.as_deref().is_some_and(|p| {
+        same_secret(p, secret)
+            || gate
+                .previous
+                .as_deref()
+                .is_some_and(|old| same_secret(p, old))
+    });
+    if !accepted {
+        refuse(
+            if presented.is_some() {
+                "webhook delivery refused: wrong webhook secret"
+            } else {
+                "webhook delivery refused: no webhook secret"
+            },
+            format!(
+                "Deliveries carry the secret in the {SECRET_HEADER} header (v2) or as ?{SECRET_PARAM}= in the URL (v1.8); \
+                 evoq sets both on every instance it creates, and evoq_refresh_qr sets them again after evoq_configure changes them."
+            ),
+        )
+    }
+
+    let delivery = match parse_delivery(&payload) {
+        Ok(d) => d,
+        Err(e) => invalid(
+            e.message(),
+            "evoq_webhook takes an Evolution API webhook delivery: {\"event\": ..., \"instance\": ..., \"data\": ...}.",
+        ),
+    };
+    let namespace = gate.namespace.as_deref().unwrap_or("");
+    if !is_ours(&delivery.instance, namespace, gate.owns_legacy_names) {
+        return ignored(&delivery, "not an instance of this deployment");
+    }
+    match effect(&delivery.change) {
+        Effect::Apply(step) => match apply_step(&delivery, &step) {
+            Some(status) => {
+                count("applied");
+                json!({"result": "applied", "event": delivery.event, "instance": delivery.instance,
+                       "status": status})
+            }
+            None => ignored(
+                &delivery,
+                "nothing to change: no such instance, or its state or a newer delivery rules it out",
+            ),
+        },
+        Effect::Ignore(why) => ignored(&delivery, why),
+        Effect::Relay => {
+            let kept = Spi::get_one_with_args::<i64>(
+                "SELECT evoq._relay_event($1, $2, $3)",
+                &[
+                    delivery.instance.clone().into(),
+                    delivery.event.clone().into(),
+                    pgrx::JsonB(payload).into(),
+                ],
+            )
+            .or_internal("keeping a webhook delivery for the application");
+            match kept {
+                Some(id) => {
+                    count("relayed");
+                    json!({"result": "relayed", "event": delivery.event, "instance": delivery.instance,
+                           "id": id})
+                }
+                None => ignored(&delivery, "no such instance"),
+            }
+        }
+    }
+}
+
+/// Applies one Evolution API webhook delivery. For PostgREST (Supabase: the webhook URL is
+/// `https://<project>.supabase.co/rest/v1/rpc/evoq_webhook`), the secret comes from the
+/// `x-evoq-secret` request header; v1.8 servers, which send no headers, carry it in the URL.
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, @extschema@)]
+fn evoq_webhook(payload: pgrx::JsonB) -> pgrx::JsonB {
+    pgrx::JsonB(ingest(payload.0, None))
+}
