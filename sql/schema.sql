@@ -379,9 +379,12 @@ CREATE FUNCTION evoq._redact(message text, instance text) RETURNS text
 LANGUAGE sql STABLE
 SET search_path = pg_catalog
 AS $$
-    SELECT replace(replace(message,
+    -- 0.3.0: the webhook secrets too (v1.8 carries the secret in the URL of the request body).
+    SELECT replace(replace(replace(replace(message,
         coalesce((SELECT nullif(api_key, '') FROM evoq.settings), ''), '[redacted]'),
-        coalesce((SELECT nullif(token, '') FROM evoq.instance_tokens WHERE instance_name = instance), ''), '[redacted]')
+        coalesce((SELECT nullif(token, '') FROM evoq.instance_tokens WHERE instance_name = instance), ''), '[redacted]'),
+        coalesce((SELECT nullif(webhook_secret, '') FROM evoq.settings), ''), '[redacted]'),
+        coalesce((SELECT nullif(webhook_secret_previous, '') FROM evoq.settings), ''), '[redacted]')
 $$;
 
 -- Claims up to batch_size due rows. SKIP LOCKED: an overlapping run takes other rows. A claimed
@@ -426,15 +429,18 @@ AS $$
 $$;
 
 -- Applies the requeue requests (re-inserted profiles, lost instances, deprovisioned users) whose
--- queue rows no other run holds; the rest wait for a later run. Never waits on a lock, so the
+-- queue rows no other run holds; the rest wait for a later run. Never waits on a row lock, so the
 -- profile triggers (for their own user only: an application's transaction must not hold other
 -- users' rows) and either job can call it while holding their own. The one place that says what
--- requeueing a row means. A user's latest request wins: signing up again after a deletion
--- creates a fresh instance, deleting after a re-insert deletes.
---
--- Deprovisioning a user whose creation was never tried (no instance row, no name stored on the
--- queue row) cancels it here: no call, nothing is ever created for a user who is gone. Any other
--- deprovisioning becomes a delete request (log out, then DELETE) for evoq_process_queue.
+-- requeueing a row means:
+--   * the user's latest re-insert or deprovisioning decides: signing up again after a deletion
+--     creates a fresh instance, deleting after a re-insert deletes;
+--   * a lost instance is created again, but a loss never overrides a deletion (queued or done);
+--   * deprovisioning a user whose instance is already deleted, or whom evoq never queued, is a
+--     no-op.
+-- A deletion is always sent to the server (logout, then delete; 404 means done), even for a
+-- creation that looks untried: a run that was cancelled or released after the server created
+-- the instance leaves no trace in the row.
 CREATE FUNCTION evoq._apply_requeue_requests(only_user uuid DEFAULT NULL) RETURNS integer
 LANGUAGE sql
 SET search_path = pg_catalog, @extschema@
@@ -447,30 +453,31 @@ AS $$
         -- n: re-inserts and losses, which retry_count counts (as the original setup did); a
         -- deprovisioning is not a retry.
         SELECT user_id, count(*) FILTER (WHERE reason <> 'deprovision') AS n,
-               (array_agg(reason ORDER BY requested_at DESC, id DESC))[1] AS reason
+               coalesce((array_agg(reason ORDER BY requested_at DESC, id DESC)
+                         FILTER (WHERE reason <> 'lost'))[1], 'lost') AS reason
         FROM req GROUP BY user_id
     ), free AS (
-        SELECT q.id, q.user_id, q.instance_name, q.action FROM evolution_instance_creation_queue q
+        SELECT q.id, q.user_id, q.action, q.status FROM evolution_instance_creation_queue q
         WHERE q.user_id IN (SELECT user_id FROM per_user)
         FOR UPDATE SKIP LOCKED
+    ), decided AS (
+        SELECT free.id, free.user_id, p.n, p.reason,
+               (p.reason = 'lost' AND free.action = 'delete')
+               OR (p.reason = 'deprovision' AND free.action = 'delete' AND free.status = 'completed'
+                   AND NOT EXISTS (SELECT 1 FROM evolution_instances i
+                                   WHERE i.user_id = free.user_id AND i.instance_status <> 'deleted')) AS moot
+        FROM free JOIN per_user p USING (user_id)
     ), requeued AS (
         UPDATE evolution_instance_creation_queue q SET
-            action = CASE p.reason WHEN 'deprovision' THEN 'delete' ELSE 'create' END,
-            status = CASE WHEN cancel.it THEN 'completed' ELSE 'pending' END,
-            request_id = gen_random_uuid(),
-            retry_count = q.retry_count + p.n,
-            attempts = 0, next_attempt_at = now(),
-            processed_at = CASE WHEN cancel.it THEN clock_timestamp() END, error_kind = NULL,
-            error_message = CASE WHEN cancel.it THEN 'deprovisioned before its instance was created: nothing was sent'
-                                 WHEN p.reason = 'lost'
-                                 THEN 'the Evolution API no longer knows this instance (404); creating it again' END,
-            last_http_status = CASE p.reason WHEN 'lost' THEN 404 END,
+            action = CASE d.reason WHEN 'deprovision' THEN 'delete' ELSE 'create' END,
+            status = 'pending', request_id = gen_random_uuid(), retry_count = q.retry_count + d.n,
+            attempts = 0, next_attempt_at = now(), processed_at = NULL, error_kind = NULL,
+            error_message = CASE d.reason WHEN 'lost'
+                THEN 'the Evolution API no longer knows this instance (404); creating it again' END,
+            last_http_status = CASE d.reason WHEN 'lost' THEN 404 END,
             updated_at = clock_timestamp()
-        FROM free JOIN per_user p USING (user_id)
-        CROSS JOIN LATERAL (SELECT p.reason = 'deprovision' AND free.action = 'create' AND free.instance_name IS NULL
-                                   AND NOT EXISTS (SELECT 1 FROM evolution_instances i WHERE i.user_id = free.user_id)
-                            AS it) cancel
-        WHERE q.id = free.id
+        FROM decided d
+        WHERE q.id = d.id AND NOT d.moot
         RETURNING q.user_id
     ), added AS (
         -- A lost or deprovisioned instance whose queue row is gone (deleted by hand) is queued
@@ -487,7 +494,8 @@ AS $$
         DELETE FROM evoq.requeue_requests r USING req
         WHERE r.id = req.id
           AND (req.user_id IN (SELECT user_id FROM requeued) OR req.user_id IN (SELECT user_id FROM added)
-               -- nothing to requeue: a deprovisioned user evoq never queued
+               OR req.user_id IN (SELECT user_id FROM decided WHERE moot)
+               -- nothing to do: a deprovisioned user evoq never queued
                OR (req.reason = 'deprovision'
                    AND NOT EXISTS (SELECT 1 FROM evolution_instance_creation_queue q WHERE q.user_id = req.user_id)
                    AND NOT EXISTS (SELECT 1 FROM evolution_instances i WHERE i.user_id = req.user_id
@@ -517,7 +525,8 @@ $$;
 
 -- Writes the outcome of a batch. Each element of results:
 --   {"id", "instance_name", "ok": true, "action": "create", "instance_id", "token", "instance_status",
---    "qr_code", "qr_text", "pairing_code", "qr_count", "webhook_set"}
+--    "qr_code", "qr_text", "pairing_code", "qr_count", "webhook_version"}
+--   (webhook_version: the evoq.settings.webhook_changed_at whose webhook the create carried)
 --   {"id", "instance_name", "ok": true, "action": "delete"}
 --   {"id", "instance_name", "ok": false, "error", "http_status", "error_kind", "retry_in_ms" | null (give up)}
 CREATE FUNCTION evoq._record_queue_results(results jsonb) RETURNS void
@@ -527,7 +536,7 @@ AS $$
     WITH r AS (
         SELECT * FROM jsonb_to_recordset(results) AS x(
             id uuid, instance_name text, ok boolean, action text, instance_id text, token text, instance_status text,
-            qr_code text, qr_text text, pairing_code text, qr_count integer, webhook_set boolean,
+            qr_code text, qr_text text, pairing_code text, qr_count integer, webhook_version timestamptz,
             error text, http_status integer, error_kind text, retry_in_ms bigint)
     ), ok AS (
         SELECT r.*, q.user_id FROM r JOIN evolution_instance_creation_queue q ON q.id = r.id
@@ -541,7 +550,7 @@ AS $$
                CASE WHEN qr_code IS NOT NULL OR qr_text IS NOT NULL THEN clock_timestamp() END,
                CASE WHEN instance_status = 'open' THEN clock_timestamp() END,
                clock_timestamp(),
-               CASE WHEN webhook_set THEN clock_timestamp() END,
+               webhook_version,
                -- an open instance is checked one evoq.state_check_interval_ms from now
                CASE WHEN instance_status = 'open' THEN clock_timestamp() END
         FROM ok
@@ -636,6 +645,9 @@ BEGIN
         WHERE instance_status = 'connecting'
           AND (last_refresh_at IS NULL OR last_refresh_at <= paced)
           AND evoq._is_ours(instance_name, s.namespace, s.owns_legacy_names)
+          -- a user being deprovisioned: only the deletion touches the instance
+          AND NOT EXISTS (SELECT 1 FROM evolution_instance_creation_queue q
+                          WHERE q.user_id = evolution_instances.user_id AND q.action = 'delete')
         ORDER BY 2 DESC, last_refresh_at NULLS FIRST
         LIMIT batch_size
         FOR UPDATE SKIP LOCKED
@@ -645,6 +657,7 @@ BEGIN
         RETURNING i.id, i.instance_name, i.qr_text, due.past
     )
     SELECT coalesce(jsonb_agg(jsonb_build_object('id', id, 'instance_name', instance_name, 'qr_text', qr_text,
+                                                 'status', 'connecting',
                                                  'task', CASE WHEN past THEN 'expire' ELSE 'connect' END)), '[]')
     INTO part FROM upd;
     claimed := claimed || part;
@@ -656,13 +669,16 @@ BEGIN
             WHERE instance_status IN ('connecting', 'open', 'close', 'refused', 'expired')
               AND (webhook_set_at IS NULL OR webhook_set_at < s.webhook_changed_at)
               AND evoq._is_ours(instance_name, s.namespace, s.owns_legacy_names)
+              AND NOT EXISTS (SELECT 1 FROM evolution_instance_creation_queue q
+                              WHERE q.user_id = evolution_instances.user_id AND q.action = 'delete')
               AND id NOT IN (SELECT (c->>'id')::uuid FROM jsonb_array_elements(claimed) c)
             ORDER BY webhook_set_at NULLS FIRST
             LIMIT batch_size - jsonb_array_length(claimed)
             FOR UPDATE SKIP LOCKED
         )
         SELECT coalesce(jsonb_agg(jsonb_build_object('id', i.id, 'instance_name', i.instance_name,
-                                                     'qr_text', i.qr_text, 'task', 'repoint')), '[]')
+                                                     'qr_text', i.qr_text, 'status', i.instance_status,
+                                                     'task', 'repoint')), '[]')
         INTO part FROM due JOIN evolution_instances i USING (id);
         claimed := claimed || part;
     END IF;
@@ -673,6 +689,9 @@ BEGIN
           AND (last_state_check_at IS NULL
                OR last_state_check_at <= now() - check_interval_ms * interval '1 millisecond')
           AND evoq._is_ours(instance_name, s.namespace, s.owns_legacy_names)
+          -- a user being deprovisioned: only the deletion touches the instance
+          AND NOT EXISTS (SELECT 1 FROM evolution_instance_creation_queue q
+                          WHERE q.user_id = evolution_instances.user_id AND q.action = 'delete')
           AND id NOT IN (SELECT (c->>'id')::uuid FROM jsonb_array_elements(claimed) c)
         ORDER BY last_state_check_at NULLS FIRST
         LIMIT batch_size - jsonb_array_length(claimed)
@@ -683,7 +702,7 @@ BEGIN
         RETURNING i.id, i.instance_name, i.qr_text
     )
     SELECT coalesce(jsonb_agg(jsonb_build_object('id', id, 'instance_name', instance_name, 'qr_text', qr_text,
-                                                 'task', 'check')), '[]')
+                                                 'status', 'open', 'task', 'check')), '[]')
     INTO part FROM upd;
     RETURN claimed || part;
 END
@@ -694,22 +713,25 @@ $$;
 --   qr, no_qr, open, lost, error           (connect);
 --   expired                                (expire: logged out);
 --   checked, closed                        (check: still open, or the server says close; lost as above);
---   repointed                              (repoint).
+--   repointed                              (repoint; with "webhook_version", as above);
+--   gone                                   (repoint of an idle instance the server lost: lost,
+--                                           not created again until evoq_reconnect).
 CREATE FUNCTION evoq._record_refresh_results(results jsonb) RETURNS void
 LANGUAGE sql
 SET search_path = pg_catalog, @extschema@
 AS $$
     WITH r AS (
         SELECT * FROM jsonb_to_recordset(results) AS x(
-            id uuid, outcome text, qr_code text, qr_text text, pairing_code text, qr_count integer, error text)
+            id uuid, outcome text, qr_code text, qr_text text, pairing_code text, qr_count integer, error text,
+            webhook_version timestamptz)
     ), updated AS (
         UPDATE evolution_instances i SET
-            instance_status = CASE r.outcome WHEN 'open' THEN 'open' WHEN 'lost' THEN 'lost'
+            instance_status = CASE r.outcome WHEN 'open' THEN 'open' WHEN 'lost' THEN 'lost' WHEN 'gone' THEN 'lost'
                                              WHEN 'expired' THEN 'expired' WHEN 'closed' THEN 'close'
                                              ELSE i.instance_status END,
-            qr_code = CASE WHEN r.outcome IN ('open', 'lost', 'expired', 'closed') THEN NULL WHEN r.outcome = 'qr' THEN r.qr_code ELSE i.qr_code END,
-            qr_text = CASE WHEN r.outcome IN ('open', 'lost', 'expired', 'closed') THEN NULL WHEN r.outcome = 'qr' THEN r.qr_text ELSE i.qr_text END,
-            pairing_code = CASE WHEN r.outcome IN ('open', 'lost', 'expired', 'closed') THEN NULL WHEN r.outcome = 'qr' THEN r.pairing_code ELSE i.pairing_code END,
+            qr_code = CASE WHEN r.outcome IN ('open', 'lost', 'gone', 'expired', 'closed') THEN NULL WHEN r.outcome = 'qr' THEN r.qr_code ELSE i.qr_code END,
+            qr_text = CASE WHEN r.outcome IN ('open', 'lost', 'gone', 'expired', 'closed') THEN NULL WHEN r.outcome = 'qr' THEN r.qr_text ELSE i.qr_text END,
+            pairing_code = CASE WHEN r.outcome IN ('open', 'lost', 'gone', 'expired', 'closed') THEN NULL WHEN r.outcome = 'qr' THEN r.pairing_code ELSE i.pairing_code END,
             qr_count = CASE WHEN r.outcome IN ('qr', 'no_qr') THEN coalesce(r.qr_count, i.qr_count) ELSE i.qr_count END,
             no_qr_rounds = CASE r.outcome WHEN 'no_qr' THEN i.no_qr_rounds + 1 WHEN 'qr' THEN 0 ELSE i.no_qr_rounds END,
             -- Only a QR that differs from the stored one counts as an update.
@@ -723,12 +745,14 @@ AS $$
                 WHEN 'expired' THEN 'not scanned within the QR window (evoq.qr_window_ms); logged out at the server'
                 WHEN 'closed' THEN 'the Evolution API reports the session closed (connectionState)'
                 WHEN 'open' THEN NULL ELSE i.disconnect_reason END,
-            webhook_set_at = CASE WHEN r.outcome = 'repointed' THEN clock_timestamp() ELSE i.webhook_set_at END,
+            webhook_set_at = CASE WHEN r.outcome = 'repointed' THEN r.webhook_version
+                                  WHEN r.outcome = 'gone' THEN clock_timestamp() ELSE i.webhook_set_at END,
             last_error = CASE WHEN r.outcome = 'error' THEN evoq._redact(r.error, i.instance_name)
                               WHEN r.outcome = 'lost' THEN 'the Evolution API no longer knows this instance (404); its creation was queued again'
+                              WHEN r.outcome = 'gone' THEN 'the Evolution API no longer knows this instance (404); evoq_reconnect creates it again'
                               WHEN r.outcome IN ('checked', 'repointed') THEN i.last_error
                               ELSE NULL END,
-            last_error_at = CASE WHEN r.outcome IN ('error', 'lost') THEN clock_timestamp() ELSE i.last_error_at END,
+            last_error_at = CASE WHEN r.outcome IN ('error', 'lost', 'gone') THEN clock_timestamp() ELSE i.last_error_at END,
             updated_at = clock_timestamp()
         FROM r WHERE i.id = r.id
         RETURNING i.user_id, i.instance_name, r.outcome
@@ -779,16 +803,22 @@ AS $$
             disconnect_reason = CASE WHEN x.kind IN ('close', 'refused', 'removed') THEN x.reason
                                      WHEN x.kind = 'open' THEN NULL ELSE i.disconnect_reason END,
             last_event_at = coalesce(x.event_at, i.last_event_at),
-            last_error = CASE WHEN x.kind = 'removed' THEN NULL ELSE i.last_error END,
+            -- Removed at the server: a live instance (a user waiting for a QR, or connected) is
+            -- created again; an idle one (close, refused, expired) only when the user asks.
+            last_error = CASE WHEN x.kind <> 'removed' THEN i.last_error
+                              WHEN i.instance_status IN ('connecting', 'open')
+                              THEN 'the Evolution API deleted the instance; its creation was queued again'
+                              ELSE 'the Evolution API deleted the instance; evoq_reconnect creates it again' END,
             updated_at = clock_timestamp()
         FROM x
         WHERE i.instance_name = x.instance
           AND i.instance_status = ANY (x."from")
           AND (x.event_at IS NULL OR i.last_event_at IS NULL OR i.last_event_at <= x.event_at)
-        RETURNING i.user_id, i.instance_status
+        RETURNING i.user_id, i.instance_status, i.last_error
     ), requeued AS (
         INSERT INTO evoq.requeue_requests (user_id, reason)
-        SELECT user_id, 'lost' FROM changed WHERE instance_status = 'lost'
+        SELECT user_id, 'lost' FROM changed
+        WHERE instance_status = 'lost' AND last_error LIKE '%creation was queued again'
     )
     SELECT instance_status FROM changed
 $$;
@@ -900,7 +930,8 @@ SELECT
     (SELECT count(*) FROM evolution_instances i, evoq.settings s
      WHERE s.webhook_url IS NOT NULL AND s.webhook_changed_at IS NOT NULL
        AND i.instance_status IN ('connecting', 'open', 'close', 'refused', 'expired')
-       AND (i.webhook_set_at IS NULL OR i.webhook_set_at < s.webhook_changed_at)) AS webhooks_to_repoint
+       AND (i.webhook_set_at IS NULL OR i.webhook_set_at < s.webhook_changed_at)
+       AND evoq._is_ours(i.instance_name, s.namespace, s.owns_legacy_names)) AS webhooks_to_repoint
 FROM evolution_instance_creation_queue q;
 REVOKE ALL ON evoq_status FROM PUBLIC;
 COMMENT ON VIEW evoq_status IS 'Queue counts per state, oldest pending age, last runs and last error. Grant it to your operators.';

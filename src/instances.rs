@@ -29,7 +29,8 @@ fn require_owner_or_manager(user_id: pgrx::Uuid, action: &str) -> Result<(), Evo
 /// Re-arms a user's instance: a fresh QR window of `evoq.qr_window_ms`. A `close`, `refused`
 /// or `expired` instance becomes `connecting` again, and the next `evoq_refresh_qr` asks the
 /// server for a QR (which starts a new socket: the user asked for it). A `connecting` one just
-/// gets a new window. Returns the new status.
+/// gets a new window. A `lost` one that is not being created again already is queued for
+/// creation. Returns the new status.
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, @extschema@)]
 fn evoq_reconnect(user_id: pgrx::Uuid) -> String {
@@ -49,6 +50,26 @@ fn evoq_reconnect(user_id: pgrx::Uuid) -> String {
     .or_internal("re-arming an instance");
     if let Some(status) = rearmed {
         return status;
+    }
+    // Lost while idle (the server deleted it): the user asks for it again, so create it again.
+    let recreate = Spi::get_one_with_args::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM evolution_instances i
+                        JOIN evolution_instance_creation_queue q USING (user_id)
+                        WHERE i.user_id = $1 AND i.instance_status = 'lost'
+                          AND q.action = 'create' AND q.status IN ('completed', 'failed'))",
+        &[user_id.into()],
+    )
+    .or_internal("reading an instance");
+    if recreate == Some(true) {
+        Spi::run_with_args(
+            "INSERT INTO evoq.requeue_requests (user_id, reason) VALUES ($1, 'lost')",
+            &[user_id.into()],
+        )
+        .and_then(|()| {
+            Spi::run_with_args("SELECT evoq._apply_requeue_requests($1)", &[user_id.into()])
+        })
+        .unwrap_or_else(|e| EvoqError::internal("could not queue the instance again", e).raise());
+        return "lost".into();
     }
     let status = Spi::get_one_with_args::<String>(
         "SELECT instance_status FROM evolution_instances WHERE user_id = $1",
@@ -81,10 +102,10 @@ fn evoq_reconnect(user_id: pgrx::Uuid) -> String {
 }
 
 /// Queues the deletion of a user's instance, exactly as deleting their profile row does: a
-/// creation not tried yet is cancelled (nothing is sent), anything else is logged out and
-/// deleted at the server by evoq_process_queue, with its retries. Returns what happened:
-/// `cancelled`, `queued`, `waiting` (a running job holds the row; its next run applies it), or
-/// `nothing` (evoq never queued this user).
+/// pending creation becomes a deletion (nothing is created), and evoq_process_queue logs the
+/// instance out and deletes it at the server, with its retries (404: done). Returns `queued`,
+/// `waiting` (a running job holds the row; its next run applies it), `done` (deleted already)
+/// or `nothing` (evoq never queued this user).
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, @extschema@)]
 fn evoq_deprovision(user_id: pgrx::Uuid) -> String {
@@ -101,7 +122,7 @@ fn evoq_deprovision(user_id: pgrx::Uuid) -> String {
     .or_internal("reading the queue");
     match state {
         (_, _, Some(true)) => "waiting",
-        (Some(a), Some(s), _) if a == "delete" && s == "completed" => "cancelled",
+        (Some(a), Some(s), _) if a == "delete" && s == "completed" => "done",
         (Some(a), _, _) if a == "delete" => "queued",
         _ => "nothing",
     }

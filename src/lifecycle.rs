@@ -66,7 +66,9 @@ pub enum Write {
     Closed { reason: String },
     /// The QR limit.
     Refused,
-    /// Gone from the server.
+    /// Gone from the server. `lost`; created again from a live state only (connecting, open),
+    /// an idle one by `evoq_reconnect`; `deleted` if its user is being deprovisioned (the SQL
+    /// knows both, `evoq._apply_delivery`).
     Removed,
 }
 

@@ -121,6 +121,9 @@ pub struct Connection {
     pub namespace: String,
     /// Whether 0.1.0's names (`evoq_<hex>`) are this deployment's (see `names::is_ours`).
     pub owns_legacy_names: bool,
+    /// `webhook_changed_at` as this run read it: an instance given this run's webhook is
+    /// recorded as carrying this version, so a change committed meanwhile still repoints it.
+    pub webhook_version: Option<String>,
 }
 
 fn parse_version(v: Option<&str>) -> Option<ApiVersion> {
@@ -144,6 +147,7 @@ type SettingsRow = (
     bool,
     Option<pgrx::JsonB>,
     Option<String>,
+    Option<String>,
 );
 
 /// Reads the settings and refuses to go on in a database that is a copy of the one the
@@ -154,7 +158,7 @@ pub fn load_connection() -> Result<Connection, EvoqError> {
         let table = client.select(
             "SELECT api_url, api_key, webhook_url, webhook_events, api_version, detected_version,
                     namespace, deployment_identity, evoq._deployment_identity(), owns_legacy_names,
-                    webhook_headers, webhook_secret
+                    webhook_headers, webhook_secret, webhook_changed_at::text
              FROM evoq.settings",
             Some(1),
             &[],
@@ -176,6 +180,7 @@ pub fn load_connection() -> Result<Connection, EvoqError> {
             row.get::<bool>(10)?.unwrap_or(false),
             row.get::<pgrx::JsonB>(11)?,
             row.get::<String>(12)?,
+            row.get::<String>(13)?,
         )))
     })
     .or_internal("reading its settings");
@@ -192,6 +197,7 @@ pub fn load_connection() -> Result<Connection, EvoqError> {
         owns_legacy_names,
         headers,
         secret,
+        webhook_version,
     ) = row.ok_or(EvoqError::NotConfigured)?;
     let namespace = match namespace {
         Some(ns) if bound.is_some() && bound == identity => ns,
@@ -215,6 +221,7 @@ pub fn load_connection() -> Result<Connection, EvoqError> {
         version_pinned,
         namespace,
         owns_legacy_names,
+        webhook_version,
     })
 }
 
@@ -342,6 +349,18 @@ fn evoq_configure(
         .map(|m| m.keys().cloned().collect())
         .unwrap_or_default();
     let namespace = crate::deployment::choose_namespace(namespace);
+    if rotate_webhook_secret {
+        let rotating =
+            Spi::get_one::<bool>("SELECT webhook_secret_previous IS NOT NULL FROM evoq.settings")
+                .or_internal("reading its settings");
+        if rotating == Some(true) {
+            EvoqError::NotReady {
+                message: "the previous rotation of the webhook secret is still being applied".into(),
+                hint: "evoq_refresh_qr gives every instance the current secret (evoq_status.webhooks_to_repoint counts those left) and then retires the old one; rotate again after that. Rotating now would lock out the instances that still carry the first secret.".into(),
+            }
+            .raise();
+        }
+    }
     // A new namespace (a copy given its own): rows not completed yet carry names of the old
     // deployment, whose instances this one must never adopt. They get names in the new one.
     Spi::run_with_args(

@@ -109,6 +109,20 @@ fn apply_step(d: &Delivery, step: &crate::lifecycle::Step) -> Option<String> {
     .or_internal("applying a webhook delivery")
 }
 
+/// What the app gets of a delivery: not the instance token (`apikey`, sent when the server
+/// exposes tokens) nor the query of `destination` (on v1.8 it holds the webhook secret).
+fn without_secrets(mut payload: Value) -> Value {
+    if let Some(map) = payload.as_object_mut() {
+        map.remove("apikey");
+        if let Some(Value::String(d)) = map.get_mut("destination") {
+            if let Some(i) = d.find('?') {
+                d.truncate(i);
+            }
+        }
+    }
+    payload
+}
+
 /// Applies one delivery. `header` is the secret the transport received in the
 /// `x-evoq-secret` header, if it has headers; PostgREST's `request.headers` is read too.
 pub fn ingest(payload: Value, header: Option<&str>) -> Value {
@@ -182,6 +196,7 @@ pub fn ingest(payload: Value, header: Option<&str>) -> Value {
         },
         Effect::Ignore(why) => ignored(&delivery, why),
         Effect::Relay => {
+            let payload = without_secrets(payload);
             let kept = Spi::get_one_with_args::<i64>(
                 "SELECT evoq._relay_event($1, $2, $3)",
                 &[

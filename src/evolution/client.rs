@@ -40,6 +40,9 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// Idle keep-alive connections to keep: one per worker thread.
     pub max_idle: usize,
+    /// Further secrets no error may repeat: the webhook secret (in the URL of a v1.8 body) and
+    /// the webhook's header values.
+    pub other_secrets: Vec<String>,
 }
 
 /// Written by hand so that no `{:?}` (a log line, a panic message) can print the key or a
@@ -52,6 +55,7 @@ impl fmt::Debug for ClientConfig {
             .field("request_timeout", &self.request_timeout)
             .field("connect_timeout", &self.connect_timeout)
             .field("max_idle", &self.max_idle)
+            .field("other_secrets", &self.other_secrets.len())
             .finish()
     }
 }
@@ -101,9 +105,11 @@ impl Client {
             .build()
             .into();
         let base_url = config.base_url.trim_end_matches('/').to_string();
+        let mut secrets = url_secrets(&base_url);
+        secrets.extend(config.other_secrets.into_iter().filter(|s| !s.is_empty()));
         Client {
             agent,
-            url_secrets: url_secrets(&base_url),
+            url_secrets: secrets,
             base_url,
             api_key: config.api_key,
             request_timeout: config.request_timeout,
@@ -441,23 +447,23 @@ impl Client {
     }
 
     /// `POST /webhook/set/{name}`: points an existing instance at the configured webhook (after
-    /// evoq_configure changed its URL, events, headers or secret).
+    /// evoq_configure changed its URL, events, headers or secret). `Ok(false)`: the server no
+    /// longer knows the instance.
     pub fn set_webhook(
         &self,
         version: ApiVersion,
         name: &str,
         hook: &Webhook,
-    ) -> Result<(), ApiError> {
+    ) -> Result<bool, ApiError> {
         const WHAT: &str = "POST /webhook/set";
         self.scrubbed(|_| {
             let path = format!("/webhook/set/{}", path_segment(name));
             let reply = self.call("POST", &path, WHAT, Some(&webhook_set_body(version, hook)))?;
             if Self::missing_instance(&reply, WHAT)? {
-                return Err(ApiError::not_found(format!(
-                    "{WHAT}: the Evolution API no longer knows this instance"
-                )));
+                return Ok(false);
             }
-            Self::expect_success(&reply, WHAT)
+            Self::expect_success(&reply, WHAT)?;
+            Ok(true)
         })
     }
 }
@@ -485,6 +491,7 @@ mod tests {
             request_timeout: Duration::from_millis(timeout_ms),
             connect_timeout: Duration::from_millis(timeout_ms),
             max_idle: 2,
+            other_secrets: vec!["whsec-unit-test".into()],
         })
     }
 
@@ -514,6 +521,7 @@ mod tests {
             request_timeout: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(1),
             max_idle: 1,
+            other_secrets: Vec::new(),
         };
         let shown = format!("{config:?}");
         assert!(!shown.contains(KEY), "{shown}");
@@ -703,6 +711,31 @@ mod tests {
         let e = c.connect("x").unwrap_err();
         assert!(e.message.starts_with("Evolution API answered 307 to GET /instance/connect: a redirect to https://***@host/path"));
         assert_eq!(server.requests().len(), 2, "no request followed a redirect");
+    }
+
+    #[test]
+    fn the_webhook_secret_echoed_by_a_proxy_is_redacted() {
+        let server = TestServer::start(|r| {
+            Canned::json(
+                502,
+                &envelope(502, &format!("bad gateway; body: {}", r.body)),
+            )
+        });
+        let hook = Webhook {
+            url: "https://app.example/hook".into(),
+            events: vec![],
+            headers: Default::default(),
+            secret: Some("whsec-unit-test".into()),
+        };
+        let e = client(&server)
+            .provision(ApiVersion::V1, "evoq_1", Some(&hook))
+            .unwrap_err();
+        assert!(!e.message.contains("whsec-unit-test"), "{}", e.message);
+        assert!(
+            e.message.contains("evoq_secret=[redacted]"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]
@@ -947,6 +980,7 @@ mod tests {
             request_timeout: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(2),
             max_idle: 1,
+            other_secrets: Vec::new(),
         });
         let e = c.connect("x").unwrap_err();
         assert_eq!(

@@ -39,8 +39,6 @@ enum Call {
     Create(ApiVersion, String),
     /// Log out, then delete.
     Remove(String),
-    /// A delete with nothing of this deployment's at the server: no call at all.
-    Nothing,
 }
 
 enum Done {
@@ -63,19 +61,21 @@ struct Tally {
     deleted: u64,
 }
 
-fn success_record(id: uuid::Uuid, name: &str, p: &Provisioned, webhook_set: bool) -> Value {
+fn success_record(id: uuid::Uuid, name: &str, p: &Provisioned, webhook_version: &Value) -> Value {
     let qr = p.instance.qr.clone().unwrap_or_default();
     json!({
         "id": id, "instance_name": name, "ok": true, "action": "create",
         "instance_id": p.instance.instance_id, "token": p.instance.token,
         "instance_status": p.instance.status,
         "qr_code": qr.base64, "qr_text": qr.code, "pairing_code": qr.pairing_code, "qr_count": qr.count,
-        "webhook_set": webhook_set,
+        "webhook_version": webhook_version,
     })
 }
 
 /// What a row's call is: a create under its stored (or derived) name, or the removal of the
-/// user's instance if it is this deployment's.
+/// user's instance under the same name. A removal is sent even for a creation that looks
+/// untried: a run cancelled (or a batch released) after the server created the instance leaves
+/// no trace in the row, and a 404 costs one call.
 fn call_for(
     row: &ClaimedRow,
     version: ApiVersion,
@@ -88,11 +88,9 @@ fn call_for(
             .iter()
             .chain(row.instance_row_name.iter())
             .find(|n| is_ours(n, namespace, owns_legacy))
-            .cloned();
-        return match name {
-            Some(n) => (Call::Remove(n.clone()), Some(n)),
-            None => (Call::Nothing, row.instance_name.clone()),
-        };
+            .cloned()
+            .unwrap_or_else(|| instance_name(namespace, row.user_id));
+        return (Call::Remove(name.clone()), Some(name));
     }
     let name = match &row.instance_name {
         Some(stored) if is_ours(stored, namespace, owns_legacy) => stored.clone(),
@@ -137,14 +135,13 @@ pub fn evoq_process_queue() -> pgrx::JsonB {
         requeued: apply_requeue_requests(),
         ..Tally::default()
     };
-    let webhook_set = webhook.is_some();
+    let webhook_version = json!(webhook.as_ref().and(run.connection.webhook_version.clone()));
     let client = run.client.clone();
     let mut pool = run.pool(move |call: Call| match call {
         Call::Create(version, name) => client
             .provision(version, &name, webhook.as_ref())
             .map(Done::Created),
         Call::Remove(name) => client.remove(&name).map(|_| Done::Removed),
-        Call::Nothing => Ok(Done::Removed),
     });
 
     let stopped = run.circuit_blocks().unwrap_or_else(|| loop {
@@ -236,7 +233,7 @@ pub fn evoq_process_queue() -> pgrx::JsonB {
                             tally.created += 1
                         }
                         let name = name.as_deref().unwrap_or_default();
-                        records.push(success_record(row.id, name, p, webhook_set));
+                        records.push(success_record(row.id, name, p, &webhook_version));
                     }
                     Ok(Done::Removed) => {
                         tally.deleted += 1;

@@ -30,16 +30,21 @@ struct ClaimedInstance {
     id: uuid::Uuid,
     instance_name: String,
     qr_text: Option<String>,
+    /// The row's status at the claim.
+    status: String,
     task: Task,
 }
 
 /// What a call answered.
 enum Answer {
     Connect(ConnectOutcome),
-    /// Logged out (or nothing was left to log out).
+    /// Past the window: logged out (or nothing was left to log out).
     LoggedOut,
+    /// Past the window, but scanned since the last look: nothing to log out.
+    ScannedInTime,
     State(LiveState),
-    Repointed,
+    /// webhook/set answered; false: the server no longer knows the instance.
+    Repointed(bool),
 }
 
 #[derive(Default)]
@@ -62,10 +67,11 @@ struct Tally {
 fn outcome_record(
     row: &ClaimedInstance,
     outcome: &Result<Answer, ApiError>,
+    webhook_version: &Value,
     tally: &mut Tally,
 ) -> Value {
     match outcome {
-        Ok(Answer::Connect(ConnectOutcome::Open)) => {
+        Ok(Answer::Connect(ConnectOutcome::Open)) | Ok(Answer::ScannedInTime) => {
             tally.opened += 1;
             json!({"id": row.id, "outcome": "open"})
         }
@@ -99,9 +105,16 @@ fn outcome_record(
             tally.still_open += 1;
             json!({"id": row.id, "outcome": "checked"})
         }
-        Ok(Answer::Repointed) => {
+        Ok(Answer::Repointed(true)) => {
             tally.repointed += 1;
-            json!({"id": row.id, "outcome": "repointed"})
+            json!({"id": row.id, "outcome": "repointed", "webhook_version": webhook_version})
+        }
+        // A live instance the server lost is created again, as on a connect's 404; an idle one
+        // (close, refused, expired) only when its user asks (evoq_reconnect).
+        Ok(Answer::Repointed(false)) => {
+            tally.lost += 1;
+            let live = matches!(row.status.as_str(), "connecting" | "open");
+            json!({"id": row.id, "outcome": if live { "lost" } else { "gone" }})
         }
         Err(e) => {
             tally.errors += 1;
@@ -129,12 +142,16 @@ pub fn evoq_refresh_qr() -> pgrx::JsonB {
     let mut pool = run.pool(
         move |(task, name, version): (Task, String, Option<ApiVersion>)| match task {
             Task::Connect => client.connect(&name).map(Answer::Connect),
-            Task::Expire => client.logout(&name).map(|_| Answer::LoggedOut),
+            // A scan since the last look must not be logged out: ask first (connectionState
+            // never starts a socket).
+            Task::Expire => match client.connection_state(&name) {
+                Ok(LiveState::Open) => Ok(Answer::ScannedInTime),
+                Ok(_) => client.logout(&name).map(|_| Answer::LoggedOut),
+                Err(e) => Err(e),
+            },
             Task::Check => client.connection_state(&name).map(Answer::State),
             Task::Repoint => match (&webhook, version) {
-                (Some(hook), Some(v)) => client
-                    .set_webhook(v, &name, hook)
-                    .map(|()| Answer::Repointed),
+                (Some(hook), Some(v)) => client.set_webhook(v, &name, hook).map(Answer::Repointed),
                 _ => Err(ApiError::transient(
                     "POST /webhook/set: the server's API version is not known yet",
                 )),
@@ -142,6 +159,7 @@ pub fn evoq_refresh_qr() -> pgrx::JsonB {
         },
     );
     let t = run.tunables;
+    let webhook_version = json!(run.connection.webhook_version);
     // A webhook/set that failed is tried again by the next run, not over and over in this one.
     let mut repoint = true;
 
@@ -208,7 +226,7 @@ pub fn evoq_refresh_qr() -> pgrx::JsonB {
                         repoint = false;
                     }
                 }
-                records.push(outcome_record(row, outcome, &mut tally));
+                records.push(outcome_record(row, outcome, &webhook_version, &mut tally));
             }
             tally.unrecordable += record(
                 "SELECT evoq._record_refresh_results($1::jsonb)",
@@ -231,7 +249,8 @@ pub fn evoq_refresh_qr() -> pgrx::JsonB {
          WHERE webhook_secret_previous IS NOT NULL
            AND NOT EXISTS (SELECT 1 FROM evolution_instances i
                            WHERE i.instance_status IN ('connecting', 'open', 'close', 'refused', 'expired')
-                             AND (i.webhook_set_at IS NULL OR i.webhook_set_at < s.webhook_changed_at))",
+                             AND (i.webhook_set_at IS NULL OR i.webhook_set_at < s.webhook_changed_at)
+                             AND evoq._is_ours(i.instance_name, s.namespace, s.owns_legacy_names))",
         &[],
     );
 

@@ -55,6 +55,11 @@ impl Run {
             request_timeout: tunables.request_timeout,
             connect_timeout: tunables.connect_timeout,
             max_idle: tunables.concurrency,
+            other_secrets: connection
+                .webhook
+                .iter()
+                .flat_map(|w| w.secret.iter().chain(w.headers.values()).cloned())
+                .collect(),
         });
         let started = Instant::now();
         Run {

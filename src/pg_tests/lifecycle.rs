@@ -250,7 +250,7 @@ mod tests {
     }
 
     #[pg_test]
-    fn a_pending_creation_is_cancelled_and_nothing_is_ever_created() {
+    fn a_pending_creation_becomes_a_deletion_and_nothing_is_ever_created() {
         let mock = mock();
         configure(&mock);
         profiles();
@@ -259,16 +259,19 @@ mod tests {
         let q = queue_row(&user);
         assert_eq!(
             (&q["action"], &q["status"]),
-            (&json!("delete"), &json!("completed")),
+            (&json!("delete"), &json!("pending")),
             "{q}"
         );
-        assert!(s(&q["error_message"]).contains("nothing was sent"), "{q}");
-        json("SELECT evoq_process_queue()");
+        // The deletion is still sent, under the name the creation would have used: a run that
+        // was cancelled after the server created the instance leaves no trace in the row.
+        assert_eq!(json("SELECT evoq_process_queue()")["deleted"], 1);
+        let name = one::<String>(&format!("SELECT evoq_instance_name('{user}')")).unwrap();
         assert_eq!(
-            mock.count_calls("POST", "/instance/") + mock.count_calls("DELETE", "/instance/"),
-            0,
-            "nothing created, nothing to delete"
+            mock.count_calls("DELETE", &format!("/instance/delete/{name}")),
+            1
         );
+        assert_eq!(mock.count_calls("POST", "/instance/"), 0, "nothing created");
+        assert_eq!(queue_row(&user)["status"], "completed");
         assert_eq!(count("SELECT count(*) FROM evolution_instances"), 0);
     }
 
@@ -283,10 +286,71 @@ mod tests {
         );
         assert_eq!(json("SELECT evoq_process_queue()")["deleted"], 1);
         assert_eq!(status(&user), "deleted");
+        // Again: nothing to do, and no call.
+        let deletes = mock.count_calls("DELETE", "/instance/");
+        assert_eq!(
+            one::<String>(&format!("SELECT evoq_deprovision('{user}')")).as_deref(),
+            Some("done")
+        );
+        json("SELECT evoq_process_queue()");
+        assert_eq!(mock.count_calls("DELETE", "/instance/"), deletes);
         assert_eq!(
             one::<String>("SELECT evoq_deprovision(gen_random_uuid())").as_deref(),
             Some("nothing")
         );
+    }
+
+    /// A deletion whose answer was lost (a 503) waits to be retried; meanwhile the refresh, a
+    /// removal delivery and a stray loss must not turn it back into a creation.
+    #[pg_test]
+    fn a_loss_never_turns_a_deletion_back_into_a_creation() {
+        let mock = mock();
+        let (user, name) = connecting_instance(&mock);
+        mock.add_fault(fault(
+            "DELETE",
+            "/instance/delete/",
+            FaultKind::Status { code: 503 },
+            Some(1),
+        ));
+        one::<String>(&format!("SELECT evoq_deprovision('{user}')"));
+        assert_eq!(json("SELECT evoq_process_queue()")["retrying"], 1);
+        assert!(
+            mock.remove_instance(&name),
+            "the server deleted it after all"
+        );
+        // The refresh leaves an instance being deleted alone: no connect (it would 404 and
+        // queue a creation), no expiry, no check.
+        window_started(&user, "11 minutes");
+        let gets = mock.count_calls("GET", "/instance/");
+        assert_eq!(json("SELECT evoq_refresh_qr()")["checked"], 0);
+        assert_eq!(mock.count_calls("GET", "/instance/"), gets);
+        // A loss reported anyway (a refresh that claimed the row just before) loses to it.
+        run(&format!(
+            "INSERT INTO evoq.requeue_requests (user_id, reason) VALUES ('{user}', 'lost')"
+        ));
+        run("SELECT evoq._apply_requeue_requests()");
+        assert_eq!(queue_row(&user)["action"], "delete");
+        assert_eq!(count("SELECT count(*) FROM evoq.requeue_requests"), 0);
+        make_all_due();
+        assert_eq!(json("SELECT evoq_process_queue()")["deleted"], 1);
+        assert_eq!(status(&user), "deleted");
+        assert_eq!(
+            mock.count_calls("POST", "/instance/create"),
+            1,
+            "only the first creation"
+        );
+    }
+
+    #[pg_test]
+    fn an_expiry_checks_for_a_scan_first() {
+        let mock = mock();
+        let (user, name) = connecting_instance(&mock);
+        assert!(mock.scan(&name, None, None));
+        window_started(&user, "11 minutes");
+        let summary = json("SELECT evoq_refresh_qr()");
+        assert_eq!(summary["opened"], 1, "{summary}");
+        assert_eq!(mock.count_calls("DELETE", "/instance/logout/"), 0);
+        assert_eq!(status(&user), "open");
     }
 
     #[pg_test]

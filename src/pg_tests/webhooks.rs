@@ -254,7 +254,7 @@ mod tests {
     }
 
     #[pg_test]
-    fn the_qr_limit_refuses_and_removal_requeues() {
+    fn the_qr_limit_refuses() {
         let mock = mock();
         let (user, name) = connecting_instance(&mock);
         as_postgrest(&secret());
@@ -269,9 +269,19 @@ mod tests {
             .find(|e| e["data"]["state"] == "refused")
             .expect("a refused delivery");
         assert_eq!(deliver(&refused)["result"], "ignored", "refused already");
-        assert_eq!(instance_row(&user)["instance_status"], "refused");
+        let row = instance_row(&user);
+        assert_eq!(row["instance_status"], "refused");
+        assert!(s(&row["disconnect_reason"]).contains("QR limit"), "{row}");
+        assert_eq!(row["qr_code"], Value::Null);
+    }
 
-        // The server deletes it (an operator, say): lost, and queued for creation again.
+    #[pg_test]
+    fn a_removed_live_instance_is_created_again() {
+        let mock = mock();
+        let (user, name) = connecting_instance(&mock);
+        as_postgrest(&secret());
+        // The server deletes it (an operator, say) while its user waits for a QR: lost, and
+        // queued for creation again.
         assert!(mock.remove_instance(&name));
         let removed = envelope(
             "remove.instance",
@@ -307,6 +317,68 @@ mod tests {
         assert_eq!(row["payload"]["data"]["message"]["conversation"], "hi");
         assert_eq!(counter("webhooks_relayed"), 1);
         assert_eq!(counter("app_events_waiting"), 1);
+    }
+
+    #[pg_test]
+    fn relayed_events_carry_no_secret() {
+        let mock = mock();
+        let (_, name) = connecting_instance(&mock);
+        let secret = secret();
+        let mut message = envelope(
+            "messages.upsert",
+            &name,
+            json!({"key": {}}),
+            "2026-11-24T10:00:00Z",
+        );
+        message["apikey"] = json!("INSTANCE-TOKEN-1234");
+        message["destination"] = json!(format!(
+            "https://db.example/rpc/evoq_webhook?evoq_secret={secret}"
+        ));
+        assert_eq!(deliver(&message)["result"], "relayed");
+        let payload = json("SELECT payload FROM evolution_instance_events");
+        assert!(payload.get("apikey").is_none(), "{payload}");
+        assert_eq!(
+            payload["destination"],
+            "https://db.example/rpc/evoq_webhook"
+        );
+        assert!(!payload.to_string().contains(&secret));
+    }
+
+    #[pg_test]
+    fn a_removed_idle_instance_is_created_again_only_when_its_user_asks() {
+        let mock = mock();
+        let (user, name) = connecting_instance(&mock);
+        as_postgrest(&secret());
+        run(&format!(
+            "UPDATE evolution_instances SET instance_status = 'expired' WHERE user_id = '{user}'"
+        ));
+        assert!(mock.remove_instance(&name));
+        let removed = envelope(
+            "remove.instance",
+            &name,
+            Value::Null,
+            "2099-01-01T00:00:00Z",
+        );
+        assert_eq!(deliver(&removed)["status"], "lost");
+        assert_eq!(
+            count("SELECT count(*) FROM evoq.requeue_requests"),
+            0,
+            "no socket nobody asked for"
+        );
+        json("SELECT evoq_process_queue()");
+        assert_eq!(
+            mock.count_calls("POST", "/instance/create"),
+            1,
+            "only the first"
+        );
+        assert!(s(&instance_row(&user)["last_error"]).contains("evoq_reconnect"));
+        // The user asks for a QR: created again.
+        assert_eq!(
+            one::<String>(&format!("SELECT evoq_reconnect('{user}')")).as_deref(),
+            Some("lost")
+        );
+        assert_eq!(json("SELECT evoq_process_queue()")["created"], 1);
+        assert_eq!(instance_row(&user)["instance_status"], "connecting");
     }
 
     #[pg_test]
