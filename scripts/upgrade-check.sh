@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Upgrade check: a database created by evoq 0.1.0, built from the commit that shipped it, filled
-# with rows in every state and then brought forward with ALTER EXTENSION evoq UPDATE must equal a
-# fresh install of this tree, object for object, and keep every row.
+# Upgrade check: databases created by evoq 0.1.0 and by 0.2.0, each built from the commit that
+# shipped it, filled with rows in every state and then brought forward with ALTER EXTENSION evoq
+# UPDATE (0.1.0 through every script in between), must equal a fresh install of this tree, object
+# for object, and keep every row.
 #
 # PostgreSQL 15 loads extensions only from its own sharedir and pkglibdir, so this installs into
 # the system PostgreSQL: 0.1.0 for a while, and this tree's build again before it exits, whatever
@@ -15,12 +16,13 @@ ROOT=$PWD
 source scripts/lib/cluster.sh
 
 OLD=0.1.0 OLD_COMMIT=2519dd4872fdd462eb4d1dee86e032a52cd20bf1
+MID=0.2.0 MID_COMMIT=6c1a042c83255abfde00339aa5dc809ce7932dbe
 NEW=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n1)
 PG_CONFIG=$PGBIN/pg_config
 EXTDIR=$("$PG_CONFIG" --sharedir)/extension
 OLD_SRC=/tmp/evoq-upgrade-src-$OLD
 KEY=sk-evoq-upgrade-check
-A=evoq_upgraded B=evoq_fresh
+A=evoq_upgraded B=evoq_fresh C=evoq_from_020
 SELFTEST=${UPGRADE_CHECK_SELFTEST:-}
 # Both builds share this tree's target directory: the dependencies scripts/test.sh compiled for
 # cargo pgrx test are reused, not compiled again.
@@ -65,17 +67,20 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# --- evoq 0.1.0 exactly as it shipped -------------------------------------------------------------
-if ! git cat-file -e "$OLD_COMMIT^{commit}" 2>/dev/null; then
-  # A shallow or single-branch clone (many CI checkouts) lacks it.
-  echo "upgrade-check: fetching $OLD_COMMIT (evoq $OLD) into this clone"
-  if [ "$(git rev-parse --is-shallow-repository)" = true ]; then git fetch --quiet --unshallow; fi
-  git cat-file -e "$OLD_COMMIT^{commit}" 2>/dev/null || git fetch --quiet origin "$OLD_COMMIT"
-  git cat-file -e "$OLD_COMMIT^{commit}" 2>/dev/null \
-    || die "commit $OLD_COMMIT (evoq $OLD as shipped) is not in this clone and could not be fetched; clone with full history (no --depth; actions/checkout: fetch-depth: 0)"
-fi
-rm -rf "$OLD_SRC" && mkdir -p "$OLD_SRC"
-git archive "$OLD_COMMIT" | tar -x -C "$OLD_SRC" || die "git archive $OLD_COMMIT failed"
+# --- the releases exactly as they shipped -----------------------------------------------------------
+source_of() { # source_of COMMIT VERSION DIR: that commit's tree in DIR
+  if ! git cat-file -e "$1^{commit}" 2>/dev/null; then
+    # A shallow or single-branch clone (many CI checkouts) lacks it.
+    echo "upgrade-check: fetching $1 (evoq $2) into this clone"
+    if [ "$(git rev-parse --is-shallow-repository)" = true ]; then git fetch --quiet --unshallow; fi
+    git cat-file -e "$1^{commit}" 2>/dev/null || git fetch --quiet origin "$1"
+    git cat-file -e "$1^{commit}" 2>/dev/null \
+      || die "commit $1 (evoq $2 as shipped) is not in this clone and could not be fetched; clone with full history (no --depth; actions/checkout: fetch-depth: 0)"
+  fi
+  rm -rf "$3" && mkdir -p "$3"
+  git archive "$1" | tar -x -C "$3" || die "git archive $1 failed"
+}
+source_of "$OLD_COMMIT" "$OLD" "$OLD_SRC"
 
 cargo build -p evolution-mock --release --quiet || die "the mock Evolution API does not build"
 install_from "$OLD_SRC" "$OLD" || die "evoq $OLD does not build or install"
@@ -118,35 +123,77 @@ check "0.1.0 instances, QR codes, tokens, settings, runs" \
        (SELECT count(*) FROM evoq.settings), (SELECT count(*) FROM evoq.job_runs))")" \
   "connecting=2,open=1,2,3,1,2"
 
-# Every row of every evoq table, over the columns 0.1.0 has, copied aside to compare with after
-# the upgrade: columns the upgrade adds do not count, a value it changes or a row it loses does.
-q "$A" "CREATE SCHEMA upgrade_check"
-tables=$(q "$A" "SELECT c.oid::regclass FROM pg_depend d JOIN pg_class c ON c.oid = d.objid
-                 WHERE d.classid = 'pg_class'::regclass AND d.deptype = 'e' AND c.relkind IN ('r', 'p')
-                   AND d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'evoq') ORDER BY 1")
-compare_rows='' copied=0
-for t in $tables; do
-  cols=$(q "$A" "SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum) FROM pg_attribute
-                 WHERE attrelid = '$t'::regclass AND attnum > 0 AND NOT attisdropped")
-  q "$A" "CREATE TABLE upgrade_check.\"$t\" AS SELECT $cols FROM $t"
-  copied=$((copied + $(q "$A" "SELECT count(*) FROM upgrade_check.\"$t\"")))
-  compare_rows+="${compare_rows:+ UNION ALL }
-    (SELECT '$t, only in $OLD: ' || x FROM (SELECT s::text FROM upgrade_check.\"$t\" s
-       EXCEPT ALL SELECT r::text FROM (SELECT $cols FROM $t) r) d(x))
-    UNION ALL
-    (SELECT '$t, only after the upgrade: ' || x FROM (SELECT r::text FROM (SELECT $cols FROM $t) r
-       EXCEPT ALL SELECT s::text FROM upgrade_check.\"$t\" s) d(x))"
-done
-check "0.1.0 rows copied aside" "$(wc -w <<<"$tables") tables, $copied rows" "5 tables, 15 rows"
+# Every row of every evoq table, over the columns the old version has, copied aside to compare
+# with after the upgrade: columns the upgrade adds do not count, a value it changes or a row it
+# loses does. copy_aside DB VERSION sets compare_rows (the query listing every difference) and
+# copied ("N tables, M rows").
+copy_aside() {
+  local db=$1 version=$2 t cols tables n=0
+  q "$db" "CREATE SCHEMA upgrade_check"
+  tables=$(q "$db" "SELECT c.oid::regclass FROM pg_depend d JOIN pg_class c ON c.oid = d.objid
+                   WHERE d.classid = 'pg_class'::regclass AND d.deptype = 'e' AND c.relkind IN ('r', 'p')
+                     AND d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'evoq') ORDER BY 1")
+  compare_rows=''
+  for t in $tables; do
+    cols=$(q "$db" "SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum) FROM pg_attribute
+                   WHERE attrelid = '$t'::regclass AND attnum > 0 AND NOT attisdropped")
+    q "$db" "CREATE TABLE upgrade_check.\"$t\" AS SELECT $cols FROM $t"
+    n=$((n + $(q "$db" "SELECT count(*) FROM upgrade_check.\"$t\"")))
+    compare_rows+="${compare_rows:+ UNION ALL }
+      (SELECT '$t, only in $version: ' || x FROM (SELECT s::text FROM upgrade_check.\"$t\" s
+         EXCEPT ALL SELECT r::text FROM (SELECT $cols FROM $t) r) d(x))
+      UNION ALL
+      (SELECT '$t, only after the upgrade: ' || x FROM (SELECT r::text FROM (SELECT $cols FROM $t) r
+         EXCEPT ALL SELECT s::text FROM upgrade_check.\"$t\" s) d(x))"
+  done
+  copied="$(wc -w <<<"$tables") tables, $n rows"
+}
+copy_aside "$A" "$OLD"
+compare_rows_a=$compare_rows
+check "0.1.0 rows copied aside" "$copied" "5 tables, 15 rows"
 # What evoq--0.1.0--0.2.0.sql changes in 0.1.0 columns on purpose, done to the copy as well.
 # Users queued before 0.2.0 keep the 0.1.0 instance name:
 expected_migration="UPDATE upgrade_check.evolution_instance_creation_queue
   SET instance_name = 'evoq_' || replace(user_id::text, '-', '') WHERE instance_name IS NULL"
 
+# --- database C: evoq 0.2.0 as it shipped, with rows in every state of its own tables -----------------
+MID_SRC=/tmp/evoq-upgrade-src-$MID
+source_of "$MID_COMMIT" "$MID" "$MID_SRC"
+install_from "$MID_SRC" "$MID" || die "evoq $MID does not build or install"
+cluster_psql -d postgres -c "CREATE DATABASE $C" >/dev/null
+q "$C" "CREATE EXTENSION evoq VERSION '$MID'"
+q "$C" "SELECT evoq_configure(api_url => '$MOCK_URL', api_key => '$KEY', webhook_url => 'https://app.example/hook')" >/dev/null
+profiles_with_trigger "$C"
+csignup() { q "$C" "INSERT INTO profiles (email) VALUES ('$1@example.com')"; }
+csignup gus; csignup hal; csignup ivy
+q "$C" "SELECT evoq_process_queue()" >/dev/null # completed
+mock POST faults '{"method":"POST","path_contains":"/instance/create","kind":"status","code":400,"times":1}'
+csignup jon
+q "$C" "SELECT evoq_process_queue()" >/dev/null # failed: permanent
+mock POST faults '{"method":"POST","path_contains":"/instance/create","kind":"status","code":500,"times":1}'
+csignup kim
+q "$C" "SELECT evoq_process_queue()" >/dev/null # pending: transient, backing off
+csignup lea                                      # pending: never tried
+mock POST "instances/$(q "$C" "SELECT evoq_instance_name(id) FROM profiles WHERE email = 'gus@example.com'")/state" '{"state":"open"}'
+q "$C" "SELECT evoq_refresh_qr()" >/dev/null     # gus open, hal and ivy with a QR
+# 0.2.0's own tables: a requeue request waiting, a skipped profile, an open circuit.
+q "$C" "INSERT INTO evoq.requeue_requests (user_id, reason) SELECT id, 'reinserted' FROM profiles WHERE email = 'hal@example.com';
+        INSERT INTO evoq.skipped_profiles (table_name, reason) VALUES ('public.profiles', 'column id is NULL');
+        INSERT INTO evoq.circuit (opened_at, cause, trips, next_probe_at) VALUES (now(), 'a test', 2, now() + interval '1 hour')"
+check "0.2.0 rows in every state" \
+  "$(q "$C" "SELECT concat_ws(',', (SELECT string_agg(status || '=' || n, ',' ORDER BY status) FROM (SELECT status, count(*) n FROM evolution_instance_creation_queue GROUP BY 1) s),
+       (SELECT string_agg(instance_status || '=' || n, ',' ORDER BY instance_status) FROM (SELECT instance_status, count(*) n FROM evolution_instances GROUP BY 1) s),
+       (SELECT count(*) FROM evoq.requeue_requests), (SELECT count(*) FROM evoq.skipped_profiles), (SELECT count(*) FROM evoq.circuit))")" \
+  "completed=3,failed=1,pending=2,connecting=2,open=1,1,1,1"
+copy_aside "$C" "$MID"
+compare_rows_c=$compare_rows
+check "0.2.0 rows copied aside" "$copied" "8 tables, 18 rows"
+
 # --- this tree's build, then ALTER EXTENSION evoq UPDATE ---------------------------------------------
 install_from "$ROOT" "$NEW" || die "this tree (evoq $NEW) does not build or install"
 check "the installed control file defaults to $NEW" "$(control_version)" "$NEW"
-check "$OLD's install script is still installed" "$([ -f "$EXTDIR/evoq--$OLD.sql" ] && echo yes)" "yes"
+check "$OLD's and $MID's install scripts are still installed" \
+  "$([ -f "$EXTDIR/evoq--$OLD.sql" ] && [ -f "$EXTDIR/evoq--$MID.sql" ] && echo yes)" "yes"
 # cargo pgrx install copies sql/evoq--*--*.sql itself, with @CARGO_VERSION@ filled in. ALTER
 # EXTENSION UPDATE chains them: $OLD -> ... -> $NEW.
 for script in sql/evoq--*--*.sql; do
@@ -169,10 +216,17 @@ q "$A" "ALTER EXTENSION evoq UPDATE"
 check "ALTER EXTENSION evoq UPDATE reaches $NEW" "$(q "$A" "SELECT extversion FROM pg_extension WHERE extname = 'evoq'")" "$NEW"
 [ "$SELFTEST" = rows ] && q "$A" "DELETE FROM evoq.job_runs WHERE job = 'refresh_qr'"
 q "$A" "$expected_migration" >/dev/null
-row_changes=$(q "$A" "$compare_rows" 2>&1)
+row_changes=$(q "$A" "$compare_rows_a" 2>&1)
 [ -z "$row_changes" ] || echo "$row_changes"
-check "every row and value survives the upgrade" "$(grep -c . <<<"$row_changes")" "0"
+check "every row and value survives the upgrade from $OLD" "$(grep -c . <<<"$row_changes")" "0"
 q "$A" "SET client_min_messages = warning; DROP SCHEMA upgrade_check CASCADE" # not evoq's
+
+q "$C" "ALTER EXTENSION evoq UPDATE"
+check "ALTER EXTENSION evoq UPDATE from $MID reaches $NEW" "$(q "$C" "SELECT extversion FROM pg_extension WHERE extname = 'evoq'")" "$NEW"
+row_changes=$(q "$C" "$compare_rows_c" 2>&1)
+[ -z "$row_changes" ] || echo "$row_changes"
+check "every row and value survives the upgrade from $MID" "$(grep -c . <<<"$row_changes")" "0"
+q "$C" "SET client_min_messages = warning; DROP SCHEMA upgrade_check CASCADE"
 
 # --- database B: a fresh install; both must be the same, object for object -------------------------
 q "$B" "CREATE EXTENSION evoq"
@@ -188,6 +242,7 @@ s/^SELECT pg_catalog\.binary_upgrade_set_next_[^\n]*\n//mg;   # the OIDs, relfil
 s/^-- For binary upgrade, set (heap|toast)'s relfrozenxid and relminmxid\nUPDATE pg_catalog\.pg_class\nSET relfrozenxid [^\n]*\nWHERE oid = [^\n]*\n//mg;   # a table's transaction horizon
 s/(binary_upgrade_create_empty_extension\([^{]*)\{[\d,]*\}/$1\{config tables by oid\}/g;   # compared by name below
 s/^\\(un)?restrict [^\n]*\n//mg;   # a random key per dump (15.14+)
+s/^SELECT pg_catalog\.setval\([^\n]*\n//mg;   # where a sequence stands: data (the rows are compared above)
 # Traces of ALTER TABLE in an upgraded table that a fresh one cannot have: the value rows older
 # than an ADD COLUMN ... DEFAULT take (the DEFAULT itself is compared), and dropped columns.
 s/^-- set missing value\.\nSELECT pg_catalog\.binary_upgrade_set_missing_value\([^\n]*\n//mg;
@@ -208,13 +263,19 @@ schema() { # schema DB
                    WHERE refclassid = 'pg_extension'::regclass AND deptype = 'e'
                      AND refobjid = (SELECT oid FROM pg_extension WHERE extname = 'evoq') ORDER BY 1) m"
 }
-schema "$A" >/tmp/evoq-upgrade/schema-upgraded.sql && schema "$B" >/tmp/evoq-upgrade/schema-fresh.sql
+schema "$A" >/tmp/evoq-upgrade/schema-upgraded.sql && schema "$B" >/tmp/evoq-upgrade/schema-fresh.sql &&
+  schema "$C" >/tmp/evoq-upgrade/schema-from-020.sql
 ntables=$(q "$B" "SELECT count(*) FROM pg_class WHERE relkind IN ('r', 'p') AND relnamespace::regnamespace::text IN ('public', 'evoq')")
 check "both dumps show every table" "$(cat /tmp/evoq-upgrade/schema-{upgraded,fresh}.sql | grep -c '^CREATE TABLE')" "$((2 * ntables))"
 if diff -u --label "upgraded from $OLD" --label "fresh $NEW" /tmp/evoq-upgrade/schema-{upgraded,fresh}.sql; then
   check "the upgraded schema equals a fresh install" same same
 else
   check "the upgraded schema equals a fresh install (diff above)" differs same
+fi
+if diff -u --label "upgraded from $MID" --label "fresh $NEW" /tmp/evoq-upgrade/schema-{from-020,fresh}.sql; then
+  check "the schema upgraded from $MID equals a fresh install" same same
+else
+  check "the schema upgraded from $MID equals a fresh install (diff above)" differs same
 fi
 
 # --- the upgraded database works ----------------------------------------------------------------
