@@ -38,5 +38,5 @@ RUST_TEST_THREADS=1 cargo pgrx test pg15 "${runas[@]}"
 echo "== integration tests (real cluster)"
 scripts/integration.sh
 
-echo "== upgrade from 0.1.0 (ALTER EXTENSION evoq UPDATE)"
+echo "== upgrades from 0.1.0 and 0.2.0 (ALTER EXTENSION evoq UPDATE)"
 scripts/upgrade-check.sh

@@ -91,6 +91,13 @@ cluster_init /tmp/evoq-upgrade 55435 "$A"
 cluster_start || die "the cluster does not start; see /tmp/evoq-upgrade/server.log"
 mock_start 18095 --api-key "$KEY" || die "the mock does not start"
 cluster_psql -d postgres -c "CREATE DATABASE $A" -c "CREATE DATABASE $B"
+# A partitioned profiles table: Postgres clones its triggers onto each partition under the same
+# name, which an upgrade that adds triggers to attached tables must not trip over.
+partitioned_with_trigger() {
+  q "$1" "CREATE TABLE part_profiles (id uuid NOT NULL DEFAULT gen_random_uuid(), region text NOT NULL) PARTITION BY LIST (region);
+          CREATE TABLE part_profiles_br PARTITION OF part_profiles FOR VALUES IN ('br')"
+  q "$1" "SELECT evoq_attach('part_profiles')" >/dev/null
+}
 profiles_with_trigger() {
   q "$1" "CREATE TABLE profiles (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), email text)"
   q "$1" "SELECT evoq_attach('profiles')" >/dev/null
@@ -99,6 +106,7 @@ q "$A" "CREATE EXTENSION pg_cron"
 q "$A" "CREATE EXTENSION evoq VERSION '$OLD'"
 q "$A" "SELECT evoq_configure(api_url => '$MOCK_URL', api_key => '$KEY', webhook_url => 'https://app.example/hook')" >/dev/null
 profiles_with_trigger "$A"
+partitioned_with_trigger "$A"
 # 31 February never comes: the jobs exist across the upgrade but never touch the rows under test.
 q "$A" "SELECT evoq_schedule('0 0 31 2 *', '0 0 31 2 *')" >/dev/null
 
@@ -164,6 +172,7 @@ cluster_psql -d postgres -c "CREATE DATABASE $C" >/dev/null
 q "$C" "CREATE EXTENSION evoq VERSION '$MID'"
 q "$C" "SELECT evoq_configure(api_url => '$MOCK_URL', api_key => '$KEY', webhook_url => 'https://app.example/hook')" >/dev/null
 profiles_with_trigger "$C"
+partitioned_with_trigger "$C"
 csignup() { q "$C" "INSERT INTO profiles (email) VALUES ('$1@example.com')"; }
 csignup gus; csignup hal; csignup ivy
 q "$C" "SELECT evoq_process_queue()" >/dev/null # completed
@@ -226,12 +235,17 @@ check "ALTER EXTENSION evoq UPDATE from $MID reaches $NEW" "$(q "$C" "SELECT ext
 row_changes=$(q "$C" "$compare_rows_c" 2>&1)
 [ -z "$row_changes" ] || echo "$row_changes"
 check "every row and value survives the upgrade from $MID" "$(grep -c . <<<"$row_changes")" "0"
+check "a partitioned profiles table got one delete trigger, cloned onto its partition" \
+  "$(q "$C" "SELECT string_agg(tgrelid::regclass || ':' || (tgparentid <> 0), ',' ORDER BY tgrelid::regclass::text)
+             FROM pg_trigger WHERE tgname = 'on_profile_deleted_delete_evolution_instance' AND tgrelid::regclass::text LIKE 'part_profiles%'")" \
+  "part_profiles:false,part_profiles_br:true"
 q "$C" "SET client_min_messages = warning; DROP SCHEMA upgrade_check CASCADE"
 
 # --- database B: a fresh install; both must be the same, object for object -------------------------
 q "$B" "CREATE EXTENSION evoq"
 check "a fresh install is $NEW" "$(q "$B" "SELECT extversion FROM pg_extension WHERE extname = 'evoq'")" "$NEW"
 profiles_with_trigger "$B"
+partitioned_with_trigger "$B"
 [ "$SELFTEST" = schema ] && q "$B" "ALTER TABLE evolution_instances ADD COLUMN selftest integer"
 
 # pg_dump prints only CREATE EXTENSION for an extension's objects, except with --binary-upgrade,
