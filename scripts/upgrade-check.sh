@@ -37,7 +37,7 @@ check() { # check NAME ACTUAL EXPECTED
 die() { echo "upgrade-check: $*" >&2; echo "$passed passed, $((failed + 1)) failed"; exit 1; }
 q() { cluster_psql -d "$1" -tA -c "$2"; } # q DB SQL
 mock() { curl -fsS -X "$1" "$MOCK_URL/__mock/$2" ${3:+-d "$3"} >/dev/null; }
-signup() { q "$A" "INSERT INTO profiles (email) VALUES ('$1@example.com')"; }
+signup() { q "$1" "INSERT INTO profiles (email) VALUES ('$2@example.com')"; } # signup DB NAME
 control_version() { sed -n "s/^default_version = '\(.*\)'$/\1/p" "$EXTDIR/evoq.control"; }
 
 installed=
@@ -110,17 +110,22 @@ partitioned_with_trigger "$A"
 # 31 February never comes: the jobs exist across the upgrade but never touch the rows under test.
 q "$A" "SELECT evoq_schedule('0 0 31 2 *', '0 0 31 2 *')" >/dev/null
 
-signup ana; signup bo; signup cy
-q "$A" "SELECT evoq_process_queue()" >/dev/null # completed
-mock POST faults '{"method":"POST","path_contains":"/instance/create","kind":"status","code":400,"times":1}'
-signup dee
-q "$A" "SELECT evoq_process_queue()" >/dev/null # failed: permanent
-mock POST faults '{"method":"POST","path_contains":"/instance/create","kind":"status","code":500,"times":1}'
-signup eve
-q "$A" "SELECT evoq_process_queue()" >/dev/null # pending: transient, backing off
-signup fay                                       # pending: never tried
-mock POST "instances/$(q "$A" "SELECT evoq_instance_name(id) FROM profiles WHERE email = 'ana@example.com'")/state" '{"state":"open"}'
-q "$A" "SELECT evoq_refresh_qr()" >/dev/null     # ana open, bo and cy with a QR
+# fill_in_every_state DB U1 .. U6: six sign-ups, and the queue rows and instances in every state.
+fill_in_every_state() {
+  local db=$1; shift
+  signup "$db" "$1"; signup "$db" "$2"; signup "$db" "$3"
+  q "$db" "SELECT evoq_process_queue()" >/dev/null # completed
+  mock POST faults '{"method":"POST","path_contains":"/instance/create","kind":"status","code":400,"times":1}'
+  signup "$db" "$4"
+  q "$db" "SELECT evoq_process_queue()" >/dev/null # failed: permanent
+  mock POST faults '{"method":"POST","path_contains":"/instance/create","kind":"status","code":500,"times":1}'
+  signup "$db" "$5"
+  q "$db" "SELECT evoq_process_queue()" >/dev/null # pending: transient, backing off
+  signup "$db" "$6"                                # pending: never tried
+  mock POST "instances/$(q "$db" "SELECT evoq_instance_name(id) FROM profiles WHERE email = '$1@example.com'")/state" '{"state":"open"}'
+  q "$db" "SELECT evoq_refresh_qr()" >/dev/null    # U1 open, U2 and U3 with a QR
+}
+fill_in_every_state "$A" ana bo cy dee eve fay
 
 check "0.1.0 queue rows in every state" \
   "$(q "$A" "SELECT string_agg(status || '=' || n, ',' ORDER BY status) FROM (SELECT status, count(*) n FROM evolution_instance_creation_queue GROUP BY 1) s")" \
@@ -173,18 +178,7 @@ q "$C" "CREATE EXTENSION evoq VERSION '$MID'"
 q "$C" "SELECT evoq_configure(api_url => '$MOCK_URL', api_key => '$KEY', webhook_url => 'https://app.example/hook')" >/dev/null
 profiles_with_trigger "$C"
 partitioned_with_trigger "$C"
-csignup() { q "$C" "INSERT INTO profiles (email) VALUES ('$1@example.com')"; }
-csignup gus; csignup hal; csignup ivy
-q "$C" "SELECT evoq_process_queue()" >/dev/null # completed
-mock POST faults '{"method":"POST","path_contains":"/instance/create","kind":"status","code":400,"times":1}'
-csignup jon
-q "$C" "SELECT evoq_process_queue()" >/dev/null # failed: permanent
-mock POST faults '{"method":"POST","path_contains":"/instance/create","kind":"status","code":500,"times":1}'
-csignup kim
-q "$C" "SELECT evoq_process_queue()" >/dev/null # pending: transient, backing off
-csignup lea                                      # pending: never tried
-mock POST "instances/$(q "$C" "SELECT evoq_instance_name(id) FROM profiles WHERE email = 'gus@example.com'")/state" '{"state":"open"}'
-q "$C" "SELECT evoq_refresh_qr()" >/dev/null     # gus open, hal and ivy with a QR
+fill_in_every_state "$C" gus hal ivy jon kim lea
 # 0.2.0's own tables: a requeue request waiting, a skipped profile, an open circuit.
 q "$C" "INSERT INTO evoq.requeue_requests (user_id, reason) SELECT id, 'reinserted' FROM profiles WHERE email = 'hal@example.com';
         INSERT INTO evoq.skipped_profiles (table_name, reason) VALUES ('public.profiles', 'column id is NULL');

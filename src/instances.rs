@@ -61,14 +61,9 @@ fn evoq_reconnect(user_id: pgrx::Uuid) -> String {
     )
     .or_internal("reading an instance");
     if recreate == Some(true) {
-        Spi::run_with_args(
-            "INSERT INTO evoq.requeue_requests (user_id, reason) VALUES ($1, 'lost')",
-            &[user_id.into()],
-        )
-        .and_then(|()| {
-            Spi::run_with_args("SELECT evoq._apply_requeue_requests($1)", &[user_id.into()])
-        })
-        .unwrap_or_else(|e| EvoqError::internal("could not queue the instance again", e).raise());
+        crate::queue::request_requeue(user_id, "lost").unwrap_or_else(|e| {
+            EvoqError::internal("could not queue the instance again", e).raise()
+        });
         return "lost".into();
     }
     let status = Spi::get_one_with_args::<String>(
@@ -110,7 +105,7 @@ fn evoq_reconnect(user_id: pgrx::Uuid) -> String {
 #[search_path(pg_catalog, @extschema@)]
 fn evoq_deprovision(user_id: pgrx::Uuid) -> String {
     require_owner_or_manager(user_id, "evoq_deprovision").or_raise();
-    request_deprovision(user_id)
+    crate::queue::request_requeue(user_id, "deprovision")
         .unwrap_or_else(|e| EvoqError::internal("could not queue a deprovisioning", e).raise());
     let state = Spi::get_three_with_args::<String, String, bool>(
         "SELECT q.action, q.status,
@@ -127,14 +122,4 @@ fn evoq_deprovision(user_id: pgrx::Uuid) -> String {
         _ => "nothing",
     }
     .into()
-}
-
-/// A requeue request for the user's deletion, applied at once unless a job holds the row. Never
-/// waits on a lock (see evoq._apply_requeue_requests).
-pub fn request_deprovision(user_id: pgrx::Uuid) -> Result<(), pgrx::spi::Error> {
-    Spi::run_with_args(
-        "INSERT INTO evoq.requeue_requests (user_id, reason) VALUES ($1, 'deprovision')",
-        &[user_id.into()],
-    )?;
-    Spi::run_with_args("SELECT evoq._apply_requeue_requests($1)", &[user_id.into()])
 }

@@ -22,15 +22,6 @@ const ENQUEUE_NEW: &str = "
     SELECT $1 WHERE NOT EXISTS (SELECT 1 FROM evolution_instance_creation_queue WHERE user_id = $1)
     ON CONFLICT (user_id) DO NOTHING";
 
-/// A profile inserted again for a queued user starts a new request (new request_id,
-/// retry_count + 1) whatever state the row was in: a requeue request, applied at once unless a
-/// job holds the row (then the job's next run applies it). Never a wait.
-/// Two statements: a row inserted by a CTE would not be visible to the function it calls.
-const REQUEUE: [&str; 2] = [
-    "INSERT INTO evoq.requeue_requests (user_id, reason) VALUES ($1, 'reinserted')",
-    "SELECT evoq._apply_requeue_requests($1)",
-];
-
 const RECORD_SKIP: &str = "INSERT INTO evoq.skipped_profiles (table_name, reason) VALUES ($1, $2)";
 
 thread_local! {
@@ -52,14 +43,12 @@ fn enqueue(user_id: pgrx::Uuid) -> Result<(), pgrx::spi::Error> {
         })
     })?;
     if !inserted {
-        // The rare path (a profile inserted again), in a subtransaction: between installing new
-        // evoq files and ALTER EXTENSION evoq UPDATE, the tables it writes may not exist yet,
-        // and that must not fail the application's insert.
+        // The rare path (a profile inserted again): a new request (new request_id, retry_count
+        // + 1) whatever state the row was in, never a wait. In a subtransaction: between
+        // installing new evoq files and ALTER EXTENSION evoq UPDATE, the tables it writes may not
+        // exist yet, and that must not fail the application's insert.
         let requeued = crate::subxact::attempt(|| {
-            REQUEUE
-                .iter()
-                .try_for_each(|sql| Spi::run_with_args(sql, &[user_id.into()]))
-                .map_err(|e| e.to_string())
+            crate::queue::request_requeue(user_id, "reinserted").map_err(|e| e.to_string())
         });
         if let Some(e) = requeued.and_then(|r| r).err() {
             pgrx::warning!(
@@ -126,7 +115,7 @@ fn handle_profile_evolution_instance_delete<'a>(
     match old.get_by_name::<pgrx::Uuid>(column) {
         Ok(Some(user_id)) => {
             let queued = crate::subxact::attempt(|| {
-                crate::instances::request_deprovision(user_id).map_err(|e| e.to_string())
+                crate::queue::request_requeue(user_id, "deprovision").map_err(|e| e.to_string())
             });
             if let Some(e) = queued.and_then(|r| r).err() {
                 pgrx::warning!(
