@@ -5,7 +5,8 @@
 #   BENCH_ROWS (10000)     queue size for the concurrency-64 and memory runs
 #   BENCH_BIG_ROWS (100000) queue size for the big memory drain
 #   BENCH_PGBENCH_SECONDS (10)
-#   BENCH_ONLY             comma list of sections to run: calls,trigger,memory,qr (default: all)
+#   BENCH_ONLY             comma list of sections to run: calls,trigger,memory,qr,worker (default: all)
+#   BENCH_IDLE_SECONDS (30) how long the idle worker's CPU is sampled
 #   BENCH_QR_SECONDS (45)  sampling time of each QR validity run
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -250,4 +251,98 @@ print('%-34s %9.1f%%   target >= 99%%' % ('webhook deliveries', 100 * $hook_vali
 print('delivery -> row, end to end through postgrest-standin (a psql process per delivery; %d QR deliveries):' % $n)
 print('    p50 %s ms, p99 %s ms' % ('$p50', '$p99'))
 print('delivery -> row inside PostgreSQL (evoq_webhook, one session): p50 %s ms, p99 %s ms, %s deliveries/s   target p99 < 50 ms' % ('$e50', '$e99', '$erate'))"
+fi
+
+# --- the background worker (0.4.0) -----------------------------------------------------------------
+# The same cluster restarted with evoq preloaded: the worker runs in evoq_bench, its listener on
+# 127.0.0.1:18795. Baselines: pg_cron's seed schedule for sign-up latency (computed from the
+# schedule: a sign-up waits for the next */5 tick), the SQL function in the same run for
+# throughput, and the ideal (in-flight bound / mean latency).
+if only worker; then
+LISTEN=127.0.0.1:18795
+cat >>"$CLUSTER_DIR/data/postgresql.conf" <<CONF
+shared_preload_libraries = 'pg_cron,evoq'
+evoq.database_name = 'evoq_bench'
+evoq.listen_address = '$LISTEN'
+CONF
+cluster_stop fast
+cluster_start
+wpid() { q "SELECT pid FROM pg_stat_activity WHERE backend_type = 'evoq worker'"; }
+for _ in $(seq 50); do [ -n "$(wpid)" ] && break; sleep 0.2; done
+mockcfg() { curl -fsS -X POST "$MOCK_URL/__mock/config" -d "$1" >/dev/null; }
+conf() { q "ALTER SYSTEM SET $1" >/dev/null; q "SELECT pg_reload_conf()" >/dev/null; sleep 0.5; }
+drained() { # waits until nothing is pending or processing
+  for _ in $(seq 3000); do
+    [ "$(q "SELECT count(*) FROM evolution_instance_creation_queue WHERE status IN ('pending', 'processing')")" = 0 ] && return 0
+    sleep 0.1
+  done
+  return 1
+}
+q "CREATE TABLE IF NOT EXISTS profiles (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), email text)"
+q "SELECT evoq_attach('profiles')" >/dev/null 2>&1 || true
+signup_rate() { # signup_rate N: creations per second, from the first sign-up to the last completion
+  q "SELECT count(*) / extract(epoch FROM max(processed_at) - min(created_at))
+     FROM evolution_instance_creation_queue WHERE status = 'completed'"
+}
+echo
+echo "== background worker"
+
+# sign-up -> create request: one sign-up every 100 ms, mock latency 0
+reset_all; mockcfg '{"latency_ms": 0, "slow_every": 0}'
+for i in $(seq 100); do q "INSERT INTO profiles (email) VALUES ('lat$i@example.com')" >/dev/null; sleep 0.1; done
+drained
+q "SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY ms) || ' ' || percentile_disc(0.99) WITHIN GROUP (ORDER BY ms)
+   FROM (SELECT extract(epoch FROM processed_at - created_at) * 1000 AS ms FROM evolution_instance_creation_queue) t" |
+  python3 -c "
+import sys; p50, p99 = map(float, sys.stdin.read().split())
+print('sign-up -> instance created (100 sign-ups, 100 ms apart; includes the create call):')
+print('    worker:                 p50 %8.1f ms   p99 %8.1f ms   target p99 < 1000 ms' % (p50, p99))
+print('    pg_cron */5 (baseline): p50 %8.0f ms   p99 %8.0f ms   (from the schedule, not measured)' % (150000, 297000))"
+
+# throughput under a latency mix: 90 % of calls 50 ms, 10 % 2.5 s
+mix() { # mix CONCURRENCY ROWS LATENCY SLOW_EVERY SLOW_MS
+  local c=$1 n=$2 mean
+  mean=$(python3 -c "e,s,l=$4,$5,$3; print((l*(e-1)+s)/e if e else l)")
+  reset_all; mockcfg "{\"latency_ms\": $3, \"slow_every\": $4, \"slow_ms\": $5}"
+  conf "evoq.concurrency = $c"
+  q "INSERT INTO profiles (email) SELECT 'mix' || g || '@example.com' FROM generate_series(1, $n) g" >/dev/null
+  drained
+  local w; w=$(signup_rate)
+  conf "evoq.worker = off"
+  reset_all; mockcfg "{\"latency_ms\": $3, \"slow_every\": $4, \"slow_ms\": $5}"
+  q "INSERT INTO evolution_instance_creation_queue (user_id) SELECT gen_random_uuid() FROM generate_series(1, $n)" >/dev/null
+  local s; s=$(q "SET evoq.concurrency = $c; SET evoq.batch_size = $((c * 2)); SELECT evoq_process_queue()")
+  conf "evoq.worker = on"
+  python3 -c "
+import json; s = json.loads('''$s'''); ideal = $c * 1000 / $mean
+sql = s['created'] / (s['elapsed_ms'] / 1000)
+print('%-30s c=%-5d %6d rows   worker %7.1f/s (%3.0f%%)   SQL function %7.1f/s (%3.0f%%)   ideal %7.1f/s' % ('$6', $c, $n, $w, 100 * $w / ideal, sql, 100 * sql / ideal, ideal))"
+}
+echo "throughput, creations per second (percent of ideal = in-flight bound / mean latency; target >= 90 %):"
+mix 16 600 50 10 2500 "90% 50 ms, 10% 2.5 s"
+mix 64 2000 50 10 2500 "90% 50 ms, 10% 2.5 s"
+mix 1000 3000 5000 0 0 "every call 5 s (a real create)"
+mix 1000 10000 200 0 0 "every call 200 ms, 10 000 users"
+echo "    (0.1.0's batch runner, measured in #10: 50 % at c=4 with one call in ten slow; pg_net 747/s at 200 ms)"
+
+# idle CPU and memory
+reset_all; mockcfg '{"latency_ms": 0, "slow_every": 0}'
+sleep 2
+pid=$(wpid)
+t0=$(awk '{print $14 + $15}' /proc/"$pid"/stat); sleep "${BENCH_IDLE_SECONDS:-30}"; t1=$(awk '{print $14 + $15}' /proc/"$pid"/stat)
+python3 -c "print('worker idle: %.3f %% of a core over ${BENCH_IDLE_SECONDS:-30} s   target < 1 %%' % (100 * ($t1 - $t0) / $(getconf CLK_TCK) / ${BENCH_IDLE_SECONDS:-30}))"
+
+# the listener: 1000 connecting instances, QR deliveries from 32 connections
+reset_all
+q "SELECT evoq_configure(api_url => '$MOCK_URL', api_key => 'bench-key', webhook_url => 'http://$LISTEN/')" >/dev/null
+q "INSERT INTO profiles (email) SELECT 'hook' || g || '@example.com' FROM generate_series(1, 1000) g" >/dev/null
+drained
+q "SELECT instance_name FROM evolution_instances WHERE instance_status = 'connecting'" >"$CLUSTER_DIR/instances.txt"
+secret=$(q "SELECT webhook_secret FROM evoq.settings")
+out=$(target/release/webhook-blast --url "http://$LISTEN/" --instances "$CLUSTER_DIR/instances.txt" \
+        --total 20000 --concurrency 32 --secret "$secret")
+python3 -c "
+import json; r = json.loads('''$out''')
+print('listener, %d QR deliveries over 32 connections to 1000 connecting instances:' % r['sent'])
+print('    %.0f deliveries/s   target >= 2000/s;   delivery -> committed row p50 %.1f ms, p99 %.1f ms   target p99 < 50 ms;   answers %s' % (r['per_second'], r['p50_ms'], r['p99_ms'], r['status_counts']))"
 fi

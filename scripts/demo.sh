@@ -4,6 +4,8 @@
 # signs up a few users, lets pg_cron and evoq do their work, and shows the queue and instances.
 # With the mock, the server's webhooks reach evoq_webhook through postgrest-standin (what PostgREST
 # does for /rest/v1/rpc/evoq_webhook): QRs arrive as the server issues them and a scan is seen at once.
+#   --worker           run it with the background worker (shared_preload_libraries) instead: sign-ups
+#                      provisioned at once, webhooks delivered straight to the worker's listener
 #   EVOQ_DEMO_KEEP=1   leave the cluster and the mock running afterwards (psql line printed)
 #   EVOQ_API_URL/EVOQ_API_KEY   use a real Evolution API server instead of the mock
 set -euo pipefail
@@ -15,7 +17,16 @@ echo "== building the mock Evolution API and installing evoq (release build, a f
 cargo build -p evolution-mock --release --quiet
 cargo pgrx install --release --pg-config "$PGBIN/pg_config" >/dev/null
 
+WORKER=0
+[ "${1:-}" = --worker ] && WORKER=1
 cluster_init /tmp/evoq-demo 55432 evoq_demo
+if [ "$WORKER" = 1 ]; then
+  cat >>"$CLUSTER_DIR/data/postgresql.conf" <<CONF
+shared_preload_libraries = 'pg_cron,evoq'
+evoq.database_name = 'evoq_demo'
+evoq.listen_address = '127.0.0.1:18082'
+CONF
+fi
 cluster_start
 STANDIN_PID=
 stop_all() { mock_stop; [ -n "$STANDIN_PID" ] && kill "$STANDIN_PID" 2>/dev/null; cluster_stop; }
@@ -32,6 +43,8 @@ else
     >"$CLUSTER_DIR/standin.log" 2>&1 &
   STANDIN_PID=$!
   WEBHOOK_URL=http://127.0.0.1:18081/rest/v1/rpc/evoq_webhook
+  # With the worker, the mock delivers to its listener: no PostgREST in between.
+  [ "$WORKER" = 1 ] && WEBHOOK_URL=http://127.0.0.1:18082/
 fi
 echo "== cluster at $CLUSTER_DIR (port $CLUSTER_PORT), Evolution API at $API_URL"
 cluster_psql -d postgres -c "CREATE DATABASE evoq_demo"
@@ -49,8 +62,18 @@ run "SELECT jobid, jobname, schedule, command, active FROM cron.job ORDER BY job
 run "INSERT INTO profiles (email) VALUES ('ana@example.com'), ('bruno@example.com'), ('carla@example.com')"
 run "SELECT p.email, q.status, q.retry_count, q.created_at FROM evolution_instance_creation_queue q JOIN profiles p ON p.id = q.user_id ORDER BY p.email"
 
-echo; echo "== process-evolution-queue runs every 5 minutes; run its command now rather than wait"
-run "SELECT evoq_process_queue()"
+wait_sql() { # wait_sql SQL EXPECTED: up to 10 s
+  for _ in $(seq 200); do [ "$(cluster_psql -d evoq_demo -tA -c "$1")" = "$2" ] && return 0; sleep 0.05; done
+}
+if [ "$WORKER" = 1 ]; then
+  echo; echo "== the background worker was woken by the commit: no cron tick, no call by hand"
+  wait_sql "SELECT count(*) FROM evolution_instance_creation_queue WHERE status = 'completed'" 3
+  run "SELECT p.email, q.status, q.processed_at - q.created_at AS waited FROM evolution_instance_creation_queue q JOIN profiles p ON p.id = q.user_id ORDER BY p.email"
+  run "SELECT worker_pid, worker_listener, worker_in_flight, worker_last_loop_at FROM evoq_status"
+else
+  echo; echo "== process-evolution-queue runs every 5 minutes; run its command now rather than wait"
+  run "SELECT evoq_process_queue()"
+fi
 if [ -n "$STANDIN_PID" ]; then
   echo; echo "== the server pushes each new QR to evoq_webhook: no refresh has run, yet the QRs are there"
   for _ in $(seq 50); do
@@ -86,7 +109,11 @@ if [ -z "${EVOQ_API_URL:-}" ]; then
   run "SELECT p.email, i.instance_status, i.owner_number, i.profile_name, i.qr_code IS NOT NULL AS has_qr, i.connected_at FROM evolution_instances i JOIN profiles p ON p.id = i.user_id ORDER BY p.email"
   echo; echo "== bruno deletes his account: his WhatsApp session is logged out and deleted at the server"
   run "DELETE FROM profiles WHERE email = 'bruno@example.com'"
-  run "SELECT evoq_process_queue()"
+  if [ "$WORKER" = 1 ]; then
+    wait_sql "SELECT instance_status FROM evolution_instances i JOIN evolution_instance_creation_queue q USING (user_id) WHERE q.action = 'delete'" deleted
+  else
+    run "SELECT evoq_process_queue()"
+  fi
   run "SELECT p.email, q.action, q.status, i.instance_status, i.disconnect_reason FROM evolution_instance_creation_queue q LEFT JOIN evolution_instances i USING (user_id) LEFT JOIN profiles p ON p.id = q.user_id ORDER BY q.created_at"
 fi
 run "SELECT pending, completed, failed, instances_connecting, instances_open, instances_deleted, webhooks_applied, last_process_run_at, last_error FROM evoq_status"

@@ -7,7 +7,9 @@
 #      pg_cron preloaded, each test with its own mock server)
 #   5. integration tests against a real cluster       scripts/integration.sh
 #      (system install, crash with pg_ctl stop -m immediate, pg_dump/restore, secrets in logs)
-#   6. the upgrade from 0.1.0, then ALTER EXTENSION   scripts/upgrade-check.sh
+#   6. the background worker, really preloaded        scripts/worker-check.sh
+#      (sign-up without cron, listener, kill -9, SIGTERM, pg_ctl stop -m immediate, SIGHUP)
+#   7. the upgrade from 0.1.0, then ALTER EXTENSION   scripts/upgrade-check.sh
 #      UPDATE: equal to a fresh install, every row kept
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +39,9 @@ RUST_TEST_THREADS=1 cargo pgrx test pg15 "${runas[@]}"
 
 echo "== integration tests (real cluster)"
 scripts/integration.sh
+
+echo "== the background worker (shared_preload_libraries = 'pg_cron,evoq')"
+scripts/worker-check.sh
 
 echo "== upgrades from 0.1.0 and 0.2.0 (ALTER EXTENSION evoq UPDATE)"
 scripts/upgrade-check.sh

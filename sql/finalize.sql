@@ -34,6 +34,76 @@ COMMENT ON FUNCTION evoq_reconnect(uuid) IS
 COMMENT ON FUNCTION evoq_deprovision(uuid) IS
     'Deletes a user''s instance at the Evolution API (log out, then delete), or cancels its creation if never tried.';
 
+-- 0.4.0: the view moved here from the schema part: it reads the worker's state from shared
+-- memory through a Rust function, which exists only once the schema part has run.
+-- One row for operators. Not security_invoker on purpose: it reads evoq's private tables, so it
+-- is revoked from PUBLIC and granted explicitly (to service_role on Supabase-like databases).
+CREATE VIEW evoq_status AS
+SELECT
+    count(*) FILTER (WHERE q.status = 'pending')                               AS pending,
+    count(*) FILTER (WHERE q.status = 'processing')                            AS processing,
+    count(*) FILTER (WHERE q.status = 'completed')                             AS completed,
+    count(*) FILTER (WHERE q.status = 'failed')                                AS failed,
+    count(*) FILTER (WHERE q.status = 'failed' AND q.error_kind = 'permanent') AS failed_permanent,
+    count(*) FILTER (WHERE q.status = 'pending' AND q.error_kind = 'transient') AS retrying,
+    now() - min(q.created_at) FILTER (WHERE q.status IN ('pending', 'processing')) AS oldest_pending_age,
+    min(q.next_attempt_at) FILTER (WHERE q.status IN ('pending', 'processing')) AS next_attempt_at,
+    (SELECT count(*) FROM evolution_instances WHERE instance_status = 'connecting') AS instances_connecting,
+    (SELECT count(*) FROM evolution_instances WHERE instance_status = 'open')       AS instances_open,
+    (SELECT count(*) FROM evolution_instances WHERE instance_status = 'lost')       AS instances_lost,
+    (SELECT finished_at FROM evoq.job_runs WHERE job = 'process_queue') AS last_process_run_at,
+    (SELECT summary FROM evoq.job_runs WHERE job = 'process_queue')     AS last_process_summary,
+    (SELECT finished_at FROM evoq.job_runs WHERE job = 'refresh_qr')    AS last_refresh_run_at,
+    (SELECT summary FROM evoq.job_runs WHERE job = 'refresh_qr')        AS last_refresh_summary,
+    (SELECT last_error FROM evoq.job_runs WHERE last_error_at IS NOT NULL ORDER BY last_error_at DESC LIMIT 1) AS last_error,
+    (SELECT max(last_error_at) FROM evoq.job_runs) AS last_error_at,
+    EXISTS (SELECT 1 FROM evoq.settings) AS configured,
+    -- 0.2.0
+    (SELECT namespace FROM evoq.settings) AS namespace,
+    (SELECT coalesce(nullif(api_version, 'auto'), detected_version) FROM evoq.settings) AS api_version,
+    CASE WHEN EXISTS (SELECT 1 FROM evoq.circuit) THEN 'open' ELSE 'closed' END AS circuit,
+    (SELECT opened_at FROM evoq.circuit)     AS circuit_opened_at,
+    (SELECT cause FROM evoq.circuit)         AS circuit_cause,
+    (SELECT next_probe_at FROM evoq.circuit) AS circuit_next_probe_at,
+    (SELECT count(*) FROM evoq.skipped_profiles) AS profiles_skipped,
+    (SELECT format('%s at %s: %s', table_name, skipped_at, reason) FROM evoq.skipped_profiles
+     ORDER BY id DESC LIMIT 1) AS last_profile_skip,
+    (SELECT count(*) FROM evoq.requeue_requests) AS requeue_requests_waiting,
+    -- 0.3.0
+    (SELECT count(*) FROM evolution_instances WHERE instance_status = 'close')   AS instances_close,
+    (SELECT count(*) FROM evolution_instances WHERE instance_status = 'refused') AS instances_refused,
+    (SELECT count(*) FROM evolution_instances WHERE instance_status = 'expired') AS instances_expired,
+    (SELECT count(*) FROM evolution_instances WHERE instance_status = 'deleted') AS instances_deleted,
+    (SELECT count(*) FROM evolution_instances WHERE instance_status = 'connecting' AND no_qr_rounds >= 3)
+        AS instances_without_qr,
+    CASE WHEN EXISTS (SELECT 1 FROM evolution_instances WHERE instance_status = 'connecting' AND no_qr_rounds >= 3)
+         THEN 'the Evolution API answers {"count":0} (no QR) for these instances, round after round: usually the '
+              'server''s WhatsApp Web version (CONFIG_SESSION_PHONE_VERSION) or its network to WhatsApp; see '
+              'Evolution API issues #1541 and #2385' END AS instances_without_qr_hint,
+    (SELECT count(*) FILTER (WHERE q.action = 'delete' AND q.status IN ('pending', 'processing'))) AS deletions_pending,
+    (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM evoq.webhooks_applied)  AS webhooks_applied,
+    (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM evoq.webhooks_ignored)  AS webhooks_ignored,
+    (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM evoq.webhooks_rejected) AS webhooks_rejected,
+    (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM evoq.webhooks_relayed)  AS webhooks_relayed,
+    (SELECT count(*) FROM evolution_instance_events) AS app_events_waiting,
+    (SELECT count(*) FROM evolution_instances i, evoq.settings s
+     WHERE s.webhook_url IS NOT NULL AND s.webhook_changed_at IS NOT NULL
+       AND i.instance_status IN ('connecting', 'open', 'close', 'refused', 'expired')
+       AND (i.webhook_set_at IS NULL OR i.webhook_set_at < s.webhook_changed_at)
+       AND evoq._is_ours(i.instance_name, s.namespace, s.owns_legacy_names)) AS webhooks_to_repoint,
+    -- 0.4.0: the background worker, from shared memory (all NULL but worker_loaded when evoq is
+    -- not in shared_preload_libraries, or the worker is not running)
+    (SELECT w.loaded FROM evoq._worker_state() w)       AS worker_loaded,
+    (SELECT w.pid FROM evoq._worker_state() w)          AS worker_pid,
+    (SELECT w.started_at FROM evoq._worker_state() w)   AS worker_started_at,
+    (SELECT w.last_loop_at FROM evoq._worker_state() w) AS worker_last_loop_at,
+    (SELECT w.in_flight FROM evoq._worker_state() w)    AS worker_in_flight,
+    (SELECT w.listener FROM evoq._worker_state() w)     AS worker_listener,
+    (SELECT w.last_error FROM evoq._worker_state() w)   AS worker_last_error
+FROM evolution_instance_creation_queue q;
+REVOKE ALL ON evoq_status FROM PUBLIC;
+COMMENT ON VIEW evoq_status IS 'Queue counts per state, oldest pending age, last runs and last error. Grant it to your operators.';
+
 -- Privileges and policies: nothing is executable by PUBLIC but evoq_current_user_id (RLS calls it)
 -- and evoq_instance_name (a user's instance name and the deployment's namespace),
 -- whatever default privileges granted (see evoq_apply_policies). Grant the rest to your service

@@ -387,32 +387,39 @@ AS $$
         coalesce((SELECT nullif(webhook_secret_previous, '') FROM evoq.settings), ''), '[redacted]')
 $$;
 
--- Claims up to batch_size due rows. SKIP LOCKED: an overlapping run takes other rows. A claimed
--- row stays locked until the run's transaction ends, so a crash or cancel simply makes it due
--- again; 'processing' is never visible to anyone else. 0.3.0: with the row's action, and the
--- name of the user's instance row (what a delete removes).
-CREATE FUNCTION evoq._claim_queue(batch_size integer) RETURNS jsonb
+-- Claims up to batch_size due rows. SKIP LOCKED: an overlapping run takes other rows. 0.4.0: a
+-- claimed row carries a lease: its next_attempt_at moves lease_ms ahead, so it is due for nobody
+-- else (this run's later claims included) until its result is written or the lease runs out. A
+-- SQL function's run holds its rows locked until it ends, so a crash or cancel there simply
+-- makes them due again; the background worker commits its claims, and a worker that died
+-- leaves rows that come due when their lease runs out (adoption on 403 keeps the retry free of
+-- duplicates). With the row's action, the name of the user's instance row (what a delete
+-- removes), and claimed_at: the results are written only to a row still held by this claim.
+CREATE FUNCTION evoq._claim_queue(batch_size integer, lease_ms bigint) RETURNS jsonb
 LANGUAGE sql
 SET search_path = pg_catalog, @extschema@
 AS $$
     WITH due AS (
-        SELECT id, status, updated_at FROM evolution_instance_creation_queue
+        SELECT id, status, updated_at, next_attempt_at FROM evolution_instance_creation_queue
         WHERE status IN ('pending', 'processing') AND next_attempt_at <= now()
         ORDER BY next_attempt_at, created_at
         LIMIT batch_size
         FOR UPDATE SKIP LOCKED
     ), claimed AS (
         UPDATE evolution_instance_creation_queue q
-        SET status = 'processing', attempts = q.attempts + 1, updated_at = clock_timestamp()
+        SET status = 'processing', attempts = q.attempts + 1, updated_at = clock_timestamp(),
+            next_attempt_at = clock_timestamp() + lease_ms * interval '1 millisecond'
         FROM due WHERE q.id = due.id
-        RETURNING q.id, q.user_id, q.request_id, q.attempts, q.instance_name, q.action,
-                  due.status AS prev_status, due.updated_at AS prev_updated_at
+        RETURNING q.id, q.user_id, q.request_id, q.attempts, q.instance_name, q.action, q.updated_at,
+                  due.status AS prev_status, due.updated_at AS prev_updated_at,
+                  due.next_attempt_at AS prev_next_attempt_at
     )
     SELECT coalesce(jsonb_agg(jsonb_build_object(
         'id', c.id, 'user_id', c.user_id, 'request_id', c.request_id, 'attempts', c.attempts,
         'instance_name', c.instance_name, 'action', c.action,
         'instance_row_name', (SELECT i.instance_name FROM evolution_instances i WHERE i.user_id = c.user_id),
-        'prev_status', c.prev_status, 'prev_updated_at', c.prev_updated_at)), '[]')
+        'prev_status', c.prev_status, 'prev_updated_at', c.prev_updated_at,
+        'prev_next_attempt_at', c.prev_next_attempt_at, 'claimed_at', c.updated_at)), '[]')
     FROM claimed c
 $$;
 
@@ -423,9 +430,12 @@ LANGUAGE sql
 SET search_path = pg_catalog, @extschema@
 AS $$
     UPDATE evolution_instance_creation_queue q
-    SET status = c.prev_status, attempts = greatest(q.attempts - 1, 0), updated_at = c.prev_updated_at
-    FROM jsonb_to_recordset(claims) AS c(id uuid, prev_status text, prev_updated_at timestamptz)
+    SET status = c.prev_status, attempts = greatest(q.attempts - 1, 0), updated_at = c.prev_updated_at,
+        next_attempt_at = coalesce(c.prev_next_attempt_at, q.next_attempt_at)
+    FROM jsonb_to_recordset(claims) AS c(id uuid, prev_status text, prev_updated_at timestamptz,
+                                         prev_next_attempt_at timestamptz, claimed_at timestamptz)
     WHERE q.id = c.id AND q.status = 'processing'
+      AND (c.claimed_at IS NULL OR q.updated_at = c.claimed_at)
 $$;
 
 -- Applies the requeue requests (re-inserted profiles, lost instances, deprovisioned users) whose
@@ -457,8 +467,10 @@ AS $$
                          FILTER (WHERE reason <> 'lost'))[1], 'lost') AS reason
         FROM req GROUP BY user_id
     ), free AS (
+        -- 0.4.0: a row the background worker claimed is held by its lease, not by a lock
         SELECT q.id, q.user_id, q.action, q.status FROM evolution_instance_creation_queue q
         WHERE q.user_id IN (SELECT user_id FROM per_user)
+          AND NOT (q.status = 'processing' AND q.next_attempt_at > clock_timestamp())
         FOR UPDATE SKIP LOCKED
     ), decided AS (
         SELECT free.id, free.user_id, p.n, p.reason,
@@ -529,15 +541,21 @@ $$;
 --   (webhook_version: the evoq.settings.webhook_changed_at whose webhook the create carried)
 --   {"id", "instance_name", "ok": true, "action": "delete"}
 --   {"id", "instance_name", "ok": false, "error", "http_status", "error_kind", "retry_in_ms" | null (give up)}
+-- each with "claimed_at" (0.4.0), the claim's stamp: a row no longer held by that claim is left alone.
 CREATE FUNCTION evoq._record_queue_results(results jsonb) RETURNS void
 LANGUAGE sql
 SET search_path = pg_catalog, @extschema@
 AS $$
-    WITH r AS (
+    WITH given AS (
         SELECT * FROM jsonb_to_recordset(results) AS x(
             id uuid, instance_name text, ok boolean, action text, instance_id text, token text, instance_status text,
             qr_code text, qr_text text, pairing_code text, qr_count integer, webhook_version timestamptz,
-            error text, http_status integer, error_kind text, retry_in_ms bigint)
+            error text, http_status integer, error_kind text, retry_in_ms bigint, claimed_at timestamptz)
+    ), r AS (
+        -- 0.4.0: only rows still held by the claim that made the call (a worker's lease that
+        -- ran out may have let another run take the row, or a deprovisioning re-queued it)
+        SELECT given.* FROM given JOIN evolution_instance_creation_queue q ON q.id = given.id
+        WHERE q.status = 'processing' AND (given.claimed_at IS NULL OR q.updated_at = given.claimed_at)
     ), ok AS (
         SELECT r.*, q.user_id FROM r JOIN evolution_instance_creation_queue q ON q.id = r.id
         WHERE r.ok AND coalesce(r.action, 'create') = 'create'
@@ -624,8 +642,13 @@ $$;
 --   check:   open, not checked within check_interval_ms: ask connectionState (never connect).
 -- close, refused and expired instances are never connected by a job: only evoq_reconnect
 -- re-arms them. Another deployment's instances (rows a copy inherited) are not touched.
+-- 0.4.0: busy are the instances the caller has in flight (its own transaction would otherwise
+-- claim them again: they are locked by itself); qr_fresh_ms > 0 also skips connecting instances
+-- whose QR (polled or delivered by webhook) is younger than that, so with webhooks arriving
+-- polling stays a fallback.
 CREATE FUNCTION evoq._claim_refresh(batch_size integer, min_interval_ms bigint, window_ms bigint,
-                                    check_interval_ms bigint, repoint boolean) RETURNS jsonb
+                                    check_interval_ms bigint, repoint boolean, busy uuid[],
+                                    qr_fresh_ms bigint) RETURNS jsonb
 LANGUAGE plpgsql
 SET search_path = pg_catalog, @extschema@
 AS $$
@@ -644,6 +667,10 @@ BEGIN
         FROM evolution_instances
         WHERE instance_status = 'connecting'
           AND (last_refresh_at IS NULL OR last_refresh_at <= paced)
+          AND (qr_fresh_ms <= 0 OR last_qr_update IS NULL
+               OR last_qr_update <= now() - qr_fresh_ms * interval '1 millisecond'
+               OR coalesce(connecting_since, created_at) <= now() - window_ms * interval '1 millisecond')
+          AND id <> ALL (busy)
           AND evoq._is_ours(instance_name, s.namespace, s.owns_legacy_names)
           -- a user being deprovisioned: only the deletion touches the instance
           AND NOT EXISTS (SELECT 1 FROM evolution_instance_creation_queue q
@@ -672,6 +699,7 @@ BEGIN
               AND NOT EXISTS (SELECT 1 FROM evolution_instance_creation_queue q
                               WHERE q.user_id = evolution_instances.user_id AND q.action = 'delete')
               AND id NOT IN (SELECT (c->>'id')::uuid FROM jsonb_array_elements(claimed) c)
+              AND id <> ALL (busy)
             ORDER BY webhook_set_at NULLS FIRST
             LIMIT batch_size - jsonb_array_length(claimed)
             FOR UPDATE SKIP LOCKED
@@ -693,6 +721,7 @@ BEGIN
           AND NOT EXISTS (SELECT 1 FROM evolution_instance_creation_queue q
                           WHERE q.user_id = evolution_instances.user_id AND q.action = 'delete')
           AND id NOT IN (SELECT (c->>'id')::uuid FROM jsonb_array_elements(claimed) c)
+          AND id <> ALL (busy)
         ORDER BY last_state_check_at NULLS FIRST
         LIMIT batch_size - jsonb_array_length(claimed)
         FOR UPDATE SKIP LOCKED
@@ -708,6 +737,42 @@ BEGIN
 END
 $$;
 
+-- 0.4.0: how long, in ms, until the next row is due for either job (0: one is due now; at most
+-- max_ms). The background worker sleeps that long when nothing wakes it earlier. Same conditions
+-- as the claims, so a row no claim would take never keeps the worker awake.
+CREATE FUNCTION evoq._next_due_ms(min_interval_ms bigint, window_ms bigint, check_interval_ms bigint,
+                                  max_ms bigint) RETURNS double precision
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, @extschema@
+AS $$
+    WITH s AS (SELECT namespace, owns_legacy_names, webhook_url, webhook_changed_at FROM evoq.settings),
+    mine AS (
+        SELECT i.* FROM evolution_instances i, s
+        WHERE evoq._is_ours(i.instance_name, s.namespace, s.owns_legacy_names)
+          AND NOT EXISTS (SELECT 1 FROM evolution_instance_creation_queue q
+                          WHERE q.user_id = i.user_id AND q.action = 'delete')
+    ), due AS (
+        SELECT min(next_attempt_at) AS at FROM evolution_instance_creation_queue
+        WHERE status IN ('pending', 'processing')
+        UNION ALL
+        SELECT min(least(greatest(coalesce(last_refresh_at, '-infinity'), coalesce(last_qr_update, '-infinity'))
+                             + min_interval_ms * interval '1 millisecond',
+                         coalesce(connecting_since, created_at) + window_ms * interval '1 millisecond'))
+        FROM mine WHERE instance_status = 'connecting'
+        UNION ALL
+        SELECT min(coalesce(last_state_check_at, '-infinity') + check_interval_ms * interval '1 millisecond')
+        FROM mine WHERE instance_status = 'open'
+        UNION ALL
+        SELECT now() FROM mine, s
+        WHERE s.webhook_url IS NOT NULL AND s.webhook_changed_at IS NOT NULL
+          AND mine.instance_status IN ('connecting', 'open', 'close', 'refused', 'expired')
+          AND (mine.webhook_set_at IS NULL OR mine.webhook_set_at < s.webhook_changed_at)
+    )
+    SELECT greatest(0, least(max_ms::double precision,
+                             extract(epoch FROM (min(at) - clock_timestamp())) * 1000))
+    FROM due
+$$;
+
 -- Writes the outcome of a refresh batch. Each element: {"id", "outcome", "qr_code", "qr_text",
 -- "pairing_code", "qr_count", "error"}, outcome one of
 --   qr, no_qr, open, lost, error           (connect);
@@ -716,6 +781,7 @@ $$;
 --   repointed                              (repoint; with "webhook_version", as above);
 --   gone                                   (repoint of an idle instance the server lost: lost,
 --                                           not created again until evoq_reconnect).
+-- and "claimed_status" (0.4.0): the row's status at the claim; a row no longer in it is left alone.
 CREATE FUNCTION evoq._record_refresh_results(results jsonb) RETURNS void
 LANGUAGE sql
 SET search_path = pg_catalog, @extschema@
@@ -723,7 +789,7 @@ AS $$
     WITH r AS (
         SELECT * FROM jsonb_to_recordset(results) AS x(
             id uuid, outcome text, qr_code text, qr_text text, pairing_code text, qr_count integer, error text,
-            webhook_version timestamptz)
+            webhook_version timestamptz, claimed_status text)
     ), updated AS (
         UPDATE evolution_instances i SET
             instance_status = CASE r.outcome WHEN 'open' THEN 'open' WHEN 'lost' THEN 'lost' WHEN 'gone' THEN 'lost'
@@ -755,6 +821,9 @@ AS $$
             last_error_at = CASE WHEN r.outcome IN ('error', 'lost', 'gone') THEN clock_timestamp() ELSE i.last_error_at END,
             updated_at = clock_timestamp()
         FROM r WHERE i.id = r.id
+          -- 0.4.0: the worker does not hold the row during the call; a delivery that moved it
+          -- on meanwhile wins
+          AND (r.claimed_status IS NULL OR i.instance_status = r.claimed_status)
         RETURNING i.user_id, i.instance_name, r.outcome
     )
     -- A lost instance is created again: a requeue request, applied by the queue's next run (or at
@@ -877,61 +946,3 @@ AS $$
         last_error_at = coalesce(excluded.last_error_at, j.last_error_at)
 $$;
 
--- One row for operators. Not security_invoker on purpose: it reads evoq's private tables, so it
--- is revoked from PUBLIC and granted explicitly (to service_role on Supabase-like databases).
-CREATE VIEW evoq_status AS
-SELECT
-    count(*) FILTER (WHERE q.status = 'pending')                               AS pending,
-    count(*) FILTER (WHERE q.status = 'processing')                            AS processing,
-    count(*) FILTER (WHERE q.status = 'completed')                             AS completed,
-    count(*) FILTER (WHERE q.status = 'failed')                                AS failed,
-    count(*) FILTER (WHERE q.status = 'failed' AND q.error_kind = 'permanent') AS failed_permanent,
-    count(*) FILTER (WHERE q.status = 'pending' AND q.error_kind = 'transient') AS retrying,
-    now() - min(q.created_at) FILTER (WHERE q.status IN ('pending', 'processing')) AS oldest_pending_age,
-    min(q.next_attempt_at) FILTER (WHERE q.status IN ('pending', 'processing')) AS next_attempt_at,
-    (SELECT count(*) FROM evolution_instances WHERE instance_status = 'connecting') AS instances_connecting,
-    (SELECT count(*) FROM evolution_instances WHERE instance_status = 'open')       AS instances_open,
-    (SELECT count(*) FROM evolution_instances WHERE instance_status = 'lost')       AS instances_lost,
-    (SELECT finished_at FROM evoq.job_runs WHERE job = 'process_queue') AS last_process_run_at,
-    (SELECT summary FROM evoq.job_runs WHERE job = 'process_queue')     AS last_process_summary,
-    (SELECT finished_at FROM evoq.job_runs WHERE job = 'refresh_qr')    AS last_refresh_run_at,
-    (SELECT summary FROM evoq.job_runs WHERE job = 'refresh_qr')        AS last_refresh_summary,
-    (SELECT last_error FROM evoq.job_runs WHERE last_error_at IS NOT NULL ORDER BY last_error_at DESC LIMIT 1) AS last_error,
-    (SELECT max(last_error_at) FROM evoq.job_runs) AS last_error_at,
-    EXISTS (SELECT 1 FROM evoq.settings) AS configured,
-    -- 0.2.0
-    (SELECT namespace FROM evoq.settings) AS namespace,
-    (SELECT coalesce(nullif(api_version, 'auto'), detected_version) FROM evoq.settings) AS api_version,
-    CASE WHEN EXISTS (SELECT 1 FROM evoq.circuit) THEN 'open' ELSE 'closed' END AS circuit,
-    (SELECT opened_at FROM evoq.circuit)     AS circuit_opened_at,
-    (SELECT cause FROM evoq.circuit)         AS circuit_cause,
-    (SELECT next_probe_at FROM evoq.circuit) AS circuit_next_probe_at,
-    (SELECT count(*) FROM evoq.skipped_profiles) AS profiles_skipped,
-    (SELECT format('%s at %s: %s', table_name, skipped_at, reason) FROM evoq.skipped_profiles
-     ORDER BY id DESC LIMIT 1) AS last_profile_skip,
-    (SELECT count(*) FROM evoq.requeue_requests) AS requeue_requests_waiting,
-    -- 0.3.0
-    (SELECT count(*) FROM evolution_instances WHERE instance_status = 'close')   AS instances_close,
-    (SELECT count(*) FROM evolution_instances WHERE instance_status = 'refused') AS instances_refused,
-    (SELECT count(*) FROM evolution_instances WHERE instance_status = 'expired') AS instances_expired,
-    (SELECT count(*) FROM evolution_instances WHERE instance_status = 'deleted') AS instances_deleted,
-    (SELECT count(*) FROM evolution_instances WHERE instance_status = 'connecting' AND no_qr_rounds >= 3)
-        AS instances_without_qr,
-    CASE WHEN EXISTS (SELECT 1 FROM evolution_instances WHERE instance_status = 'connecting' AND no_qr_rounds >= 3)
-         THEN 'the Evolution API answers {"count":0} (no QR) for these instances, round after round: usually the '
-              'server''s WhatsApp Web version (CONFIG_SESSION_PHONE_VERSION) or its network to WhatsApp; see '
-              'Evolution API issues #1541 and #2385' END AS instances_without_qr_hint,
-    (SELECT count(*) FILTER (WHERE q.action = 'delete' AND q.status IN ('pending', 'processing'))) AS deletions_pending,
-    (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM evoq.webhooks_applied)  AS webhooks_applied,
-    (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM evoq.webhooks_ignored)  AS webhooks_ignored,
-    (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM evoq.webhooks_rejected) AS webhooks_rejected,
-    (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM evoq.webhooks_relayed)  AS webhooks_relayed,
-    (SELECT count(*) FROM evolution_instance_events) AS app_events_waiting,
-    (SELECT count(*) FROM evolution_instances i, evoq.settings s
-     WHERE s.webhook_url IS NOT NULL AND s.webhook_changed_at IS NOT NULL
-       AND i.instance_status IN ('connecting', 'open', 'close', 'refused', 'expired')
-       AND (i.webhook_set_at IS NULL OR i.webhook_set_at < s.webhook_changed_at)
-       AND evoq._is_ours(i.instance_name, s.namespace, s.owns_legacy_names)) AS webhooks_to_repoint
-FROM evolution_instance_creation_queue q;
-REVOKE ALL ON evoq_status FROM PUBLIC;
-COMMENT ON VIEW evoq_status IS 'Queue counts per state, oldest pending age, last runs and last error. Grant it to your operators.';

@@ -35,6 +35,7 @@ fn require_owner_or_manager(user_id: pgrx::Uuid, action: &str) -> Result<(), Evo
 #[search_path(pg_catalog, @extschema@)]
 fn evoq_reconnect(user_id: pgrx::Uuid) -> String {
     require_owner_or_manager(user_id, "evoq_reconnect").or_raise();
+    crate::worker::wake_at_commit();
     let rearmed = Spi::get_one_with_args::<String>(
         "UPDATE evolution_instances i SET
              instance_status = 'connecting', connecting_since = clock_timestamp(), last_refresh_at = NULL,

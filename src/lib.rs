@@ -4,7 +4,9 @@
 // Pure Rust, no pgrx: tested with plain `cargo test`.
 pub mod evolution;
 pub mod lifecycle;
+pub mod listener;
 pub mod names;
+pub mod pipeline;
 pub mod policy;
 pub mod pool;
 pub mod summary;
@@ -20,6 +22,7 @@ mod settings;
 mod subxact;
 mod trigger;
 mod webhook;
+mod worker;
 
 #[cfg(any(test, feature = "pg_test"))]
 mod pg_tests;
@@ -37,6 +40,7 @@ mod testing;
 #[::pgrx::pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     settings::register_gucs();
+    worker::init();
 }
 
 /// Required by `cargo pgrx test`.

@@ -25,13 +25,18 @@ pub const WAIT_SLICE: Duration = Duration::from_millis(20);
 /// The most pool threads alive at once in one backend process, leftovers of earlier runs
 /// included.
 ///
-/// `evoq.concurrency` tops out at 128, so 256 lets one run have its full concurrency while a
-/// whole pool left behind by the previous run (all its threads stuck on a slow server until
-/// their HTTP timeout) is still draining. Beyond that, more threads only add load on a server
-/// that is already not answering. Each thread costs a stack (virtual, 2 MiB reserved) and at
-/// most one reply in flight (`evolution::MAX_REPLY_BYTES`), so the cap also bounds what a
-/// backend can hold for HTTP: 256 × 1 MiB of replies.
-pub const MAX_LIVE_THREADS: usize = 256;
+/// `evoq.concurrency` tops out at 4096, so twice that lets one run have its full concurrency
+/// while a whole pool left behind by the previous run (all its threads stuck on a slow server
+/// until their HTTP timeout) is still draining. Beyond that, more threads only add load on a
+/// server that is already not answering. Each thread costs a stack (`THREAD_STACK_BYTES`
+/// reserved, the touched pages resident) and at most one reply in flight
+/// (`evolution::MAX_REPLY_BYTES`, replies are small in practice).
+pub const MAX_LIVE_THREADS: usize = 8_192;
+
+/// The stack of a pool thread. An HTTP call (ureq, rustls, serde_json on a 1 MiB reply at most)
+/// needs far less than Rust's default 2 MiB, and thousands of calls in flight mean thousands of
+/// threads: reserved address space, of which only the touched pages cost memory.
+pub const THREAD_STACK_BYTES: usize = 512 * 1024;
 
 /// The name of every pool thread, as `ps -L` and debuggers show it.
 pub const WORKER_THREAD_NAME: &str = "evoq-http";
@@ -54,7 +59,23 @@ where
     F: FnOnce() -> T + Send + 'static,
     T: Send + 'static,
 {
-    let builder = std::thread::Builder::new().name(name.to_string());
+    spawn_sized(name, None, f)
+}
+
+/// `spawn_with_signals_blocked` with a stack of `stack_size` bytes (None: Rust's default).
+pub fn spawn_sized<F, T>(
+    name: &str,
+    stack_size: Option<usize>,
+    f: F,
+) -> std::io::Result<JoinHandle<T>>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    let mut builder = std::thread::Builder::new().name(name.to_string());
+    if let Some(bytes) = stack_size {
+        builder = builder.stack_size(bytes);
+    }
     let _restore = SignalMask::block_all()?;
     builder.spawn(f)
     // `_restore` drops here: the caller gets its own mask back once the thread has been
@@ -165,38 +186,48 @@ impl Drop for WorkerLife {
     }
 }
 
-type Job<T> = (u64, usize, T);
+/// An item handed to the workers: its generation, its key, the work.
+type Job<T> = (u64, u64, T);
+/// A result: the generation and key of its item; None if the work panicked.
+type Done<R> = (u64, u64, Option<R>);
 
-/// Worker threads that live for one run and take the HTTP calls of batch after batch, so a
-/// long drain does not start thousands of threads (nor churn their stacks and malloc arenas).
+/// Worker threads that take HTTP calls one at a time, as they come: a streaming pool. The
+/// caller `submit`s an item whenever a slot is free and takes results as they arrive, so no call
+/// waits for another (a batch that waits for its slowest call wastes the other slots: measured
+/// on 0.1.0, 50 % of what the concurrency allows with one call in ten slow). Threads live as long
+/// as the pool, so a long drain does not start thousands of threads (nor churn their stacks and
+/// malloc arenas).
 ///
-/// A pool starts up to `concurrency` threads, fewer when the process-wide cap leaves less
-/// room; it keeps trying to start the missing ones while it waits, as leftovers of earlier
-/// runs exit. With no thread at all it still returns at the deadline (unserved items as None)
-/// and still runs `on_wait`, so a cancel is honoured.
+/// A pool starts up to `concurrency` threads, as items come, fewer when the process-wide cap
+/// leaves less room; it keeps trying to start the missing ones while it waits, as leftovers of
+/// earlier runs exit. `abandon` forgets everything submitted so far: items not started yet never
+/// start, late answers are dropped.
 pub struct Pool<T, R> {
     concurrency: usize,
+    stack_size: Option<usize>,
     work: Arc<dyn Fn(T) -> R + Send + Sync>,
     jobs: Option<mpsc::Sender<Job<T>>>,
     shared_jobs: Arc<Mutex<mpsc::Receiver<Job<T>>>>,
-    results_tx: mpsc::Sender<(u64, usize, Option<R>)>,
-    results: mpsc::Receiver<(u64, usize, Option<R>)>,
-    /// The batch whose queued items workers may still start; 0 (no batch) between batches and
-    /// once the pool is dropped. An item left in the queue when its batch ended (deadline,
-    /// cancel) is thrown away unstarted: nobody waits for its answer any more.
-    open_batch: Arc<AtomicU64>,
+    results_tx: mpsc::Sender<Done<R>>,
+    results: mpsc::Receiver<Done<R>>,
+    /// Items of this generation may start; bumped by `abandon` and when the pool is dropped, so
+    /// an item still queued then is thrown away unstarted: nobody waits for its answer any more.
+    generation: Arc<AtomicU64>,
+    /// Submitted in the current generation and not yet received.
+    in_flight: usize,
+    /// Called by a worker after each result it sends (the background worker sets its latch).
+    notify: Option<Arc<dyn Fn() + Send + Sync>>,
     /// This pool's live threads.
     workers: Arc<AtomicUsize>,
     budget: &'static ThreadBudget,
-    batch: u64,
 }
 
-/// Closes the batch when `run` returns or unwinds.
-struct CloseBatch(Arc<AtomicU64>);
+/// Abandons the pool's current generation when dropped (`run` returns or unwinds).
+struct Abandon(Arc<AtomicU64>);
 
-impl Drop for CloseBatch {
+impl Drop for Abandon {
     fn drop(&mut self) {
-        self.0.store(0, Ordering::SeqCst);
+        self.0.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -214,22 +245,52 @@ impl<T: Send + 'static, R: Send + 'static> Pool<T, R> {
         let (results_tx, results) = mpsc::channel();
         Pool {
             concurrency: concurrency.max(1),
+            stack_size: Some(THREAD_STACK_BYTES),
             work: Arc::new(work),
             jobs: Some(jobs),
             shared_jobs: Arc::new(Mutex::new(shared_jobs)),
             results_tx,
             results,
-            open_batch: Arc::new(AtomicU64::new(0)),
+            generation: Arc::new(AtomicU64::new(1)),
+            in_flight: 0,
+            notify: None,
             workers: Arc::new(AtomicUsize::new(0)),
             budget,
-            batch: 0,
         }
+    }
+
+    /// Threads started from now on get this stack (a pool of thousands of calls in flight needs
+    /// small ones; the default is Rust's 2 MiB).
+    pub fn with_stack_size(mut self, bytes: usize) -> Self {
+        self.stack_size = Some(bytes);
+        self
+    }
+
+    /// `notify` is called on the worker thread after each result is sent.
+    pub fn with_notify(mut self, notify: Arc<dyn Fn() + Send + Sync>) -> Self {
+        self.notify = Some(notify);
+        self
     }
 
     /// This pool's live threads (at most `concurrency`; fewer while the process-wide cap is
     /// reached).
     pub fn workers(&self) -> usize {
         self.workers.load(Ordering::SeqCst)
+    }
+
+    /// The most items this pool works on at once.
+    pub fn concurrency(&self) -> usize {
+        self.concurrency
+    }
+
+    /// Items submitted (since the last `abandon`) whose results have not been received.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Free slots: how many more items can be submitted without queueing behind others.
+    pub fn room(&self) -> usize {
+        self.concurrency.saturating_sub(self.in_flight)
     }
 
     /// Starts one worker if the budget has room; false if it has none (or the OS refused).
@@ -242,14 +303,15 @@ impl<T: Send + 'static, R: Send + 'static> Pool<T, R> {
             _slot: slot,
             workers: self.workers.clone(),
         };
-        let (jobs, results, open_batch, work) = (
+        let (jobs, results, generation, work, notify) = (
             self.shared_jobs.clone(),
             self.results_tx.clone(),
-            self.open_batch.clone(),
+            self.generation.clone(),
             self.work.clone(),
+            self.notify.clone(),
         );
         // On failure the closure, and with it `life`, is dropped: the slot is given back.
-        spawn_with_signals_blocked(WORKER_THREAD_NAME, move || {
+        spawn_sized(WORKER_THREAD_NAME, self.stack_size, move || {
             let _life = life;
             loop {
                 let next = match jobs.lock() {
@@ -257,24 +319,29 @@ impl<T: Send + 'static, R: Send + 'static> Pool<T, R> {
                     Err(_) => return,
                 };
                 // The pool is gone: nothing more will come.
-                let Ok((batch, index, item)) = next else {
+                let Ok((gen, key, item)) = next else {
                     return;
                 };
-                if open_batch.load(Ordering::SeqCst) != batch {
+                if generation.load(Ordering::SeqCst) != gen {
                     continue;
                 }
                 let result =
                     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(item))).ok();
-                if results.send((batch, index, result)).is_err() {
+                if results.send((gen, key, result)).is_err() {
                     return;
+                }
+                if let Some(notify) = &notify {
+                    notify();
                 }
             }
         })
         .is_ok()
     }
 
-    /// Starts workers until the pool has `wanted` or the budget is exhausted.
-    fn top_up(&mut self, wanted: usize) {
+    /// Starts workers until the pool has enough for what is in flight, or the budget is
+    /// exhausted.
+    fn top_up(&mut self) {
+        let wanted = self.concurrency.min(self.in_flight);
         while self.workers() < wanted {
             if !self.spawn_worker() {
                 break;
@@ -282,10 +349,62 @@ impl<T: Send + 'static, R: Send + 'static> Pool<T, R> {
         }
     }
 
+    /// Hands one item to the workers; its result comes back from `recv_timeout`/`try_recv`
+    /// with `key`. Submitting more than `room()` items queues them behind the others.
+    pub fn submit(&mut self, key: u64, item: T) {
+        let gen = self.generation.load(Ordering::SeqCst);
+        let Some(jobs) = self.jobs.as_ref() else {
+            return;
+        };
+        if jobs.send((gen, key, item)).is_ok() {
+            self.in_flight += 1;
+            self.top_up();
+        }
+    }
+
+    /// The next result of the current generation, waiting at most `wait`. `Some((key, None))`:
+    /// that item's work panicked. None: nothing arrived in time.
+    pub fn recv_timeout(&mut self, wait: Duration) -> Option<(u64, Option<R>)> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let got = if left.is_zero() {
+                self.results.try_recv().ok()
+            } else {
+                self.results.recv_timeout(left).ok()
+            };
+            match got {
+                // A late answer of an abandoned generation is dropped.
+                Some((gen, key, result)) if gen == self.generation.load(Ordering::SeqCst) => {
+                    self.in_flight = self.in_flight.saturating_sub(1);
+                    return Some((key, result));
+                }
+                Some(_) => continue,
+                None => {
+                    // Threads left behind by earlier runs may have exited since.
+                    self.top_up();
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// A result already there, without waiting.
+    pub fn try_recv(&mut self) -> Option<(u64, Option<R>)> {
+        self.recv_timeout(Duration::ZERO)
+    }
+
+    /// Forgets every item submitted so far: the ones not started never start, the answers of
+    /// the ones in hand are dropped when they come.
+    pub fn abandon(&mut self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.in_flight = 0;
+    }
+
     /// Runs the work over `items` and returns the results in input order. Items not finished by
     /// `deadline` come back as None (a call in hand finishes alone; one not started yet never
-    /// starts); a panicking item yields None. If `on_wait` unwinds (a cancel), dropping the pool
-    /// abandons the rest.
+    /// starts); a panicking item yields None. If `on_wait` unwinds (a cancel), the items are
+    /// abandoned.
     pub fn run<W: FnMut()>(
         &mut self,
         items: Vec<T>,
@@ -297,21 +416,12 @@ impl<T: Send + 'static, R: Send + 'static> Pool<T, R> {
         if total == 0 {
             return results;
         }
-        self.batch += 1;
-        self.open_batch.store(self.batch, Ordering::SeqCst);
-        let _close = CloseBatch(self.open_batch.clone());
-        let Some(jobs) = self.jobs.as_ref() else {
-            return results;
-        };
+        let _abandon = Abandon(self.generation.clone());
         for (index, item) in items.into_iter().enumerate() {
-            if jobs.send((self.batch, index, item)).is_err() {
-                return results;
-            }
+            self.submit(index as u64, item);
         }
-        let wanted = self.concurrency.min(total);
-        self.top_up(wanted);
         let mut received = 0;
-        while received < total {
+        while received < total && self.in_flight > 0 {
             let slice = match deadline {
                 Some(d) => {
                     let left = d.saturating_duration_since(Instant::now());
@@ -322,21 +432,15 @@ impl<T: Send + 'static, R: Send + 'static> Pool<T, R> {
                 }
                 None => WAIT_SLICE,
             };
-            match self.results.recv_timeout(slice) {
-                // A late answer from an earlier batch that ran out of time is dropped.
-                Ok((batch, index, result)) if batch == self.batch => {
-                    results[index] = result;
+            match self.recv_timeout(slice) {
+                Some((index, result)) => {
+                    results[index as usize] = result;
                     received += 1;
                 }
-                Ok(_) => {}
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    // Threads left behind by earlier runs may have exited since.
-                    self.top_up(wanted);
-                    on_wait();
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                None => on_wait(),
             }
         }
+        self.in_flight = 0;
         results
     }
 }
@@ -344,7 +448,7 @@ impl<T: Send + 'static, R: Send + 'static> Pool<T, R> {
 impl<T, R> Drop for Pool<T, R> {
     /// Workers finish the call in hand, take nothing new, and exit; nobody waits for them.
     fn drop(&mut self) {
-        self.open_batch.store(0, Ordering::SeqCst);
+        self.generation.fetch_add(1, Ordering::SeqCst);
         self.jobs.take();
     }
 }
@@ -649,9 +753,9 @@ mod tests {
         Box::leak(Box::new(ThreadBudget::new(cap)))
     }
 
-    // The cap leaves room for one run at the highest evoq.concurrency (128) plus a whole
+    // The cap leaves room for one run at the highest evoq.concurrency (4096) plus a whole
     // pool left behind by the run before.
-    const _: () = assert!(MAX_LIVE_THREADS >= 2 * 128);
+    const _: () = assert!(MAX_LIVE_THREADS >= 2 * 4_096);
 
     #[test]
     fn a_pool_works_with_fewer_threads_than_asked_and_never_exceeds_the_cap() {

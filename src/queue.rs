@@ -11,6 +11,7 @@ pub fn request_requeue(user_id: pgrx::Uuid, reason: &str) -> Result<(), pgrx::sp
         "INSERT INTO evoq.requeue_requests (user_id, reason) VALUES ($1, $2)",
         &[user_id.into(), reason.into()],
     )?;
+    crate::worker::wake_at_commit();
     Spi::run_with_args("SELECT evoq._apply_requeue_requests($1)", &[user_id.into()])
 }
 
@@ -19,6 +20,7 @@ pub fn request_requeue(user_id: pgrx::Uuid, reason: &str) -> Result<(), pgrx::sp
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, @extschema@)]
 fn evoq_retry(user_id: default!(Option<pgrx::Uuid>, "NULL")) -> i64 {
+    crate::worker::wake_at_commit();
     Spi::get_one_with_args::<i64>(
         "WITH requeued AS (
              UPDATE evolution_instance_creation_queue

@@ -33,8 +33,8 @@ macro_rules! gucs {
 gucs! {
     BATCH_SIZE = c"evoq.batch_size", 200, 1, 10_000,
         c"Rows (or instances) claimed per batch; a run takes batch after batch until nothing is due or its time budget is spent.";
-    CONCURRENCY = c"evoq.concurrency", 16, 1, 128,
-        c"Evolution API calls in flight at once within one run (worker threads).";
+    CONCURRENCY = c"evoq.concurrency", 16, 1, 4_096,
+        c"Evolution API calls in flight at once within one run, or in the background worker (one thread each).";
     REQUEST_TIMEOUT_MS = c"evoq.request_timeout_ms", 30_000, 100, 300_000,
         c"Timeout of one Evolution API call, in ms. Create with a QR request takes about 5 s on a real server.";
     CONNECT_TIMEOUT_MS = c"evoq.connect_timeout_ms", 5_000, 100, 60_000,
@@ -85,6 +85,10 @@ pub struct Tunables {
     pub qr_refresh_interval_ms: i64,
     pub qr_window_ms: i64,
     pub state_check_interval_ms: i64,
+    /// How long a claimed queue row is out of reach of other runs: longer than its calls can
+    /// take (a delete is two calls, a create up to three), so only a run that died leaves a
+    /// row to wait for it.
+    pub lease_ms: i64,
 }
 
 fn ms(v: &GucSetting<i32>) -> Duration {
@@ -104,6 +108,7 @@ pub fn tunables() -> Tunables {
         qr_refresh_interval_ms: QR_REFRESH_INTERVAL_MS.get() as i64,
         qr_window_ms: QR_WINDOW_MS.get() as i64,
         state_check_interval_ms: STATE_CHECK_INTERVAL_MS.get() as i64,
+        lease_ms: 4 * REQUEST_TIMEOUT_MS.get().max(0) as i64 + 10_000,
     }
 }
 
@@ -292,6 +297,8 @@ fn evoq_configure(
     webhook_headers: default!(Option<pgrx::JsonB>, "NULL"),
     rotate_webhook_secret: default!(bool, "false"),
 ) -> pgrx::JsonB {
+    // A worker waiting for a configuration starts at this commit.
+    crate::worker::wake_at_commit();
     // Postgres logs the text of a failing statement (log_min_error_statement = error), and this
     // statement's text holds the key. Errors are reported before the transaction unwinds, so
     // raising the threshold here keeps the key out of the log for any error from now on; it is

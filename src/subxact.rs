@@ -4,12 +4,19 @@
 
 use pgrx::pg_sys;
 use pgrx::pg_sys::panic::CaughtError;
+use pgrx::PgSqlErrorCode;
 use pgrx::PgTryBuilder;
 
 /// Runs `f` in an internal subtransaction. On a Postgres ERROR (or a Rust panic) the
 /// subtransaction is rolled back and the error's message returned; the outer transaction is
 /// intact either way. Costs one subtransaction per call (a batch, not a row, on the normal path).
 pub fn attempt<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+    attempt_coded(f).map_err(|(_, message)| message)
+}
+
+/// `attempt`, and the failure's SQLSTATE beside its message (the worker's listener answers a
+/// refused webhook delivery differently from a broken one).
+pub fn attempt_coded<R>(f: impl FnOnce() -> R) -> Result<R, (PgSqlErrorCode, String)> {
     let f = std::panic::AssertUnwindSafe(f);
     // SAFETY: plain reads of backend globals, restored below exactly as PL/pgSQL does.
     let (context, owner) = unsafe { (pg_sys::CurrentMemoryContext, pg_sys::CurrentResourceOwner) };
@@ -43,7 +50,7 @@ pub fn attempt<R>(f: impl FnOnce() -> R) -> Result<R, String> {
             | CaughtError::ErrorReport(report)
             | CaughtError::RustPanic {
                 ereport: report, ..
-            } => report.message().to_string(),
+            } => (report.sql_error_code(), report.message().to_string()),
         })
     })
     .execute()

@@ -42,6 +42,8 @@ fn enqueue(user_id: pgrx::Uuid) -> Result<(), pgrx::spi::Error> {
             Ok::<_, pgrx::spi::Error>(!client.update(plan, None, &[user_id.into()])?.is_empty())
         })
     })?;
+    // The background worker, if one runs, claims the row as soon as this transaction commits.
+    crate::worker::wake_at_commit();
     if !inserted {
         // The rare path (a profile inserted again): a new request (new request_id, retry_count
         // + 1) whatever state the row was in, never a wait. In a subtransaction: between

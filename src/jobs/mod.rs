@@ -1,7 +1,8 @@
-//! The two jobs pg_cron runs. Each run is one transaction:
-//! claim a batch (SKIP LOCKED) → make its HTTP calls on the worker pool → record the results in
-//! one set-based statement → repeat until nothing is due or the time budget is spent.
+//! The two jobs pg_cron runs, and the background worker too. A SQL function's run is one
+//! transaction streaming through `crate::pipeline`: claims fill the free slots of the pool
+//! (SKIP LOCKED), results are recorded in groups by set-based statements, until nothing is due
+//! or the time budget is spent. The worker drives the same sources across many transactions.
 
-mod process;
-mod refresh;
-mod run;
+pub mod process;
+pub mod refresh;
+pub mod run;

@@ -6,6 +6,7 @@ use super::run::{
 };
 use crate::evolution::{ApiError, ApiVersion, ErrorClass, Provisioned, Webhook};
 use crate::names::{instance_name, is_ours};
+use crate::pipeline::{run_to_end, Flow, Grouping, Pipeline, Source};
 use crate::policy::{circuit_verdict, random_unit, Decision, RetryPolicy};
 use pgrx::prelude::*;
 use serde::Deserialize;
@@ -28,6 +29,12 @@ struct ClaimedRow {
     /// How the row was before the claim, handed back as it is if the batch is released.
     prev_status: String,
     prev_updated_at: Value,
+    #[serde(default)]
+    prev_next_attempt_at: Value,
+    /// The row's updated_at as the claim set it: the result is written only to a row still
+    /// held by this claim (a lease that ran out may have let another run take it).
+    #[serde(default)]
+    claimed_at: Value,
 }
 
 fn create_action() -> String {
@@ -35,13 +42,13 @@ fn create_action() -> String {
 }
 
 /// One row's call.
-enum Call {
+pub enum Call {
     Create(ApiVersion, String),
     /// Log out, then delete.
     Remove(String),
 }
 
-enum Done {
+pub enum Done {
     Created(Provisioned),
     /// Logged out and deleted, or already gone.
     Removed,
@@ -57,7 +64,6 @@ struct Tally {
     released: u64,
     unrecordable: u64,
     requeued: u64,
-    batches: u64,
     deleted: u64,
 }
 
@@ -118,182 +124,295 @@ fn failure_record(
     (record, retry_in_ms.is_some())
 }
 
+/// The queue as a pipeline source: claims due rows, records their outcomes. Owns the run it
+/// belongs to (settings, client, circuit, summary).
+pub struct QueueJob {
+    pub run: Run,
+    policy: RetryPolicy,
+    webhook: Option<Webhook>,
+    namespace: String,
+    owns_legacy_names: bool,
+    webhook_version: Value,
+    /// Asked (or remembered) before the first claim, by `ready`.
+    version: ApiVersion,
+    /// How long a claimed row is not due for anyone else (see evoq._claim_queue).
+    lease_ms: i64,
+    /// The circuit opened during this run.
+    tripped: bool,
+    tally: Tally,
+}
+
+/// A claimed row with the name its call uses.
+pub struct QueueRow {
+    row: ClaimedRow,
+    name: Option<String>,
+}
+
+impl QueueJob {
+    /// Applies the requeue requests no run holds, and reads what the run's calls need.
+    pub fn start(run: Run, lease_ms: i64) -> QueueJob {
+        let policy = RetryPolicy {
+            max_attempts: run.tunables.max_attempts,
+            base: run.tunables.backoff_base,
+            cap: run.tunables.backoff_max,
+        };
+        let webhook = run.connection.webhook.clone();
+        QueueJob {
+            policy,
+            namespace: run.connection.namespace.clone(),
+            owns_legacy_names: run.connection.owns_legacy_names,
+            webhook_version: json!(webhook.as_ref().and(run.connection.webhook_version.clone())),
+            webhook,
+            version: ApiVersion::V2,
+            lease_ms,
+            tripped: false,
+            tally: Tally {
+                requeued: apply_requeue_requests(),
+                ..Tally::default()
+            },
+            run,
+        }
+    }
+
+    /// What the pool's threads run for a row.
+    pub fn work(&self) -> impl Fn(Call) -> Result<Done, ApiError> + Send + Sync + 'static {
+        let client = self.run.client.clone();
+        let webhook = self.webhook.clone();
+        move |call: Call| match call {
+            Call::Create(version, name) => client
+                .provision(version, &name, webhook.as_ref())
+                .map(Done::Created),
+            Call::Remove(name) => client.remove(&name).map(|_| Done::Removed),
+        }
+    }
+
+    /// None when calls may be made; otherwise why not: the circuit is open, or the server's
+    /// dialect cannot be told (a server that cannot even answer GET / costs no row an attempt).
+    pub fn ready(&mut self) -> Option<&'static str> {
+        if let Some(reason) = self.run.circuit_blocks() {
+            return Some(reason);
+        }
+        match self.run.version() {
+            Ok(v) => {
+                self.version = v;
+                None
+            }
+            Err(e) => {
+                self.run.count_error(&e);
+                if e.error_class() == ErrorClass::Deadline {
+                    return Some("time_budget");
+                }
+                self.run.trip(&e.message);
+                Some("circuit_open")
+            }
+        }
+    }
+
+    /// Remembers the run for evoq_status and returns its summary.
+    pub fn finish(self, stopped: &str, groups: u64) -> pgrx::JsonB {
+        let t = &self.tally;
+        let summary = json!({
+            "claimed": t.claimed, "created": t.created, "adopted": t.adopted,
+            "retrying": t.retrying, "failed": t.failed, "released": t.released,
+            "unrecordable": t.unrecordable, "requeued": t.requeued, "batches": groups,
+            "deleted": t.deleted, "stopped": stopped,
+        });
+        self.run.finish(summary)
+    }
+
+    fn release(&mut self, rows: &[QueueRow]) {
+        let claims: Vec<Value> = rows
+            .iter()
+            .map(|r| {
+                json!({"id": r.row.id, "prev_status": r.row.prev_status,
+                       "prev_updated_at": r.row.prev_updated_at,
+                       "prev_next_attempt_at": r.row.prev_next_attempt_at,
+                       "claimed_at": r.row.claimed_at})
+            })
+            .collect();
+        Spi::run_with_args(
+            "SELECT evoq._release_queue($1)",
+            &[pgrx::JsonB(Value::Array(claims)).into()],
+        )
+        .unwrap_or_else(|e| {
+            crate::errors::EvoqError::internal("could not release a batch", e).raise()
+        });
+        self.tally.released += rows.len() as u64;
+    }
+}
+
+impl Source for QueueJob {
+    type Row = QueueRow;
+    type Call = Call;
+    type Answer = Result<Done, ApiError>;
+
+    fn claim(&mut self, room: usize, _busy: &[&QueueRow]) -> Vec<(QueueRow, Call)> {
+        // A claimed row's lease puts it out of reach of later claims, this run's included.
+        let rows: Vec<ClaimedRow> = in_batch_context(|| {
+            call_json(
+                "SELECT evoq._claim_queue($1, $2)",
+                &[(room as i32).into(), self.lease_ms.into()],
+            )
+        });
+        self.tally.claimed += rows.len() as u64;
+        rows.into_iter()
+            .map(|row| {
+                let (call, name) =
+                    call_for(&row, self.version, &self.namespace, self.owns_legacy_names);
+                (QueueRow { row, name }, call)
+            })
+            .collect()
+    }
+
+    fn record(&mut self, done: Vec<(QueueRow, Option<Result<Done, ApiError>>)>) -> Flow {
+        in_batch_context(|| self.record_group(done))
+    }
+}
+
+impl QueueJob {
+    fn record_group(&mut self, done: Vec<(QueueRow, Option<Result<Done, ApiError>>)>) -> Flow {
+        let (rows, answers): (Vec<QueueRow>, Vec<Option<Result<Done, ApiError>>>) =
+            done.into_iter().unzip();
+        let run = &mut self.run;
+        // Unanswered calls are not failures of the server's: they do not open the circuit.
+        let errors: Vec<Option<&ApiError>> = answers
+            .iter()
+            .map(|a| a.as_ref().and_then(|o| o.as_ref().err()))
+            .collect();
+        let verdict = circuit_verdict(&errors);
+        run.maybe_forget_version(&errors.iter().flatten().copied().collect::<Vec<_>>());
+        let outcomes: Vec<Result<Done, ApiError>> = answers
+            .into_iter()
+            .zip(&rows)
+            .map(|(a, r)| {
+                a.unwrap_or_else(|| {
+                    Err(run.budget_error(if r.row.action == "delete" {
+                        "DELETE /instance/logout, /instance/delete"
+                    } else {
+                        "POST /instance/create"
+                    }))
+                })
+            })
+            .collect();
+        for e in outcomes.iter().filter_map(|o| o.as_ref().err()) {
+            run.count_error(e);
+        }
+
+        // The server or the configuration failed, not the rows: they go back untouched. Calls
+        // still in flight when the circuit opened are released too when they come back: they
+        // went to the same server (one that answered after all is asked again, and adopted).
+        if self.tripped {
+            self.release(&rows);
+            return Flow::Stop("circuit_open");
+        }
+        if let Some(cause) = verdict {
+            self.release(&rows);
+            self.run.trip(&cause);
+            self.tripped = true;
+            return Flow::Stop("circuit_open");
+        }
+        self.run.batch_went_through();
+
+        let tally = &mut self.tally;
+        let mut records = Vec::with_capacity(rows.len());
+        for (r, outcome) in rows.iter().zip(&outcomes) {
+            let (row, name) = (&r.row, &r.name);
+            let mut rec = match outcome {
+                Ok(Done::Created(p)) => {
+                    if p.adopted {
+                        tally.adopted += 1
+                    } else {
+                        tally.created += 1
+                    }
+                    let name = name.as_deref().unwrap_or_default();
+                    success_record(row.id, name, p, &self.webhook_version)
+                }
+                Ok(Done::Removed) => {
+                    tally.deleted += 1;
+                    json!({"id": row.id, "instance_name": name, "ok": true, "action": "delete"})
+                }
+                Err(err) => {
+                    let (rec, retrying) = failure_record(
+                        &json!(row.id),
+                        &json!(name),
+                        row.attempts,
+                        err,
+                        &self.policy,
+                    );
+                    if retrying {
+                        tally.retrying += 1
+                    } else {
+                        tally.failed += 1
+                    }
+                    rec
+                }
+            };
+            rec["claimed_at"] = row.claimed_at.clone();
+            records.push(rec);
+        }
+        let claims: std::collections::HashMap<String, (i32, Value)> = rows
+            .iter()
+            .map(|r| {
+                (
+                    r.row.id.to_string(),
+                    (r.row.attempts, r.row.claimed_at.clone()),
+                )
+            })
+            .collect();
+        let policy = &self.policy;
+        tally.unrecordable += record(
+            "SELECT evoq._record_queue_results($1::jsonb)",
+            records,
+            self.run.protect_next_batch(),
+            |rec, message| {
+                let (attempts, claimed_at) = rec["id"]
+                    .as_str()
+                    .and_then(|id| claims.get(id))
+                    .cloned()
+                    .unwrap_or((1, Value::Null));
+                let mut failure = failure_record(
+                    &rec["id"],
+                    &rec["instance_name"],
+                    attempts,
+                    &ApiError::transient(message),
+                    policy,
+                )
+                .0;
+                failure["claimed_at"] = claimed_at;
+                failure
+            },
+        );
+        Flow::Continue
+    }
+}
+
+/// How the SQL functions group their results: one record statement per `batch_size` results,
+/// or per second. (The worker commits every group, so it groups by far fewer milliseconds.)
+pub fn sql_grouping(run: &Run) -> Grouping {
+    Grouping {
+        size: run.tunables.batch_size.max(1) as usize,
+        age: std::time::Duration::from_secs(1),
+    }
+}
+
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, @extschema@)]
 pub fn evoq_process_queue() -> pgrx::JsonB {
     require_working_attachments();
-    let mut run = Run::start("process_queue");
-    let policy = RetryPolicy {
-        max_attempts: run.tunables.max_attempts,
-        base: run.tunables.backoff_base,
-        cap: run.tunables.backoff_max,
-    };
-    let webhook: Option<Webhook> = run.connection.webhook.clone();
-    let namespace = run.connection.namespace.clone();
-    let owns_legacy_names = run.connection.owns_legacy_names;
-    let mut tally = Tally {
-        requeued: apply_requeue_requests(),
-        ..Tally::default()
-    };
-    let webhook_version = json!(webhook.as_ref().and(run.connection.webhook_version.clone()));
-    let client = run.client.clone();
-    let mut pool = run.pool(move |call: Call| match call {
-        Call::Create(version, name) => client
-            .provision(version, &name, webhook.as_ref())
-            .map(Done::Created),
-        Call::Remove(name) => client.remove(&name).map(|_| Done::Removed),
-    });
-
-    let stopped = run.circuit_blocks().unwrap_or_else(|| loop {
-        if run.out_of_time() {
-            break "time_budget";
+    let run = Run::start("process_queue");
+    let lease_ms = run.tunables.lease_ms;
+    let mut job = QueueJob::start(run, lease_ms);
+    let (stopped, groups) = match job.ready() {
+        Some(reason) => (reason, 0),
+        None => {
+            let grouping = sql_grouping(&job.run);
+            let mut pipe = Pipeline::new(job.run.pool(job.work()), grouping);
+            let deadline = job.run.deadline;
+            let why = run_to_end(&mut pipe, &mut job, deadline, || {
+                pgrx::check_for_interrupts!();
+            });
+            (why, pipe.groups)
         }
-        // The dialect first, before any row is claimed: a server that cannot even answer GET /
-        // costs no row an attempt.
-        let version = match run.version() {
-            Ok(v) => v,
-            Err(e) => {
-                run.count_error(&e);
-                if e.error_class() == ErrorClass::Deadline {
-                    break "time_budget";
-                }
-                run.trip(&e.message);
-                break "circuit_open";
-            }
-        };
-        let stop = in_batch_context(|| {
-            let rows: Vec<ClaimedRow> = call_json(
-                "SELECT evoq._claim_queue($1)",
-                &[run.tunables.batch_size.into()],
-            );
-            if rows.is_empty() {
-                return Some("drained");
-            }
-            tally.batches += 1;
-            tally.claimed += rows.len() as u64;
-            let (calls, names): (Vec<Call>, Vec<Option<String>>) = rows
-                .iter()
-                .map(|r| call_for(r, version, &namespace, owns_legacy_names))
-                .unzip();
-
-            // None: no answer before the run's deadline.
-            let answers: Vec<Option<Result<Done, ApiError>>> = run.call_all(&mut pool, calls);
-            // Unanswered calls are not failures of the server's: they do not open the circuit.
-            let errors: Vec<Option<&ApiError>> = answers
-                .iter()
-                .map(|a| a.as_ref().and_then(|o| o.as_ref().err()))
-                .collect();
-            let verdict = circuit_verdict(&errors);
-            run.maybe_forget_version(&errors.iter().flatten().copied().collect::<Vec<_>>());
-            let outcomes: Vec<Result<Done, ApiError>> = answers
-                .into_iter()
-                .zip(&rows)
-                .map(|(a, r)| {
-                    a.unwrap_or_else(|| {
-                        Err(run.budget_error(if r.action == "delete" {
-                            "DELETE /instance/logout, /instance/delete"
-                        } else {
-                            "POST /instance/create"
-                        }))
-                    })
-                })
-                .collect();
-            for e in outcomes.iter().filter_map(|o| o.as_ref().err()) {
-                run.count_error(e);
-            }
-
-            // The server or the configuration failed, not the rows: they go back untouched.
-            if let Some(cause) = verdict {
-                let claims: Vec<Value> = rows
-                    .iter()
-                    .map(|r| {
-                        json!({"id": r.id, "prev_status": r.prev_status, "prev_updated_at": r.prev_updated_at})
-                    })
-                    .collect();
-                Spi::run_with_args(
-                    "SELECT evoq._release_queue($1)",
-                    &[pgrx::JsonB(Value::Array(claims)).into()],
-                )
-                .unwrap_or_else(|e| {
-                    crate::errors::EvoqError::internal("could not release a batch", e).raise()
-                });
-                tally.released += rows.len() as u64;
-                run.trip(&cause);
-                return Some("circuit_open");
-            }
-            run.batch_went_through();
-
-            let mut records = Vec::with_capacity(rows.len());
-            for ((row, name), outcome) in rows.iter().zip(&names).zip(&outcomes) {
-                match outcome {
-                    Ok(Done::Created(p)) => {
-                        if p.adopted {
-                            tally.adopted += 1
-                        } else {
-                            tally.created += 1
-                        }
-                        let name = name.as_deref().unwrap_or_default();
-                        records.push(success_record(row.id, name, p, &webhook_version));
-                    }
-                    Ok(Done::Removed) => {
-                        tally.deleted += 1;
-                        records.push(json!({
-                            "id": row.id, "instance_name": name, "ok": true, "action": "delete",
-                        }));
-                    }
-                    Err(err) => {
-                        let (rec, retrying) = failure_record(
-                            &json!(row.id),
-                            &json!(name),
-                            row.attempts,
-                            err,
-                            &policy,
-                        );
-                        if retrying {
-                            tally.retrying += 1
-                        } else {
-                            tally.failed += 1
-                        }
-                        records.push(rec);
-                    }
-                }
-            }
-            let attempts: std::collections::HashMap<String, i32> = rows
-                .iter()
-                .map(|r| (r.id.to_string(), r.attempts))
-                .collect();
-            tally.unrecordable += record(
-                "SELECT evoq._record_queue_results($1::jsonb)",
-                records,
-                run.protect_next_batch(),
-                |rec, message| {
-                    let attempts = rec["id"]
-                        .as_str()
-                        .and_then(|id| attempts.get(id))
-                        .copied()
-                        .unwrap_or(1);
-                    failure_record(
-                        &rec["id"],
-                        &rec["instance_name"],
-                        attempts,
-                        &ApiError::transient(message),
-                        &policy,
-                    )
-                    .0
-                },
-            );
-            None
-        });
-        if let Some(reason) = stop {
-            break reason;
-        }
-    });
-
-    let summary = json!({
-        "claimed": tally.claimed, "created": tally.created, "adopted": tally.adopted,
-        "retrying": tally.retrying, "failed": tally.failed, "released": tally.released,
-        "unrecordable": tally.unrecordable, "requeued": tally.requeued, "batches": tally.batches,
-        "deleted": tally.deleted, "stopped": stopped,
-    });
-    run.finish(summary)
+    };
+    job.finish(stopped, groups)
 }

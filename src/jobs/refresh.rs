@@ -11,6 +11,7 @@
 
 use super::run::{apply_requeue_requests, call_json, in_batch_context, record, Run};
 use crate::evolution::{ApiError, ApiVersion, ConnectOutcome, LiveState, Webhook};
+use crate::pipeline::{run_to_end, Flow, Pipeline, Source};
 use crate::policy::circuit_verdict;
 use pgrx::prelude::*;
 use serde::Deserialize;
@@ -18,7 +19,7 @@ use serde_json::{json, Value};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-enum Task {
+pub enum Task {
     Connect,
     Expire,
     Check,
@@ -26,7 +27,7 @@ enum Task {
 }
 
 #[derive(Debug, Deserialize)]
-struct ClaimedInstance {
+pub struct ClaimedInstance {
     id: uuid::Uuid,
     instance_name: String,
     qr_text: Option<String>,
@@ -36,7 +37,7 @@ struct ClaimedInstance {
 }
 
 /// What a call answered.
-enum Answer {
+pub enum Answer {
     Connect(ConnectOutcome),
     /// Past the window: logged out (or nothing was left to log out).
     LoggedOut,
@@ -57,7 +58,6 @@ struct Tally {
     errors: u64,
     unrecordable: u64,
     requeued: u64,
-    batches: u64,
     expired: u64,
     closed: u64,
     still_open: u64,
@@ -132,15 +132,39 @@ fn route(task: Task) -> &'static str {
     }
 }
 
-#[pg_extern(security_definer)]
-#[search_path(pg_catalog, @extschema@)]
-pub fn evoq_refresh_qr() -> pgrx::JsonB {
-    let mut run = Run::start("refresh_qr");
-    let mut tally = Tally::default();
-    let client = run.client.clone();
-    let webhook: Option<Webhook> = run.connection.webhook.clone();
-    let mut pool = run.pool(
-        move |(task, name, version): (Task, String, Option<ApiVersion>)| match task {
+/// What a pool thread calls for one instance.
+pub type RefreshCall = (Task, String, Option<ApiVersion>);
+
+/// The instances with something to do, as a pipeline source. Owns the run it belongs to.
+pub struct RefreshJob {
+    pub run: Run,
+    webhook: Option<Webhook>,
+    webhook_version: Value,
+    /// A webhook/set that failed is tried again by the next run, not over and over in this one.
+    repoint: bool,
+    /// Connecting instances whose last QR (polled or delivered by webhook) is younger than this
+    /// are not asked (0: the QR's age does not matter, only the last ask's).
+    qr_fresh_ms: i64,
+    tally: Tally,
+}
+
+impl RefreshJob {
+    pub fn start(run: Run, qr_fresh_ms: i64) -> RefreshJob {
+        RefreshJob {
+            webhook: run.connection.webhook.clone(),
+            webhook_version: json!(run.connection.webhook_version),
+            repoint: true,
+            qr_fresh_ms,
+            tally: Tally::default(),
+            run,
+        }
+    }
+
+    /// What the pool's threads run for an instance.
+    pub fn work(&self) -> impl Fn(RefreshCall) -> Result<Answer, ApiError> + Send + Sync + 'static {
+        let client = self.run.client.clone();
+        let webhook = self.webhook.clone();
+        move |(task, name, version): RefreshCall| match task {
             Task::Connect => client.connect(&name).map(Answer::Connect),
             // A scan since the last look must not be logged out: ask first (connectionState
             // never starts a socket).
@@ -156,110 +180,157 @@ pub fn evoq_refresh_qr() -> pgrx::JsonB {
                     "POST /webhook/set: the server's API version is not known yet",
                 )),
             },
-        },
-    );
-    let t = run.tunables;
-    let webhook_version = json!(run.connection.webhook_version);
-    // A webhook/set that failed is tried again by the next run, not over and over in this one.
-    let mut repoint = true;
-
-    let stopped = run.circuit_blocks().unwrap_or_else(|| loop {
-        if run.out_of_time() {
-            break "time_budget";
         }
-        let stop = in_batch_context(|| {
-            let rows: Vec<ClaimedInstance> = call_json(
-                "SELECT evoq._claim_refresh($1, $2, $3, $4, $5)",
+    }
+
+    /// Applies the requeue requests the lost instances made, retires a rotated secret every
+    /// instance has replaced, and remembers the run for evoq_status.
+    pub fn finish(mut self, stopped: &str, groups: u64) -> pgrx::JsonB {
+        // Lost instances were turned into requeue requests; apply those no run holds now, so
+        // the queue row is pending as soon as this run commits.
+        self.tally.requeued = apply_requeue_requests();
+        // Once every instance carries the current secret, the one before a rotation is refused.
+        crate::subxact::write_shared(
+            "UPDATE evoq.settings s SET webhook_secret_previous = NULL
+             WHERE webhook_secret_previous IS NOT NULL
+               AND NOT EXISTS (SELECT 1 FROM evolution_instances i
+                               WHERE i.instance_status IN ('connecting', 'open', 'close', 'refused', 'expired')
+                                 AND (i.webhook_set_at IS NULL OR i.webhook_set_at < s.webhook_changed_at)
+                                 AND evoq._is_ours(i.instance_name, s.namespace, s.owns_legacy_names))",
+            &[],
+        );
+        let t = &self.tally;
+        let summary = json!({
+            "checked": t.checked, "new_qr": t.new_qr, "unchanged": t.unchanged,
+            "opened": t.opened, "lost": t.lost, "errors": t.errors, "batches": groups,
+            "unrecordable": t.unrecordable, "requeued": t.requeued, "expired": t.expired,
+            "closed": t.closed, "still_open": t.still_open, "repointed": t.repointed,
+            "stopped": stopped,
+        });
+        self.run.finish(summary)
+    }
+
+    fn record_group(
+        &mut self,
+        done: Vec<(ClaimedInstance, Option<Result<Answer, ApiError>>)>,
+    ) -> Flow {
+        let (rows, answers): (Vec<ClaimedInstance>, Vec<Option<Result<Answer, ApiError>>>) =
+            done.into_iter().unzip();
+        let errors: Vec<Option<&ApiError>> = answers
+            .iter()
+            .map(|a| a.as_ref().and_then(|o| o.as_ref().err()))
+            .collect();
+        if let Some(cause) = circuit_verdict(&errors) {
+            // Nothing is recorded against the instances: the server is at fault.
+            for e in errors.iter().flatten() {
+                self.run.count_error(e);
+            }
+            self.run.trip(&cause);
+            return Flow::Stop("circuit_open");
+        }
+        self.run.batch_went_through();
+        let outcomes: Vec<Result<Answer, ApiError>> = answers
+            .into_iter()
+            .zip(&rows)
+            .map(|(a, r)| a.unwrap_or_else(|| Err(self.run.budget_error(route(r.task)))))
+            .collect();
+        let mut records = Vec::with_capacity(rows.len());
+        for (row, outcome) in rows.iter().zip(&outcomes) {
+            if let Err(e) = outcome {
+                self.run.count_error(e);
+                if row.task == Task::Repoint {
+                    self.repoint = false;
+                }
+            }
+            let mut rec = outcome_record(row, outcome, &self.webhook_version, &mut self.tally);
+            // Written only while the row is as claimed: a webhook delivery may have moved it on
+            // while the call was in flight (the worker does not hold the row).
+            rec["claimed_status"] = json!(row.status);
+            records.push(rec);
+        }
+        self.tally.unrecordable += record(
+            "SELECT evoq._record_refresh_results($1::jsonb)",
+            records,
+            self.run.protect_next_batch(),
+            |rec, message| {
+                json!({"id": rec["id"], "outcome": "error", "error": message,
+                       "claimed_status": rec["claimed_status"]})
+            },
+        );
+        Flow::Continue
+    }
+}
+
+impl Source for RefreshJob {
+    type Row = ClaimedInstance;
+    type Call = RefreshCall;
+    type Answer = Result<Answer, ApiError>;
+
+    fn claim(
+        &mut self,
+        room: usize,
+        busy: &[&ClaimedInstance],
+    ) -> Vec<(ClaimedInstance, RefreshCall)> {
+        let t = self.run.tunables;
+        let busy: Vec<pgrx::Uuid> = busy
+            .iter()
+            .map(|r| pgrx::Uuid::from_bytes(*r.id.as_bytes()))
+            .collect();
+        let rows: Vec<ClaimedInstance> = in_batch_context(|| {
+            call_json(
+                "SELECT evoq._claim_refresh($1, $2, $3, $4, $5, $6, $7)",
                 &[
-                    t.batch_size.into(),
+                    (room as i32).into(),
                     t.qr_refresh_interval_ms.into(),
                     t.qr_window_ms.into(),
                     t.state_check_interval_ms.into(),
-                    repoint.into(),
+                    self.repoint.into(),
+                    busy.into(),
+                    self.qr_fresh_ms.into(),
                 ],
-            );
-            if rows.is_empty() {
-                return Some("done");
-            }
-            tally.batches += 1;
-            tally.checked += rows.len() as u64;
-            // Only a webhook/set has a dialect; the version is asked (or remembered) only then.
-            let version = if rows.iter().any(|r| r.task == Task::Repoint) {
-                match run.version() {
-                    Ok(v) => Some(v),
-                    Err(e) => {
-                        run.count_error(&e);
-                        None
-                    }
-                }
-            } else {
-                None
-            };
-            let calls = rows
-                .iter()
-                .map(|r| (r.task, r.instance_name.clone(), version))
-                .collect();
-            let answers = run.call_all(&mut pool, calls);
-            let errors: Vec<Option<&ApiError>> = answers
-                .iter()
-                .map(|a| a.as_ref().and_then(|o| o.as_ref().err()))
-                .collect();
-            if let Some(cause) = circuit_verdict(&errors) {
-                // Nothing is recorded against the instances: the server is at fault.
-                for e in errors.iter().flatten() {
-                    run.count_error(e);
-                }
-                run.trip(&cause);
-                return Some("circuit_open");
-            }
-            run.batch_went_through();
-            let outcomes: Vec<Result<Answer, ApiError>> = answers
-                .into_iter()
-                .zip(&rows)
-                .map(|(a, r)| a.unwrap_or_else(|| Err(run.budget_error(route(r.task)))))
-                .collect();
-            let mut records = Vec::with_capacity(rows.len());
-            for (row, outcome) in rows.iter().zip(&outcomes) {
-                if let Err(e) = outcome {
-                    run.count_error(e);
-                    if row.task == Task::Repoint {
-                        repoint = false;
-                    }
-                }
-                records.push(outcome_record(row, outcome, &webhook_version, &mut tally));
-            }
-            tally.unrecordable += record(
-                "SELECT evoq._record_refresh_results($1::jsonb)",
-                records,
-                run.protect_next_batch(),
-                |rec, message| json!({"id": rec["id"], "outcome": "error", "error": message}),
-            );
-            None
+            )
         });
-        if let Some(reason) = stop {
-            break reason;
-        }
-    });
-    // Lost instances were turned into requeue requests; apply those no run holds now, so the
-    // queue row is pending as soon as this run commits.
-    tally.requeued = apply_requeue_requests();
-    // Once every instance carries the current secret, the one before a rotation is refused.
-    crate::subxact::write_shared(
-        "UPDATE evoq.settings s SET webhook_secret_previous = NULL
-         WHERE webhook_secret_previous IS NOT NULL
-           AND NOT EXISTS (SELECT 1 FROM evolution_instances i
-                           WHERE i.instance_status IN ('connecting', 'open', 'close', 'refused', 'expired')
-                             AND (i.webhook_set_at IS NULL OR i.webhook_set_at < s.webhook_changed_at)
-                             AND evoq._is_ours(i.instance_name, s.namespace, s.owns_legacy_names))",
-        &[],
-    );
+        self.tally.checked += rows.len() as u64;
+        // Only a webhook/set has a dialect; the version is asked (or remembered) only then.
+        let version = if rows.iter().any(|r| r.task == Task::Repoint) {
+            match self.run.version() {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    self.run.count_error(&e);
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        rows.into_iter()
+            .map(|r| {
+                let call = (r.task, r.instance_name.clone(), version);
+                (r, call)
+            })
+            .collect()
+    }
 
-    let summary = json!({
-        "checked": tally.checked, "new_qr": tally.new_qr, "unchanged": tally.unchanged,
-        "opened": tally.opened, "lost": tally.lost, "errors": tally.errors, "batches": tally.batches,
-        "unrecordable": tally.unrecordable, "requeued": tally.requeued, "expired": tally.expired,
-        "closed": tally.closed, "still_open": tally.still_open, "repointed": tally.repointed,
-        "stopped": stopped,
-    });
-    run.finish(summary)
+    fn record(&mut self, done: Vec<(ClaimedInstance, Option<Result<Answer, ApiError>>)>) -> Flow {
+        in_batch_context(|| self.record_group(done))
+    }
+}
+
+#[pg_extern(security_definer)]
+#[search_path(pg_catalog, @extschema@)]
+pub fn evoq_refresh_qr() -> pgrx::JsonB {
+    let mut job = RefreshJob::start(Run::start("refresh_qr"), 0);
+    let (stopped, groups) = match job.run.circuit_blocks() {
+        Some(reason) => (reason, 0),
+        None => {
+            let grouping = super::process::sql_grouping(&job.run);
+            let mut pipe = Pipeline::new(job.run.pool(job.work()), grouping);
+            let deadline = job.run.deadline;
+            let why = run_to_end(&mut pipe, &mut job, deadline, || {
+                pgrx::check_for_interrupts!();
+            });
+            (if why == "drained" { "done" } else { why }, pipe.groups)
+        }
+    };
+    job.finish(stopped, groups)
 }

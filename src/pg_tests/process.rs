@@ -305,8 +305,9 @@ mod tests {
             ),
         );
         assert_eq!(summary["stopped"], "circuit_open", "{summary}");
-        assert_eq!(summary["claimed"], 2, "{summary}");
-        assert_eq!(summary["released"], 2, "{summary}");
+        // Streaming: rows claimed while the first calls were in flight are released as well.
+        assert!(summary["claimed"].as_u64().unwrap() >= 2, "{summary}");
+        assert_eq!(summary["released"], summary["claimed"], "{summary}");
         for u in &users {
             let row = queue_row(u);
             assert_eq!(

@@ -15,6 +15,8 @@ use crate::state::{ConnState, Instance};
 #[serde(deny_unknown_fields)]
 struct ConfigPatch {
     latency_ms: Option<u64>,
+    slow_every: Option<u64>,
+    slow_ms: Option<u64>,
     qr_on_create: Option<bool>,
     qr_ttl_ms: Option<u64>,
     qr_limit: Option<u32>,
@@ -44,6 +46,8 @@ fn config_json(shared: &Shared) -> Value {
         "flavor": shared.flavor.version(),
         "api_key": shared.api_key,
         "latency_ms": k.latency_ms,
+        "slow_every": k.slow_every,
+        "slow_ms": k.slow_ms,
         "qr_on_create": k.qr_on_create,
         "qr_ttl_ms": k.qr_ttl_ms,
         "qr_limit": k.qr_limit,
@@ -135,6 +139,9 @@ pub fn handle(shared: &Shared, req: &Req) -> Reply {
                 if let Some(v) = patch.latency_ms {
                     k.latency_ms = v;
                 }
+                if let Some(v) = patch.slow_ms {
+                    k.slow_ms = v;
+                }
                 if let Some(v) = patch.qr_on_create {
                     k.qr_on_create = v;
                 }
@@ -150,6 +157,10 @@ pub fn handle(shared: &Shared, req: &Req) -> Reply {
                 if let Some(v) = patch.qr_never {
                     k.qr_never = v;
                 }
+            }
+            // After the knobs lock is released: it takes it again.
+            if let Some(n) = patch.slow_every {
+                shared.set_slow_every(n);
             }
             // A shorter period or QRs allowed again may bring the next tick closer.
             shared.clock.poke();

@@ -22,13 +22,18 @@ mod v2;
 mod validate;
 mod webhook;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use serde_json::Value;
 
 pub use faults::{FaultKind, FaultRule};
+// The pieces of a webhook delivery, public so `webhook-blast` posts exactly what the mock's
+// own deliveries post instead of a copy that could drift from them.
+pub use lifecycle::{connecting_data, qr_data};
+pub use state::Qr;
+pub use webhook::{delivery_agent, delivery_headers, envelope, EnvelopeFrom};
 
 use server::{lock, Knobs, Shared};
 use state::{CallLog, Store};
@@ -50,6 +55,17 @@ impl Flavor {
             Flavor::V1 => "1.8.2",
         }
     }
+
+    /// `--api-version`: any 2.x is v2, any 1.x is v1.8; None for anything else.
+    pub fn from_version(version: &str) -> Option<Flavor> {
+        if version.starts_with('2') {
+            Some(Flavor::V2)
+        } else if version.starts_with("1.") {
+            Some(Flavor::V1)
+        } else {
+            None
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -59,6 +75,12 @@ pub struct MockConfig {
     pub api_key: String,
     /// Delay added before every non-control reply.
     pub latency_ms: u64,
+    /// Latency mix: every `slow_every`-th Evolution API request (control routes do not count)
+    /// sleeps `slow_ms` instead of `latency_ms`, so "90 % fast, 10 % slow" is exact and
+    /// repeatable. 0 = off.
+    pub slow_every: u64,
+    /// The sleep of the slow requests of the mix.
+    pub slow_ms: u64,
     /// Put a real QR into the create reply instead of the usual `{"count":0}`.
     pub qr_on_create: bool,
     /// The QR clock: a connecting instance gets a new QR every this many ms (Evolution's
@@ -80,6 +102,8 @@ impl Default for MockConfig {
             flavor: Flavor::V2,
             api_key: "BQYHJGJHJ".to_string(),
             latency_ms: 0,
+            slow_every: 0,
+            slow_ms: 0,
             qr_on_create: false,
             qr_ttl_ms: 45_000,
             qr_limit: 30,
@@ -115,6 +139,8 @@ impl MockServer {
             port,
             knobs: Mutex::new(Knobs {
                 latency_ms: config.latency_ms,
+                slow_every: config.slow_every,
+                slow_ms: config.slow_ms,
                 qr_on_create: config.qr_on_create,
                 qr_ttl_ms: config.qr_ttl_ms,
                 qr_limit: config.qr_limit,
@@ -125,6 +151,7 @@ impl MockServer {
             calls: Mutex::new(CallLog::new(start)),
             faults: faults::Faults::new(),
             stopped: AtomicBool::new(false),
+            api_requests: AtomicU64::new(0),
             deliveries: webhook::Deliveries::new(),
             clock: lifecycle::Clock::new(),
         });
@@ -190,6 +217,17 @@ impl MockServer {
 
     pub fn set_latency_ms(&self, ms: u64) {
         lock(&self.shared.knobs).latency_ms = ms;
+    }
+
+    /// Every `n`-th Evolution API request from now on sleeps `slow_ms` (0 = off). The count
+    /// restarts, so the `n`-th request after this call is the first slow one.
+    pub fn set_slow_every(&self, n: u64) {
+        self.shared.set_slow_every(n);
+    }
+
+    /// The sleep of the slow requests of the latency mix (`set_slow_every`).
+    pub fn set_slow_ms(&self, ms: u64) {
+        lock(&self.shared.knobs).slow_ms = ms;
     }
 
     pub fn set_qr_on_create(&self, on: bool) {
@@ -309,7 +347,8 @@ impl MockServer {
         lock(&self.shared.store).get(name).map(|i| i.to_json())
     }
 
-    /// Forget instances, orphan sockets, calls, deliveries and faults.
+    /// Forget instances, orphan sockets, calls, deliveries and faults; the latency mix counts
+    /// from the start again.
     pub fn reset(&self) {
         self.shared.reset();
     }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::server::{lock, Shared};
-use crate::state::{ConnState, Instance};
+use crate::state::{ConnState, Instance, Qr};
 use crate::webhook::emit;
 use crate::Flavor;
 
@@ -22,12 +22,24 @@ pub const DEFAULT_PROFILE: &str = "Mock User";
 
 /// `connection.update` `connecting` (both versions send it when a socket starts).
 fn emit_connecting(shared: &Shared, i: &Instance) {
-    emit(
-        shared,
-        i,
-        "connection.update",
-        json!({"instance": i.name, "state": "connecting", "statusReason": 200}),
-    );
+    emit(shared, i, "connection.update", connecting_data(&i.name));
+}
+
+/// The `data` of `connection.update` `connecting` (the same on both versions). Public for
+/// `webhook-blast`.
+pub fn connecting_data(instance: &str) -> Value {
+    json!({"instance": instance, "state": "connecting", "statusReason": 200})
+}
+
+/// The `data` of `qrcode.updated` carrying a QR (the same on both versions). Public for
+/// `webhook-blast`.
+pub fn qr_data(instance: &str, qr: &Qr) -> Value {
+    json!({"qrcode": {
+        "instance": instance,
+        "pairingCode": qr.pairing_code,
+        "code": qr.code,
+        "base64": qr.base64,
+    }})
 }
 
 fn emit_open(shared: &Shared, i: &Instance) {
@@ -88,13 +100,7 @@ pub fn qr_arrives(shared: &Shared, i: &mut Instance) {
         return;
     }
     i.issue_qr();
-    let qr = i.qr.as_ref().expect("just issued");
-    let data = json!({"qrcode": {
-        "instance": i.name,
-        "pairingCode": qr.pairing_code,
-        "code": qr.code,
-        "base64": qr.base64,
-    }});
+    let data = qr_data(&i.name, i.qr.as_ref().expect("just issued"));
     emit(shared, i, "qrcode.updated", data);
 }
 

@@ -1,7 +1,10 @@
 //! `evolution-mock [--port 8080] [--api-version 2.3.6|1.8.2] [--api-key KEY] [--latency-ms N]
-//! [--qr-on-create] [--qr-ttl-ms N] [--qr-limit N] [--webhook-retry-ms N] [--qr-never]`: runs
-//! the mock until killed. Prints one line with the URL
-//! so scripts can wait for it.
+//! [--slow-every N --slow-ms M] [--qr-on-create] [--qr-ttl-ms N] [--qr-limit N]
+//! [--webhook-retry-ms N] [--qr-never]`: runs the mock until killed. Prints one line with the
+//! URL so scripts can wait for it.
+//!
+//! `--slow-every N --slow-ms M` is the latency mix: every N-th Evolution API request sleeps M
+//! ms instead of `--latency-ms` (N = 10 gives "90 % fast, 10 % slow").
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -9,7 +12,7 @@ use std::process::ExitCode;
 use evolution_mock::{Flavor, MockConfig, MockServer};
 
 const USAGE: &str = "usage: evolution-mock [--port 8080] [--api-version 2.3.6|1.8.2] \
-[--api-key KEY] [--latency-ms N] [--qr-on-create] [--qr-ttl-ms N] [--qr-limit N] \
+[--api-key KEY] [--latency-ms N] [--slow-every N --slow-ms M] [--qr-on-create] [--qr-ttl-ms N] [--qr-limit N] \
 [--webhook-retry-ms N] [--qr-never]";
 
 fn parse_args(args: &[String]) -> Result<(u16, MockConfig), String> {
@@ -38,14 +41,14 @@ fn parse_args(args: &[String]) -> Result<(u16, MockConfig), String> {
                 port = v.parse().map_err(|_| format!("--port: not a port: {v}"))?;
             }
             "--api-version" => {
-                config.flavor = match value()?.as_str() {
-                    v if v.starts_with('2') => Flavor::V2,
-                    v if v.starts_with("1.") => Flavor::V1,
-                    v => return Err(format!("--api-version: expected 2.3.6 or 1.8.2, got {v}")),
-                }
+                let v = value()?;
+                config.flavor = Flavor::from_version(&v)
+                    .ok_or_else(|| format!("--api-version: expected 2.3.6 or 1.8.2, got {v}"))?;
             }
             "--api-key" => config.api_key = value()?,
             "--latency-ms" => config.latency_ms = number(value()?)?,
+            "--slow-every" => config.slow_every = number(value()?)?,
+            "--slow-ms" => config.slow_ms = number(value()?)?,
             "--qr-ttl-ms" => config.qr_ttl_ms = number(value()?)?,
             "--qr-limit" => {
                 let v = value()?;
@@ -86,5 +89,24 @@ fn main() -> ExitCode {
     // Serve until the process is killed; the server runs on its own threads.
     loop {
         std::thread::park();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn latency_mix_flags() {
+        let (_, c) = parse_args(&args(&["--slow-every", "10", "--slow-ms=2500"])).unwrap();
+        assert_eq!((c.slow_every, c.slow_ms, c.latency_ms), (10, 2500, 0));
+        let (_, c) = parse_args(&args(&[])).unwrap();
+        assert_eq!(c.slow_every, 0, "off by default");
+        assert!(parse_args(&args(&["--slow-every", "x"])).is_err());
+        assert!(parse_args(&args(&["--slow-ms"])).is_err());
     }
 }

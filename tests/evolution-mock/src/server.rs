@@ -2,7 +2,7 @@
 //! a blocking thread of its own (so latency sleeps and hangs never hold up other clients), call
 //! logging, latency, fault injection, then either the control API or the Evolution routes.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -25,6 +25,10 @@ use crate::{control, routes, Flavor};
 #[derive(Clone, Debug)]
 pub struct Knobs {
     pub latency_ms: u64,
+    /// Latency mix: every `slow_every`-th Evolution API request sleeps `slow_ms` instead of
+    /// `latency_ms`; 0 = off.
+    pub slow_every: u64,
+    pub slow_ms: u64,
     pub qr_on_create: bool,
     /// The QR clock's period; 0 = no clock, every connect on a connecting instance ticks.
     pub qr_ttl_ms: u64,
@@ -46,6 +50,9 @@ pub struct Shared {
     pub calls: Mutex<CallLog>,
     pub faults: Faults,
     pub stopped: AtomicBool,
+    /// Evolution API requests (not control ones) since the start, the last reset or the last
+    /// change of `slow_every`: the latency mix picks its slow requests by this count.
+    pub api_requests: AtomicU64,
     pub deliveries: Arc<Deliveries>,
     pub clock: Clock,
 }
@@ -58,6 +65,19 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Shared {
     pub fn knobs(&self) -> Knobs {
         lock(&self.knobs).clone()
+    }
+
+    /// Sets the latency mix period. The count restarts, so the `n`-th request from now is the
+    /// first slow one whatever came before (benchmarks get the same mix on every run).
+    pub fn set_slow_every(&self, n: u64) {
+        lock(&self.knobs).slow_every = n;
+        self.api_requests.store(0, Ordering::SeqCst);
+    }
+
+    /// The sleep before the reply of Evolution API request number `n` (counted from 1).
+    fn latency_for(&self, n: u64) -> u64 {
+        let k = lock(&self.knobs);
+        mixed_latency(k.latency_ms, k.slow_every, k.slow_ms, n)
     }
 
     pub fn is_stopped(&self) -> bool {
@@ -123,6 +143,7 @@ impl Shared {
             store.orphan_sockets = 0;
         }
         lock(&self.calls).clear();
+        self.api_requests.store(0, Ordering::SeqCst);
         self.deliveries.clear();
         self.faults.clear();
     }
@@ -254,7 +275,10 @@ fn handle(shared: &Shared, req: Req) -> Option<Reply> {
         req.body.clone(),
     );
 
-    let latency = shared.knobs().latency_ms;
+    // Counted on arrival, so concurrent clients still see exactly one slow request in every
+    // `slow_every` consecutive ones.
+    let n = shared.api_requests.fetch_add(1, Ordering::SeqCst) + 1;
+    let latency = shared.latency_for(n);
     if latency > 0 {
         std::thread::sleep(Duration::from_millis(latency));
     }
@@ -279,6 +303,15 @@ fn handle(shared: &Shared, req: Req) -> Option<Reply> {
     };
     lock(&shared.calls).set_status(seq, reply.status);
     Some(reply)
+}
+
+/// `slow_ms` for every `slow_every`-th request (`n` counts from 1), else `latency_ms`.
+fn mixed_latency(latency_ms: u64, slow_every: u64, slow_ms: u64, n: u64) -> u64 {
+    if slow_every > 0 && n.is_multiple_of(slow_every) {
+        slow_ms
+    } else {
+        latency_ms
+    }
 }
 
 fn sleep_unless_stopped(shared: &Shared, ms: u64) {
@@ -334,5 +367,20 @@ fn status_fault(code: u16, req: &Req) -> Reply {
         500 => Reply::crash("mock fault: internal error"),
         c if c >= 500 => Reply::crash(format!("mock fault: status {c}")),
         c => Reply::thrown(c, format!("mock fault: status {c}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mixed_latency;
+
+    #[test]
+    fn latency_mix_picks_every_nth() {
+        let got: Vec<u64> = (1..=10).map(|n| mixed_latency(50, 5, 2500, n)).collect();
+        assert_eq!(got, [50, 50, 50, 50, 2500, 50, 50, 50, 50, 2500]);
+        // Off: always the plain latency.
+        assert!((1..=10).all(|n| mixed_latency(7, 0, 2500, n) == 7));
+        // Every request slow.
+        assert!((1..=3).all(|n| mixed_latency(0, 1, 9, n) == 9));
     }
 }

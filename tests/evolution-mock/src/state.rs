@@ -64,6 +64,13 @@ impl Qr {
     }
 }
 
+/// A fresh random QR, as `new`.
+impl Default for Qr {
+    fn default() -> Qr {
+        Qr::new()
+    }
+}
+
 /// Webhook config of one instance, in a version-neutral form.
 #[derive(Clone, Debug)]
 pub struct Webhook {

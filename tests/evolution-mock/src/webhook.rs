@@ -56,55 +56,21 @@ pub fn emit(shared: &Shared, inst: &Instance, event: &str, data: Value) {
     if !hook.events.is_empty() && !hook.events.contains(&we) {
         return;
     }
-    let mut env = Map::new();
-    env.insert("event".into(), json!(event));
-    env.insert("instance".into(), json!(inst.name));
-    env.insert("data".into(), data);
-    env.insert("destination".into(), json!(hook.url));
-    env.insert(
-        "date_time".into(),
-        json!(util::iso8601(util::now_epoch_ms())),
-    );
-    // `sender: undefined` drops out of the JSON until the instance has logged in.
-    if let Some(w) = &inst.wuid {
-        env.insert("sender".into(), json!(w));
-    }
-    env.insert(
-        "server_url".into(),
-        json!(format!("http://127.0.0.1:{}", shared.port)),
-    );
-    // AUTHENTICATION_EXPOSE_IN_FETCH_INSTANCES is off: null on v2, absent on v1.8.
-    if shared.flavor == Flavor::V2 {
-        env.insert("apikey".into(), Value::Null);
-    }
-    let envelope = Value::Object(env);
-
+    let server_url = format!("http://127.0.0.1:{}", shared.port);
+    let from = EnvelopeFrom {
+        flavor: shared.flavor,
+        server_url: &server_url,
+        instance: &inst.name,
+        wuid: inst.wuid.as_deref(),
+        destination: &hook.url,
+    };
+    let envelope = envelope(&from, event, data, util::now_epoch_ms());
     let url = if hook.by_events {
         format!("{}/{}", hook.url, path_suffix(event))
     } else {
         hook.url.clone()
     };
-    let mut headers = vec![
-        (
-            "Accept".to_string(),
-            "application/json, text/plain, */*".to_string(),
-        ),
-        ("Content-Type".to_string(), "application/json".to_string()),
-        ("User-Agent".to_string(), USER_AGENT.to_string()),
-    ];
-    // v2 sends the configured headers (overriding axios' own); v1.8 has none.
-    if shared.flavor == Flavor::V2 {
-        if let Some(Value::Object(h)) = &hook.headers {
-            for (k, v) in h {
-                let v = match v {
-                    Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                };
-                headers.retain(|(name, _)| !name.eq_ignore_ascii_case(k));
-                headers.push((k.clone(), v));
-            }
-        }
-    }
+    let headers = delivery_headers(shared.flavor, hook.headers.as_ref());
     let knobs = shared.knobs();
     let retry_base_ms = match shared.flavor {
         Flavor::V2 => Some(knobs.webhook_retry_ms),
@@ -119,6 +85,78 @@ pub fn emit(shared: &Shared, inst: &Instance, event: &str, data: Value) {
         envelope,
         retry_base_ms,
     });
+}
+
+/// What an envelope says besides the event: who sends it, about which instance, to where.
+pub struct EnvelopeFrom<'a> {
+    pub flavor: Flavor,
+    /// The server's own base URL (`server_url`).
+    pub server_url: &'a str,
+    /// The instance name (`instance`).
+    pub instance: &'a str,
+    /// The owner JID once the instance logged in (`sender`); None leaves the key out.
+    pub wuid: Option<&'a str>,
+    /// The configured webhook URL (`destination`), without the byEvents suffix; on v1.8
+    /// evoq's secret rides in its query.
+    pub destination: &'a str,
+}
+
+/// The delivery body both versions post (contract section 4). Public so `webhook-blast`
+/// sends byte for byte the shape the mock's own deliveries have.
+pub fn envelope(from: &EnvelopeFrom, event: &str, data: Value, date_time_ms: u64) -> Value {
+    let mut env = Map::new();
+    env.insert("event".into(), json!(event));
+    env.insert("instance".into(), json!(from.instance));
+    env.insert("data".into(), data);
+    env.insert("destination".into(), json!(from.destination));
+    env.insert("date_time".into(), json!(util::iso8601(date_time_ms)));
+    // `sender: undefined` drops out of the JSON until the instance has logged in.
+    if let Some(w) = from.wuid {
+        env.insert("sender".into(), json!(w));
+    }
+    env.insert("server_url".into(), json!(from.server_url));
+    // AUTHENTICATION_EXPOSE_IN_FETCH_INSTANCES is off: null on v2, absent on v1.8.
+    if from.flavor == Flavor::V2 {
+        env.insert("apikey".into(), Value::Null);
+    }
+    Value::Object(env)
+}
+
+/// The request headers of a delivery: axios' own, then on v2 the webhook's configured
+/// `headers` object (overriding axios' of the same name); v1.8 sends no custom headers.
+pub fn delivery_headers(flavor: Flavor, configured: Option<&Value>) -> Vec<(String, String)> {
+    let mut headers = vec![
+        (
+            "Accept".to_string(),
+            "application/json, text/plain, */*".to_string(),
+        ),
+        ("Content-Type".to_string(), "application/json".to_string()),
+        ("User-Agent".to_string(), USER_AGENT.to_string()),
+    ];
+    if flavor == Flavor::V2 {
+        if let Some(Value::Object(h)) = configured {
+            for (k, v) in h {
+                let v = match v {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                headers.retain(|(name, _)| !name.eq_ignore_ascii_case(k));
+                headers.push((k.clone(), v));
+            }
+        }
+    }
+    headers
+}
+
+/// The deliveries' HTTP client: statuses are outcomes, not errors; v2's attempt timeout.
+pub fn delivery_agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(ATTEMPT_TIMEOUT))
+        // Receivers are local test servers: never route them through a proxy from the env.
+        .proxy(None)
+        .build()
+        .into()
 }
 
 /// One delivery about to be queued.
@@ -205,13 +243,7 @@ enum Outcome {
 
 impl Deliveries {
     pub fn new() -> Arc<Deliveries> {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(ATTEMPT_TIMEOUT))
-            // Receivers are local test servers: never route them through a proxy from the env.
-            .proxy(None)
-            .build()
-            .into();
+        let agent = delivery_agent();
         Arc::new(Deliveries {
             inner: Mutex::new(Inner {
                 next_seq: 1,

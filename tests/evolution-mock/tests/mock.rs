@@ -881,6 +881,77 @@ fn fault_delay_and_latency() {
     assert!(t.elapsed() < Duration::from_millis(150));
 }
 
+/// The latency mix's slow sleep in the tests, and the most a fast call may take: far enough
+/// apart that a loaded machine cannot blur them.
+const SLOW: Duration = Duration::from_millis(400);
+const FAST_MAX: Duration = Duration::from_millis(300);
+
+/// "slow" or "fast" for one `GET /`, failing on anything in between.
+fn timed_root(c: &Client) -> &'static str {
+    let t = Instant::now();
+    assert_eq!(c.get("/", None).0, 200);
+    let took = t.elapsed();
+    match took {
+        d if d >= SLOW => "slow",
+        d if d < FAST_MAX => "fast",
+        d => panic!("neither fast nor slow: {d:?}"),
+    }
+}
+
+#[test]
+fn latency_mix_every_nth_call_is_slow() {
+    let mock = MockServer::start(
+        0,
+        MockConfig {
+            slow_every: 3,
+            slow_ms: SLOW.as_millis() as u64,
+            ..MockConfig::default()
+        },
+    )
+    .unwrap();
+    let c = Client::new(&mock);
+    let mut got = Vec::new();
+    for _ in 0..6 {
+        got.push(timed_root(&c));
+        // Control calls neither count nor sleep.
+        let t = Instant::now();
+        assert_eq!(c.get("/__mock/calls", None).0, 200);
+        assert!(t.elapsed() < FAST_MAX);
+    }
+    assert_eq!(got, ["fast", "fast", "slow", "fast", "fast", "slow"]);
+
+    // The control API shows and changes the mix; a new period counts from the change.
+    let (_, cfg) = c.get("/__mock/config", None);
+    assert_eq!(
+        (&cfg["slow_every"], &cfg["slow_ms"]),
+        (&json!(3), &json!(400))
+    );
+    timed_root(&c);
+    let (s, cfg) = c.post("/__mock/config", None, json!({"slow_every": 2}));
+    assert_eq!(s, 200);
+    assert_eq!(
+        (&cfg["slow_every"], &cfg["slow_ms"]),
+        (&json!(2), &json!(400))
+    );
+    assert_eq!([timed_root(&c), timed_root(&c)], ["fast", "slow"]);
+
+    // The handle's setters do the same; reset restarts the count too.
+    mock.set_slow_every(4);
+    mock.set_slow_ms(7);
+    let (_, cfg) = c.get("/__mock/config", None);
+    assert_eq!(
+        (&cfg["slow_every"], &cfg["slow_ms"]),
+        (&json!(4), &json!(7))
+    );
+    mock.set_slow_ms(SLOW.as_millis() as u64);
+    mock.set_slow_every(2);
+    timed_root(&c);
+    mock.reset();
+    assert_eq!(timed_root(&c), "fast");
+    mock.set_slow_every(0);
+    assert_eq!(timed_root(&c), "fast");
+}
+
 #[test]
 fn fault_hang_times_out_without_blocking_others() {
     let mock = v2();

@@ -1,0 +1,48 @@
+//! Webhook deliveries the listener received, applied by the worker's main thread through
+//! `webhook::ingest` (evoq_webhook's own path: the same secret check, the same guarded UPDATE,
+//! the same counters). Each delivery runs in a subtransaction, so a refused or broken one
+//! changes nothing and does not undo the others of its group; the caller commits, then answers.
+
+use crate::listener::{Delivery, Verdict};
+use pgrx::prelude::*;
+use pgrx::PgSqlErrorCode;
+use serde_json::Value;
+
+/// Deliveries applied per transaction: each takes a subtransaction, and a transaction with more
+/// than 64 that wrote overflows PostgreSQL's per-backend cache of them.
+pub const GROUP: usize = 32;
+
+/// Applies each delivery in its own subtransaction; returns the verdicts to give once the
+/// transaction committed.
+pub fn apply(group: Vec<Delivery>) -> Vec<(Delivery, Verdict)> {
+    group
+        .into_iter()
+        .map(|d| {
+            let verdict = verdict_for(&d.body, d.secret.as_deref());
+            (d, verdict)
+        })
+        .collect()
+}
+
+fn verdict_for(body: &[u8], secret: Option<&str>) -> Verdict {
+    let payload: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => {
+            // Counted like evoq_webhook's refusals; PostgREST would not even have called it.
+            let _ = Spi::run("SELECT pg_catalog.nextval('evoq.webhooks_rejected')");
+            return Verdict::Invalid(format!("the body is not JSON: {e}"));
+        }
+    };
+    match crate::subxact::attempt_coded(|| crate::webhook::ingest(payload, secret)) {
+        Ok(result) if result["result"] == "ignored" => Verdict::Ignored,
+        Ok(_) => Verdict::Applied,
+        Err((PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE, message)) => {
+            Verdict::Rejected(message)
+        }
+        Err((PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, message)) => {
+            Verdict::Invalid(message)
+        }
+        // Anything else is evoq's or the database's trouble: the sender tries again later.
+        Err((_, message)) => Verdict::Failed(message),
+    }
+}
