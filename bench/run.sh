@@ -271,8 +271,14 @@ wpid() { q "SELECT pid FROM pg_stat_activity WHERE backend_type = 'evoq worker'"
 for _ in $(seq 50); do [ -n "$(wpid)" ] && break; sleep 0.2; done
 mockcfg() { curl -fsS -X POST "$MOCK_URL/__mock/config" -d "$1" >/dev/null; }
 conf() { q "ALTER SYSTEM SET $1" >/dev/null; q "SELECT pg_reload_conf()" >/dev/null; sleep 0.5; }
-drained() { # waits until nothing is pending or processing
+PEAK_RSS_KB=0 PEAK_THREADS=0
+drained() { # waits until nothing is pending or processing; samples the worker's memory meanwhile
+  local p r t; p=$(wpid)
   for _ in $(seq 3000); do
+    r=$(awk '/^VmRSS:/{print $2}' /proc/"$p"/status 2>/dev/null || echo 0)
+    t=$(awk '/^Threads:/{print $2}' /proc/"$p"/status 2>/dev/null || echo 0)
+    ((r > PEAK_RSS_KB)) && PEAK_RSS_KB=$r
+    ((t > PEAK_THREADS)) && PEAK_THREADS=$t
     [ "$(q "SELECT count(*) FROM evolution_instance_creation_queue WHERE status IN ('pending', 'processing')")" = 0 ] && return 0
     sleep 0.1
   done
@@ -321,7 +327,10 @@ print('%-30s c=%-5d %6d rows   worker %7.1f/s (%3.0f%%)   SQL function %7.1f/s (
 echo "throughput, creations per second (percent of ideal = in-flight bound / mean latency; target >= 90 %):"
 mix 16 600 50 10 2500 "90% 50 ms, 10% 2.5 s"
 mix 64 2000 50 10 2500 "90% 50 ms, 10% 2.5 s"
+idle_rss=$(awk '/^VmRSS:/{print $2}' /proc/"$(wpid)"/status)
+PEAK_RSS_KB=0 PEAK_THREADS=0
 mix 1000 3000 5000 0 0 "every call 5 s (a real create)"
+python3 -c "print('    worker memory with 1000 calls in flight: peak RSS %.1f MiB (%.1f MiB idle before), %d threads: %.1f KiB per call in flight' % ($PEAK_RSS_KB / 1024, $idle_rss / 1024, $PEAK_THREADS, ($PEAK_RSS_KB - $idle_rss) / max(1, $PEAK_THREADS)))"
 mix 1000 10000 200 0 0 "every call 200 ms, 10 000 users"
 echo "    (0.1.0's batch runner, measured in #10: 50 % at c=4 with one call in ten slow; pg_net 747/s at 200 ms)"
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Upgrade check: databases created by evoq 0.1.0 and by 0.2.0, each built from the commit that
+# Upgrade check: databases created by evoq 0.1.0, 0.2.0 and 0.3.0, each built from the commit that
 # shipped it, filled with rows in every state and then brought forward with ALTER EXTENSION evoq
 # UPDATE (0.1.0 through every script in between), must equal a fresh install of this tree, object
 # for object, and keep every row.
@@ -17,12 +17,13 @@ source scripts/lib/cluster.sh
 
 OLD=0.1.0 OLD_COMMIT=2519dd4872fdd462eb4d1dee86e032a52cd20bf1
 MID=0.2.0 MID_COMMIT=6c1a042c83255abfde00339aa5dc809ce7932dbe
+LAST=0.3.0 LAST_COMMIT=75abd16c3d496136d848fb0ccee0084bc02c007f
 NEW=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n1)
 PG_CONFIG=$PGBIN/pg_config
 EXTDIR=$("$PG_CONFIG" --sharedir)/extension
 OLD_SRC=/tmp/evoq-upgrade-src-$OLD
 KEY=sk-evoq-upgrade-check
-A=evoq_upgraded B=evoq_fresh C=evoq_from_020
+A=evoq_upgraded B=evoq_fresh C=evoq_from_020 D=evoq_from_030
 SELFTEST=${UPGRADE_CHECK_SELFTEST:-}
 # Both builds share this tree's target directory: the dependencies scripts/test.sh compiled for
 # cargo pgrx test are reused, not compiled again.
@@ -192,11 +193,40 @@ copy_aside "$C" "$MID"
 compare_rows_c=$compare_rows
 check "0.2.0 rows copied aside" "$copied" "8 tables, 18 rows"
 
+# --- database D: evoq 0.3.0 as it shipped, with rows in every state of its own features ---------------
+LAST_SRC=/tmp/evoq-upgrade-src-$LAST
+source_of "$LAST_COMMIT" "$LAST" "$LAST_SRC"
+install_from "$LAST_SRC" "$LAST" || die "evoq $LAST does not build or install"
+cluster_psql -d postgres -c "CREATE DATABASE $D" >/dev/null
+q "$D" "CREATE EXTENSION evoq VERSION '$LAST'"
+q "$D" "SELECT evoq_configure(api_url => '$MOCK_URL', api_key => '$KEY', webhook_url => 'https://app.example/hook')" >/dev/null
+profiles_with_trigger "$D"
+partitioned_with_trigger "$D"
+fill_in_every_state "$D" max ned ola pat quin rex
+# 0.3.0's own states and tables: a webhook delivery applied (ned's scan: open, with the owner's
+# number), an event kept for the application, a deprovisioned user whose deletion is queued.
+d_secret=$(q "$D" "SELECT webhook_secret FROM evoq.settings")
+ned=$(q "$D" "SELECT evoq_instance_name(id) FROM profiles WHERE email = 'ned@example.com'")
+q "$D" "SET request.headers = '{\"x-evoq-secret\": \"$d_secret\"}';
+        SELECT evoq_webhook('{\"event\": \"connection.update\", \"instance\": \"$ned\", \"date_time\": \"2099-01-01T00:00:00.000Z\",
+                              \"data\": {\"state\": \"open\", \"wuid\": \"5511999990000@s.whatsapp.net\", \"profileName\": \"Ned\"}}');
+        SELECT evoq_webhook('{\"event\": \"messages.upsert\", \"instance\": \"$ned\", \"date_time\": \"2099-01-01T00:00:01.000Z\",
+                              \"data\": {\"key\": {\"id\": \"m1\"}}}')" >/dev/null
+q "$D" "DELETE FROM profiles WHERE email = 'ola@example.com'"
+check "0.3.0 rows in every state" \
+  "$(q "$D" "SELECT concat_ws(',', (SELECT string_agg(status || '=' || n, ',' ORDER BY status) FROM (SELECT status, count(*) n FROM evolution_instance_creation_queue GROUP BY 1) s),
+       (SELECT string_agg(instance_status || '=' || n, ',' ORDER BY instance_status) FROM (SELECT instance_status, count(*) n FROM evolution_instances GROUP BY 1) s),
+       (SELECT count(*) FROM evolution_instance_events), (SELECT owner_number FROM evolution_instances WHERE instance_name = '$ned'))")" \
+  "completed=2,failed=1,pending=3,connecting=1,open=2,1,5511999990000"
+copy_aside "$D" "$LAST"
+compare_rows_d=$compare_rows
+check "0.3.0 rows copied aside" "$copied" "9 tables, 16 rows"
+
 # --- this tree's build, then ALTER EXTENSION evoq UPDATE ---------------------------------------------
 install_from "$ROOT" "$NEW" || die "this tree (evoq $NEW) does not build or install"
 check "the installed control file defaults to $NEW" "$(control_version)" "$NEW"
-check "$OLD's and $MID's install scripts are still installed" \
-  "$([ -f "$EXTDIR/evoq--$OLD.sql" ] && [ -f "$EXTDIR/evoq--$MID.sql" ] && echo yes)" "yes"
+check "$OLD's, $MID's and $LAST's install scripts are still installed" \
+  "$([ -f "$EXTDIR/evoq--$OLD.sql" ] && [ -f "$EXTDIR/evoq--$MID.sql" ] && [ -f "$EXTDIR/evoq--$LAST.sql" ] && echo yes)" "yes"
 # cargo pgrx install copies sql/evoq--*--*.sql itself, with @CARGO_VERSION@ filled in. ALTER
 # EXTENSION UPDATE chains them: $OLD -> ... -> $NEW.
 for script in sql/evoq--*--*.sql; do
@@ -235,6 +265,13 @@ check "a partitioned profiles table got one delete trigger, cloned onto its part
   "part_profiles:false,part_profiles_br:true"
 q "$C" "SET client_min_messages = warning; DROP SCHEMA upgrade_check CASCADE"
 
+q "$D" "ALTER EXTENSION evoq UPDATE"
+check "ALTER EXTENSION evoq UPDATE from $LAST reaches $NEW" "$(q "$D" "SELECT extversion FROM pg_extension WHERE extname = 'evoq'")" "$NEW"
+row_changes=$(q "$D" "$compare_rows_d" 2>&1)
+[ -z "$row_changes" ] || echo "$row_changes"
+check "every row and value survives the upgrade from $LAST" "$(grep -c . <<<"$row_changes")" "0"
+q "$D" "SET client_min_messages = warning; DROP SCHEMA upgrade_check CASCADE"
+
 # --- database B: a fresh install; both must be the same, object for object -------------------------
 q "$B" "CREATE EXTENSION evoq"
 check "a fresh install is $NEW" "$(q "$B" "SELECT extversion FROM pg_extension WHERE extname = 'evoq'")" "$NEW"
@@ -272,7 +309,7 @@ schema() { # schema DB
                      AND refobjid = (SELECT oid FROM pg_extension WHERE extname = 'evoq') ORDER BY 1) m"
 }
 schema "$A" >/tmp/evoq-upgrade/schema-upgraded.sql && schema "$B" >/tmp/evoq-upgrade/schema-fresh.sql &&
-  schema "$C" >/tmp/evoq-upgrade/schema-from-020.sql
+  schema "$C" >/tmp/evoq-upgrade/schema-from-020.sql && schema "$D" >/tmp/evoq-upgrade/schema-from-030.sql
 ntables=$(q "$B" "SELECT count(*) FROM pg_class WHERE relkind IN ('r', 'p') AND relnamespace::regnamespace::text IN ('public', 'evoq')")
 check "both dumps show every table" "$(cat /tmp/evoq-upgrade/schema-{upgraded,fresh}.sql | grep -c '^CREATE TABLE')" "$((2 * ntables))"
 if diff -u --label "upgraded from $OLD" --label "fresh $NEW" /tmp/evoq-upgrade/schema-{upgraded,fresh}.sql; then
@@ -284,6 +321,12 @@ if diff -u --label "upgraded from $MID" --label "fresh $NEW" /tmp/evoq-upgrade/s
   check "the schema upgraded from $MID equals a fresh install" same same
 else
   check "the schema upgraded from $MID equals a fresh install (diff above)" differs same
+fi
+
+if diff -u --label "upgraded from $LAST" --label "fresh $NEW" /tmp/evoq-upgrade/schema-{from-030,fresh}.sql; then
+  check "the schema upgraded from $LAST equals a fresh install" same same
+else
+  check "the schema upgraded from $LAST equals a fresh install (diff above)" differs same
 fi
 
 # --- the upgraded database works ----------------------------------------------------------------

@@ -80,6 +80,13 @@ check "a sign-up is provisioned by the worker alone (completed within 5 s)" \
 ana_name=$(name_of "$ana")
 check "exactly one create call for it" "$(creates_for "$ana_name")" "1"
 
+check "the worker's updates reach the statistics autovacuum reads" \
+  "$(wait_for "SELECT n_tup_upd > 0 FROM pg_stat_user_tables WHERE relid = 'evolution_instance_creation_queue'::regclass" t 10)" "t"
+before=$(worker_pid)
+q "SELECT pg_cancel_backend($before)" >/dev/null
+sleep 1
+check "pg_cancel_backend() on the worker is ignored" "$(worker_pid)" "$before"
+
 # --- 6. the mock's webhooks reach the rows through the listener ------------------------------------
 check "its QR arrives by webhook through the listener" \
   "$(wait_for "SELECT qr_text IS NOT NULL FROM evolution_instances WHERE user_id = '$ana'" t 5)" "t"

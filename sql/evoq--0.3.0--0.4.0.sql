@@ -1,8 +1,9 @@
 -- evoq 0.3.0 -> 0.4.0: the background worker. A claimed queue row carries a lease (its
 -- next_attempt_at while processing), results are written only to rows their claim still holds,
 -- the refresh claim skips what the caller has in flight and (for the worker) instances whose
--- QR is fresh, the worker's next due time, and its state in evoq_status. No table changes: every
--- row is kept as it is; what a fresh 0.4.0 install has, this makes.
+-- QR is fresh, the worker's next due time, its state in evoq_status (and the right to read it
+-- for service_role). No table changes: every row is kept as it is; what a fresh 0.4.0 install
+-- has, this makes.
 \echo Use "ALTER EXTENSION evoq UPDATE TO '0.4.0'" to load this file. \quit
 
 DROP FUNCTION evoq._claim_queue(integer);
@@ -274,10 +275,10 @@ BEGIN
     ), upd AS (
         UPDATE evolution_instances i SET last_refresh_at = clock_timestamp()
         FROM due WHERE i.id = due.id
-        RETURNING i.id, i.instance_name, i.qr_text, due.past
+        RETURNING i.id, i.instance_name, i.qr_text, due.past, i.updated_at
     )
     SELECT coalesce(jsonb_agg(jsonb_build_object('id', id, 'instance_name', instance_name, 'qr_text', qr_text,
-                                                 'status', 'connecting',
+                                                 'status', 'connecting', 'claimed_at', updated_at,
                                                  'task', CASE WHEN past THEN 'expire' ELSE 'connect' END)), '[]')
     INTO part FROM upd;
     claimed := claimed || part;
@@ -299,7 +300,7 @@ BEGIN
         )
         SELECT coalesce(jsonb_agg(jsonb_build_object('id', i.id, 'instance_name', i.instance_name,
                                                      'qr_text', i.qr_text, 'status', i.instance_status,
-                                                     'task', 'repoint')), '[]')
+                                                     'claimed_at', i.updated_at, 'task', 'repoint')), '[]')
         INTO part FROM due JOIN evolution_instances i USING (id);
         claimed := claimed || part;
     END IF;
@@ -321,20 +322,21 @@ BEGIN
     ), upd AS (
         UPDATE evolution_instances i SET last_state_check_at = clock_timestamp()
         FROM due WHERE i.id = due.id
-        RETURNING i.id, i.instance_name, i.qr_text
+        RETURNING i.id, i.instance_name, i.qr_text, i.updated_at
     )
     SELECT coalesce(jsonb_agg(jsonb_build_object('id', id, 'instance_name', instance_name, 'qr_text', qr_text,
-                                                 'status', 'open', 'task', 'check')), '[]')
+                                                 'status', 'open', 'claimed_at', updated_at, 'task', 'check')), '[]')
     INTO part FROM upd;
     RETURN claimed || part;
 END
 $$;
 
 -- 0.4.0: how long, in ms, until the next row is due for either job (0: one is due now; at most
--- max_ms). The background worker sleeps that long when nothing wakes it earlier. Same conditions
--- as the claims, so a row no claim would take never keeps the worker awake.
+-- max_ms). The background worker sleeps that long when nothing wakes it earlier. The same
+-- conditions as the claims (evoq._claim_queue, evoq._claim_refresh with qr_fresh_ms and repoint),
+-- so a row no claim would take never keeps the worker awake.
 CREATE FUNCTION evoq._next_due_ms(min_interval_ms bigint, window_ms bigint, check_interval_ms bigint,
-                                  max_ms bigint) RETURNS double precision
+                                  qr_fresh_ms bigint, repoint boolean, max_ms bigint) RETURNS double precision
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, @extschema@
 AS $$
@@ -348,16 +350,20 @@ AS $$
         SELECT min(next_attempt_at) AS at FROM evolution_instance_creation_queue
         WHERE status IN ('pending', 'processing')
         UNION ALL
-        SELECT min(least(greatest(coalesce(last_refresh_at, '-infinity'), coalesce(last_qr_update, '-infinity'))
-                             + min_interval_ms * interval '1 millisecond',
-                         coalesce(connecting_since, created_at) + window_ms * interval '1 millisecond'))
+        -- connecting: once asked min_interval_ms ago, and its QR is older than qr_fresh_ms (or
+        -- its window is over)
+        SELECT min(greatest(coalesce(last_refresh_at, '-infinity') + min_interval_ms * interval '1 millisecond',
+                            CASE WHEN qr_fresh_ms <= 0 THEN '-infinity'
+                                 ELSE least(coalesce(last_qr_update, '-infinity') + qr_fresh_ms * interval '1 millisecond',
+                                            coalesce(connecting_since, created_at) + window_ms * interval '1 millisecond')
+                            END))
         FROM mine WHERE instance_status = 'connecting'
         UNION ALL
         SELECT min(coalesce(last_state_check_at, '-infinity') + check_interval_ms * interval '1 millisecond')
         FROM mine WHERE instance_status = 'open'
         UNION ALL
         SELECT now() FROM mine, s
-        WHERE s.webhook_url IS NOT NULL AND s.webhook_changed_at IS NOT NULL
+        WHERE repoint AND s.webhook_url IS NOT NULL AND s.webhook_changed_at IS NOT NULL
           AND mine.instance_status IN ('connecting', 'open', 'close', 'refused', 'expired')
           AND (mine.webhook_set_at IS NULL OR mine.webhook_set_at < s.webhook_changed_at)
     )
@@ -374,7 +380,8 @@ $$;
 --   repointed                              (repoint; with "webhook_version", as above);
 --   gone                                   (repoint of an idle instance the server lost: lost,
 --                                           not created again until evoq_reconnect).
--- and "claimed_status" (0.4.0): the row's status at the claim; a row no longer in it is left alone.
+-- and "claimed_status", "claimed_at" (0.4.0): the row's status and updated_at at the claim; a row
+-- changed since (a webhook delivery, an operator) is left alone.
 CREATE OR REPLACE FUNCTION evoq._record_refresh_results(results jsonb) RETURNS void
 LANGUAGE sql
 SET search_path = pg_catalog, @extschema@
@@ -382,7 +389,7 @@ AS $$
     WITH r AS (
         SELECT * FROM jsonb_to_recordset(results) AS x(
             id uuid, outcome text, qr_code text, qr_text text, pairing_code text, qr_count integer, error text,
-            webhook_version timestamptz, claimed_status text)
+            webhook_version timestamptz, claimed_status text, claimed_at timestamptz)
     ), updated AS (
         UPDATE evolution_instances i SET
             instance_status = CASE r.outcome WHEN 'open' THEN 'open' WHEN 'lost' THEN 'lost' WHEN 'gone' THEN 'lost'
@@ -417,6 +424,7 @@ AS $$
           -- 0.4.0: the worker does not hold the row during the call; a delivery that moved it
           -- on meanwhile wins
           AND (r.claimed_status IS NULL OR i.instance_status = r.claimed_status)
+          AND (r.claimed_at IS NULL OR i.updated_at = r.claimed_at)
         RETURNING i.user_id, i.instance_name, r.outcome
     )
     -- A lost instance is created again: a requeue request, applied by the queue's next run (or at
@@ -506,6 +514,105 @@ SELECT
 FROM evolution_instance_creation_queue q;
 REVOKE ALL ON evoq_status FROM PUBLIC;
 COMMENT ON VIEW evoq_status IS 'Queue counts per state, oldest pending age, last runs and last error. Grant it to your operators.';
+
+-- (Re)creates the privileges and row level security policies of everything evoq owns. Runs at
+-- install, at every upgrade, and again by hand if the Supabase roles appear later.
+--
+-- Privileges first: whatever default privileges granted at creation time is taken back before
+-- evoq grants what each role needs. Supabase grants anon, authenticated and service_role ALL on
+-- every new table and function in public; RLS covers neither TRUNCATE nor EXECUTE of a SECURITY
+-- DEFINER function, so left alone that lets any signed-in user wipe the queue or repoint
+-- evoq_configure. TRIGGER, TRUNCATE and REFERENCES are taken from every role but the owner (a
+-- trigger on evoq's tables would run inside evoq's SECURITY DEFINER jobs); other grants an
+-- operator made to roles of their own stay.
+CREATE OR REPLACE FUNCTION evoq_apply_policies() RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog
+AS $$
+DECLARE
+    ext_oid oid := (SELECT oid FROM pg_extension WHERE extname = 'evoq');
+    ext_schema text := (SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
+                        WHERE e.extname = 'evoq');
+    supabase boolean := to_regrole('authenticated') IS NOT NULL AND to_regrole('service_role') IS NOT NULL
+                        AND to_regprocedure('auth.uid()') IS NOT NULL;
+    api_roles text[] := ARRAY(SELECT r FROM unnest(ARRAY['anon', 'authenticated', 'service_role']) r
+                              WHERE to_regrole(r) IS NOT NULL);
+    queue text := format('%I.evolution_instance_creation_queue', ext_schema);
+    inst text := format('%I.evolution_instances', ext_schema);
+    status_view text := format('%I.evoq_status', ext_schema);
+    app_events text := format('%I.evolution_instance_events', ext_schema);
+    member record;
+    pol record;
+BEGIN
+    FOR member IN
+        SELECT CASE c.relkind WHEN 'S' THEN 'SEQUENCE ' ELSE 'TABLE ' END || c.oid::regclass::text AS target,
+               a.grantee, a.privilege_type
+        FROM pg_depend d JOIN pg_class c ON c.oid = d.objid, aclexplode(c.relacl) a
+        WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_extension'::regclass
+          AND d.refobjid = ext_oid AND d.deptype = 'e' AND a.grantee <> c.relowner
+        UNION ALL
+        SELECT 'FUNCTION ' || p.oid::regprocedure::text, a.grantee, a.privilege_type
+        FROM pg_depend d JOIN pg_proc p ON p.oid = d.objid,
+             aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a
+        WHERE d.classid = 'pg_proc'::regclass AND d.refclassid = 'pg_extension'::regclass
+          AND d.refobjid = ext_oid AND d.deptype = 'e' AND a.grantee <> p.proowner
+    LOOP
+        IF member.grantee = 0 OR member.privilege_type IN ('TRUNCATE', 'REFERENCES', 'TRIGGER')
+           OR (SELECT rolname FROM pg_roles WHERE oid = member.grantee) = ANY (api_roles) THEN
+            EXECUTE format('REVOKE %s ON %s FROM %s', member.privilege_type, member.target,
+                           CASE WHEN member.grantee = 0 THEN 'PUBLIC'
+                                ELSE quote_ident((SELECT rolname FROM pg_roles WHERE oid = member.grantee)) END);
+        END IF;
+    END LOOP;
+    -- The two functions that reveal nothing: row level security calls the first as the querying
+    -- role, and the second names a user's instance.
+    EXECUTE format('GRANT EXECUTE ON FUNCTION %I.evoq_current_user_id(), %I.evoq_instance_name(uuid) TO PUBLIC',
+                   ext_schema, ext_schema);
+    -- The webhook endpoint is for PostgREST's anonymous role: the Evolution server has no JWT.
+    -- It checks the webhook secret before it reads anything else.
+    IF to_regrole('anon') IS NOT NULL THEN
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %I.evoq_webhook(jsonb) TO anon', ext_schema);
+    END IF;
+
+    FOR pol IN SELECT policyname, tablename FROM pg_policies
+               WHERE schemaname = ext_schema
+                 AND tablename IN ('evolution_instance_creation_queue', 'evolution_instances',
+                                   'evolution_instance_events') LOOP
+        EXECUTE format('DROP POLICY %I ON %I.%I', pol.policyname, ext_schema, pol.tablename);
+    END LOOP;
+
+    IF supabase THEN
+        -- (SELECT auth.uid()): evaluated once per statement, not once per row (Supabase lint 0003).
+        EXECUTE format('CREATE POLICY "Service role can manage evolution instance queue" ON %s
+                        FOR ALL TO service_role USING (true) WITH CHECK (true)', queue);
+        EXECUTE format('CREATE POLICY "Users can view their own queue status" ON %s
+                        FOR SELECT TO authenticated USING ((SELECT auth.uid()) = user_id)', queue);
+        EXECUTE format('CREATE POLICY "Service role can manage evolution instances" ON %s
+                        FOR ALL TO service_role USING (true) WITH CHECK (true)', inst);
+        EXECUTE format('CREATE POLICY "Users can view their own evolution instance" ON %s
+                        FOR SELECT TO authenticated USING ((SELECT auth.uid()) = user_id)', inst);
+        EXECUTE format('GRANT SELECT ON %s, %s TO authenticated', queue, inst);
+        EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON %s, %s TO service_role', queue, inst);
+        EXECUTE format('GRANT SELECT ON %s TO service_role', status_view);
+        -- The view calls these as the reading role: PostgreSQL checks a function's EXECUTE
+        -- against whoever queries the view, not its owner.
+        EXECUTE 'GRANT EXECUTE ON FUNCTION evoq._worker_state(), evoq._is_ours(text, text, boolean) TO service_role';
+        EXECUTE format('CREATE POLICY "Service role can manage instance events" ON %s
+                        FOR ALL TO service_role USING (true) WITH CHECK (true)', app_events);
+        EXECUTE format('GRANT SELECT, DELETE ON %s TO service_role', app_events);
+        -- Each checks that the signed-in user acts on their own instance.
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %I.evoq_reconnect(uuid), %I.evoq_deprovision(uuid)
+                        TO authenticated, service_role', ext_schema, ext_schema);
+        RETURN 'supabase';
+    END IF;
+
+    EXECUTE format('CREATE POLICY "Users can view their own queue status" ON %s
+                    FOR SELECT USING (user_id = (SELECT %I.evoq_current_user_id()))', queue, ext_schema);
+    EXECUTE format('CREATE POLICY "Users can view their own evolution instance" ON %s
+                    FOR SELECT USING (user_id = (SELECT %I.evoq_current_user_id()))', inst, ext_schema);
+    RETURN 'postgres';
+END
+$$;
 
 -- Privileges and policies, redone for every object (new ones included).
 SELECT evoq_apply_policies();

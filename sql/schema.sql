@@ -347,6 +347,9 @@ BEGIN
         EXECUTE format('GRANT SELECT ON %s, %s TO authenticated', queue, inst);
         EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON %s, %s TO service_role', queue, inst);
         EXECUTE format('GRANT SELECT ON %s TO service_role', status_view);
+        -- The view calls these as the reading role: PostgreSQL checks a function's EXECUTE
+        -- against whoever queries the view, not its owner.
+        EXECUTE 'GRANT EXECUTE ON FUNCTION evoq._worker_state(), evoq._is_ours(text, text, boolean) TO service_role';
         EXECUTE format('CREATE POLICY "Service role can manage instance events" ON %s
                         FOR ALL TO service_role USING (true) WITH CHECK (true)', app_events);
         EXECUTE format('GRANT SELECT, DELETE ON %s TO service_role', app_events);
@@ -681,10 +684,10 @@ BEGIN
     ), upd AS (
         UPDATE evolution_instances i SET last_refresh_at = clock_timestamp()
         FROM due WHERE i.id = due.id
-        RETURNING i.id, i.instance_name, i.qr_text, due.past
+        RETURNING i.id, i.instance_name, i.qr_text, due.past, i.updated_at
     )
     SELECT coalesce(jsonb_agg(jsonb_build_object('id', id, 'instance_name', instance_name, 'qr_text', qr_text,
-                                                 'status', 'connecting',
+                                                 'status', 'connecting', 'claimed_at', updated_at,
                                                  'task', CASE WHEN past THEN 'expire' ELSE 'connect' END)), '[]')
     INTO part FROM upd;
     claimed := claimed || part;
@@ -706,7 +709,7 @@ BEGIN
         )
         SELECT coalesce(jsonb_agg(jsonb_build_object('id', i.id, 'instance_name', i.instance_name,
                                                      'qr_text', i.qr_text, 'status', i.instance_status,
-                                                     'task', 'repoint')), '[]')
+                                                     'claimed_at', i.updated_at, 'task', 'repoint')), '[]')
         INTO part FROM due JOIN evolution_instances i USING (id);
         claimed := claimed || part;
     END IF;
@@ -728,20 +731,21 @@ BEGIN
     ), upd AS (
         UPDATE evolution_instances i SET last_state_check_at = clock_timestamp()
         FROM due WHERE i.id = due.id
-        RETURNING i.id, i.instance_name, i.qr_text
+        RETURNING i.id, i.instance_name, i.qr_text, i.updated_at
     )
     SELECT coalesce(jsonb_agg(jsonb_build_object('id', id, 'instance_name', instance_name, 'qr_text', qr_text,
-                                                 'status', 'open', 'task', 'check')), '[]')
+                                                 'status', 'open', 'claimed_at', updated_at, 'task', 'check')), '[]')
     INTO part FROM upd;
     RETURN claimed || part;
 END
 $$;
 
 -- 0.4.0: how long, in ms, until the next row is due for either job (0: one is due now; at most
--- max_ms). The background worker sleeps that long when nothing wakes it earlier. Same conditions
--- as the claims, so a row no claim would take never keeps the worker awake.
+-- max_ms). The background worker sleeps that long when nothing wakes it earlier. The same
+-- conditions as the claims (evoq._claim_queue, evoq._claim_refresh with qr_fresh_ms and repoint),
+-- so a row no claim would take never keeps the worker awake.
 CREATE FUNCTION evoq._next_due_ms(min_interval_ms bigint, window_ms bigint, check_interval_ms bigint,
-                                  max_ms bigint) RETURNS double precision
+                                  qr_fresh_ms bigint, repoint boolean, max_ms bigint) RETURNS double precision
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, @extschema@
 AS $$
@@ -755,16 +759,20 @@ AS $$
         SELECT min(next_attempt_at) AS at FROM evolution_instance_creation_queue
         WHERE status IN ('pending', 'processing')
         UNION ALL
-        SELECT min(least(greatest(coalesce(last_refresh_at, '-infinity'), coalesce(last_qr_update, '-infinity'))
-                             + min_interval_ms * interval '1 millisecond',
-                         coalesce(connecting_since, created_at) + window_ms * interval '1 millisecond'))
+        -- connecting: once asked min_interval_ms ago, and its QR is older than qr_fresh_ms (or
+        -- its window is over)
+        SELECT min(greatest(coalesce(last_refresh_at, '-infinity') + min_interval_ms * interval '1 millisecond',
+                            CASE WHEN qr_fresh_ms <= 0 THEN '-infinity'
+                                 ELSE least(coalesce(last_qr_update, '-infinity') + qr_fresh_ms * interval '1 millisecond',
+                                            coalesce(connecting_since, created_at) + window_ms * interval '1 millisecond')
+                            END))
         FROM mine WHERE instance_status = 'connecting'
         UNION ALL
         SELECT min(coalesce(last_state_check_at, '-infinity') + check_interval_ms * interval '1 millisecond')
         FROM mine WHERE instance_status = 'open'
         UNION ALL
         SELECT now() FROM mine, s
-        WHERE s.webhook_url IS NOT NULL AND s.webhook_changed_at IS NOT NULL
+        WHERE repoint AND s.webhook_url IS NOT NULL AND s.webhook_changed_at IS NOT NULL
           AND mine.instance_status IN ('connecting', 'open', 'close', 'refused', 'expired')
           AND (mine.webhook_set_at IS NULL OR mine.webhook_set_at < s.webhook_changed_at)
     )
@@ -781,7 +789,8 @@ $$;
 --   repointed                              (repoint; with "webhook_version", as above);
 --   gone                                   (repoint of an idle instance the server lost: lost,
 --                                           not created again until evoq_reconnect).
--- and "claimed_status" (0.4.0): the row's status at the claim; a row no longer in it is left alone.
+-- and "claimed_status", "claimed_at" (0.4.0): the row's status and updated_at at the claim; a row
+-- changed since (a webhook delivery, an operator) is left alone.
 CREATE FUNCTION evoq._record_refresh_results(results jsonb) RETURNS void
 LANGUAGE sql
 SET search_path = pg_catalog, @extschema@
@@ -789,7 +798,7 @@ AS $$
     WITH r AS (
         SELECT * FROM jsonb_to_recordset(results) AS x(
             id uuid, outcome text, qr_code text, qr_text text, pairing_code text, qr_count integer, error text,
-            webhook_version timestamptz, claimed_status text)
+            webhook_version timestamptz, claimed_status text, claimed_at timestamptz)
     ), updated AS (
         UPDATE evolution_instances i SET
             instance_status = CASE r.outcome WHEN 'open' THEN 'open' WHEN 'lost' THEN 'lost' WHEN 'gone' THEN 'lost'
@@ -824,6 +833,7 @@ AS $$
           -- 0.4.0: the worker does not hold the row during the call; a delivery that moved it
           -- on meanwhile wins
           AND (r.claimed_status IS NULL OR i.instance_status = r.claimed_status)
+          AND (r.claimed_at IS NULL OR i.updated_at = r.claimed_at)
         RETURNING i.user_id, i.instance_name, r.outcome
     )
     -- A lost instance is created again: a requeue request, applied by the queue's next run (or at

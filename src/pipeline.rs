@@ -142,8 +142,15 @@ impl<S: Source> Pipeline<S> {
     /// Claims as many rows as there are free slots and hands their calls to the pool. Returns
     /// how many it claimed.
     pub fn fill(&mut self, source: &mut S) -> usize {
+        let claimed = self.claim(source);
+        self.launch(claimed)
+    }
+
+    /// Claims as many rows as there are free slots, without calling yet: the background worker
+    /// commits its claims first, so no call leaves for a claim that could still roll back.
+    pub fn claim(&mut self, source: &mut S) -> Vec<(S::Row, S::Call)> {
         if !self.wants_rows() {
-            return 0;
+            return Vec::new();
         }
         // A claim takes at most a group's worth of rows (evoq.batch_size for the jobs).
         let room = self.pool.room().min(self.grouping.size);
@@ -154,8 +161,13 @@ impl<S: Source> Pipeline<S> {
             .collect();
         let claimed = source.claim(room, &busy);
         self.drained = claimed.len() < room;
+        self.last_claim = claimed.len();
+        claimed
+    }
+
+    /// Hands claimed rows' calls to the pool; returns how many.
+    pub fn launch(&mut self, claimed: Vec<(S::Row, S::Call)>) -> usize {
         let n = claimed.len();
-        self.last_claim = n;
         for (row, call) in claimed {
             let key = self.next_key;
             self.next_key += 1;

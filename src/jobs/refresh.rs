@@ -33,6 +33,10 @@ pub struct ClaimedInstance {
     qr_text: Option<String>,
     /// The row's status at the claim.
     status: String,
+    /// The row's updated_at at the claim: its outcome is written only if nothing changed it
+    /// since (the worker does not hold the row while it calls).
+    #[serde(default)]
+    claimed_at: Value,
     task: Task,
 }
 
@@ -142,6 +146,7 @@ pub struct RefreshJob {
     webhook_version: Value,
     /// A webhook/set that failed is tried again by the next run, not over and over in this one.
     repoint: bool,
+    repoint_failed: bool,
     /// Connecting instances whose last QR (polled or delivered by webhook) is younger than this
     /// are not asked (0: the QR's age does not matter, only the last ask's).
     qr_fresh_ms: i64,
@@ -149,11 +154,13 @@ pub struct RefreshJob {
 }
 
 impl RefreshJob {
-    pub fn start(run: Run, qr_fresh_ms: i64) -> RefreshJob {
+    /// `repoint`: whether instances registered before the webhook changed are asked for now.
+    pub fn start(run: Run, qr_fresh_ms: i64, repoint: bool) -> RefreshJob {
         RefreshJob {
             webhook: run.connection.webhook.clone(),
             webhook_version: json!(run.connection.webhook_version),
-            repoint: true,
+            repoint,
+            repoint_failed: false,
             qr_fresh_ms,
             tally: Tally::default(),
             run,
@@ -181,6 +188,12 @@ impl RefreshJob {
                 )),
             },
         }
+    }
+
+    /// Whether a webhook/set failed in this run (the worker then leaves repoints alone for a
+    /// while instead of retrying them cycle after cycle).
+    pub fn repoint_failed(&self) -> bool {
+        self.repoint_failed
     }
 
     /// Applies the requeue requests the lost instances made, retires a rotated secret every
@@ -240,12 +253,14 @@ impl RefreshJob {
                 self.run.count_error(e);
                 if row.task == Task::Repoint {
                     self.repoint = false;
+                    self.repoint_failed = true;
                 }
             }
             let mut rec = outcome_record(row, outcome, &self.webhook_version, &mut self.tally);
             // Written only while the row is as claimed: a webhook delivery may have moved it on
             // while the call was in flight (the worker does not hold the row).
             rec["claimed_status"] = json!(row.status);
+            rec["claimed_at"] = row.claimed_at.clone();
             records.push(rec);
         }
         self.tally.unrecordable += record(
@@ -254,7 +269,7 @@ impl RefreshJob {
             self.run.protect_next_batch(),
             |rec, message| {
                 json!({"id": rec["id"], "outcome": "error", "error": message,
-                       "claimed_status": rec["claimed_status"]})
+                       "claimed_status": rec["claimed_status"], "claimed_at": rec["claimed_at"]})
             },
         );
         Flow::Continue
@@ -319,7 +334,7 @@ impl Source for RefreshJob {
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, @extschema@)]
 pub fn evoq_refresh_qr() -> pgrx::JsonB {
-    let mut job = RefreshJob::start(Run::start("refresh_qr"), 0);
+    let mut job = RefreshJob::start(Run::start("refresh_qr"), 0, true);
     let (stopped, groups) = match job.run.circuit_blocks() {
         Some(reason) => (reason, 0),
         None => {

@@ -227,6 +227,12 @@ impl Run {
         ));
     }
 
+    /// A new transaction began (the background worker commits every group): its batches are
+    /// protected again.
+    pub fn reset_protection(&mut self) {
+        self.protected_batches = 0;
+    }
+
     /// Whether the next batch is recorded inside a subtransaction (see PROTECTED_BATCHES).
     pub fn protect_next_batch(&mut self) -> bool {
         self.protected_batches += 1;

@@ -88,6 +88,20 @@ mod tests {
         assert_eq!(as_user("authenticated", None, q), Ok(0));
         assert_eq!(as_user("service_role", None, q), Ok(2));
         assert_eq!(as_user("service_role", None, i), Ok(2));
+        // evoq_status calls evoq's own functions (the worker's state, _is_ours) as the reader.
+        assert_eq!(
+            as_user(
+                "service_role",
+                None,
+                "SELECT * FROM evoq_status WHERE worker_loaded IS NOT NULL AND webhooks_to_repoint >= 0"
+            ),
+            Ok(1)
+        );
+        assert!(
+            as_user("authenticated", Some(a), "SELECT * FROM evoq_status")
+                .unwrap_err()
+                .starts_with("42501")
+        );
         assert!(as_user("anon", None, q).unwrap_err().starts_with("42501"));
         assert!(as_user("anon", None, i).unwrap_err().starts_with("42501"));
         // A user cannot change or delete rows, not even their own.

@@ -60,7 +60,13 @@ struct Worker {
     signalled: Arc<AtomicBool>,
     /// Consecutive failed steps: the pause after an error grows with them.
     failures: u32,
+    /// A webhook/set failed: repoints wait until then (a cycle would otherwise retry it at
+    /// once, over and over, since the instance stays due).
+    repoint_after: Instant,
 }
+
+/// How long repoints wait after a webhook/set failed.
+const REPOINT_PAUSE: Duration = Duration::from_secs(60);
 
 /// Wakes the main thread from another thread of this process: SIGUSR1 runs PostgreSQL's own
 /// handler on the main thread (the only one that does not block it), which sets the latch.
@@ -94,7 +100,7 @@ fn in_transaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
     }
     let f = std::panic::AssertUnwindSafe(f);
-    PgTryBuilder::new(move || {
+    let result = PgTryBuilder::new(move || {
         let f = f;
         let value = (f.0)();
         // SAFETY: the transaction begun above; a failing commit is caught below.
@@ -105,11 +111,18 @@ fn in_transaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
         Ok(value)
     })
     .catch_others(|e| {
-        // SAFETY: pgrx copied and flushed the error; the transaction is rolled back.
-        unsafe { pg_sys::AbortCurrentTransaction() };
+        // SAFETY: pgrx copied and flushed the error; the transaction is rolled back, and any
+        // subtransaction with it, as PostgreSQL's own workers do.
+        unsafe { pg_sys::AbortOutOfAnyTransaction() };
         Err(caught_message(e))
     })
-    .execute()
+    .execute();
+    // A backend reports its table statistics when idle; a worker never is, so it does so after
+    // each transaction (PostgreSQL throttles unforced reports to one per second or so), or
+    // autovacuum would never hear of the rows it updates.
+    // SAFETY: between transactions, on the main thread.
+    unsafe { pg_sys::pgstat_report_stat(false) };
+    result
 }
 
 impl Worker {
@@ -123,6 +136,7 @@ impl Worker {
             wakes_seen: shared::wakes(),
             signalled: Arc::new(AtomicBool::new(false)),
             failures: 0,
+            repoint_after: Instant::now(),
         };
         w.open_listener();
         w
@@ -259,6 +273,7 @@ impl Worker {
     fn start_cycle(&mut self) {
         let signalled = self.signalled.clone();
         let commit_every = self.settings.commit_every;
+        let repoint = Instant::now() >= self.repoint_after;
         let started = in_transaction(|| {
             if !installed_and_configured() {
                 return None;
@@ -268,11 +283,13 @@ impl Worker {
             let t = run.tunables;
             let mut queue = QueueJob::start(run, t.lease_ms);
             if let Some(reason) = queue.ready() {
-                // The circuit is open (or the server cannot be told): nothing is claimed.
+                // The circuit is open (or the server cannot be told): nothing is claimed until
+                // the circuit's next probe.
                 queue.finish(reason, 0);
-                return Some(Err(()));
+                return Some(Err(circuit_probe_in()));
             }
-            let refresh = RefreshJob::start(Run::start("refresh_qr"), t.qr_refresh_interval_ms);
+            let refresh =
+                RefreshJob::start(Run::start("refresh_qr"), t.qr_refresh_interval_ms, repoint);
             let work = Both::<QueueJob, RefreshJob>::work(queue.work(), refresh.work());
             let pool = Pool::new(t.concurrency, work).with_notify(signaller(signalled));
             let grouping = Grouping {
@@ -296,7 +313,7 @@ impl Worker {
             // Not installed or not configured here (yet): asleep until evoq_configure or a
             // sign-up wakes it, or a minute passes.
             Ok(None) => self.next_due = Instant::now() + MAX_SLEEP,
-            Ok(Some(Err(()))) => self.next_due = Instant::now() + Duration::from_secs(5),
+            Ok(Some(Err(wait))) => self.next_due = Instant::now() + wait,
             Err(message) => self.failed("starting a run", message),
         }
     }
@@ -311,14 +328,25 @@ impl Worker {
         }
         if cycle.pipe.wants_rows() {
             let Cycle { pipe, jobs, .. } = &mut cycle;
-            if let Err(message) = in_transaction(|| pipe.fill(jobs)) {
-                self.cycle = Some(cycle);
-                return self.failed("claiming rows", message);
+            // The claims commit before any call leaves: a call is never made for a claim that
+            // rolled back.
+            match in_transaction(|| pipe.claim(jobs)) {
+                Ok(claimed) => {
+                    pipe.launch(claimed);
+                }
+                Err(message) => {
+                    self.cycle = Some(cycle);
+                    return self.failed("claiming rows", message);
+                }
             }
         }
         cycle.pipe.gather(Duration::ZERO);
         if cycle.pipe.group_due() {
             let Cycle { pipe, jobs, .. } = &mut cycle;
+            // Each group is a transaction of its own: its results are recorded in a
+            // subtransaction, so one that cannot be stored fails alone.
+            jobs.first.run.reset_protection();
+            jobs.second.run.reset_protection();
             if let Err(message) = in_transaction(|| pipe.flush(jobs)) {
                 self.cycle = Some(cycle);
                 return self.failed("recording results", message);
@@ -336,6 +364,10 @@ impl Worker {
         let stopped = pipe.stopped().unwrap_or("drained");
         let (claimed, groups) = (pipe.claimed, pipe.groups);
         drop(pipe);
+        if jobs.second.repoint_failed() {
+            self.repoint_after = Instant::now() + REPOINT_PAUSE;
+        }
+        let repoint = Instant::now() >= self.repoint_after;
         let finished = in_transaction(|| {
             let Both { first, second } = jobs;
             first.finish(stopped, groups);
@@ -347,7 +379,7 @@ impl Worker {
                 },
                 groups,
             );
-            next_due_in()
+            next_due_in(repoint)
         });
         match finished {
             Ok(due_in) => {
@@ -401,15 +433,28 @@ fn installed_and_configured() -> bool {
             .unwrap_or(false)
 }
 
+/// How long until the circuit's next probe (at least a second, at most `MAX_SLEEP`).
+fn circuit_probe_in() -> Duration {
+    let ms = Spi::get_one::<f64>(
+        "SELECT extract(epoch FROM next_probe_at - clock_timestamp()) * 1000 FROM evoq.circuit",
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(1000.0);
+    Duration::from_millis(ms.clamp(1000.0, MAX_SLEEP.as_millis() as f64) as u64)
+}
+
 /// How long until the next row is due for either job (zero if one is due now).
-fn next_due_in() -> Duration {
+fn next_due_in(repoint: bool) -> Duration {
     let t = crate::settings::tunables();
     let ms = Spi::get_one_with_args::<f64>(
-        "SELECT evoq._next_due_ms($1, $2, $3, $4)",
+        "SELECT evoq._next_due_ms($1, $2, $3, $4, $5, $6)",
         &[
             t.qr_refresh_interval_ms.into(),
             t.qr_window_ms.into(),
             t.state_check_interval_ms.into(),
+            t.qr_refresh_interval_ms.into(),
+            repoint.into(),
             (MAX_SLEEP.as_millis() as i64).into(),
         ],
     )
@@ -424,8 +469,24 @@ fn next_due_in() -> Duration {
 #[no_mangle]
 pub extern "C-unwind" fn evoq_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    // A query cancel means nothing to the worker, and raised outside a transaction it would end
+    // the process: pg_cancel_backend() on it is ignored.
+    // SAFETY: installs SIG_IGN for SIGINT, on the main thread.
+    unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
     let (database, role) = connection_target();
     BackgroundWorker::connect_worker_to_spi(Some(&database), role.as_deref());
+    // A step waiting on a row lock (a delivery behind a pg_cron run holding the row) gives up
+    // after this, so SIGTERM is honoured soon and other deliveries are not held up; the step's
+    // work is done again later (the Evolution server resends an unacknowledged delivery).
+    // SAFETY: sets a setting of this session, outside any transaction.
+    unsafe {
+        pg_sys::SetConfigOption(
+            c"lock_timeout".as_ptr(),
+            c"2s".as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+        )
+    };
     // SAFETY: reads the process id.
     let pid = unsafe { libc::getpid() };
     shared::started(pid);
@@ -439,8 +500,14 @@ pub extern "C-unwind" fn evoq_worker_main(_arg: pg_sys::Datum) {
         }
         worker.turn();
         shared::looped(worker.in_flight());
+        let wait = worker.wait();
+        if wait >= Duration::from_secs(1) {
+            // Going to sleep: what the last transactions changed reaches the statistics now.
+            // SAFETY: between transactions, on the main thread.
+            unsafe { pg_sys::pgstat_report_stat(true) };
+        }
         // False on SIGTERM or when the postmaster died.
-        if !BackgroundWorker::wait_latch(Some(worker.wait())) {
+        if !BackgroundWorker::wait_latch(Some(wait)) {
             break;
         }
     }

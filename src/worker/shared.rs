@@ -160,6 +160,11 @@ pub fn wake_at_commit() {
     pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Abort, || {
         ARMED.with(|a| a.set(false));
     });
+    // PREPARE TRANSACTION ends neither way: the row becomes visible at COMMIT PREPARED, which
+    // may come from another session; the worker then finds it by its next due time.
+    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Prepare, || {
+        ARMED.with(|a| a.set(false));
+    });
 }
 
 fn timestamp(t: i64) -> Option<pgrx::datum::TimestampWithTimeZone> {
