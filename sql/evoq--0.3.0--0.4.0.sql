@@ -434,6 +434,71 @@ AS $$
     SELECT user_id, 'lost' FROM updated WHERE outcome = 'lost'
 $$;
 
+-- Applies one webhook delivery to its instance row: a single guarded UPDATE (webhook.rs and
+-- lifecycle.rs decide what it writes). d: {"instance", "from": [states it may leave], "to",
+-- "kind": "qr"|"open"|"close"|"refused"|"removed", "event_at", "qr_code", "qr_text",
+-- "pairing_code", "number", "profile_name", "reason"}. The row changes only from a state in
+-- "from", and only if no newer delivery of the server was applied already; a row being
+-- deprovisioned that the server reports removed is deleted, any other is lost and queued for
+-- creation again (as a 404 in the refresh). Returns the row's new status, NULL when nothing
+-- changed. 0.4.0: PL/pgSQL, so a session applying delivery after delivery (the worker's
+-- listener) plans the statement once, not once per call as a SQL function's body is.
+CREATE OR REPLACE FUNCTION evoq._apply_delivery(d jsonb) RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, @extschema@
+AS $$
+DECLARE
+    result text;
+BEGIN
+    WITH x AS (
+        SELECT * FROM jsonb_to_record(d) AS x(
+            instance text, "from" text[], "to" text, kind text, event_at timestamptz,
+            qr_code text, qr_text text, pairing_code text, number text, profile_name text, reason text)
+    ), changed AS (
+        UPDATE evolution_instances i SET
+            instance_status = CASE
+                WHEN x.kind = 'removed' AND EXISTS (SELECT 1 FROM evolution_instance_creation_queue q
+                                                    WHERE q.user_id = i.user_id AND q.action = 'delete')
+                THEN 'deleted' ELSE x."to" END,
+            qr_code = CASE WHEN x.kind = 'qr' THEN x.qr_code END,
+            qr_text = CASE WHEN x.kind = 'qr' THEN x.qr_text END,
+            pairing_code = CASE WHEN x.kind = 'qr' THEN x.pairing_code END,
+            last_qr_update = CASE WHEN x.kind = 'qr' AND x.qr_text IS DISTINCT FROM i.qr_text
+                                  THEN clock_timestamp() ELSE i.last_qr_update END,
+            no_qr_rounds = CASE WHEN x.kind = 'qr' THEN 0 ELSE i.no_qr_rounds END,
+            owner_number = CASE WHEN x.kind = 'open' THEN coalesce(x.number, i.owner_number) ELSE i.owner_number END,
+            profile_name = CASE WHEN x.kind = 'open' THEN coalesce(x.profile_name, i.profile_name) ELSE i.profile_name END,
+            connected_at = CASE WHEN x.kind = 'open' AND i.instance_status <> 'open' THEN clock_timestamp()
+                                ELSE i.connected_at END,
+            last_state_check_at = CASE WHEN x.kind = 'open' AND i.instance_status <> 'open' THEN clock_timestamp()
+                                       ELSE i.last_state_check_at END,
+            disconnected_at = CASE WHEN x.kind IN ('close', 'refused', 'removed') THEN clock_timestamp()
+                                   WHEN x.kind = 'open' THEN NULL ELSE i.disconnected_at END,
+            disconnect_reason = CASE WHEN x.kind IN ('close', 'refused', 'removed') THEN x.reason
+                                     WHEN x.kind = 'open' THEN NULL ELSE i.disconnect_reason END,
+            last_event_at = coalesce(x.event_at, i.last_event_at),
+            -- Removed at the server: a live instance (a user waiting for a QR, or connected) is
+            -- created again; an idle one (close, refused, expired) only when the user asks.
+            last_error = CASE WHEN x.kind <> 'removed' THEN i.last_error
+                              WHEN i.instance_status IN ('connecting', 'open')
+                              THEN 'the Evolution API deleted the instance; its creation was queued again'
+                              ELSE 'the Evolution API deleted the instance; evoq_reconnect creates it again' END,
+            updated_at = clock_timestamp()
+        FROM x
+        WHERE i.instance_name = x.instance
+          AND i.instance_status = ANY (x."from")
+          AND (x.event_at IS NULL OR i.last_event_at IS NULL OR i.last_event_at <= x.event_at)
+        RETURNING i.user_id, i.instance_status, i.last_error
+    ), requeued AS (
+        INSERT INTO evoq.requeue_requests (user_id, reason)
+        SELECT user_id, 'lost' FROM changed
+        WHERE instance_status = 'lost' AND last_error LIKE '%creation was queued again'
+    )
+    SELECT instance_status INTO result FROM changed;
+    RETURN result;
+END
+$$;
+
 -- The worker's state, read from shared memory by Rust.
 CREATE  FUNCTION evoq."_worker_state"() RETURNS TABLE (
 	"loaded" bool,  /* bool */

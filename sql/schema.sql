@@ -850,11 +850,15 @@ $$;
 -- "from", and only if no newer delivery of the server was applied already; a row being
 -- deprovisioned that the server reports removed is deleted, any other is lost and queued for
 -- creation again (as a 404 in the refresh). Returns the row's new status, NULL when nothing
--- changed.
+-- changed. 0.4.0: PL/pgSQL, so a session applying delivery after delivery (the worker's
+-- listener) plans the statement once, not once per call as a SQL function's body is.
 CREATE FUNCTION evoq._apply_delivery(d jsonb) RETURNS text
-LANGUAGE sql
+LANGUAGE plpgsql
 SET search_path = pg_catalog, @extschema@
 AS $$
+DECLARE
+    result text;
+BEGIN
     WITH x AS (
         SELECT * FROM jsonb_to_record(d) AS x(
             instance text, "from" text[], "to" text, kind text, event_at timestamptz,
@@ -899,7 +903,9 @@ AS $$
         SELECT user_id, 'lost' FROM changed
         WHERE instance_status = 'lost' AND last_error LIKE '%creation was queued again'
     )
-    SELECT instance_status FROM changed
+    SELECT instance_status INTO result FROM changed;
+    RETURN result;
+END
 $$;
 
 -- Keeps a delivery evoq does not consume for the application, if the instance is one of this

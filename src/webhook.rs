@@ -123,9 +123,23 @@ fn without_secrets(mut payload: Value) -> Value {
     payload
 }
 
+/// The settings a delivery is checked against, read once for a group of deliveries (the
+/// worker's listener applies them in groups). None: evoq is not configured.
+pub struct Settings(Option<Gate>);
+
+/// Reads the settings deliveries are checked against.
+pub fn settings() -> Settings {
+    Settings(read_gate())
+}
+
 /// Applies one delivery. `header` is the secret the transport received in the
 /// `x-evoq-secret` header, if it has headers; PostgREST's `request.headers` is read too.
 pub fn ingest(payload: Value, header: Option<&str>) -> Value {
+    ingest_with(&settings(), payload, header)
+}
+
+/// `ingest` with the settings already read.
+pub fn ingest_with(settings: &Settings, payload: Value, header: Option<&str>) -> Value {
     let size = serde_json::to_string(&payload).map_or(usize::MAX, |s| s.len());
     if size > MAX_DELIVERY_BYTES {
         invalid(
@@ -133,7 +147,7 @@ pub fn ingest(payload: Value, header: Option<&str>) -> Value {
             "Evolution API deliveries are a few KB. Subscribe the webhook without base64 media (evoq always sends base64: false).",
         );
     }
-    let Some(gate) = read_gate() else {
+    let Some(gate) = settings.0.as_ref() else {
         refuse(
             "webhook delivery refused: evoq is not configured",
             "Run evoq_configure first; it creates the webhook secret deliveries must carry.",

@@ -4,6 +4,7 @@
 //! changes nothing and does not undo the others of its group; the caller commits, then answers.
 
 use crate::listener::{Delivery, Verdict};
+use crate::webhook::Settings;
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode;
 use serde_json::Value;
@@ -15,16 +16,18 @@ pub const GROUP: usize = 32;
 /// Applies each delivery in its own subtransaction; returns the verdicts to give once the
 /// transaction committed.
 pub fn apply(group: Vec<Delivery>) -> Vec<(Delivery, Verdict)> {
+    // Read once for the group: a change of the secret commits before or after the whole group.
+    let settings = crate::webhook::settings();
     group
         .into_iter()
         .map(|d| {
-            let verdict = verdict_for(&d.body, d.secret.as_deref());
+            let verdict = verdict_for(&settings, &d.body, d.secret.as_deref());
             (d, verdict)
         })
         .collect()
 }
 
-fn verdict_for(body: &[u8], secret: Option<&str>) -> Verdict {
+fn verdict_for(settings: &Settings, body: &[u8], secret: Option<&str>) -> Verdict {
     let payload: Value = match serde_json::from_slice(body) {
         Ok(v) => v,
         Err(e) => {
@@ -33,7 +36,7 @@ fn verdict_for(body: &[u8], secret: Option<&str>) -> Verdict {
             return Verdict::Invalid(format!("the body is not JSON: {e}"));
         }
     };
-    match crate::subxact::attempt_coded(|| crate::webhook::ingest(payload, secret)) {
+    match crate::subxact::attempt_coded(|| crate::webhook::ingest_with(settings, payload, secret)) {
         Ok(result) if result["result"] == "ignored" => Verdict::Ignored,
         Ok(_) => Verdict::Applied,
         Err((PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE, message)) => {

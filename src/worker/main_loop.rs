@@ -192,8 +192,14 @@ impl Worker {
         }
     }
 
-    /// SIGHUP: the configuration file was read again.
+    /// SIGHUP: the configuration file was read again. A running cycle claims nothing more, so
+    /// the next one starts with the new settings (evoq.concurrency, the intervals...) as soon as
+    /// its calls in flight are recorded.
     fn reload(&mut self) {
+        if let Some(cycle) = self.cycle.as_mut() {
+            cycle.pipe.stop("reload");
+        }
+        self.next_due = Instant::now();
         let settings = worker_settings();
         if settings == self.settings {
             return;
