@@ -11,3 +11,4 @@ mod refresh;
 mod security;
 mod trigger;
 mod webhooks;
+mod worker;
