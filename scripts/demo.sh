@@ -53,6 +53,14 @@ run() { echo; echo "evoq_demo=# $1"; cluster_psql -d evoq_demo -P pager=off -c "
 run "CREATE EXTENSION pg_cron"
 run "CREATE ROLE anon NOLOGIN"   # PostgREST's anonymous role: the Evolution server has no JWT
 run "CREATE EXTENSION evoq"
+if [ "$WORKER" = 1 ]; then
+  echo; echo "== the worker retries every 5 s until its database (evoq.database_name) exists; waiting for it"
+  for _ in $(seq 100); do
+    [ -n "$(cluster_psql -d evoq_demo -tA -c "SELECT pid FROM pg_stat_activity WHERE backend_type = 'evoq worker'")" ] && break
+    sleep 0.1
+  done
+  run "SELECT pid, backend_type, datname, state FROM pg_stat_activity WHERE backend_type = 'evoq worker'"
+fi
 run "SELECT evoq_configure(api_url => '$API_URL', api_key => '$API_KEY', webhook_url => '$WEBHOOK_URL', webhook_headers => '{\"apikey\": \"<anon key>\"}')" \
   | sed "s/$API_KEY/***/g"
 run "CREATE TABLE profiles (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), email text NOT NULL)"

@@ -196,6 +196,7 @@ sleep 1
 fi_=$(signup fi)
 sleep 2
 check "evoq.worker = off: a sign-up waits (for pg_cron or the worker)" "$(status_of "$fi_")" "pending"
+check "and the listener is closed" "$(curl -s -o /dev/null -w '%{http_code}' "http://$LISTEN2/health")" "000"
 q "ALTER SYSTEM SET evoq.worker = on" >/dev/null
 q "SELECT pg_reload_conf()" >/dev/null
 check "turned on again, the worker takes it" \
