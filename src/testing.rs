@@ -141,6 +141,17 @@ pub fn instance_row(user_id: &str) -> Value {
     ))
 }
 
+/// Configures evoq against `mock`, attaches a profiles table, signs one user up and creates
+/// their instance: (user id, instance name).
+pub fn created_instance(mock: &MockServer) -> (String, String) {
+    configure(mock);
+    profiles();
+    let user = sign_up(1).remove(0);
+    assert_eq!(json("SELECT evoq_process_queue()")["created"], 1);
+    let name = s(&instance_row(&user)["instance_name"]).to_string();
+    (user, name)
+}
+
 /// Makes every queued row due now (a failed row waits out its backoff otherwise).
 pub fn make_all_due() {
     run("UPDATE evolution_instance_creation_queue SET next_attempt_at = now() - interval '1 second'");

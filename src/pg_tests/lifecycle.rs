@@ -5,18 +5,9 @@
 #[pgrx::pg_schema]
 mod tests {
     use crate::testing::*;
-    use evolution_mock::{FaultKind, MockServer};
+    use evolution_mock::FaultKind;
     use pgrx::prelude::*;
     use serde_json::{json, Value};
-
-    fn connecting_instance(mock: &MockServer) -> (String, String) {
-        configure(mock);
-        profiles();
-        let user = sign_up(1).remove(0);
-        assert_eq!(json("SELECT evoq_process_queue()")["created"], 1);
-        let name = s(&instance_row(&user)["instance_name"]).to_string();
-        (user, name)
-    }
 
     /// Moves the instance's QR window start into the past.
     fn window_started(user: &str, ago: &str) {
@@ -33,7 +24,7 @@ mod tests {
     #[pg_test]
     fn an_unscanned_instance_expires_is_logged_out_and_never_connected_again() {
         let mock = mock();
-        let (user, name) = connecting_instance(&mock);
+        let (user, name) = created_instance(&mock);
         assert!(instance_row(&user)["connecting_since"].is_string());
         assert_eq!(
             mock.instance(&name).unwrap()["sockets"],
@@ -86,7 +77,7 @@ mod tests {
     #[pg_test]
     fn the_window_is_a_setting() {
         let mock = mock();
-        let (user, _) = connecting_instance(&mock);
+        let (user, _) = created_instance(&mock);
         window_started(&user, "3 seconds");
         run("SET LOCAL evoq.qr_window_ms = 2000");
         assert_eq!(json("SELECT evoq_refresh_qr()")["expired"], 1);
@@ -96,7 +87,7 @@ mod tests {
     #[pg_test]
     fn a_failed_logout_keeps_the_row_connecting_and_is_tried_again() {
         let mock = mock();
-        let (user, _) = connecting_instance(&mock);
+        let (user, _) = created_instance(&mock);
         window_started(&user, "11 minutes");
         mock.add_fault(fault(
             "DELETE",
@@ -116,7 +107,7 @@ mod tests {
     #[pg_test]
     fn reconnect_is_for_the_user_themselves() {
         let mock = mock();
-        let (user, _) = connecting_instance(&mock);
+        let (user, _) = created_instance(&mock);
         supabase_like();
         window_started(&user, "11 minutes");
         json("SELECT evoq_refresh_qr()");
@@ -161,7 +152,7 @@ mod tests {
     #[pg_test]
     fn a_phone_that_unlinks_is_noticed_without_webhooks() {
         let mock = mock();
-        let (user, name) = connecting_instance(&mock);
+        let (user, name) = created_instance(&mock);
         assert!(mock.scan(&name, None, None));
         make_refresh_due();
         assert_eq!(json("SELECT evoq_refresh_qr()")["opened"], 1);
@@ -199,7 +190,7 @@ mod tests {
     #[pg_test]
     fn deleting_a_profile_deletes_its_instance_at_the_server() {
         let mock = mock();
-        let (user, name) = connecting_instance(&mock);
+        let (user, name) = created_instance(&mock);
         assert!(one::<String>(&format!(
             "SELECT token FROM evoq.instance_tokens WHERE instance_name = '{name}'"
         ))
@@ -278,7 +269,7 @@ mod tests {
     #[pg_test]
     fn deprovisioning_an_instance_already_gone_is_done() {
         let mock = mock();
-        let (user, name) = connecting_instance(&mock);
+        let (user, name) = created_instance(&mock);
         assert!(mock.remove_instance(&name));
         assert_eq!(
             one::<String>(&format!("SELECT evoq_deprovision('{user}')")).as_deref(),
@@ -305,7 +296,7 @@ mod tests {
     #[pg_test]
     fn a_loss_never_turns_a_deletion_back_into_a_creation() {
         let mock = mock();
-        let (user, name) = connecting_instance(&mock);
+        let (user, name) = created_instance(&mock);
         mock.add_fault(fault(
             "DELETE",
             "/instance/delete/",
@@ -344,7 +335,7 @@ mod tests {
     #[pg_test]
     fn an_expiry_checks_for_a_scan_first() {
         let mock = mock();
-        let (user, name) = connecting_instance(&mock);
+        let (user, name) = created_instance(&mock);
         assert!(mock.scan(&name, None, None));
         window_started(&user, "11 minutes");
         let summary = json("SELECT evoq_refresh_qr()");
@@ -356,7 +347,7 @@ mod tests {
     #[pg_test]
     fn a_failed_delete_is_retried_like_a_creation() {
         let mock = mock();
-        let (user, _) = connecting_instance(&mock);
+        let (user, _) = created_instance(&mock);
         mock.add_fault(fault(
             "DELETE",
             "/instance/delete/",
@@ -380,7 +371,7 @@ mod tests {
     #[pg_test]
     fn a_changed_webhook_is_set_on_existing_instances_and_the_old_secret_retires() {
         let mock = mock();
-        let (_, name) = connecting_instance(&mock);
+        let (_, name) = created_instance(&mock);
         let old = one::<String>("SELECT webhook_secret FROM evoq.settings").unwrap();
         assert_eq!(
             count("SELECT webhooks_to_repoint FROM evoq_status"),
@@ -445,7 +436,7 @@ mod tests {
     fn instances_that_never_get_a_qr_surface_in_status() {
         let mock = mock();
         mock.set_qr_never(true);
-        let (_, _) = connecting_instance(&mock);
+        let (_, _) = created_instance(&mock);
         for _ in 0..3 {
             make_refresh_due();
             json("SELECT evoq_refresh_qr()");

@@ -9,15 +9,6 @@ mod tests {
     use serde_json::Value;
     use std::time::{Duration, Instant};
 
-    fn created_instance(mock: &evolution_mock::MockServer) -> (String, String) {
-        configure(mock);
-        profiles();
-        let user = sign_up(1).remove(0);
-        assert_eq!(json("SELECT evoq_process_queue()")["created"], 1);
-        let name = s(&instance_row(&user)["instance_name"]).to_string();
-        (user, name)
-    }
-
     #[pg_test]
     fn refresh_stores_new_qrs_and_notices_the_scan() {
         let mock = mock();

@@ -9,15 +9,6 @@ mod tests {
     use pgrx::prelude::*;
     use serde_json::Value;
 
-    fn created_instance(mock: &evolution_mock::MockServer) -> (String, String) {
-        configure(mock);
-        profiles();
-        let user = sign_up(1).remove(0);
-        assert_eq!(json("SELECT evoq_process_queue()")["created"], 1);
-        let name = s(&instance_row(&user)["instance_name"]).to_string();
-        (user, name)
-    }
-
     #[pg_test]
     fn a_claimed_row_is_leased_and_its_result_lands_only_while_the_claim_holds() {
         let mock = mock();
