@@ -204,7 +204,6 @@ type Done<R> = (u64, u64, Option<R>);
 /// start, late answers are dropped.
 pub struct Pool<T, R> {
     concurrency: usize,
-    stack_size: Option<usize>,
     work: Arc<dyn Fn(T) -> R + Send + Sync>,
     jobs: Option<mpsc::Sender<Job<T>>>,
     shared_jobs: Arc<Mutex<mpsc::Receiver<Job<T>>>>,
@@ -245,7 +244,6 @@ impl<T: Send + 'static, R: Send + 'static> Pool<T, R> {
         let (results_tx, results) = mpsc::channel();
         Pool {
             concurrency: concurrency.max(1),
-            stack_size: Some(THREAD_STACK_BYTES),
             work: Arc::new(work),
             jobs: Some(jobs),
             shared_jobs: Arc::new(Mutex::new(shared_jobs)),
@@ -259,13 +257,6 @@ impl<T: Send + 'static, R: Send + 'static> Pool<T, R> {
         }
     }
 
-    /// Threads started from now on get this stack (a pool of thousands of calls in flight needs
-    /// small ones; the default is Rust's 2 MiB).
-    pub fn with_stack_size(mut self, bytes: usize) -> Self {
-        self.stack_size = Some(bytes);
-        self
-    }
-
     /// `notify` is called on the worker thread after each result is sent.
     pub fn with_notify(mut self, notify: Arc<dyn Fn() + Send + Sync>) -> Self {
         self.notify = Some(notify);
@@ -276,11 +267,6 @@ impl<T: Send + 'static, R: Send + 'static> Pool<T, R> {
     /// reached).
     pub fn workers(&self) -> usize {
         self.workers.load(Ordering::SeqCst)
-    }
-
-    /// The most items this pool works on at once.
-    pub fn concurrency(&self) -> usize {
-        self.concurrency
     }
 
     /// Items submitted (since the last `abandon`) whose results have not been received.
@@ -311,7 +297,7 @@ impl<T: Send + 'static, R: Send + 'static> Pool<T, R> {
             self.notify.clone(),
         );
         // On failure the closure, and with it `life`, is dropped: the slot is given back.
-        spawn_sized(WORKER_THREAD_NAME, self.stack_size, move || {
+        spawn_sized(WORKER_THREAD_NAME, Some(THREAD_STACK_BYTES), move || {
             let _life = life;
             loop {
                 let next = match jobs.lock() {

@@ -152,11 +152,9 @@ impl Worker {
         let message = format!("{what}: {message}");
         pgrx::warning!("evoq worker: {message}");
         shared::set_error(&message);
-        if let Some(mut cycle) = self.cycle.take() {
-            // Rows it claimed and committed come due when their lease runs out.
-            cycle.pipe.stop("error");
-            drop(cycle);
-        }
+        // The cycle is given up: its calls in flight are abandoned with its pool, and the rows it
+        // claimed and committed come due when their lease runs out.
+        self.cycle = None;
         let pause = Duration::from_secs(1u64 << self.failures.min(5));
         self.next_due = Instant::now() + pause;
     }
