@@ -1,21 +1,30 @@
 //! postgrest-standin against a fake psql (a shell script that prints its arguments and its
-//! stdin, or fails the way psql does), so no PostgreSQL is needed.
+//! stdin, or fails the way psql does), so no PostgreSQL is needed: the variables, the script,
+//! the error mapping, the big-body path. Which function a body reaches is decided by SQL in
+//! the catalog and tested against a real PostgreSQL in postgrest_pg.rs.
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod standin;
+
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use standin::{bearer, Standin};
+
+/// The lookup's verdict a real psql prints first when exactly one function matched.
+const FOUND: &str =
+    r#"{"matches": 1, "chosen": [{"names": [""], "types": ["jsonb"]}], "overloads": []}"#;
 
 const FAKE_PSQL: &str = r#"#!/bin/sh
-# Fake psql: prints its arguments and its stdin, or fails as psql does for some functions.
+# Fake psql: prints the lookup's verdict (found), then its arguments and its stdin, or fails as
+# psql does for some functions.
 script=$(cat)
 case "$script" in
   *'\set body `cat '*)
     f=$(printf '%s\n' "$script" | grep '^\\set body' | cut -d"'" -f2)
-    printf 'bigbody %s %s\n' "$(wc -c < "$f" | tr -d ' ')" "$f"
+    printf '%s\nbigbody %s %s\n' "$FOUND" "$(wc -c < "$f" | tr -d ' ')" "$f"
     exit 0;;
 esac
 for a in "$@"; do
@@ -36,12 +45,13 @@ for a in "$@"; do
       printf 'psql: error: connection to server on socket "/tmp/.s.PGSQL.55432" failed: No such file or directory\n' >&2
       exit 2;;
     function=nothing)
+      printf '%s\n' "$FOUND"
       exit 0;;
     function=slow)
       sleep 0.4;;
   esac
 done
-printf 'ARGS\n'
+printf '%s\nARGS\n' "$FOUND"
 for a in "$@"; do printf '%s\n' "$a"; done
 printf 'STDIN\n%s\n' "$script"
 "#;
@@ -51,87 +61,32 @@ fn fake_psql() -> &'static str {
     PATH.get_or_init(|| {
         use std::os::unix::fs::PermissionsExt;
         let path = std::env::temp_dir().join(format!("fake-psql-{}.sh", std::process::id()));
-        std::fs::write(&path, FAKE_PSQL).unwrap();
+        let script = FAKE_PSQL.replacen("\n", &format!("\nFOUND='{FOUND}'\n"), 1);
+        std::fs::write(&path, script).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
         path.to_str().unwrap().to_string()
     })
 }
 
-/// A running stand-in; killed on drop.
-struct Standin {
-    child: Child,
-    base: String,
-}
-
-impl Standin {
-    fn start(role: &str) -> Standin {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_postgrest-standin"))
-            .args(["--port", "0", "--role", role, "--psql", fake_psql(), "--"])
-            .args([
-                "-h", "/tmp", "-p", "55432", "-d", "evoq", "-U", "postgres", "-X", "-q",
-            ])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let base = line
-            .trim()
-            .strip_prefix("postgrest-standin listening on ")
-            .unwrap_or_else(|| panic!("first line: {line:?}"))
-            .to_string();
-        Standin { child, base }
-    }
-
-    fn post(&self, path: &str, body: &str, headers: &[(&str, &str)]) -> Resp {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(10)))
-            .build()
-            .into();
-        let mut req = agent
-            .post(format!("{}{path}", self.base))
-            .header("Content-Type", "application/json");
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        let mut r = req.send(body).unwrap();
-        Resp {
-            status: r.status().as_u16(),
-            content_type: header(&r, "content-type"),
-            www_authenticate: header(&r, "www-authenticate"),
-            body: r.body_mut().read_to_string().unwrap(),
-        }
-    }
-}
-
-impl Drop for Standin {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn header(r: &ureq::http::Response<ureq::Body>, name: &str) -> Option<String> {
-    r.headers()
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-}
-
-struct Resp {
-    status: u16,
-    content_type: Option<String>,
-    www_authenticate: Option<String>,
-    body: String,
-}
-
-impl Resp {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|_| panic!("not JSON: {}", self.body))
-    }
+/// A stand-in whose psql is the fake.
+fn start(role: &str) -> Standin {
+    Standin::start(&[
+        "--role",
+        role,
+        "--psql",
+        fake_psql(),
+        "--",
+        "-h",
+        "/tmp",
+        "-p",
+        "55432",
+        "-d",
+        "evoq",
+        "-U",
+        "postgres",
+        "-X",
+        "-q",
+    ])
 }
 
 /// The fake's output: (arguments, stdin).
@@ -148,11 +103,11 @@ fn echoed(body: &str) -> (Vec<String>, String) {
 
 #[test]
 fn rpc_call_runs_psql_with_variables_and_script() {
-    let s = Standin::start("anon");
+    let s = start("anon");
     let r = s.post(
         "/rest/v1/rpc/evoq_echo",
         r#"{"user_id": "u1", "quote": "it's"}"#,
-        &[("Authorization", "Bearer abc"), ("X-Client-Info", "Test/1")],
+        &[("Authorization", "Basic abc"), ("X-Client-Info", "Test/1")],
     );
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(
@@ -185,12 +140,15 @@ fn rpc_call_runs_psql_with_variables_and_script() {
         args[i][name.len() + 1..].to_string()
     };
     assert_eq!(var("role"), "anon");
+    assert_eq!(var("schema"), "public");
     assert_eq!(var("function"), "evoq_echo");
     assert_eq!(var("path"), "/rpc/evoq_echo");
-    let body: Value = serde_json::from_str(&var("body")).unwrap();
-    assert_eq!(body, json!({"user_id": "u1", "quote": "it's"}));
+    // The body as sent; its keys, sorted, for the lookup; no token: the anonymous claims.
+    assert_eq!(var("body"), r#"{"user_id": "u1", "quote": "it's"}"#);
+    assert_eq!(var("keys"), r#"["quote","user_id"]"#);
+    assert_eq!(var("claims"), r#"{"role":"anon"}"#);
     let headers: Value = serde_json::from_str(&var("headers")).unwrap();
-    assert_eq!(headers["authorization"], "Bearer abc");
+    assert_eq!(headers["authorization"], "Basic abc");
     assert_eq!(headers["x-client-info"], "Test/1");
     assert_eq!(headers["content-type"], "application/json");
     assert!(headers
@@ -198,14 +156,20 @@ fn rpc_call_runs_psql_with_variables_and_script() {
         .unwrap()
         .keys()
         .all(|k| *k == k.to_lowercase()));
-    // The script: one transaction, the role, the request settings, the call.
+    // The script: one transaction, the role, the request settings, the lookup, the call.
     let want = [
         "BEGIN;",
         "SET LOCAL ROLE :\"role\";",
+        "set_config('request.jwt.claims', :'claims', true)",
         "set_config('request.headers', :'headers', true)",
         "set_config('request.method', 'POST', true)",
         "set_config('request.path', :'path', true)",
-        "SELECT :\"function\"(:'body'::jsonb);",
+        "n.nspname = :'schema' AND p.proname = :'function'",
+        "\\echo :pgrst_lookup",
+        "\\if :pgrst_found",
+        "SELECT :'pgrst_prepare' \\gexec",
+        "EXECUTE pgrst_call(:'body');",
+        "\\endif",
         "COMMIT;",
     ];
     let mut at = 0;
@@ -217,7 +181,7 @@ fn rpc_call_runs_psql_with_variables_and_script() {
     }
     // The user's data never appears in the script itself.
     assert!(
-        !stdin.contains("it's") && !stdin.contains("Bearer"),
+        !stdin.contains("it's") && !stdin.contains("Basic"),
         "{stdin}"
     );
 
@@ -230,11 +194,64 @@ fn rpc_call_runs_psql_with_variables_and_script() {
     let r = s.post("/rpc/evoq_echo", "", &[]);
     let (args, _) = echoed(&r.body);
     assert!(args.contains(&"body={}".to_string()), "{args:?}");
+    assert!(args.contains(&"keys=[]".to_string()), "{args:?}");
+    // A body that is not an object has no keys to match by name.
+    let r = s.post("/rpc/evoq_echo", "[1, 2]", &[]);
+    let (args, _) = echoed(&r.body);
+    assert!(args.contains(&"keys=null".to_string()), "{args:?}");
+}
+
+#[test]
+fn bearer_tokens_set_claims_and_role() {
+    let s = start("anon");
+    let claims = json!({"sub": "u1", "role": "authenticated", "email": "it's@x"});
+    let auth = bearer(&claims);
+    let r = s.post("/rpc/evoq_echo", "{}", &[("Authorization", &auth)]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let (args, _) = echoed(&r.body);
+    let var = |name: &str| {
+        args.iter()
+            .find_map(|a| a.strip_prefix(&format!("{name}=")))
+            .unwrap_or_else(|| panic!("no {name}: {args:?}"))
+            .to_string()
+    };
+    assert_eq!(
+        serde_json::from_str::<Value>(&var("claims")).unwrap(),
+        claims
+    );
+    assert_eq!(var("role"), "authenticated");
+    // No role claim: the anonymous role.
+    let auth = bearer(&json!({"sub": "u1"}));
+    let (args, _) = echoed(
+        &s.post("/rpc/evoq_echo", "{}", &[("Authorization", &auth)])
+            .body,
+    );
+    assert!(args.contains(&"role=anon".to_string()), "{args:?}");
+    // Refused before psql runs, as PostgREST refuses them.
+    for (auth, code) in [
+        ("Bearer ".to_string(), "PGRST301"),
+        ("Bearer not-a-jwt".to_string(), "PGRST301"),
+        (
+            bearer(&json!({"role": "authenticated", "exp": 1000})),
+            "PGRST303",
+        ),
+    ] {
+        let r = s.post("/rpc/evoq_echo", "{}", &[("Authorization", &auth)]);
+        assert_eq!(
+            (r.status, r.json()["code"].clone()),
+            (401, json!(code)),
+            "{auth}"
+        );
+        assert!(r
+            .www_authenticate
+            .unwrap()
+            .starts_with("Bearer error=\"invalid_token\""));
+    }
 }
 
 #[test]
 fn sql_errors_answer_like_postgrest() {
-    let s = Standin::start("anon");
+    let s = start("anon");
     let r = s.post("/rest/v1/rpc/raise_p0001", "{}", &[]);
     assert_eq!(r.status, 400);
     assert_eq!(
@@ -262,19 +279,22 @@ fn sql_errors_answer_like_postgrest() {
         .unwrap()
         .contains("connection to server"));
 
-    // Not the anon role: insufficient privilege is 403.
-    let s = Standin::start("authenticated");
-    let r = s.post("/rest/v1/rpc/denied", "{}", &[]);
+    // A token's role, not the anonymous one: insufficient privilege is 403.
+    let auth = bearer(&json!({"role": "authenticated"}));
+    let r = s.post("/rest/v1/rpc/denied", "{}", &[("Authorization", &auth)]);
     assert_eq!(r.status, 403);
     assert_eq!(r.www_authenticate, None);
+    // --role names the anonymous role (PostgREST's db-anon-role).
+    let s = start("web_anon");
     let r = s.post("/rest/v1/rpc/evoq_echo", "{}", &[]);
     let (args, _) = echoed(&r.body);
-    assert!(args.contains(&"role=authenticated".to_string()));
+    assert!(args.contains(&"role=web_anon".to_string()));
+    assert_eq!(s.post("/rest/v1/rpc/denied", "{}", &[]).status, 401);
 }
 
 #[test]
 fn paths_methods_and_bodies() {
-    let s = Standin::start("anon");
+    let s = start("anon");
     for path in [
         "/rest/v1/tables",
         "/rest/v1/rpc/",
@@ -301,6 +321,22 @@ fn paths_methods_and_bodies() {
         (r.status, r.json()["code"].clone()),
         (400, json!("PGRST102"))
     );
+    // Only JSON bodies are imitated.
+    let r = s.post(
+        "/rest/v1/rpc/evoq_echo",
+        "x=1",
+        &[("Content-Type", "application/x-www-form-urlencoded")],
+    );
+    assert_eq!(
+        (r.status, r.json()["code"].clone()),
+        (415, json!("PGRST107"))
+    );
+    let r = s.post(
+        "/rest/v1/rpc/evoq_echo",
+        "{}",
+        &[("Content-Type", "application/json; charset=utf-8")],
+    );
+    assert_eq!(r.status, 200);
 
     // Over 1 MiB: 413 without reading it.
     let addr = s.base.strip_prefix("http://").unwrap();
@@ -333,7 +369,7 @@ fn paths_methods_and_bodies() {
 
 #[test]
 fn concurrent_requests_run_in_parallel() {
-    let s = std::sync::Arc::new(Standin::start("anon"));
+    let s = std::sync::Arc::new(start("anon"));
     let t = Instant::now();
     let handles: Vec<_> = (0..8)
         .map(|_| {
