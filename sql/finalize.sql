@@ -2,23 +2,31 @@
 
 -- The trigger fires as whichever role inserts the profile (often one with no right to the queue),
 -- so it runs as the extension owner, with a pinned search_path.
-ALTER FUNCTION handle_profile_evolution_instance() SECURITY DEFINER SET search_path = pg_catalog, @extschema@;
-ALTER FUNCTION handle_profile_evolution_instance_delete() SECURITY DEFINER SET search_path = pg_catalog, @extschema@;
+ALTER FUNCTION handle_profile_evolution_instance() SECURITY DEFINER SET search_path = pg_catalog, @extschema@, pg_temp;
+ALTER FUNCTION handle_profile_evolution_instance_delete() SECURITY DEFINER SET search_path = pg_catalog, @extschema@, pg_temp;
 
 -- evoq_attach takes a regclass, so a missing table is reported by Postgres itself. SECURITY
 -- DEFINER so that GRANT EXECUTE on it is all a role needs; attach_trigger checks that the calling
 -- role may create triggers on that table itself.
 CREATE FUNCTION evoq_attach(tbl regclass, user_id_column name DEFAULT 'id') RETURNS text
 LANGUAGE sql SECURITY DEFINER
-SET search_path = pg_catalog, @extschema@
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $$ SELECT evoq.attach_trigger(tbl::oid, user_id_column::text) $$;
 COMMENT ON FUNCTION evoq_attach(regclass, name) IS
     'Creates the triggers on_profile_created_create_evolution_instance (AFTER INSERT: queue the user) and on_profile_deleted_delete_evolution_instance (AFTER DELETE: deprovision) on the profiles table.';
 
 CREATE FUNCTION evoq_detach(tbl regclass) RETURNS text
 LANGUAGE sql SECURITY DEFINER
-SET search_path = pg_catalog, @extschema@
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $$ SELECT evoq.detach_trigger(tbl::oid) $$;
+
+-- The webhook endpoint: ONE UNNAMED jsonb parameter, the shape PostgREST hands a raw JSON body
+-- to (every other shape makes each key of the body a named argument, and a delivery's keys name
+-- no parameter: 404 PGRST202). SQL callers call it positionally, as always.
+CREATE FUNCTION evoq_webhook(jsonb) RETURNS jsonb
+LANGUAGE sql STRICT SECURITY DEFINER
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$ SELECT evoq._webhook($1) $$;
 
 COMMENT ON FUNCTION evoq_configure(text, text, text, text[], text, text, jsonb, boolean) IS
     'Stores the Evolution API URL, key and webhook (with its secret). The key is readable by no ordinary role and never printed.';

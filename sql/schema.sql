@@ -11,7 +11,8 @@ COMMENT ON SCHEMA evoq IS 'evoq internals: connection settings, instance tokens,
 CREATE TABLE evoq.settings (
     singleton      boolean PRIMARY KEY DEFAULT true CHECK (singleton),
     api_url        text NOT NULL,
-    api_key        text NOT NULL,
+    -- 0.5.0: NULL when the key is kept in the file evoq.api_key_file names.
+    api_key        text,
     webhook_url    text,
     webhook_events text[] NOT NULL,
     api_version    text NOT NULL DEFAULT 'auto' CHECK (api_version IN ('auto', 'v1', 'v2')),
@@ -229,7 +230,7 @@ SELECT pg_catalog.pg_extension_config_dump('evoq.webhooks_relayed', '');
 -- This database's identity: a copy restored elsewhere (or into another database) differs.
 CREATE FUNCTION evoq._deployment_identity() RETURNS text
 LANGUAGE sql STABLE
-SET search_path = pg_catalog
+SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT (SELECT system_identifier::text FROM pg_control_system()) || ':'
         || (SELECT oid::text FROM pg_database WHERE datname = current_database())
@@ -239,7 +240,7 @@ $$;
 -- the identity above.
 CREATE FUNCTION evoq._default_namespace() RETURNS text
 LANGUAGE sql STABLE
-SET search_path = pg_catalog
+SET search_path = pg_catalog, pg_temp
 AS $$ SELECT substr(md5(evoq._deployment_identity()), 1, 8) $$;
 
 -- The signed-in user's id. Supabase's auth.uid() when it exists; otherwise the `sub` claim that
@@ -248,7 +249,7 @@ AS $$ SELECT substr(md5(evoq._deployment_identity()), 1, 8) $$;
 -- a subtransaction per call; the policies call it once per statement as (SELECT ...).
 CREATE FUNCTION evoq_current_user_id() RETURNS uuid
 LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     sub text;
@@ -269,7 +270,9 @@ COMMENT ON FUNCTION evoq_current_user_id() IS
     'The signed-in user''s id for row level security: auth.uid() on Supabase, else the sub claim of request.jwt.claims.';
 
 -- (Re)creates the privileges and row level security policies of everything evoq owns. Runs at
--- install, at every upgrade, and again by hand if the Supabase roles appear later.
+-- install, at every upgrade, and again by hand if the Supabase roles appear later. It changes
+-- grants and policies on evoq's objects, so it runs as their owner (the role that created the
+-- extension: supabase_admin on Supabase) or a superuser.
 --
 -- Privileges first: whatever default privileges granted at creation time is taken back before
 -- evoq grants what each role needs. Supabase grants anon, authenticated and service_role ALL on
@@ -278,25 +281,50 @@ COMMENT ON FUNCTION evoq_current_user_id() IS
 -- evoq_configure. TRIGGER, TRUNCATE and REFERENCES are taken from every role but the owner (a
 -- trigger on evoq's tables would run inside evoq's SECURITY DEFINER jobs); other grants an
 -- operator made to roles of their own stay.
+--
+-- 0.5.0: a database is Supabase-like when Supabase's API roles exist. Roles belong to the
+-- cluster, so that holds from the first statement of a restore on, while auth.uid() (which
+-- 0.4.0 also required) is restored only after the extension: a restored database used to come
+-- back with plain-PostgreSQL privileges. The policies call evoq_current_user_id(), which uses
+-- auth.uid() whenever it exists at query time. On Supabase, `postgres` (not a superuser there)
+-- is the operator: it may run every evoq_* function and read evoq_status, and it may INSERT
+-- evoq's rows and set its sequences, which is what restoring a dump as postgres does (it cannot
+-- read the key through evoq's grants; pg_read_all_data, which Supabase gives it, can).
 CREATE FUNCTION evoq_apply_policies() RETURNS text
 LANGUAGE plpgsql
-SET search_path = pg_catalog
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     ext_oid oid := (SELECT oid FROM pg_extension WHERE extname = 'evoq');
+    ext_owner name := (SELECT r.rolname FROM pg_extension e JOIN pg_roles r ON r.oid = e.extowner
+                       WHERE e.extname = 'evoq');
     ext_schema text := (SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
                         WHERE e.extname = 'evoq');
-    supabase boolean := to_regrole('authenticated') IS NOT NULL AND to_regrole('service_role') IS NOT NULL
-                        AND to_regprocedure('auth.uid()') IS NOT NULL;
+    supabase boolean := to_regrole('anon') IS NOT NULL AND to_regrole('authenticated') IS NOT NULL
+                        AND to_regrole('service_role') IS NOT NULL;
+    operator text := CASE WHEN supabase AND EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'postgres'
+                                                    AND NOT rolsuper AND rolname <> ext_owner)
+                          THEN 'postgres' END;
     api_roles text[] := ARRAY(SELECT r FROM unnest(ARRAY['anon', 'authenticated', 'service_role']) r
                               WHERE to_regrole(r) IS NOT NULL);
     queue text := format('%I.evolution_instance_creation_queue', ext_schema);
     inst text := format('%I.evolution_instances', ext_schema);
     status_view text := format('%I.evoq_status', ext_schema);
     app_events text := format('%I.evolution_instance_events', ext_schema);
+    me text := format('(SELECT %I.evoq_current_user_id())', ext_schema);
     member record;
     pol record;
 BEGIN
+    IF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+       AND NOT pg_has_role(current_user, ext_owner, 'USAGE') THEN
+        RAISE EXCEPTION 'evoq_apply_policies() must be run by the owner of extension evoq (%) or a superuser, not by %',
+                        ext_owner, current_user
+            USING ERRCODE = '42501',
+                  HINT = format('It changes the grants and policies of evoq''s own tables, which only their owner may do. '
+                                'It runs by itself at CREATE EXTENSION and ALTER EXTENSION evoq UPDATE; to run it again '
+                                '(the Supabase roles appeared later, say), connect as %s (on Supabase: supabase_admin).',
+                                ext_owner);
+    END IF;
     FOR member IN
         SELECT CASE c.relkind WHEN 'S' THEN 'SEQUENCE ' ELSE 'TABLE ' END || c.oid::regclass::text AS target,
                a.grantee, a.privilege_type
@@ -321,6 +349,11 @@ BEGIN
     -- role, and the second names a user's instance.
     EXECUTE format('GRANT EXECUTE ON FUNCTION %I.evoq_current_user_id(), %I.evoq_instance_name(uuid) TO PUBLIC',
                    ext_schema, ext_schema);
+    -- A trigger function cannot be called except as a trigger, and CREATE TRIGGER requires
+    -- EXECUTE on it: a dump of the profiles table restored by its owner (not evoq's) recreates the
+    -- triggers with it.
+    EXECUTE format('GRANT EXECUTE ON FUNCTION %I.handle_profile_evolution_instance(),
+                    %I.handle_profile_evolution_instance_delete() TO PUBLIC', ext_schema, ext_schema);
     -- The webhook endpoint is for PostgREST's anonymous role: the Evolution server has no JWT.
     -- It checks the webhook secret before it reads anything else.
     IF to_regrole('anon') IS NOT NULL THEN
@@ -335,15 +368,15 @@ BEGIN
     END LOOP;
 
     IF supabase THEN
-        -- (SELECT auth.uid()): evaluated once per statement, not once per row (Supabase lint 0003).
+        -- (SELECT ...): evaluated once per statement, not once per row (Supabase lint 0003).
         EXECUTE format('CREATE POLICY "Service role can manage evolution instance queue" ON %s
                         FOR ALL TO service_role USING (true) WITH CHECK (true)', queue);
         EXECUTE format('CREATE POLICY "Users can view their own queue status" ON %s
-                        FOR SELECT TO authenticated USING ((SELECT auth.uid()) = user_id)', queue);
+                        FOR SELECT TO authenticated USING (%s = user_id)', queue, me);
         EXECUTE format('CREATE POLICY "Service role can manage evolution instances" ON %s
                         FOR ALL TO service_role USING (true) WITH CHECK (true)', inst);
         EXECUTE format('CREATE POLICY "Users can view their own evolution instance" ON %s
-                        FOR SELECT TO authenticated USING ((SELECT auth.uid()) = user_id)', inst);
+                        FOR SELECT TO authenticated USING (%s = user_id)', inst, me);
         EXECUTE format('GRANT SELECT ON %s, %s TO authenticated', queue, inst);
         EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON %s, %s TO service_role', queue, inst);
         EXECUTE format('GRANT SELECT ON %s TO service_role', status_view);
@@ -356,13 +389,37 @@ BEGIN
         -- Each checks that the signed-in user acts on their own instance.
         EXECUTE format('GRANT EXECUTE ON FUNCTION %I.evoq_reconnect(uuid), %I.evoq_deprovision(uuid)
                         TO authenticated, service_role', ext_schema, ext_schema);
+        IF operator IS NOT NULL THEN
+            FOR member IN
+                SELECT p.oid::regprocedure::text AS target FROM pg_depend d JOIN pg_proc p ON p.oid = d.objid
+                WHERE d.classid = 'pg_proc'::regclass AND d.refobjid = ext_oid AND d.deptype = 'e'
+                  AND p.pronamespace = ext_schema::regnamespace AND p.proname LIKE 'evoq\_%'
+                  AND p.proname <> 'evoq_apply_policies'
+            LOOP
+                EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %I', member.target, operator);
+            END LOOP;
+            EXECUTE format('GRANT SELECT ON %s TO %I', status_view, operator);
+            EXECUTE format('GRANT EXECUTE ON FUNCTION evoq._worker_state(), evoq._is_ours(text, text, boolean) TO %I', operator);
+            -- What restoring a dump writes: evoq's rows (COPY), its sequences (setval).
+            EXECUTE format('GRANT USAGE ON SCHEMA evoq TO %I', operator);
+            FOR member IN
+                SELECT c.oid::regclass::text AS target, c.relkind FROM pg_depend d JOIN pg_class c ON c.oid = d.objid
+                WHERE d.classid = 'pg_class'::regclass AND d.refobjid = ext_oid AND d.deptype = 'e'
+                  AND c.relkind IN ('r', 'p', 'S')
+            LOOP
+                EXECUTE format('GRANT %s ON %s %s TO %I',
+                               CASE WHEN member.relkind = 'S' THEN 'UPDATE' ELSE 'INSERT' END,
+                               CASE WHEN member.relkind = 'S' THEN 'SEQUENCE' ELSE 'TABLE' END,
+                               member.target, operator);
+            END LOOP;
+        END IF;
         RETURN 'supabase';
     END IF;
 
     EXECUTE format('CREATE POLICY "Users can view their own queue status" ON %s
-                    FOR SELECT USING (user_id = (SELECT %I.evoq_current_user_id()))', queue, ext_schema);
+                    FOR SELECT USING (user_id = %s)', queue, me);
     EXECUTE format('CREATE POLICY "Users can view their own evolution instance" ON %s
-                    FOR SELECT USING (user_id = (SELECT %I.evoq_current_user_id()))', inst, ext_schema);
+                    FOR SELECT USING (user_id = %s)', inst, me);
     RETURN 'postgres';
 END
 $$;
@@ -380,7 +437,7 @@ COMMENT ON FUNCTION evoq_apply_policies() IS
 -- already redacts what it knows; this is the last line.
 CREATE FUNCTION evoq._redact(message text, instance text) RETURNS text
 LANGUAGE sql STABLE
-SET search_path = pg_catalog
+SET search_path = pg_catalog, pg_temp
 AS $$
     -- 0.3.0: the webhook secrets too (v1.8 carries the secret in the URL of the request body).
     SELECT replace(replace(replace(replace(message,
@@ -400,7 +457,7 @@ $$;
 -- removes), and claimed_at: the results are written only to a row still held by this claim.
 CREATE FUNCTION evoq._claim_queue(batch_size integer, lease_ms bigint) RETURNS jsonb
 LANGUAGE sql
-SET search_path = pg_catalog, @extschema@
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $$
     WITH due AS (
         SELECT id, status, updated_at, next_attempt_at FROM evolution_instance_creation_queue
@@ -430,7 +487,7 @@ $$;
 -- of the server or the configuration is not the rows' fault and costs them nothing).
 CREATE FUNCTION evoq._release_queue(claims jsonb) RETURNS void
 LANGUAGE sql
-SET search_path = pg_catalog, @extschema@
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $$
     UPDATE evolution_instance_creation_queue q
     SET status = c.prev_status, attempts = greatest(q.attempts - 1, 0), updated_at = c.prev_updated_at,
@@ -456,7 +513,7 @@ $$;
 -- the instance leaves no trace in the row.
 CREATE FUNCTION evoq._apply_requeue_requests(only_user uuid DEFAULT NULL) RETURNS integer
 LANGUAGE sql
-SET search_path = pg_catalog, @extschema@
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $$
     WITH req AS (
         SELECT id, user_id, reason, requested_at FROM evoq.requeue_requests
@@ -524,7 +581,7 @@ $$;
 -- after evoq_attach. NULL when every attachment works.
 CREATE FUNCTION evoq._attachment_problems() RETURNS text
 LANGUAGE sql STABLE
-SET search_path = pg_catalog
+SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT string_agg(format('%s: %s', t.tgrelid::regclass,
                CASE WHEN a.attname IS NULL THEN format('no column %I', arg.col)
@@ -547,7 +604,7 @@ $$;
 -- each with "claimed_at" (0.4.0), the claim's stamp: a row no longer held by that claim is left alone.
 CREATE FUNCTION evoq._record_queue_results(results jsonb) RETURNS void
 LANGUAGE sql
-SET search_path = pg_catalog, @extschema@
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $$
     WITH given AS (
         SELECT * FROM jsonb_to_recordset(results) AS x(
@@ -566,14 +623,23 @@ AS $$
         INSERT INTO evolution_instances AS i (user_id, instance_name, instance_id, instance_status,
                                               qr_code, qr_text, pairing_code, qr_count, last_qr_update,
                                               connected_at, connecting_since, webhook_set_at,
-                                              last_state_check_at)
+                                              last_state_check_at, last_refresh_at)
         SELECT user_id, instance_name, instance_id, instance_status, qr_code, qr_text, pairing_code, qr_count,
                CASE WHEN qr_code IS NOT NULL OR qr_text IS NOT NULL THEN clock_timestamp() END,
                CASE WHEN instance_status = 'open' THEN clock_timestamp() END,
                clock_timestamp(),
                webhook_version,
                -- an open instance is checked one evoq.state_check_interval_ms from now
-               CASE WHEN instance_status = 'open' THEN clock_timestamp() END
+               CASE WHEN instance_status = 'open' THEN clock_timestamp() END,
+               -- 0.5.0: the create asked for a QR (qrcode: true), and the server delivers the QR
+               -- by webhook when the create carried one subscribed to QRCODE_UPDATED: the first
+               -- poll then waits its evoq.qr_refresh_interval_ms like any other, instead of a
+               -- connect at once (which spent slots creations needed, and on a server that
+               -- cannot reach WhatsApp went through its close path and started a socket)
+               CASE WHEN webhook_version IS NOT NULL
+                         AND (SELECT s.webhook_events = '{}' OR 'QRCODE_UPDATED' = ANY (s.webhook_events)
+                              FROM evoq.settings s)
+                    THEN clock_timestamp() END
         FROM ok
         ON CONFLICT (user_id) DO UPDATE SET
             instance_name = excluded.instance_name,
@@ -590,6 +656,7 @@ AS $$
             connecting_since = excluded.connecting_since,
             disconnected_at = NULL, disconnect_reason = NULL, last_event_at = NULL, no_qr_rounds = 0,
             last_state_check_at = excluded.last_state_check_at,
+            last_refresh_at = excluded.last_refresh_at,
             webhook_set_at = coalesce(excluded.webhook_set_at, i.webhook_set_at),
             updated_at = clock_timestamp()
         RETURNING i.instance_name
@@ -630,7 +697,7 @@ $$;
 -- (no namespace) where this database was upgraded from 0.1.0. The SQL twin of names::is_ours.
 CREATE FUNCTION evoq._is_ours(instance_name text, namespace text, owns_legacy_names boolean) RETURNS boolean
 LANGUAGE sql IMMUTABLE
-SET search_path = pg_catalog
+SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT CASE WHEN instance_name LIKE 'evoq\_%\_%'
                 THEN instance_name LIKE 'evoq\_' || namespace || '\_%'
@@ -653,7 +720,7 @@ CREATE FUNCTION evoq._claim_refresh(batch_size integer, min_interval_ms bigint, 
                                     check_interval_ms bigint, repoint boolean, busy uuid[],
                                     qr_fresh_ms bigint) RETURNS jsonb
 LANGUAGE plpgsql
-SET search_path = pg_catalog, @extschema@
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $$
 DECLARE
     s record;
@@ -747,7 +814,7 @@ $$;
 CREATE FUNCTION evoq._next_due_ms(min_interval_ms bigint, window_ms bigint, check_interval_ms bigint,
                                   qr_fresh_ms bigint, repoint boolean, max_ms bigint) RETURNS double precision
 LANGUAGE sql STABLE
-SET search_path = pg_catalog, @extschema@
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $$
     WITH s AS (SELECT namespace, owns_legacy_names, webhook_url, webhook_changed_at FROM evoq.settings),
     mine AS (
@@ -776,8 +843,11 @@ AS $$
           AND mine.instance_status IN ('connecting', 'open', 'close', 'refused', 'expired')
           AND (mine.webhook_set_at IS NULL OR mine.webhook_set_at < s.webhook_changed_at)
     )
+    -- 0.5.0: a row never asked or checked is due since '-infinity', and PostgreSQL cannot
+    -- subtract an infinite timestamp: clamp it first (anything in the past is due now).
     SELECT greatest(0, least(max_ms::double precision,
-                             extract(epoch FROM (min(at) - clock_timestamp())) * 1000))
+                             CASE WHEN min(at) <= clock_timestamp() THEN 0
+                                  ELSE extract(epoch FROM (min(at) - clock_timestamp())) * 1000 END))
     FROM due
 $$;
 
@@ -793,7 +863,7 @@ $$;
 -- changed since (a webhook delivery, an operator) is left alone.
 CREATE FUNCTION evoq._record_refresh_results(results jsonb) RETURNS void
 LANGUAGE sql
-SET search_path = pg_catalog, @extschema@
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $$
     WITH r AS (
         SELECT * FROM jsonb_to_recordset(results) AS x(
@@ -854,7 +924,7 @@ $$;
 -- listener) plans the statement once, not once per call as a SQL function's body is.
 CREATE FUNCTION evoq._apply_delivery(d jsonb) RETURNS text
 LANGUAGE plpgsql
-SET search_path = pg_catalog, @extschema@
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $$
 DECLARE
     result text;
@@ -912,7 +982,7 @@ $$;
 -- deployment's rows, and announces it on evoq_events. Returns the new row's id, NULL if none.
 CREATE FUNCTION evoq._relay_event(instance text, event text, payload jsonb) RETURNS bigint
 LANGUAGE sql
-SET search_path = pg_catalog, @extschema@
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $$
     WITH kept AS (
         INSERT INTO evolution_instance_events (user_id, instance_name, event, payload)
@@ -932,7 +1002,7 @@ $$;
 -- the row, which row level security lets it see or not.
 CREATE FUNCTION evoq._notify_instance_change() RETURNS trigger
 LANGUAGE plpgsql
-SET search_path = pg_catalog
+SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     PERFORM pg_notify('evoq_instances', json_build_object(
@@ -952,7 +1022,7 @@ CREATE TRIGGER evoq_notify_update AFTER UPDATE ON evolution_instances
 -- The end of a run: remembered for evoq_status.
 CREATE FUNCTION evoq._record_run(job text, summary jsonb, last_error text) RETURNS void
 LANGUAGE sql
-SET search_path = pg_catalog
+SET search_path = pg_catalog, pg_temp
 AS $$
     INSERT INTO evoq.job_runs AS j (job, started_at, finished_at, summary, last_error, last_error_at)
     VALUES (job, now(), clock_timestamp(), summary, last_error, CASE WHEN last_error IS NOT NULL THEN clock_timestamp() END)

@@ -55,7 +55,7 @@ pub fn choose_namespace(given: Option<&str>) -> String {
 /// created by 0.1.0 keep `evoq_<hex>`), else `evoq_<namespace>_<hex>` with this deployment's
 /// namespace (derived from the database's identity until evoq_configure sets one).
 #[pg_extern(stable, parallel_safe, security_definer)]
-#[search_path(pg_catalog, @extschema@)]
+#[search_path(pg_catalog, @extschema@, pg_temp)]
 fn evoq_instance_name(user_id: pgrx::Uuid) -> String {
     let (stored, namespace) = Spi::get_two_with_args::<String, String>(
         "SELECT coalesce((SELECT instance_name FROM evolution_instances WHERE user_id = $1),

@@ -13,7 +13,7 @@ fn require_owner_or_manager(user_id: pgrx::Uuid, action: &str) -> Result<(), Evo
     let caller = unsafe { pg_sys::GetOuterUserId() };
     let allowed = Spi::get_one_with_args::<bool>(
         "SELECT coalesce(evoq_current_user_id() = $1, false)
-             OR has_table_privilege($2, 'evolution_instances', 'UPDATE')",
+             OR has_table_privilege($2, 'public.evolution_instances', 'UPDATE')",
         &[user_id.into(), caller.into()],
     )
     .or_internal("checking who is calling");
@@ -32,7 +32,7 @@ fn require_owner_or_manager(user_id: pgrx::Uuid, action: &str) -> Result<(), Evo
 /// gets a new window. A `lost` one that is not being created again already is queued for
 /// creation. Returns the new status.
 #[pg_extern(security_definer)]
-#[search_path(pg_catalog, @extschema@)]
+#[search_path(pg_catalog, @extschema@, pg_temp)]
 fn evoq_reconnect(user_id: pgrx::Uuid) -> String {
     require_owner_or_manager(user_id, "evoq_reconnect").or_raise();
     crate::worker::wake_at_commit();
@@ -103,7 +103,7 @@ fn evoq_reconnect(user_id: pgrx::Uuid) -> String {
 /// `waiting` (a running job holds the row; its next run applies it), `done` (deleted already)
 /// or `nothing` (evoq never queued this user).
 #[pg_extern(security_definer)]
-#[search_path(pg_catalog, @extschema@)]
+#[search_path(pg_catalog, @extschema@, pg_temp)]
 fn evoq_deprovision(user_id: pgrx::Uuid) -> String {
     require_owner_or_manager(user_id, "evoq_deprovision").or_raise();
     crate::queue::request_requeue(user_id, "deprovision")

@@ -18,7 +18,7 @@ pub fn request_requeue(user_id: pgrx::Uuid, reason: &str) -> Result<(), pgrx::sp
 /// Puts failed rows back to pending (all of them, or one user's), with a fresh attempt budget.
 /// Returns how many rows it re-queued.
 #[pg_extern(security_definer)]
-#[search_path(pg_catalog, @extschema@)]
+#[search_path(pg_catalog, @extschema@, pg_temp)]
 fn evoq_retry(user_id: default!(Option<pgrx::Uuid>, "NULL")) -> i64 {
     crate::worker::wake_at_commit();
     Spi::get_one_with_args::<i64>(

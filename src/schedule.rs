@@ -1,5 +1,15 @@
 //! pg_cron glue: the two jobs, created or replaced by name. Their commands hold no secret; the
 //! functions read the connection from evoq's private settings.
+//!
+//! 0.5.0: `evoq_schedule` and `evoq_unschedule` run with the CALLER's rights (not SECURITY
+//! DEFINER), so pg_cron records the caller as the jobs' `username`: the jobs run as the role that
+//! scheduled them, and that role sees and unschedules them (pg_cron shows and lets a role remove
+//! only its own jobs). Before, they ran as the extension's owner, a superuser (on Supabase,
+//! supabase_admin), so whoever could call evoq_schedule got jobs running as the superuser. The job
+//! commands name evoq's functions with their schema: an unqualified name is resolved through the
+//! job role's search_path, where a schema that role (or anyone with CREATE on the database) made
+//! earlier in the path, `"$user"` for instance, would decide what runs. The job functions are
+//! SECURITY DEFINER themselves, so the scheduling role needs only EXECUTE on them.
 
 use crate::errors::{EvoqError, OrRaise, SpiResult};
 use pgrx::prelude::*;
@@ -22,9 +32,10 @@ fn require_pg_cron() -> Result<(), EvoqError> {
                     "pg_cron runs in database {cron_db:?}, not in {here:?}, so evoq cannot schedule its jobs from here"
                 ),
                 hint: format!(
-                    "Connect to {cron_db:?} and run: SELECT cron.schedule_in_database('{PROCESS_JOB}', '*/5 * * * *', \
-                     'SELECT {schema}evoq_process_queue()', '{here}'); SELECT cron.schedule_in_database('{REFRESH_JOB}', \
-                     '*/1 * * * *', 'SELECT {schema}evoq_refresh_qr()', '{here}');"
+                    "Connect to {cron_db:?} and run, as the role the jobs should run as: \
+                     SELECT cron.schedule_in_database('{PROCESS_JOB}', '*/5 * * * *', \
+                     'SELECT {schema}.evoq_process_queue()', '{here}'); SELECT cron.schedule_in_database('{REFRESH_JOB}', \
+                     '*/1 * * * *', 'SELECT {schema}.evoq_refresh_qr()', '{here}');"
                 ),
             });
         }
@@ -47,23 +58,19 @@ fn require_pg_cron() -> Result<(), EvoqError> {
     })
 }
 
-/// The qualifier for evoq's functions in a job command: empty when evoq is in public.
+/// evoq's schema, quoted as an identifier: every job command names it.
 fn extension_schema() -> String {
     let schema = Spi::get_one::<String>(
-        "SELECT n.nspname::text FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'evoq'",
+        "SELECT n.nspname::text FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'evoq'",
     )
     .or_internal("checking pg_cron")
     .unwrap_or_else(|| "public".into());
-    if schema == "public" {
-        String::new()
-    } else {
-        format!("{}.", pgrx::spi::quote_identifier(&schema))
-    }
+    pgrx::spi::quote_identifier(&schema)
 }
 
-/// `SELECT evoq_process_queue()`, qualified only when evoq is not in public.
-fn command(function: &str) -> String {
-    format!("SELECT {}{function}()", extension_schema())
+/// `SELECT public.evoq_process_queue()`: always schema-qualified (see the module docs).
+pub fn command(function: &str) -> String {
+    format!("SELECT {}.{function}()", extension_schema())
 }
 
 /// pg_cron raises a Postgres ERROR for a schedule it cannot parse; caught in a subtransaction so
@@ -86,8 +93,8 @@ fn schedule_job(name: &str, schedule: &str, command: &str) -> i64 {
     }
 }
 
-#[pg_extern(security_definer)]
-#[search_path(pg_catalog, @extschema@)]
+#[pg_extern]
+#[search_path(pg_catalog, @extschema@, pg_temp)]
 fn evoq_schedule(
     process_schedule: default!(&str, "'*/5 * * * *'"),
     refresh_schedule: default!(&str, "'*/1 * * * *'"),
@@ -105,12 +112,14 @@ fn evoq_schedule(
     }))
 }
 
-#[pg_extern(security_definer)]
-#[search_path(pg_catalog, @extschema@)]
+/// Removes the caller's two jobs (pg_cron lets a role see and remove only its own; a superuser
+/// sees every role's).
+#[pg_extern]
+#[search_path(pg_catalog, @extschema@, pg_temp)]
 fn evoq_unschedule() -> i64 {
     require_pg_cron().or_raise();
     Spi::get_one::<i64>(&format!(
-        "SELECT count(cron.unschedule(jobname)) FROM cron.job WHERE jobname IN ('{PROCESS_JOB}', '{REFRESH_JOB}')"
+        "SELECT count(cron.unschedule(jobid)) FROM cron.job WHERE jobname IN ('{PROCESS_JOB}', '{REFRESH_JOB}')"
     ))
     .or_internal("checking pg_cron")
     .unwrap_or(0)

@@ -55,8 +55,50 @@ gucs! {
         c"Each open instance is checked with connectionState at most once per this many ms, to notice a phone that unlinked the device when no webhook says so.";
 }
 
+/// `evoq.api_key_file`: a file holding the API key, so that no table, dump or role holds it.
+static API_KEY_FILE: GucSetting<Option<std::ffi::CString>> =
+    GucSetting::<Option<std::ffi::CString>>::new(None);
+
+/// The key file named by `evoq.api_key_file`, if any.
+pub fn api_key_file() -> Option<String> {
+    API_KEY_FILE
+        .get()
+        .and_then(|c| c.into_string().ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+/// The key, read from `path` by the server's operating-system user. Only its first line
+/// counts (a trailing newline is what editors leave). Errors name the file, never its content.
+fn read_key_file(path: &str) -> Result<String, EvoqError> {
+    let hint = "evoq.api_key_file names a file the PostgreSQL server's OS user can read (e.g. chmod 600, owned by postgres), \
+                holding the Evolution API's global key on its first line; set it in postgresql.conf and reload.";
+    let text = std::fs::read_to_string(path).map_err(|e| EvoqError::NotReady {
+        message: format!("evoq.api_key_file: cannot read {path:?}: {}", e.kind()),
+        hint: hint.into(),
+    })?;
+    let key = text.lines().next().unwrap_or("").trim().to_string();
+    if key.is_empty() {
+        return Err(EvoqError::NotReady {
+            message: format!("evoq.api_key_file: {path:?} is empty"),
+            hint: hint.into(),
+        });
+    }
+    Ok(key)
+}
+
 /// Registers the GUCs; called from _PG_init.
 pub fn register_gucs() {
+    // SIGHUP: only postgresql.conf (or ALTER SYSTEM) sets it, and a reload changes it; only a
+    // superuser may even see it. The key itself never passes through a setting.
+    GucRegistry::define_string_guc(
+        c"evoq.api_key_file",
+        c"A file holding the Evolution API key; when set, the key is read from it and not kept in evoq.settings.",
+        c"Set in postgresql.conf and reload. The file must be readable by the server's OS user; nothing in the database then holds the key.",
+        &API_KEY_FILE,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
     for guc in all_gucs() {
         GucRegistry::define_int_guc(
             guc.name,
@@ -129,6 +171,9 @@ pub struct Connection {
     /// `webhook_changed_at` as this run read it: an instance given this run's webhook is
     /// recorded as carrying this version, so a change committed meanwhile still repoints it.
     pub webhook_version: Option<String>,
+    /// `updated_at` as this run read it: evoq_configure sets it, so a run that finds another
+    /// value stops claiming (no call may leave under settings an evoq_configure has replaced).
+    pub stamp: String,
 }
 
 fn parse_version(v: Option<&str>) -> Option<ApiVersion> {
@@ -153,6 +198,7 @@ type SettingsRow = (
     Option<pgrx::JsonB>,
     Option<String>,
     Option<String>,
+    Option<String>,
 );
 
 /// Reads the settings and refuses to go on in a database that is a copy of the one the
@@ -161,9 +207,9 @@ type SettingsRow = (
 pub fn load_connection() -> Result<Connection, EvoqError> {
     let row: Option<SettingsRow> = Spi::connect(|client| {
         let table = client.select(
-            "SELECT api_url, api_key, webhook_url, webhook_events, api_version, detected_version,
+            "SELECT api_url, coalesce(api_key, ''), webhook_url, webhook_events, api_version, detected_version,
                     namespace, deployment_identity, evoq._deployment_identity(), owns_legacy_names,
-                    webhook_headers, webhook_secret, webhook_changed_at::text
+                    webhook_headers, webhook_secret, webhook_changed_at::text, updated_at::text
              FROM evoq.settings",
             Some(1),
             &[],
@@ -186,6 +232,7 @@ pub fn load_connection() -> Result<Connection, EvoqError> {
             row.get::<pgrx::JsonB>(11)?,
             row.get::<String>(12)?,
             row.get::<String>(13)?,
+            row.get::<String>(14)?,
         )))
     })
     .or_internal("reading its settings");
@@ -203,12 +250,23 @@ pub fn load_connection() -> Result<Connection, EvoqError> {
         headers,
         secret,
         webhook_version,
+        stamp,
     ) = row.ok_or(EvoqError::NotConfigured)?;
     let namespace = match namespace {
         Some(ns) if bound.is_some() && bound == identity => ns,
         other => return Err(crate::deployment::copied_database(other.as_deref())),
     };
     let version_pinned = pinned != "auto";
+    let api_key = match api_key_file() {
+        Some(path) => read_key_file(&path)?,
+        None if api_key.is_empty() => {
+            return Err(EvoqError::NotReady {
+                message: "evoq has no API key: evoq_configure stored none and evoq.api_key_file is not set".into(),
+                hint: "Set evoq.api_key_file in postgresql.conf (and reload), or pass api_key to evoq_configure.".into(),
+            })
+        }
+        None => api_key,
+    };
     Ok(Connection {
         api_url,
         api_key,
@@ -227,7 +285,19 @@ pub fn load_connection() -> Result<Connection, EvoqError> {
         namespace,
         owns_legacy_names,
         webhook_version,
+        stamp: stamp.unwrap_or_default(),
     })
+}
+
+/// Whether evoq_configure committed a change since `stamp` was read (see `Connection::stamp`).
+/// A fresh read: under READ COMMITTED each statement sees what committed before it began.
+pub fn changed_since(stamp: &str) -> bool {
+    Spi::get_one_with_args::<bool>(
+        "SELECT updated_at::text IS DISTINCT FROM $1 FROM evoq.settings",
+        &[stamp.into()],
+    )
+    .or_internal("reading its settings")
+    .unwrap_or(true)
 }
 
 /// The stored extra headers (a JSON object of strings; evoq_configure checked them).
@@ -283,7 +353,7 @@ fn required<'a>(name: &str, value: Option<&'a str>, hint: &str) -> &'a str {
 // One argument per setting, named in SQL (`api_url => ...`): the SQL signature is the API.
 #[allow(clippy::too_many_arguments)]
 #[pg_extern(security_definer)]
-#[search_path(pg_catalog, @extschema@)]
+#[search_path(pg_catalog, @extschema@, pg_temp)]
 fn evoq_configure(
     api_url: Option<&str>,
     api_key: Option<&str>,
@@ -320,11 +390,24 @@ fn evoq_configure(
     check_url("api_url", api_url)
         .map_err(config_error)
         .or_raise();
-    let api_key = required(
-        "api_key",
-        api_key,
-        "Pass the Evolution API's global key (AUTHENTICATION_API_KEY).",
-    );
+    // With evoq.api_key_file set the key stays in that file: none is stored (and one passed
+    // anyway is refused, so that nobody believes it is used).
+    let api_key = match (api_key_file(), api_key.map(str::trim).filter(|k| !k.is_empty())) {
+        (Some(path), None) => {
+            read_key_file(&path).or_raise();
+            None
+        }
+        (Some(_), Some(_)) => EvoqError::invalid(
+            "api_key must be NULL: evoq.api_key_file is set, and the key is read from that file",
+            "Call evoq_configure(api_url => ..., api_key => NULL, ...); nothing in the database then holds the key.",
+        )
+        .raise(),
+        (None, key) => Some(required(
+            "api_key",
+            key,
+            "Pass the Evolution API's global key (AUTHENTICATION_API_KEY), or set evoq.api_key_file in postgresql.conf to keep it in a file.",
+        )),
+    };
     let webhook_url = webhook_url.map(str::trim).filter(|w| !w.is_empty());
     if let Some(w) = webhook_url {
         check_url("webhook_url", w).map_err(config_error).or_raise();
@@ -436,7 +519,7 @@ fn evoq_configure(
         "webhook_events": webhook_events,
         "api_version": api_version,
         "namespace": namespace,
-        "api_key": "(stored; not shown)",
+        "api_key": if api_key.is_some() { "(stored; not shown)" } else { "(read from evoq.api_key_file; not stored)" },
         "webhook_headers": header_names,
         "webhook_secret": if rotate_webhook_secret {
             "(rotated; the previous one is accepted until every instance has the new one)"

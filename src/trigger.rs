@@ -216,6 +216,7 @@ mod evoq {
     /// INSERT FOR EACH ROW on `table`, reading the user id from `user_id_column`. Called by the SQL
     /// wrapper `evoq_attach(regclass, name)` (sql/finalize.sql), which gives it the regclass type.
     #[pg_extern]
+    #[search_path(pg_catalog, @extschema@, pg_temp)]
     fn attach_trigger(table: pg_sys::Oid, user_id_column: &str) -> String {
         let name = check_target(table, user_id_column).or_raise();
         require_trigger_privilege(table).or_raise();
@@ -257,6 +258,7 @@ mod evoq {
 
     /// Removes the trigger again (wrapped by `evoq_detach(regclass)`).
     #[pg_extern]
+    #[search_path(pg_catalog, @extschema@, pg_temp)]
     fn detach_trigger(table: pg_sys::Oid) -> String {
         require_trigger_privilege(table).or_raise();
         let name = Spi::get_one_with_args::<String>("SELECT $1::regclass::text", &[table.into()])

@@ -132,6 +132,23 @@ pub fn settings() -> Settings {
     Settings(read_gate())
 }
 
+impl Settings {
+    /// The secrets a delivery may carry now: the current one, and the previous one while a
+    /// rotation is being applied. Empty: evoq is not configured (no delivery can be checked).
+    pub fn accepted_secrets(&self) -> Vec<String> {
+        self.0
+            .iter()
+            .flat_map(|g| g.secret.iter().chain(g.previous.iter()))
+            .cloned()
+            .collect()
+    }
+
+    /// Whether `presented` is one of them (compared in constant time).
+    pub fn accepts(&self, presented: Option<&str>) -> bool {
+        presented.is_some_and(|p| self.accepted_secrets().iter().any(|s| same_secret(p, s)))
+    }
+}
+
 /// Applies one delivery. `header` is the secret the transport received in the
 /// `x-evoq-secret` header, if it has headers; PostgREST's `request.headers` is read too.
 pub fn ingest(payload: Value, header: Option<&str>) -> Value {
@@ -232,11 +249,15 @@ pub fn ingest_with(settings: &Settings, payload: Value, header: Option<&str>) ->
     }
 }
 
-/// Applies one Evolution API webhook delivery. For PostgREST (Supabase: the webhook URL is
-/// `https://<project>.supabase.co/rest/v1/rpc/evoq_webhook`), the secret comes from the
-/// `x-evoq-secret` request header; v1.8 servers, which send no headers, carry it in the URL.
-#[pg_extern(security_definer)]
-#[search_path(pg_catalog, @extschema@)]
-fn evoq_webhook(payload: pgrx::JsonB) -> pgrx::JsonB {
+/// Applies one Evolution API webhook delivery: the body of `evoq_webhook(jsonb)`, the public
+/// function (sql/finalize.sql), whose one parameter has no name. PostgREST turns every key of a
+/// JSON body into a named argument, except for a function with a single unnamed json/jsonb
+/// parameter, which gets the raw body: that is the only shape an Evolution delivery
+/// (`{"event", "instance", "data", ...}`) can reach through `/rest/v1/rpc/evoq_webhook`, and
+/// pgrx names every parameter, hence the SQL wrapper. The secret comes from the `x-evoq-secret`
+/// request header; v1.8 servers, which send no headers, carry it in the URL.
+#[pg_extern(security_definer, schema = "evoq", name = "_webhook")]
+#[search_path(pg_catalog, @extschema@, pg_temp)]
+fn webhook(payload: pgrx::JsonB) -> pgrx::JsonB {
     pgrx::JsonB(ingest(payload.0, None))
 }

@@ -31,6 +31,10 @@ pub const MAX_REPLY_BYTES: u64 = 1024 * 1024;
 /// `MAX_REPLY_BYTES` as messages say it.
 const MAX_REPLY_LABEL: &str = "1 MiB";
 
+/// The instance name the health probe asks for: outside every namespace evoq makes
+/// (`evoq_<namespace>_<hex>`), and with characters no name evoq creates carries.
+pub const HEALTH_PROBE_NAME: &str = "evoq-health-probe--no-such-instance";
+
 #[derive(Clone)]
 pub struct ClientConfig {
     /// Base URL without a trailing slash, e.g. `http://evolution:8080`.
@@ -257,6 +261,40 @@ impl Client {
             match reply.status {
                 200..=299 => parse_version(&reply.body),
                 s if s >= 500 || s == 408 || s == 429 => {
+                    let mut e = ApiError::http(s, WHAT, error_words(&reply.body));
+                    e.server_wide = true;
+                    Err(e)
+                }
+                s => Err(ApiError::wrong_api_url(s, error_words(&reply.body))),
+            }
+        })
+    }
+
+    /// The health probe of the circuit breaker: `GET /instance/fetchInstances?instanceName=`
+    /// with a name no instance can have. It stays inside the server and proves the key: a
+    /// healthy server answers 404 "not found" (or 200, should the name exist), a wrong key 401.
+    /// `GET /` is no health probe on 2.3.6: every call of it fetches WhatsApp's web client
+    /// version from the Internet first (src/api/routes/index.router.ts,
+    /// src/utils/fetchLatestWaWebVersion.ts), so a server with slow or no Internet access
+    /// looks dead there (23-33 s seen) while fetchInstances answers in milliseconds.
+    /// Failures: no answer, 5xx/408/429 and 401 are server-wide; any other status means api_url
+    /// points at something else (`wrong_api_url`).
+    pub fn probe_health(&self) -> Result<(), ApiError> {
+        const WHAT: &str = "GET /instance/fetchInstances";
+        self.scrubbed(|_| {
+            let path = format!("/instance/fetchInstances?instanceName={HEALTH_PROBE_NAME}");
+            let reply = self.call("GET", &path, WHAT, None).map_err(|mut e| {
+                if matches!(
+                    e.error_class(),
+                    ErrorClass::Unreachable | ErrorClass::Timeout | ErrorClass::Network
+                ) {
+                    e.server_wide = true;
+                }
+                e
+            })?;
+            match reply.status {
+                200..=299 | 404 => Ok(()),
+                s if s >= 500 || s == 408 || s == 429 || s == 401 => {
                     let mut e = ApiError::http(s, WHAT, error_words(&reply.body));
                     e.server_wide = true;
                     Err(e)
@@ -864,6 +902,39 @@ mod tests {
                 .all(|r| r.path == "/instance/create"),
             "no adoption was attempted"
         );
+    }
+
+    /// The health probe asks fetchInstances for a name that cannot exist, with the key: 404 is
+    /// healthy, 401 a rejected key (server-wide), 5xx busy or down (server-wide), and it never
+    /// asks `GET /` (which on 2.3.6 waits on WhatsApp's website).
+    #[test]
+    fn the_health_probe_stays_inside_the_server_and_proves_the_key() {
+        let server = TestServer::start(|_| Canned::json(404, &envelope(404, "Instance not found")));
+        client(&server).probe_health().unwrap();
+        let asked = server.requests();
+        assert_eq!(asked.len(), 1);
+        assert_eq!(
+            asked[0].path,
+            format!("/instance/fetchInstances?instanceName={HEALTH_PROBE_NAME}")
+        );
+        assert_eq!(asked[0].header("apikey").as_deref(), Some(KEY));
+        let server = TestServer::start(|_| Canned::json(200, "[]"));
+        client(&server).probe_health().unwrap();
+        for (status, class) in [(401, "http_401"), (500, "http_500"), (503, "http_503")] {
+            let server = TestServer::start(move |_| Canned::json(status, "{}"));
+            let e = client(&server).probe_health().unwrap_err();
+            assert!(e.server_wide, "{status}");
+            assert_eq!(e.class(), class);
+        }
+        let server = TestServer::start(|_| Canned::json(405, "{}"));
+        assert_eq!(
+            client(&server).probe_health().unwrap_err().class(),
+            "wrong_api_url"
+        );
+        let e = client_for(&format!("http://127.0.0.1:{}", closed_port()), 500)
+            .probe_health()
+            .unwrap_err();
+        assert!(e.server_wide);
     }
 
     #[test]

@@ -247,6 +247,9 @@ impl Source for QueueJob {
     type Answer = Result<Done, ApiError>;
 
     fn claim(&mut self, room: usize, _busy: &[&QueueRow]) -> Vec<(QueueRow, Call)> {
+        if self.run.settings_replaced() {
+            return Vec::new();
+        }
         // A claimed row's lease puts it out of reach of later claims, this run's included.
         let rows: Vec<ClaimedRow> = in_batch_context(|| {
             call_json(
@@ -396,7 +399,7 @@ pub fn sql_grouping(run: &Run) -> Grouping {
 }
 
 #[pg_extern(security_definer)]
-#[search_path(pg_catalog, @extschema@)]
+#[search_path(pg_catalog, @extschema@, pg_temp)]
 pub fn evoq_process_queue() -> pgrx::JsonB {
     require_working_attachments();
     let run = Run::start("process_queue");

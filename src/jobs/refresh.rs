@@ -286,6 +286,9 @@ impl Source for RefreshJob {
         room: usize,
         busy: &[&ClaimedInstance],
     ) -> Vec<(ClaimedInstance, RefreshCall)> {
+        if self.run.settings_replaced() {
+            return Vec::new();
+        }
         let t = self.run.tunables;
         let busy: Vec<pgrx::Uuid> = busy
             .iter()
@@ -332,7 +335,7 @@ impl Source for RefreshJob {
 }
 
 #[pg_extern(security_definer)]
-#[search_path(pg_catalog, @extschema@)]
+#[search_path(pg_catalog, @extschema@, pg_temp)]
 pub fn evoq_refresh_qr() -> pgrx::JsonB {
     let mut job = RefreshJob::start(Run::start("refresh_qr"), 0, true);
     let (stopped, groups) = match job.run.circuit_blocks() {

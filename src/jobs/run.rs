@@ -18,6 +18,19 @@ use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use std::time::Instant;
 
+/// The longest `GET /` (the version probe) is waited for.
+pub const VERSION_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The circuit breaker, as a run finds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CircuitState {
+    Closed,
+    /// Open, its next probe not due yet.
+    Open,
+    /// Open, and its next probe is due.
+    ProbeDue,
+}
+
 pub struct Run {
     pub job: &'static str,
     pub started: Instant,
@@ -34,6 +47,8 @@ pub struct Run {
     circuit_half_open: bool,
     /// Batches recorded inside a subtransaction so far (see `protect_next_batch`).
     protected_batches: u32,
+    /// evoq_configure committed new settings after this run read them.
+    replaced: bool,
 }
 
 /// Batches per run recorded inside a subtransaction. A transaction with more than 64
@@ -75,7 +90,20 @@ impl Run {
             last_warning: None,
             circuit_half_open: false,
             protected_batches: 0,
+            replaced: false,
         }
+    }
+
+    /// Whether evoq_configure committed new settings since this run read them; checked before
+    /// every claim, so no call leaves under settings that were replaced (a call to the old
+    /// server, a webhook/set with the old URL). Once true, the run claims nothing more and ends
+    /// when its calls in flight are recorded; the next run reads the new settings.
+    pub fn settings_replaced(&mut self) -> bool {
+        if !self.replaced && crate::settings::changed_since(&self.connection.stamp) {
+            self.replaced = true;
+            self.note("evoq_configure changed the settings during this run: it claimed nothing more, the next run uses the new ones");
+        }
+        self.replaced
     }
 
     pub fn out_of_time(&self) -> bool {
@@ -111,28 +139,51 @@ impl Run {
         self.call_all(&mut pool, vec![()]).pop().flatten()
     }
 
-    fn probe(&self) -> Result<ApiVersion, ApiError> {
-        self.call_one(|client| client.probe_version())
-            .unwrap_or_else(|| Err(self.budget_error("GET /")))
+    /// A client for `GET /` alone: it waits at most `VERSION_PROBE_TIMEOUT` (or the request
+    /// timeout, if shorter), since on 2.3.6 that route waits on WhatsApp's website first.
+    pub fn version_client(&self) -> Client {
+        Client::new(ClientConfig {
+            base_url: self.connection.api_url.clone(),
+            api_key: self.connection.api_key.clone(),
+            request_timeout: self.tunables.request_timeout.min(VERSION_PROBE_TIMEOUT),
+            connect_timeout: self.tunables.connect_timeout,
+            max_idle: 1,
+            other_secrets: Vec::new(),
+        })
     }
 
-    /// The server's dialect: pinned in the settings, or what `GET /` said the last time (kept in
-    /// the settings, since a loaded server can take 18 s to answer it), or asked now.
-    ///
-    /// A server that cannot be reached, or a URL that is not an Evolution API server, fails the
-    /// probe. A reply that is merely not what a server sends (a proxy's page) falls back to v2,
-    /// the current line, and says so in the summary.
+    /// The server's dialect if it is known without asking: pinned in the settings, or what
+    /// `GET /` said the last time (kept in the settings, since a loaded server can take 18 s
+    /// to answer it).
+    pub fn known_version(&self) -> Option<ApiVersion> {
+        self.version
+    }
+
+    /// The server's dialect: known, or asked now with `GET /` (see `take_version_probe`).
     pub fn version(&mut self) -> Result<ApiVersion, ApiError> {
         if let Some(v) = self.version {
             return Ok(v);
         }
-        let v = match self.probe() {
-            Ok(v) => {
-                remember_detected_version(v);
-                v
-            }
-            // Out of time, or not a server at all: the caller stops before claiming anything.
-            Err(e) if e.server_wide || e.error_class() == ErrorClass::Deadline => return Err(e),
+        let client = self.version_client();
+        let probed = self
+            .call_one(move |_| client.probe_version())
+            .unwrap_or_else(|| Err(self.budget_error("GET /")));
+        self.take_version_probe(probed)
+    }
+
+    /// What `GET /` said (asked here, or by the background worker on a thread of its own).
+    /// The answer is remembered in the settings, so `GET /` is asked once, not every run. A
+    /// probe that failed (a server that could not fetch WhatsApp's web version in time, a
+    /// proxy's page) falls back to v2, the current line, says so, and is remembered too:
+    /// the health of the server is the circuit's business (`probe_health`), and a reply that
+    /// suggests the other dialect forgets it again (`maybe_forget_version`).
+    pub fn take_version_probe(
+        &mut self,
+        probed: Result<ApiVersion, ApiError>,
+    ) -> Result<ApiVersion, ApiError> {
+        let v = match probed {
+            Ok(v) => v,
+            Err(e) if e.error_class() == ErrorClass::Deadline => return Err(e),
             Err(e) => {
                 self.warn(format!(
                     "could not tell the Evolution API version ({e}); assuming v2. \
@@ -141,6 +192,7 @@ impl Run {
                 ApiVersion::V2
             }
         };
+        remember_detected_version(v);
         self.version = Some(v);
         Ok(v)
     }
@@ -160,34 +212,56 @@ impl Run {
         self.version.map(ApiVersion::as_str)
     }
 
-    /// Whether this run may call the server; the reason to stop if not. With the circuit open,
-    /// no call is made until its next probe is due; then one `GET /` decides whether a batch may
-    /// be tried (half-open), and that batch decides whether it closes. The circuit row is only
-    /// read here, never locked: see `subxact::write_shared`.
-    pub fn circuit_blocks(&mut self) -> Option<&'static str> {
+    /// The circuit as this run finds it (the row is only read here, never locked: see
+    /// `subxact::write_shared`).
+    pub fn circuit_state(&self) -> CircuitState {
         let (open, due) =
             Spi::get_two::<bool, bool>("SELECT true, next_probe_at <= now() FROM evoq.circuit")
                 .or_internal("reading its state");
-        if open != Some(true) {
-            return None;
+        match (open, due) {
+            (Some(true), Some(true)) => CircuitState::ProbeDue,
+            (Some(true), _) => CircuitState::Open,
+            _ => CircuitState::Closed,
         }
-        if due != Some(true) {
-            return Some("circuit_open");
-        }
-        match self.probe() {
-            Ok(v) => {
-                if self.version.is_none() {
-                    remember_detected_version(v);
-                    self.version = Some(v);
-                }
-                self.circuit_half_open = true;
-                self.note("the circuit is open and GET / answered: one batch is tried");
+    }
+
+    /// The health probe answered while the circuit was open: one batch is tried (half-open),
+    /// and that batch decides whether it closes.
+    pub fn half_open(&mut self) {
+        self.circuit_half_open = true;
+        self.note("the circuit is open and the health probe answered: one batch is tried");
+    }
+
+    /// What the health probe said, asked here or by the background worker: half-open, or the
+    /// circuit trips again (a longer wait).
+    pub fn take_health_probe(&mut self, probed: Result<(), ApiError>) -> Option<&'static str> {
+        match probed {
+            Ok(()) => {
+                self.half_open();
                 None
             }
             Err(e) => {
                 self.count_error(&e);
                 self.trip(&e.message);
                 Some("circuit_open")
+            }
+        }
+    }
+
+    /// Whether this run may call the server; the reason to stop if not. With the circuit open,
+    /// no call is made until its next probe is due; then the health probe decides whether a
+    /// batch may be tried (`take_health_probe`). A run whose probe was already made (the
+    /// background worker's, on a thread of its own) is half-open already and asks nothing.
+    pub fn circuit_blocks(&mut self) -> Option<&'static str> {
+        match self.circuit_state() {
+            CircuitState::Closed => None,
+            CircuitState::Open => Some("circuit_open"),
+            CircuitState::ProbeDue if self.circuit_half_open => None,
+            CircuitState::ProbeDue => {
+                let probed = self
+                    .call_one(|client| client.probe_health())
+                    .unwrap_or_else(|| Err(self.budget_error("GET /instance/fetchInstances")));
+                self.take_health_probe(probed)
             }
         }
     }

@@ -168,7 +168,20 @@ mod tests {
         clean_committed();
     }
 
-    /// The end-to-end path with a real pg_cron job: schedule, sign up, wait for the tick.
+    /// Runs SQL committed, over dblink, as `role` (the test cluster trusts local connections).
+    fn committed_as(role: &str, sql: &str) {
+        let conninfo = one::<String>(&format!(
+            "SELECT format('host=localhost port=%s dbname=%s user={role}', current_setting('port'), current_database())"
+        ))
+        .unwrap();
+        Spi::run_with_args("SELECT dblink_exec($1, $2)", &[conninfo.into(), sql.into()])
+            .unwrap_or_else(|e| panic!("as {role}: {sql}: {e}"));
+    }
+
+    /// The end-to-end path with a real pg_cron job: schedule, sign up, wait for the tick. The
+    /// jobs are scheduled by an ordinary role with CREATE on the database, which also plants
+    /// functions named like evoq's in a schema of its own name, first in its search_path
+    /// ("$user"): 0.4.0's unqualified job commands ran those, as the extension's owner.
     #[pg_test]
     fn pg_cron_fires_the_job_and_an_instance_appears() {
         clean_committed();
@@ -177,15 +190,33 @@ mod tests {
         committed_configure(&mock, "");
         committed(
             "DO $$ BEGIN
+                DROP SCHEMA IF EXISTS evoq_scheduler CASCADE;
+                IF to_regrole('evoq_scheduler') IS NULL THEN CREATE ROLE evoq_scheduler LOGIN; END IF;
+                GRANT CREATE ON DATABASE pgrx_tests TO evoq_scheduler;
+                GRANT USAGE ON SCHEMA cron TO evoq_scheduler;
+                GRANT EXECUTE ON FUNCTION evoq_schedule(text, text), evoq_unschedule(),
+                                          evoq_process_queue(), evoq_refresh_qr() TO evoq_scheduler;
                 CREATE TABLE public.committed_profiles (id uuid PRIMARY KEY);
                 PERFORM evoq_attach('public.committed_profiles');
-                PERFORM evoq_schedule(process_schedule => '* * * * *', refresh_schedule => '* * * * *');
-                INSERT INTO public.committed_profiles VALUES (gen_random_uuid());
              END $$",
         );
-        // The verification queries of the original setup guide.
-        assert_eq!(count("SELECT count(*) FROM cron.job WHERE jobname = 'process-evolution-queue' AND active AND schedule = '* * * * *' AND command = 'SELECT evoq_process_queue()'"), 1);
-        assert_eq!(count("SELECT count(*) FROM cron.job WHERE jobname = 'refresh-qr-codes' AND active AND command = 'SELECT evoq_refresh_qr()'"), 1);
+        committed_as(
+            "evoq_scheduler",
+            "DO $$ BEGIN
+                CREATE SCHEMA evoq_scheduler;
+                CREATE TABLE evoq_scheduler.hijacked (who text, superuser text);
+                CREATE FUNCTION evoq_scheduler.evoq_process_queue() RETURNS jsonb LANGUAGE sql AS
+                  $f$ INSERT INTO evoq_scheduler.hijacked VALUES (current_user, current_setting('is_superuser')) RETURNING '{}'::jsonb $f$;
+                CREATE FUNCTION evoq_scheduler.evoq_refresh_qr() RETURNS jsonb LANGUAGE sql AS
+                  $f$ INSERT INTO evoq_scheduler.hijacked VALUES (current_user, current_setting('is_superuser')) RETURNING '{}'::jsonb $f$;
+                PERFORM evoq_schedule(process_schedule => '* * * * *', refresh_schedule => '* * * * *');
+             END $$",
+        );
+        committed("INSERT INTO public.committed_profiles VALUES (gen_random_uuid())");
+        // The verification queries of the original setup guide; the jobs belong to the role that
+        // scheduled them and name evoq's schema.
+        assert_eq!(count("SELECT count(*) FROM cron.job WHERE jobname = 'process-evolution-queue' AND active AND schedule = '* * * * *' AND command = 'SELECT public.evoq_process_queue()' AND username = 'evoq_scheduler'"), 1);
+        assert_eq!(count("SELECT count(*) FROM cron.job WHERE jobname = 'refresh-qr-codes' AND active AND command = 'SELECT public.evoq_refresh_qr()' AND username = 'evoq_scheduler'"), 1);
         assert_eq!(
             count(&format!(
                 "SELECT count(*) FROM cron.job WHERE command LIKE '%{API_KEY}%'"
@@ -217,8 +248,18 @@ mod tests {
         );
         assert_eq!(count(&format!("SELECT count(*) FROM cron.job_run_details WHERE command LIKE '%{API_KEY}%' OR return_message LIKE '%{API_KEY}%'")), 0);
 
-        committed("DO $$ BEGIN PERFORM evoq_unschedule(); END $$");
+        assert_eq!(
+            count("SELECT count(*) FROM evoq_scheduler.hijacked"),
+            0,
+            "a job ran the scheduling role's look-alike function"
+        );
+        // The role that scheduled the jobs sees and removes them itself.
+        committed_as(
+            "evoq_scheduler",
+            "DO $$ BEGIN IF evoq_unschedule() <> 2 THEN RAISE 'evoq_unschedule did not find both jobs'; END IF; END $$",
+        );
         assert_eq!(count("SELECT count(*) FROM cron.job WHERE jobname IN ('process-evolution-queue', 'refresh-qr-codes')"), 0);
+        committed("DROP SCHEMA evoq_scheduler CASCADE");
         // pg_cron stays: this transaction has read cron.job, so dropping it from a second session
         // would wait for us while we wait for it.
         committed("DROP TABLE public.committed_profiles");

@@ -26,13 +26,56 @@ mod tests {
             assert!(err.starts_with("42501"), "{sql}: {err}");
         }
         run("RESET ROLE");
-        // SECURITY DEFINER functions pin their search_path.
-        assert_eq!(
-            count("SELECT count(*) FROM pg_proc p JOIN pg_depend d ON d.objid = p.oid AND d.deptype = 'e'
-                   JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'evoq'
-                   WHERE p.prosecdef AND NOT EXISTS (SELECT 1 FROM unnest(p.proconfig) c WHERE c LIKE 'search_path=%')"),
-            0
+    }
+
+    /// PostgreSQL's rule for SECURITY DEFINER functions ("Writing SECURITY DEFINER Functions
+    /// Safely"): a search_path that does not name pg_temp searches it FIRST, so any role allowed
+    /// to create a temporary table could shadow what the function reads. Every function of the
+    /// extension (SECURITY DEFINER ones, the triggers', the worker's and the jobs' helpers alike)
+    /// pins its search_path with pg_temp last.
+    #[pg_test]
+    fn every_function_pins_its_search_path_with_pg_temp_last() {
+        let offenders = one::<String>(
+            "SELECT string_agg(p.oid::regprocedure::text || ' ' || coalesce(array_to_string(p.proconfig, ';'), '(none)'), ', ')
+             FROM pg_proc p JOIN pg_depend d ON d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e'
+             JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'evoq'
+             WHERE NOT EXISTS (SELECT 1 FROM unnest(p.proconfig) c
+                               WHERE c LIKE 'search_path=%' AND c ~ '(^search_path=|, )pg_temp$')",
         );
+        assert_eq!(offenders, None, "functions without pg_temp last");
+        assert!(count("SELECT count(*) FROM pg_proc p JOIN pg_depend d ON d.objid = p.oid AND d.deptype = 'e' WHERE p.prosecdef") > 10);
+    }
+
+    /// The attack of 0.4.0: a signed-in user's temporary table named like evoq's made the
+    /// ownership check ("may the caller update evolution_instances?") look at the attacker's own
+    /// table, and evoq_deprovision queued the deletion of someone else's instance.
+    #[pg_test]
+    fn a_temporary_table_cannot_pass_the_ownership_check() {
+        let mock = mock();
+        let (victim, _) = created_instance(&mock);
+        supabase_like();
+        run("GRANT TEMPORARY ON DATABASE pgrx_tests TO authenticated");
+        run("SET LOCAL ROLE authenticated");
+        run("SELECT set_config('request.jwt.claims', '{\"sub\": \"00000000-0000-4000-8000-0000000000aa\"}', true)");
+        run("CREATE TEMP TABLE evolution_instances (user_id uuid, instance_name text)");
+        run("CREATE TEMP TABLE evolution_instance_creation_queue (user_id uuid)");
+        for f in ["evoq_deprovision", "evoq_reconnect"] {
+            let e = error_of(&format!("SELECT {f}('{victim}')"))
+                .unwrap_or_else(|| panic!("{f} let a temporary table vouch for the caller"));
+            assert!(
+                e.starts_with(&format!("42501: {f}: only the user themselves")),
+                "{e}"
+            );
+        }
+        run("RESET ROLE");
+        assert_eq!(
+            one::<String>(&format!(
+                "SELECT action FROM evolution_instance_creation_queue WHERE user_id = '{victim}'"
+            ))
+            .as_deref(),
+            Some("create")
+        );
+        assert_eq!(count("SELECT count(*) FROM evoq.requeue_requests"), 0);
     }
 
     /// Counts the rows `sql` returns for `role` signed in as `sub`; the count goes through the temp

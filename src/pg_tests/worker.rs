@@ -201,4 +201,56 @@ mod tests {
         assert_eq!(due(true), 0.0);
         assert!(due(false) > 10000.0);
     }
+
+    /// 0.4.0 raised "cannot subtract infinite timestamps" for a connecting row never asked and
+    /// never given a QR, or an open row never checked: the worker's end-of-run transaction
+    /// aborted and its summaries were lost.
+    #[pg_test]
+    fn the_next_due_time_of_rows_never_asked_is_now() {
+        let mock = mock();
+        let (user, _name) = created_instance(&mock);
+        run(&format!(
+            "UPDATE evolution_instances SET last_refresh_at = NULL, last_qr_update = NULL WHERE user_id = '{user}'"
+        ));
+        assert_eq!(
+            one::<f64>("SELECT evoq._next_due_ms(20000, 600000, 300000, 20000, true, 60000)"),
+            Some(0.0)
+        );
+        run(&format!(
+            "UPDATE evolution_instances SET instance_status = 'open', last_state_check_at = NULL WHERE user_id = '{user}'"
+        ));
+        assert_eq!(
+            one::<f64>("SELECT evoq._next_due_ms(20000, 600000, 300000, 20000, true, 60000)"),
+            Some(0.0)
+        );
+    }
+
+    /// With the QR delivered by webhook, a new instance whose create answered {"count":0} is
+    /// polled on the cadence, not at once (0.4.0 sent a connect right after every such create);
+    /// without deliveries it is asked at once, as before.
+    #[pg_test]
+    fn a_new_instance_is_polled_on_the_cadence_when_webhooks_deliver_its_qr() {
+        use evolution_mock::Flavor;
+        let mock = mock_with(Flavor::V2);
+        configure(&mock); // a webhook subscribed to QRCODE_UPDATED
+        profiles();
+        let user = sign_up(1).remove(0);
+        assert_eq!(json("SELECT evoq_process_queue()")["created"], 1);
+        let connects = mock.count_calls("GET", "/instance/connect");
+        json("SELECT evoq_refresh_qr()");
+        assert_eq!(
+            mock.count_calls("GET", "/instance/connect"),
+            connects,
+            "a connect right after the create"
+        );
+        assert!(instance_row(&user)["last_refresh_at"].is_string());
+
+        // No webhook: nothing else brings the QR, so the first refresh asks at once.
+        configure_with(&mock.url(), API_KEY, "");
+        let second = sign_up(1).remove(0);
+        assert_eq!(json("SELECT evoq_process_queue()")["created"], 1);
+        assert!(instance_row(&second)["last_refresh_at"].is_null());
+        json("SELECT evoq_refresh_qr()");
+        assert!(mock.count_calls("GET", "/instance/connect") > connects);
+    }
 }

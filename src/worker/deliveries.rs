@@ -28,6 +28,22 @@ pub fn apply(group: Vec<Delivery>) -> Vec<(Delivery, Verdict)> {
 }
 
 fn verdict_for(settings: &Settings, body: &[u8], secret: Option<&str>) -> Verdict {
+    // The secret first, before a byte of the body is parsed: a sender without it costs a
+    // comparison and a counter (the listener itself refuses most of them earlier).
+    if settings.accepted_secrets().is_empty() {
+        return Verdict::Failed("evoq is not configured in this database yet".into());
+    }
+    if !settings.accepts(secret) {
+        let _ = Spi::run("SELECT pg_catalog.nextval('evoq.webhooks_rejected')");
+        return Verdict::Rejected(
+            if secret.is_some() {
+                "webhook delivery refused: wrong webhook secret"
+            } else {
+                "webhook delivery refused: no webhook secret"
+            }
+            .into(),
+        );
+    }
     let payload: Value = match serde_json::from_slice(body) {
         Ok(v) => v,
         Err(e) => {
@@ -39,13 +55,12 @@ fn verdict_for(settings: &Settings, body: &[u8], secret: Option<&str>) -> Verdic
     match crate::subxact::attempt_coded(|| crate::webhook::ingest_with(settings, payload, secret)) {
         Ok(result) if result["result"] == "ignored" => Verdict::Ignored,
         Ok(_) => Verdict::Applied,
-        Err((PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE, message)) => {
-            Verdict::Rejected(message)
-        }
         Err((PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, message)) => {
             Verdict::Invalid(message)
         }
-        // Anything else is evoq's or the database's trouble: the sender tries again later.
+        // Anything else is evoq's or the database's trouble, a permission the worker's role
+        // lacks included (the secret was right, so 401 would be a lie, and the Evolution server
+        // never retries a 401): 503, and the sender tries again later.
         Err((_, message)) => Verdict::Failed(message),
     }
 }

@@ -12,14 +12,15 @@
 //! aborted, the cycle given up (rows it had claimed come due again when their lease runs out)
 //! and the loop goes on after a short pause.
 
+use super::probe::{Findings, Probe, ProbeKind};
 use super::{connection_target, deliveries, shared, worker_settings, WorkerSettings, WORKER_TYPE};
 use crate::jobs::process::QueueJob;
 use crate::jobs::refresh::RefreshJob;
-use crate::jobs::run::Run;
+use crate::jobs::run::{CircuitState, Run};
 use crate::listener::{Listener, ListenerConfig};
 use crate::pipeline::{Both, Grouping, Pipeline};
 use crate::pool::Pool;
-use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
+use pgrx::bgworkers::BackgroundWorker;
 use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
 use pgrx::PgTryBuilder;
@@ -63,6 +64,21 @@ struct Worker {
     /// A webhook/set failed: repoints wait until then (a cycle would otherwise retry it at
     /// once, over and over, since the instance stays due).
     repoint_after: Instant,
+    /// The probe in flight, on a thread of its own (see `probe`).
+    probe: Option<Probe>,
+    /// What the probes found, until a cycle started with it.
+    findings: Findings,
+    /// Why the worker cannot work in this database (its role, the schema's version), as last
+    /// logged: logged once, not at every retry.
+    blocked: Option<String>,
+}
+
+/// What keeps a cycle from starting.
+enum NotStarted {
+    /// Sleep this long (the circuit's next probe, say).
+    Wait(Duration),
+    /// Ask the server this first, off the main loop.
+    Probe(ProbeKind, crate::evolution::Client),
 }
 
 /// How long repoints wait after a webhook/set failed.
@@ -89,15 +105,47 @@ fn caught_message(e: CaughtError) -> String {
     }
 }
 
+/// PostgreSQL's timeout.h, which pgrx does not bind: its own backends arm the statement timeout
+/// in the top-level query loop, which a background worker has not, so the worker arms it
+/// around each of its transactions itself.
+/// PostgreSQL's own signal handlers (postgres.c, interrupt.c), as C symbols: pgrx binds them
+/// only as Rust wrappers, which cannot be handed to pqsignal.
+mod handlers {
+    extern "C-unwind" {
+        pub fn die(signal: std::ffi::c_int);
+        pub fn StatementCancelHandler(signal: std::ffi::c_int);
+        pub fn SignalHandlerForConfigReload(signal: std::ffi::c_int);
+    }
+}
+
+mod timeout {
+    /// `STATEMENT_TIMEOUT` of `enum TimeoutId` (utils/timeout.h, PostgreSQL 15).
+    pub const STATEMENT_TIMEOUT: std::ffi::c_int = 3;
+    extern "C-unwind" {
+        pub fn enable_timeout_after(id: std::ffi::c_int, delay_ms: std::ffi::c_int);
+        pub fn disable_timeout(id: std::ffi::c_int, keep_indicator: bool);
+    }
+}
+
+/// The longest one of the worker's transactions may run; past it PostgreSQL cancels the
+/// statement (through SIGINT, as it does in every backend) and the step is given up and
+/// retried. Each step is a claim, a group of results or of deliveries: milliseconds when
+/// nothing waits.
+const STEP_TIMEOUT_MS: i32 = 10_000;
+
 /// Runs `f` in a transaction of its own and commits it; an error or a panic is caught, the
-/// transaction aborted, and the message returned.
+/// transaction aborted, and the message returned. Every wait inside is bounded: a row lock by
+/// the session's lock_timeout, the whole transaction by `STEP_TIMEOUT_MS`.
 fn in_transaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
     // SAFETY: the worker's main thread, between transactions; every path below ends the
-    // transaction begun here.
+    // transaction begun here, and disarms the timeout armed here.
     unsafe {
         pg_sys::SetCurrentStatementStartTimestamp();
         pg_sys::StartTransactionCommand();
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+        // A cancel (pg_cancel_backend) that came between two steps cancels nothing.
+        pg_sys::QueryCancelPending = 0;
+        timeout::enable_timeout_after(timeout::STATEMENT_TIMEOUT, STEP_TIMEOUT_MS);
     }
     let f = std::panic::AssertUnwindSafe(f);
     let result = PgTryBuilder::new(move || {
@@ -117,6 +165,8 @@ fn in_transaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
         Err(caught_message(e))
     })
     .execute();
+    // SAFETY: disarms the timeout armed above (a no-op if it fired); between transactions.
+    unsafe { timeout::disable_timeout(timeout::STATEMENT_TIMEOUT, false) };
     // A backend reports its table statistics when idle; a worker never is, so it does so after
     // each transaction (PostgreSQL throttles unforced reports to one per second or so), or
     // autovacuum would never hear of the rows it updates.
@@ -137,6 +187,9 @@ impl Worker {
             signalled: Arc::new(AtomicBool::new(false)),
             failures: 0,
             repoint_after: Instant::now(),
+            probe: None,
+            findings: Findings::default(),
+            blocked: None,
         };
         w.open_listener();
         w
@@ -222,6 +275,7 @@ impl Worker {
     fn turn(&mut self) {
         self.signalled.store(false, Ordering::SeqCst);
         self.take_deliveries();
+        self.take_probe();
         if self.listener.is_none() && self.listener_retry.is_some_and(|t| Instant::now() >= t) {
             self.open_listener();
         }
@@ -274,23 +328,67 @@ impl Worker {
         }
     }
 
+    /// A probe's answer came back: kept for the next cycle, which starts at once.
+    fn take_probe(&mut self) {
+        let Some(outcome) = self.probe.as_ref().and_then(Probe::try_take) else {
+            return;
+        };
+        self.probe = None;
+        self.findings.take(outcome);
+        self.next_due = Instant::now();
+    }
+
     fn start_cycle(&mut self) {
+        if self.probe.is_some() {
+            return; // it starts when the probe answers
+        }
         let signalled = self.signalled.clone();
         let commit_every = self.settings.commit_every;
         let repoint = Instant::now() >= self.repoint_after;
+        let findings = self.findings.clone();
         let started = in_transaction(|| {
-            if !installed_and_configured() {
-                return None;
+            if let Some(why) = cannot_work_here() {
+                return Err(why);
             }
             crate::jobs::run::require_working_attachments();
             let run = Run::start("process_queue");
             let t = run.tunables;
             let mut queue = QueueJob::start(run, t.lease_ms);
+            // The probes run on a thread (see `probe`): a cycle that needs one asks for it and
+            // starts once it answered; the main loop applies deliveries meanwhile.
+            match queue.run.circuit_state() {
+                CircuitState::Closed => {}
+                CircuitState::Open => {
+                    queue.finish("circuit_open", 0);
+                    return Ok(Err(NotStarted::Wait(circuit_probe_in())));
+                }
+                CircuitState::ProbeDue => match findings.health {
+                    None => {
+                        let client = queue.run.client.clone();
+                        return Ok(Err(NotStarted::Probe(ProbeKind::Health, client)));
+                    }
+                    Some(probed) => {
+                        if let Some(reason) = queue.run.take_health_probe(probed) {
+                            queue.finish(reason, 0);
+                            return Ok(Err(NotStarted::Wait(circuit_probe_in())));
+                        }
+                    }
+                },
+            }
+            if queue.run.known_version().is_none() {
+                match findings.version {
+                    None => {
+                        let client = queue.run.version_client();
+                        return Ok(Err(NotStarted::Probe(ProbeKind::Version, client)));
+                    }
+                    Some(probed) => {
+                        let _ = queue.run.take_version_probe(probed);
+                    }
+                }
+            }
             if let Some(reason) = queue.ready() {
-                // The circuit is open (or the server cannot be told): nothing is claimed until
-                // the circuit's next probe.
                 queue.finish(reason, 0);
-                return Some(Err(circuit_probe_in()));
+                return Ok(Err(NotStarted::Wait(circuit_probe_in())));
             }
             let refresh =
                 RefreshJob::start(Run::start("refresh_qr"), t.qr_refresh_interval_ms, repoint);
@@ -300,7 +398,7 @@ impl Worker {
                 size: t.batch_size.max(1) as usize,
                 age: commit_every,
             };
-            Some(Ok(Cycle {
+            Ok(Ok(Cycle {
                 pipe: Pipeline::new(pool, grouping),
                 jobs: Both {
                     first: queue,
@@ -310,14 +408,35 @@ impl Worker {
             }))
         });
         match started {
-            Ok(Some(Ok(cycle))) => {
-                self.failures = 0;
+            Ok(Ok(Ok(cycle))) => {
+                // The findings served this cycle; the next one asks again if it must.
+                self.findings = Findings::default();
+                self.blocked = None;
                 self.cycle = Some(cycle);
             }
-            // Not installed or not configured here (yet): asleep until evoq_configure or a
-            // sign-up wakes it, or a minute passes.
-            Ok(None) => self.next_due = Instant::now() + MAX_SLEEP,
-            Ok(Some(Err(wait))) => self.next_due = Instant::now() + wait,
+            Ok(Ok(Err(NotStarted::Wait(wait)))) => {
+                self.findings = Findings::default();
+                self.next_due = Instant::now() + wait;
+            }
+            Ok(Ok(Err(NotStarted::Probe(kind, client)))) => {
+                self.probe = Some(Probe::start(
+                    kind,
+                    client,
+                    signaller(self.signalled.clone()),
+                ));
+            }
+            // Not installed, not configured, not allowed, or the schema is of another version:
+            // asleep until evoq_configure or a sign-up wakes it, or a minute passes. Said once.
+            Ok(Err(why)) => {
+                if let Some(why) = why {
+                    if self.blocked.as_deref() != Some(why.as_str()) {
+                        pgrx::warning!("evoq worker: {why}");
+                        shared::set_error(&why);
+                    }
+                    self.blocked = Some(why);
+                }
+                self.next_due = Instant::now() + MAX_SLEEP;
+            }
             Err(message) => self.failed("starting a run", message),
         }
     }
@@ -387,6 +506,8 @@ impl Worker {
         });
         match finished {
             Ok(due_in) => {
+                // Only a whole cycle resets the pause after errors: one that starts and then
+                // fails (a library newer than the schema, say) keeps backing off.
                 self.failures = 0;
                 let mut wait = due_in.min(MAX_SLEEP);
                 if claimed == 0 {
@@ -411,30 +532,57 @@ impl Worker {
             None => self.next_due.saturating_duration_since(Instant::now()),
         }
     }
-
-    /// SIGTERM: calls in flight are abandoned (their rows come due by lease), the listener
-    /// stops (deliveries not yet applied get a 503 and are sent again).
-    fn shutdown(self) {
-        if let Some(listener) = self.listener {
-            listener.stop();
-        }
-        drop(self.cycle);
-    }
 }
 
-/// Whether this database has evoq, configured: the worker has nothing to do otherwise.
-fn installed_and_configured() -> bool {
-    Spi::get_one::<bool>(
-        "SELECT pg_catalog.to_regclass('evoq.settings') IS NOT NULL
-            AND EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'evoq')",
+/// Why the worker cannot work in this database now: Some(None) when there is quietly nothing
+/// to do (evoq not installed or not configured yet), Some(Some(reason)) when something must be
+/// fixed (said once, in the log and in evoq_status), None when it can work.
+fn cannot_work_here() -> Option<Option<String>> {
+    let installed = Spi::get_one::<String>(
+        "SELECT e.extversion::text FROM pg_catalog.pg_extension e
+         WHERE e.extname = 'evoq' AND pg_catalog.to_regclass('evoq.settings') IS NOT NULL",
     )
     .ok()
-    .flatten()
-    .unwrap_or(false)
-        && Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM evoq.settings)")
+    .flatten();
+    let Some(installed) = installed else {
+        return Some(None);
+    };
+    let library = env!("CARGO_PKG_VERSION");
+    if installed != library {
+        return Some(Some(format!(
+            "this database has evoq {installed}, and the server loaded evoq {library}: run ALTER EXTENSION evoq UPDATE; \
+             the worker waits until then"
+        )));
+    }
+    // The jobs' functions run as the extension's owner anyway; the worker also calls evoq's
+    // internal functions directly, which only the owner (or a superuser) may.
+    let (allowed, owner) = Spi::get_two::<bool, String>(
+        "SELECT r.rolsuper OR pg_catalog.pg_has_role(r.oid, e.extowner, 'USAGE'),
+                pg_catalog.pg_get_userbyid(e.extowner)::text
+         FROM pg_catalog.pg_roles r, pg_catalog.pg_extension e
+         WHERE r.rolname = current_user AND e.extname = 'evoq'",
+    )
+    .unwrap_or((None, None));
+    if allowed != Some(true) {
+        let role = Spi::get_one::<String>("SELECT current_user::text")
             .ok()
             .flatten()
-            .unwrap_or(false)
+            .unwrap_or_default();
+        let owner = owner.unwrap_or_default();
+        return Some(Some(format!(
+            "role {role:?} (evoq.worker_role) cannot run evoq's work: it is neither a superuser nor a member of {owner:?}, \
+             the owner of extension evoq; set evoq.worker_role = '{owner}' (on Supabase: supabase_admin) or a superuser, \
+             and restart PostgreSQL"
+        )));
+    }
+    let configured = Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM evoq.settings)")
+        .ok()
+        .flatten()
+        .unwrap_or(false);
+    if !configured {
+        return Some(None);
+    }
+    None
 }
 
 /// How long until the circuit's next probe (at least a second, at most `MAX_SLEEP`).
@@ -468,38 +616,91 @@ fn next_due_in(repoint: bool) -> Duration {
     Duration::from_millis(ms.clamp(0.0, MAX_SLEEP.as_millis() as f64) as u64)
 }
 
-/// The worker process's entry point (named in its registration).
-#[pg_guard]
-#[no_mangle]
-pub extern "C-unwind" fn evoq_worker_main(_arg: pg_sys::Datum) {
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    // A query cancel means nothing to the worker, and raised outside a transaction it would end
-    // the process: pg_cancel_backend() on it is ignored.
-    // SAFETY: installs SIG_IGN for SIGINT, on the main thread.
-    unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
-    let (database, role) = connection_target();
-    BackgroundWorker::connect_worker_to_spi(Some(&database), role.as_deref());
-    // A step waiting on a row lock (a delivery behind a pg_cron run holding the row) gives up
-    // after this, so SIGTERM is honoured soon and other deliveries are not held up; the step's
-    // work is done again later (the Evolution server resends an unacknowledged delivery).
-    // SAFETY: sets a setting of this session, outside any transaction.
+/// Sets a setting of the worker's session, as a superuser's `SET` would.
+fn set_session(name: &std::ffi::CStr, value: &std::ffi::CStr) {
+    // SAFETY: sets a setting of this session, outside any transaction, on the main thread.
     unsafe {
         pg_sys::SetConfigOption(
-            c"lock_timeout".as_ptr(),
-            c"2s".as_ptr(),
+            name.as_ptr(),
+            value.as_ptr(),
             pg_sys::GucContext::PGC_SUSET,
             pg_sys::GucSource::PGC_S_SESSION,
         )
     };
+}
+
+/// Sleeps on the latch for at most `wait`. A SIGTERM ends the process here (PostgreSQL's `die`
+/// handler: the next CHECK_FOR_INTERRUPTS exits, as in any backend), as does the postmaster's
+/// death. A cancel between steps cancels nothing: raised here, outside any transaction, it
+/// would end the process.
+fn sleep_on_latch(wait: Duration) {
+    let ms = wait.as_millis().min(i32::MAX as u128) as std::ffi::c_long;
+    // SAFETY: the main thread's own latch; the flags are plain reads and writes of this
+    // backend's globals, as PostgreSQL's own workers do between waits.
+    unsafe {
+        pg_sys::WaitLatch(
+            pg_sys::MyLatch,
+            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+            ms,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+        pg_sys::ResetLatch(pg_sys::MyLatch);
+        pg_sys::QueryCancelPending = 0;
+    }
+    pgrx::check_for_interrupts!();
+}
+
+/// Clears the worker's pid in shared memory however the process ends (a SIGTERM ends it from
+/// inside a wait, through proc_exit, not by returning from the loop).
+#[pg_guard]
+unsafe extern "C-unwind" fn on_exit(_code: std::ffi::c_int, _arg: pg_sys::Datum) {
+    shared::stopped();
+}
+
+/// The worker process's entry point (named in its registration).
+#[pg_guard]
+#[no_mangle]
+pub extern "C-unwind" fn evoq_worker_main(_arg: pg_sys::Datum) {
+    // PostgreSQL's own handlers, as its own background workers install them. SIGTERM: `die`,
+    // so the process ends at the next CHECK_FOR_INTERRUPTS, which every lock wait and every
+    // statement makes: within a second, whatever it waits on. SIGINT: the query cancel, which
+    // is how PostgreSQL enforces lock_timeout and statement_timeout (it signals the backend
+    // itself); 0.4.0 ignored SIGINT, so neither ever fired and one row lock froze the worker.
+    // A pg_cancel_backend() now cancels the step running (it is given up and done again
+    // later). SIGHUP: reload at the next turn.
+    // SAFETY: the main thread, before any other thread exists.
+    unsafe {
+        pg_sys::pqsignal(libc::SIGHUP, Some(handlers::SignalHandlerForConfigReload));
+        pg_sys::pqsignal(libc::SIGTERM, Some(handlers::die));
+        pg_sys::pqsignal(libc::SIGINT, Some(handlers::StatementCancelHandler));
+        pg_sys::BackgroundWorkerUnblockSignals();
+    }
+    let (database, role) = connection_target();
+    BackgroundWorker::connect_worker_to_spi(Some(&database), role.as_deref());
+    // Every wait is bounded: a step waiting on a row lock (a delivery behind a pg_cron run
+    // holding the row) gives up after 2 s, and the step is done again later (the Evolution
+    // server resends an unacknowledged delivery). In a deadlock with another session (DROP
+    // EXTENSION evoq while the worker works, say) the worker notices first and gives way.
+    set_session(c"lock_timeout", c"2s");
+    set_session(c"deadlock_timeout", c"100ms");
+    // Every name the worker's own statements use is resolved without the role's "$user"
+    // schema or temporary tables.
+    set_session(c"search_path", c"pg_catalog, public, pg_temp");
+    // SAFETY: registers a callback of this process, once.
+    unsafe { pg_sys::before_shmem_exit(Some(on_exit), pg_sys::Datum::from(0)) };
     // SAFETY: reads the process id.
     let pid = unsafe { libc::getpid() };
     shared::started(pid);
     log!("{WORKER_TYPE} started in database {database} (pid {pid})");
     let mut worker = Worker::new();
     loop {
-        if BackgroundWorker::sighup_received() {
+        // SAFETY: a flag PostgreSQL's SIGHUP handler sets; read and cleared on the main thread.
+        if unsafe { pg_sys::ConfigReloadPending } != 0 {
             // SAFETY: the main thread, between transactions, as PostgreSQL's own workers do.
-            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+            unsafe {
+                pg_sys::ConfigReloadPending = 0;
+                pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP);
+            }
             worker.reload();
         }
         worker.turn();
@@ -510,17 +711,6 @@ pub extern "C-unwind" fn evoq_worker_main(_arg: pg_sys::Datum) {
             // SAFETY: between transactions, on the main thread.
             unsafe { pg_sys::pgstat_report_stat(true) };
         }
-        // False on SIGTERM or when the postmaster died.
-        if !BackgroundWorker::wait_latch(Some(wait)) {
-            break;
-        }
+        sleep_on_latch(wait);
     }
-    worker.shutdown();
-    shared::stopped();
-    log!("{WORKER_TYPE} stopped");
-    // Exit status 1: the postmaster starts the worker again after its restart time, so a
-    // pg_terminate_backend() restarts it rather than removing it for good (0 would); when the
-    // server is shutting down nothing is restarted anyway. evoq.worker = off is how to stop it.
-    // SAFETY: ends the process the way PostgreSQL's own workers do.
-    unsafe { pg_sys::proc_exit(1) };
 }

@@ -17,6 +17,7 @@
 
 mod deliveries;
 mod main_loop;
+mod probe;
 pub mod shared;
 
 use pgrx::bgworkers::{BackgroundWorkerBuilder, BgWorkerStartTime};

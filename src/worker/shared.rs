@@ -183,6 +183,7 @@ mod evoq {
     /// not in shared_preload_libraries or no worker runs.
     #[allow(clippy::type_complexity)]
     #[pg_extern]
+    #[search_path(pg_catalog, @extschema@, pg_temp)]
     fn _worker_state() -> TableIterator<
         'static,
         (
