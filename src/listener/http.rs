@@ -19,9 +19,6 @@ const MAX_CHUNK_LINE: usize = 1024;
 /// A body's first allocation: a claimed Content-Length alone does not make the listener
 /// allocate the whole size; the buffer grows as the bytes actually arrive.
 const FIRST_ALLOCATION: usize = 64 * 1024;
-/// A request must arrive in full within this many read timeouts of its first byte, so a
-/// client sending one byte just before each timeout cannot hold a connection forever.
-pub(super) const REQUEST_TIME_IN_READ_TIMEOUTS: u32 = 4;
 /// After an answer that closes the connection, what is still read (and thrown away) before
 /// closing, at most: closing a socket with unread input makes the kernel send a reset, which
 /// can destroy the answer before the client reads it.
@@ -33,10 +30,25 @@ pub(super) trait Stream: Read + Write {
     fn set_timeout(&mut self, timeout: Duration) -> io::Result<()>;
 }
 
-impl Stream for TcpStream {
+/// A shared reference, so the connection thread's owner keeps the socket (and closes it only
+/// after giving its slot back: see `slots`).
+impl Stream for &TcpStream {
     fn set_timeout(&mut self, timeout: Duration) -> io::Result<()> {
         self.set_read_timeout(Some(timeout))
     }
+}
+
+/// How long each part of a request may take. Each is a deadline, not an idle time: a client
+/// sending one byte just before every read timeout cannot hold a connection for ever.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Timeouts {
+    /// One read (so an idle keep-alive connection is closed after it).
+    pub read: Duration,
+    /// A whole head: from the accept for a connection's first request, from its first byte
+    /// for the next ones on a kept-alive connection.
+    pub head: Duration,
+    /// A whole body, from the end of its head.
+    pub body: Duration,
 }
 
 /// Why no request could be read, and so what the connection answers before it closes.
@@ -186,17 +198,17 @@ pub(super) fn parse_head(
 pub(super) struct Inbound<S: Stream> {
     stream: S,
     buf: Vec<u8>,
-    read_timeout: Duration,
-    /// When the request being read must be complete; set at its first byte.
+    timeouts: Timeouts,
+    /// When the part being read (head or body) must be complete.
     deadline: Option<Instant>,
 }
 
 impl<S: Stream> Inbound<S> {
-    pub(super) fn new(stream: S, read_timeout: Duration) -> Inbound<S> {
+    pub(super) fn new(stream: S, timeouts: Timeouts) -> Inbound<S> {
         Inbound {
             stream,
             buf: Vec::new(),
-            read_timeout,
+            timeouts,
             deadline: None,
         }
     }
@@ -205,10 +217,16 @@ impl<S: Stream> Inbound<S> {
         &mut self.stream
     }
 
-    /// Reads the next request head. An idle keep-alive connection ends here, with `Gone`,
-    /// after one read timeout.
-    pub(super) fn read_head(&mut self, secret_header: &str) -> Result<Head, Refusal> {
-        self.deadline = None;
+    /// Reads the next request head, which must be complete within the head timeout of
+    /// `since` (the accept, for a connection's first request), else of its first byte. An
+    /// idle keep-alive connection ends here, with `Gone`, after one read timeout; so does a
+    /// connection that sent nothing before its head deadline.
+    pub(super) fn read_head(
+        &mut self,
+        secret_header: &str,
+        since: Option<Instant>,
+    ) -> Result<Head, Refusal> {
+        self.deadline = since.and_then(|t| t.checked_add(self.timeouts.head));
         loop {
             if !self.buf.is_empty() {
                 self.start_clock();
@@ -231,8 +249,10 @@ impl<S: Stream> Inbound<S> {
         }
     }
 
-    /// Reads the body the head announced, refusing it as soon as it is known to exceed `max`.
+    /// Reads the body the head announced, refusing it as soon as it is known to exceed `max`;
+    /// it must be complete within the body timeout.
     pub(super) fn read_body(&mut self, framing: Framing, max: usize) -> Result<Vec<u8>, Refusal> {
+        self.deadline = Instant::now().checked_add(self.timeouts.body);
         let mut body = Vec::new();
         match framing {
             Framing::Absent => {}
@@ -342,10 +362,10 @@ impl<S: Stream> Inbound<S> {
         Ok(got)
     }
 
-    /// One read, waiting at most a read timeout and never past the request's deadline.
+    /// One read, waiting at most a read timeout and never past the current deadline.
     fn read_some(&mut self, into: &mut [u8]) -> io::Result<usize> {
         loop {
-            let mut wait = self.read_timeout;
+            let mut wait = self.timeouts.read;
             if let Some(deadline) = self.deadline {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
@@ -361,13 +381,11 @@ impl<S: Stream> Inbound<S> {
         }
     }
 
+    /// Starts the head deadline at the head's first byte, unless it runs already.
     fn start_clock(&mut self) {
         if self.deadline.is_none() {
-            // None (no deadline) only for a read timeout so large the sum overflows.
-            self.deadline = self
-                .read_timeout
-                .checked_mul(REQUEST_TIME_IN_READ_TIMEOUTS)
-                .and_then(|d| Instant::now().checked_add(d));
+            // None (no deadline) only for a timeout so large the sum overflows.
+            self.deadline = Instant::now().checked_add(self.timeouts.head);
         }
     }
 }
@@ -539,7 +557,7 @@ pub(super) fn send_continue(stream: &mut impl Write) -> io::Result<()> {
 /// Closes a connection after a final answer without destroying that answer: stop sending
 /// (the client sees the end of the response), then read and discard what the client still
 /// sends, bounded in bytes and time, so the close does not turn into a reset.
-pub(super) fn linger_close(stream: &mut TcpStream) {
+pub(super) fn linger_close(mut stream: &TcpStream) {
     let _ = stream.shutdown(Shutdown::Write);
     let until = Instant::now() + LINGER_TIME;
     let mut thrown = 0;
@@ -560,7 +578,7 @@ pub(super) fn linger_close(stream: &mut TcpStream) {
 
 /// Like `linger_close`, for the accept thread, which cannot wait: discard only what has
 /// already arrived.
-pub(super) fn close_without_waiting(stream: &mut TcpStream) {
+pub(super) fn close_without_waiting(mut stream: &TcpStream) {
     let _ = stream.shutdown(Shutdown::Write);
     if stream.set_nonblocking(true).is_ok() {
         let mut chunk = [0u8; READ_CHUNK];
@@ -617,13 +635,18 @@ mod tests {
     }
 
     fn inbound_by(bytes: &[u8], step: usize) -> Inbound<Mem> {
+        let five = Duration::from_secs(5);
         Inbound::new(
             Mem {
                 input: Cursor::new(bytes.to_vec()),
                 output: Vec::new(),
                 step,
             },
-            Duration::from_secs(5),
+            Timeouts {
+                read: five,
+                head: five,
+                body: five,
+            },
         )
     }
 
@@ -711,12 +734,12 @@ mod tests {
     #[test]
     fn bodies_by_length_and_chunked_read_byte_by_byte() {
         let mut c = inbound(b"POST /a HTTP/1.1\r\nContent-Length: 5\r\n\r\nhelloPOST /b HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3;ext=1\r\nabc\r\n0A\r\n0123456789\r\n0\r\nTrailer: x\r\n\r\n");
-        let h = c.read_head(SECRET).unwrap();
+        let h = c.read_head(SECRET, None).unwrap();
         assert_eq!(c.read_body(h.framing, 100).unwrap(), b"hello");
-        let h = c.read_head(SECRET).unwrap();
+        let h = c.read_head(SECRET, None).unwrap();
         assert_eq!(h.target, "/b");
         assert_eq!(c.read_body(h.framing, 100).unwrap(), b"abc0123456789");
-        assert_eq!(c.read_head(SECRET), Err(Refusal::Gone));
+        assert_eq!(c.read_head(SECRET, None), Err(Refusal::Gone));
     }
 
     #[test]
@@ -754,7 +777,7 @@ mod tests {
     fn an_endless_head_is_cut_at_the_limit() {
         let endless = format!("GET / HTTP/1.1\r\nX: {}", "a".repeat(MAX_HEAD_BYTES * 2));
         let mut c = inbound_by(endless.as_bytes(), 4096);
-        assert_eq!(c.read_head(SECRET), Err(Refusal::HeadTooLarge));
+        assert_eq!(c.read_head(SECRET, None), Err(Refusal::HeadTooLarge));
     }
 
     #[test]

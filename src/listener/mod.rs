@@ -23,55 +23,94 @@
 //! - **Any path.** With "webhook by events" the Evolution server appends the event name to the
 //!   URL (`/hook/qrcode-updated`), so every POST, whatever its path, is a delivery; the path
 //!   is passed on ([`Delivery::path`], without the query, which may hold the secret) for logs.
-//! - **The listener does not know the secret.** It passes on what the request carries (the
-//!   `x-evoq-secret` header, else the `evoq_secret` query parameter that v1.8 servers send)
-//!   and the main thread checks it.
+//! - **A sender without the secret costs a head.** The listener knows the accepted secrets
+//!   ([`Secrets`], kept current by the main thread: the current one, and the previous one
+//!   while a rotation is in progress). A POST's secret (the `x-evoq-secret` header, else the
+//!   `evoq_secret` query parameter that v1.8 servers send, which send no custom header) is
+//!   compared, in constant time, with each of them as soon as the head is read: before the
+//!   body is read, before `100 Continue`, and without the main thread. A refusal is counted
+//!   ([`Listener::take_rejected`], which the main loop adds to evoq's counter). The main
+//!   thread checks the secret again (defence in depth): a [`Delivery`] carries what the
+//!   request had.
+//! - **Room for real deliveries.** Anyone can open connections, and until its head is read a
+//!   connection may be anyone's. So the head must arrive within `head_timeout` of the accept,
+//!   and when every slot is taken a newcomer evicts the oldest connection that is not in an
+//!   authenticated request (see Limits) instead of being refused: slow or idle connections
+//!   cannot keep a real delivery out.
+//! - **Health tells of the main loop.** `GET /health` is answered by the listener's threads,
+//!   so it reports the main loop's [`Heartbeat`]: a stuck loop (a long lock wait) answers 503
+//!   `stalled`, not a reassuring 200.
 //!
 //! # Answers, and what the Evolution server does with them
 //!
 //! | answer | when | the sender |
 //! |---|---|---|
 //! | 200 `{"status":"applied"}` / `{"status":"ignored"}` | committed ([`Verdict::Applied`], [`Verdict::Ignored`]) | done |
-//! | 401 `{"error":...}` | [`Verdict::Rejected`]: wrong or missing secret | gives up or retries; never applied |
-//! | 400 `{"error":...}` | [`Verdict::Invalid`]; a malformed request head or chunked body | same |
-//! | 503 `{"error":...}`, `Retry-After: 1` | [`Verdict::Failed`]; queue full (`busy`); no verdict within `reply_timeout`; delivery dropped unanswered; too many connections; listener stopping | retries later |
-//! | 413 | body over `max_body_bytes` | gives up: it will never fit |
-//! | 411 / 501 | POST without Content-Length or chunked; a transfer coding other than chunked | client bug |
+//! | 401 `{"error":...}`, `Connection: close` | a POST whose secret matches none of [`Secrets`], or has none: at once, on the head alone (the body is never read), never queued; counted by [`Listener::take_rejected`] | gives up (v2 does not retry a 401); never applied |
+//! | 401 `{"error":...}` | [`Verdict::Rejected`]: the main thread's own check refused it | same |
+//! | 503 `{"error":...}`, `Retry-After: 1`, `Connection: close` | a POST while no secret is set (evoq not configured yet): on the head alone, never queued | retries later |
+//! | 400 `{"error":...}` | [`Verdict::Invalid`]; a malformed request head or chunked body | gives up |
+//! | 503 `{"error":...}`, `Retry-After: 1` | [`Verdict::Failed`]; queue full (`busy`); no verdict within `reply_timeout`; delivery dropped unanswered; every connection slot held by an authenticated request (`too many connections`); listener stopping | retries later |
+//! | 413 | body over `max_body_bytes` (secret accepted) | gives up: it will never fit |
+//! | 411 / 501 | POST (secret accepted) without Content-Length or chunked; a transfer coding other than chunked | client bug |
 //! | 405 | neither GET, HEAD nor POST | client bug |
-//! | 408 | a request begun but not received in time | retries |
+//! | 408 | a head not complete within `head_timeout`, or a body within `body_timeout`, or a read waiting `read_timeout` mid-request | retries |
 //! | 431 | head over 16 KiB or over 64 headers | client bug |
-//! | 200 `{"status":"ok"}` | any GET (or HEAD), e.g. `GET /health`; the main loop is not involved | a probe |
+//! | 200 `{"status":"ok","last_loop_ms_ago":N}` | `GET /health` (or HEAD), the main loop's last beat younger than `stale_after` (plus the sleep it announced) | a probe |
+//! | 503 `{"status":"stalled","last_loop_ms_ago":N}` | `GET /health`, the main loop late | a probe |
+//! | 200 `{"status":"ok"}` | any other GET (or HEAD); the main loop is not involved | a probe |
 //!
-//! Every 2xx and every answer after a fully read request keeps the connection alive (HTTP/1.1
-//! default, or HTTP/1.0 with `Connection: keep-alive`) unless the client asked to close;
-//! answers that leave the stream unsynchronised (a body not read: 413 by Content-Length, 411,
-//! a GET with a body; a bad head or chunk) say `Connection: close` and close. Before closing
-//! after an answer, the listener reads and discards what the client still sends (at most
-//! 256 KiB and 2 s), so the close does not become a TCP reset that destroys the answer.
+//! Secret or not, the head is parsed first: a malformed one gets its 400 (or 431) before the
+//! secret is looked at. Every 2xx and every answer after a fully read request keeps the
+//! connection alive (HTTP/1.1 default, or HTTP/1.0 with `Connection: keep-alive`) unless the
+//! client asked to close; answers that leave the stream unsynchronised (a body not read: 401
+//! and 503 on the head alone, 413 by Content-Length, 411, a GET with a body; a bad head or
+//! chunk) say `Connection: close` and close. Before closing after an answer, the listener
+//! reads and discards what the client still sends (at most 256 KiB and 2 s), so the close
+//! does not become a TCP reset that destroys the answer.
 //!
 //! # Limits
 //!
-//! - connections: at most `max_connections` open at once, one thread each. The one beyond is
+//! - connections: at most `max_connections` hold a slot, one thread each. Each slot's
+//!   connection is a *stranger* (no head with an accepted secret yet: a probe, a forger, a
+//!   slow client, or a real sender whose head is still arriving), *idle* (kept alive
+//!   between requests, after an authenticated one) or *busy* (in an authenticated request:
+//!   its body, its verdict, its answer). When every slot is taken, the accept thread shuts
+//!   down the oldest stranger, else the oldest idle connection, and gives its slot to the
+//!   newcomer; a busy one is never evicted. Only when every slot is busy is the newcomer
 //!   answered 503 and closed by the accept thread itself (it only discards what has already
 //!   arrived; if the request arrives later, the client may see a reset instead of the 503:
-//!   either way it retries). Nothing waits for a free slot, so nothing piles up.
+//!   either way it retries). Nothing waits for a free slot, so nothing piles up. The oldest
+//!   stranger goes first, so a real sender is put out only if `max_connections` newer
+//!   connections arrive before its head does (milliseconds, for an Evolution server).
 //! - queue: `queue_capacity` deliveries waiting for the main loop; full: 503 `busy` at once.
 //!   Every queued delivery belongs to a connection waiting for its verdict, so the queue holds
-//!   no memory that the connection limit does not already bound.
-//! - time: each read waits at most `read_timeout` (an idle keep-alive connection is closed
-//!   after it, silently); a whole request (head and body) must arrive within 4 read timeouts
-//!   of its first byte (else 408), so a client trickling one byte per timeout cannot hold a
-//!   connection for ever. Writes wait at most `read_timeout` too. A verdict is awaited
-//!   `reply_timeout`.
+//!   no memory that the connection limit does not already bound. Only authenticated POSTs
+//!   are queued.
+//! - time: a connection's first head must be complete within `head_timeout` of the accept
+//!   (5 s by default; a later one on a kept-alive connection, within `head_timeout` of its
+//!   first byte), else 408 (or a silent close if nothing came); a body within
+//!   `body_timeout` of the end of its head (10 s), else 408. Each read waits at most
+//!   `read_timeout` (10 s; an idle keep-alive connection is closed after it, silently), and
+//!   so does each write. A verdict is awaited `reply_timeout`. So a sender without the
+//!   secret holds a connection at most `head_timeout`, plus the 2 s discard after its 401,
+//!   per POST, and is evictable all along; it costs no body read, no JSON parse and no
+//!   main-loop work.
 //! - size: head 16 KiB and 64 headers; body `max_body_bytes`, by Content-Length (checked
 //!   before reading a byte of body, and before `100 Continue` is sent) or chunked (checked as
 //!   each chunk size is read). Chunk-size lines 1 KiB, trailers 16 KiB (ignored).
 //!
 //! Memory per open connection: a thread (the default Rust stack, 2 MiB of address space of
 //! which a few tens of KiB are touched: reads go through an 8 KiB buffer on it), a read buffer
-//! of at most 16 KiB + 8 KiB (a head and what came with it), and the body, which grows as it
-//! arrives, up to exactly `max_body_bytes`. So at most about `max_connections` ×
-//! (`max_body_bytes` + 24 KiB) of heap, plus the stacks' touched pages.
+//! of at most 16 KiB + 8 KiB (a head and what came with it), and, for an authenticated
+//! request only, the body, which grows as it arrives, up to exactly `max_body_bytes`. So at
+//! most about `max_connections` × (`max_body_bytes` + 24 KiB) of heap, plus the stacks'
+//! touched pages; connections without the secret never get past the 24 KiB. An evicted
+//! connection's thread no longer holds a slot and ends at once (whatever it is blocked in is
+//! a read or a write on its socket, which is shut down), so threads exceed
+//! `max_connections` only by those few winding down. Besides: a slot entry (16 bytes) per
+//! connection, and the accepted secrets, as many as the main thread sets (two at most
+//! today); each POST compares its secret with every one of them.
 //!
 //! # Stopping
 //!
@@ -84,12 +123,18 @@
 //! after the stop.
 
 mod conn;
+mod heartbeat;
 mod http;
+mod secrets;
+mod slots;
 #[cfg(test)]
 mod tests;
 
+pub use heartbeat::Heartbeat;
+pub use secrets::Secrets;
+
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::Arc;
 use std::time::Duration;
@@ -109,20 +154,37 @@ pub struct ListenerConfig {
     /// The largest body accepted; beyond it: 413. The worker passes
     /// [`crate::evolution::MAX_DELIVERY_BYTES`].
     pub max_body_bytes: usize,
-    /// Connections served at once (one thread each); the one beyond gets 503 and is closed.
+    /// Connections served at once (one thread each). When all are open, a newcomer takes the
+    /// slot of the oldest one not in an authenticated request; if every one is, it gets 503.
     pub max_connections: usize,
     /// Deliveries waiting for the main loop; when full: 503 `busy` at once.
     pub queue_capacity: usize,
     /// How long a request waits for the main loop's verdict; then 503 (the sender retries).
     pub reply_timeout: Duration,
-    /// How long one read may wait (slowloris guard); an idle keep-alive connection is closed
-    /// after it.
+    /// How long one read (or write) may wait; an idle keep-alive connection is closed after it.
     pub read_timeout: Duration,
+    /// How long a request head may take to arrive in full: from the accept for a connection's
+    /// first request, from the first byte for later ones; then 408 (or a silent close if
+    /// nothing came). The slowloris bound: the secret is in the head, so until it is read
+    /// anyone can hold the connection, and only this long.
+    pub head_timeout: Duration,
+    /// How long a body (authenticated: its head carried an accepted secret) may take to
+    /// arrive in full, from the end of its head; then 408.
+    pub body_timeout: Duration,
+    /// The secrets a POST must carry (`x-evoq-secret` header, or `evoq_secret` query
+    /// parameter); checked as soon as the head is read. The main thread keeps it current.
+    pub secrets: Secrets,
+    /// The main loop's heartbeat, reported by `GET /health`.
+    pub heartbeat: Heartbeat,
+    /// `GET /health` answers 503 "stalled" when the heartbeat is older than this (plus the
+    /// sleep the loop announced, see [`Heartbeat::sleeping`]).
+    pub stale_after: Duration,
 }
 
 impl ListenerConfig {
     /// A configuration with moderate limits: a 1 MiB body, 64 connections, 64 queued
-    /// deliveries, 10 s to reply, 10 s per read.
+    /// deliveries, 10 s to reply, 10 s per read, 5 s for a head, 10 s for a body, stalled
+    /// after 10 s; no secret yet (POSTs get 503 until [`Secrets::set`]) and a new heartbeat.
     pub fn new(address: impl Into<String>) -> ListenerConfig {
         ListenerConfig {
             address: address.into(),
@@ -131,6 +193,19 @@ impl ListenerConfig {
             queue_capacity: 64,
             reply_timeout: Duration::from_secs(10),
             read_timeout: Duration::from_secs(10),
+            // An Evolution server writes its head (well under 1 KiB) in one go: it arrives in
+            // milliseconds, even across the internet. 5 s is room for a congested link, and
+            // all that a client without the secret can hold a slot for.
+            head_timeout: Duration::from_secs(5),
+            // 1 MiB (the largest delivery) in 10 s is 100 KiB/s; real deliveries are 10-30 KB
+            // and arrive with their head. Only senders with the secret get this far.
+            body_timeout: Duration::from_secs(10),
+            secrets: Secrets::new(),
+            heartbeat: Heartbeat::new(),
+            // The same as the reply timeout: a loop that has not turned for that long would
+            // leave a delivery arriving now unanswered (503) anyway. A turn takes milliseconds;
+            // one statement waits at most the worker's lock_timeout (2 s).
+            stale_after: Duration::from_secs(10),
         }
     }
 
@@ -158,6 +233,15 @@ impl ListenerConfig {
         // A zero socket timeout is an error for the socket API.
         if self.read_timeout.is_zero() {
             return invalid("read timeout");
+        }
+        if self.head_timeout.is_zero() {
+            return invalid("head timeout");
+        }
+        if self.body_timeout.is_zero() {
+            return invalid("body timeout");
+        }
+        if self.stale_after.is_zero() {
+            return invalid("stale bound");
         }
         Ok(())
     }
@@ -197,7 +281,8 @@ pub struct Delivery {
     /// The request body, as sent (at most `max_body_bytes`).
     pub body: Vec<u8>,
     /// The `x-evoq-secret` header, else the percent-decoded `evoq_secret` query parameter;
-    /// an empty value counts as none. For the main thread to check.
+    /// an empty value counts as none. The listener accepted it (it matched one of
+    /// [`Secrets`] when the head was read); the main thread checks it again.
     pub secret: Option<String>,
     /// The request path without the query (`/hook/qrcode-updated`), as sent.
     pub path: String,
@@ -252,8 +337,15 @@ pub struct ListenerStats {
     pub answered_2xx: u64,
     pub answered_4xx: u64,
     pub answered_5xx: u64,
-    /// 503s because the queue was full or `max_connections` were open.
+    /// 503s because the queue was full or `max_connections` authenticated requests were open.
     pub refused_full: u64,
+    /// Connections shut down to make room for a newcomer (see `max_connections`).
+    pub evicted: u64,
+    /// POSTs answered 401 by the listener (wrong or missing secret), since the start; not
+    /// reset by [`Listener::take_rejected`].
+    pub rejected: u64,
+    /// POSTs answered 503 because no secret was set yet.
+    pub unconfigured: u64,
     /// 503s because no verdict came within `reply_timeout`.
     pub reply_timeouts: u64,
     /// Connections open now.
@@ -266,7 +358,12 @@ struct Shared {
     stopping: AtomicBool,
     queue: SyncSender<Delivery>,
     wake: Arc<dyn Fn() + Send + Sync>,
-    open: AtomicUsize,
+    slots: slots::Slots,
+    /// 401s not yet taken by [`Listener::take_rejected`].
+    rejected_untaken: AtomicU64,
+    rejected: AtomicU64,
+    evicted: AtomicU64,
+    unconfigured: AtomicU64,
     accepted: AtomicU64,
     requests: AtomicU64,
     deliveries: AtomicU64,
@@ -314,12 +411,17 @@ impl Listener {
         let local_addr = socket.local_addr()?;
         let accept_socket = socket.try_clone()?;
         let (queue, deliveries) = mpsc::sync_channel(config.queue_capacity);
+        let max_connections = config.max_connections;
         let shared = Arc::new(Shared {
             config,
             stopping: AtomicBool::new(false),
             queue,
             wake,
-            open: AtomicUsize::new(0),
+            slots: slots::Slots::new(max_connections),
+            rejected_untaken: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            evicted: AtomicU64::new(0),
+            unconfigured: AtomicU64::new(0),
             accepted: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             deliveries: AtomicU64::new(0),
@@ -366,8 +468,18 @@ impl Listener {
             answered_5xx: get(&s.answered_5xx),
             refused_full: get(&s.refused_full),
             reply_timeouts: get(&s.reply_timeouts),
-            open_connections: s.open.load(Ordering::Relaxed),
+            evicted: get(&s.evicted),
+            rejected: get(&s.rejected),
+            unconfigured: get(&s.unconfigured),
+            open_connections: s.slots.open(),
         }
+    }
+
+    /// The POSTs the listener answered 401 (wrong or missing secret) since the last call, and
+    /// resets that count: the main loop adds them to evoq's `webhooks_rejected` counter. They
+    /// never reach [`Listener::try_recv`].
+    pub fn take_rejected(&self) -> u64 {
+        self.shared.rejected_untaken.swap(0, Ordering::Relaxed)
     }
 
     /// Stops accepting and releases the port (waiting at most 2 s for that); queued

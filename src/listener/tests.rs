@@ -4,6 +4,7 @@
 
 use super::*;
 use std::io::{ErrorKind, Read, Write};
+use std::sync::atomic::AtomicUsize;
 use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Mutex;
 use std::time::Instant;
@@ -11,7 +12,14 @@ use std::time::Instant;
 /// How long a test waits for something that should happen, before it fails.
 const PATIENCE: Duration = Duration::from_secs(10);
 
+/// The secret every test listener accepts (unless the test changes the set).
+const SECRET: &str = "test-secret";
+/// The head line that carries it.
+const WITH_SECRET: &str = "X-Evoq-Secret: test-secret\r\n";
+
 fn config() -> ListenerConfig {
+    let secrets = Secrets::new();
+    secrets.set(vec![SECRET.into()]);
     ListenerConfig {
         address: "127.0.0.1:0".into(),
         max_body_bytes: 1000,
@@ -19,6 +27,11 @@ fn config() -> ListenerConfig {
         queue_capacity: 8,
         reply_timeout: PATIENCE,
         read_timeout: PATIENCE,
+        head_timeout: PATIENCE,
+        body_timeout: PATIENCE,
+        secrets,
+        heartbeat: Heartbeat::new(),
+        stale_after: PATIENCE,
     }
 }
 
@@ -31,9 +44,13 @@ struct Harness {
     wakes: Receiver<()>,
     woken: Arc<AtomicUsize>,
     wakers: Wakers,
+    /// The listener's, as the main loop holds them.
+    secrets: Secrets,
+    heartbeat: Heartbeat,
 }
 
 fn start(config: ListenerConfig) -> Harness {
+    let (secrets, heartbeat) = (config.secrets.clone(), config.heartbeat.clone());
     let (tx, wakes) = mpsc::channel();
     let woken = Arc::new(AtomicUsize::new(0));
     let wakers: Wakers = Arc::default();
@@ -52,6 +69,8 @@ fn start(config: ListenerConfig) -> Harness {
         wakes,
         woken,
         wakers,
+        secrets,
+        heartbeat,
     }
 }
 
@@ -136,7 +155,13 @@ impl Client {
         self.stream.write_all(bytes).unwrap();
     }
 
+    /// A POST with the test secret in its header, and `headers`.
     fn post(&mut self, target: &str, headers: &str, body: &str) {
+        self.post_without_secret(target, &format!("{WITH_SECRET}{headers}"), body);
+    }
+
+    /// A POST with only `headers` (the secret, if any, is up to the caller).
+    fn post_without_secret(&mut self, target: &str, headers: &str, body: &str) {
         let request = format!(
             "POST {target} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{headers}\r\n{body}",
             body.len()
@@ -223,9 +248,10 @@ fn spawn_request(addr: SocketAddr, request: String) -> Receiver<Reply> {
     rx
 }
 
+/// A POST with the test secret in its header, and `headers`.
 fn post_request(target: &str, headers: &str, body: &str) -> String {
     format!(
-        "POST {target} HTTP/1.1\r\nHost: test\r\nContent-Length: {}\r\n{headers}\r\n{body}",
+        "POST {target} HTTP/1.1\r\nHost: test\r\nContent-Length: {}\r\n{WITH_SECRET}{headers}\r\n{body}",
         body.len()
     )
 }
@@ -261,7 +287,11 @@ fn a_delivery_is_answered_200_only_after_the_main_loop_answers() {
     let d = h.next();
     assert_eq!(d.body, br#"{"event":"qrcode.updated"}"#);
     assert_eq!(d.path, "/hook/qrcode-updated");
-    assert_eq!(d.secret, None);
+    assert_eq!(
+        d.secret.as_deref(),
+        Some(SECRET),
+        "passed on for the main thread"
+    );
     assert!(d.peer.ip().is_loopback());
     assert!(!d.abandoned());
     // Held by the main loop: the client has no answer yet.
@@ -282,6 +312,11 @@ fn a_delivery_is_answered_200_only_after_the_main_loop_answers() {
 #[test]
 fn the_secret_comes_from_the_header_else_from_the_query_percent_decoded() {
     let h = start(config());
+    h.secrets.set(vec![
+        "from-header".into(),
+        "ab+c d+e".into(),
+        "header-wins".into(),
+    ]);
     let mut c = Client::connect(h.addr());
     let cases = [
         (
@@ -295,11 +330,9 @@ fn the_secret_comes_from_the_header_else_from_the_query_percent_decoded() {
             "x-evoq-secret: header-wins\r\n",
             Some("header-wins"),
         ),
-        ("/hook?evoq_secret=", "", None),
-        ("/hook?other=1", "", None),
     ];
     for (target, headers, want) in cases {
-        c.post(target, headers, "{}");
+        c.post_without_secret(target, headers, "{}");
         let d = h.next();
         assert_eq!(d.secret.as_deref(), want, "{target} {headers}");
         assert!(
@@ -313,6 +346,155 @@ fn the_secret_comes_from_the_header_else_from_the_query_percent_decoded() {
         d.answer(Verdict::Ignored);
         assert_eq!(c.reply().json(), serde_json::json!({"status": "ignored"}));
     }
+    // An empty query value is no secret; neither is another parameter.
+    for target in ["/hook?evoq_secret=", "/hook?other=1"] {
+        let mut c = Client::connect(h.addr());
+        c.post_without_secret(target, "", "{}");
+        let r = c.reply();
+        assert_eq!(
+            r.json(),
+            serde_json::json!({"error": "webhook delivery refused: no webhook secret"})
+        );
+    }
+    assert!(h.listener.try_recv().is_none());
+}
+
+/// The head of a 1 MiB POST, without its body.
+fn head_of_a_big_post(target: &str, headers: &str) -> String {
+    format!("POST {target} HTTP/1.1\r\nHost: test\r\nContent-Length: 1048576\r\n{headers}\r\n")
+}
+
+#[test]
+fn a_wrong_or_missing_secret_is_401_before_the_body_is_sent() {
+    let h = start(ListenerConfig {
+        // Large enough that the size is not what refuses it.
+        max_body_bytes: 2 << 20,
+        ..config()
+    });
+    let forged = [
+        ("/hook", "X-Evoq-Secret: guess\r\n", "wrong"),
+        ("/hook", "", "no"),
+        ("/hook?evoq_secret=guess", "", "wrong"),
+        ("/hook?evoq_secret=test-secre", "", "wrong"),
+        // A wrong header is not rescued by a right query: the header is the secret presented.
+        (
+            "/hook?evoq_secret=test-secret",
+            "X-Evoq-Secret: guess\r\n",
+            "wrong",
+        ),
+        // Told to send its body? No: 401 instead of 100 Continue.
+        ("/hook", "Expect: 100-continue\r\n", "no"),
+    ];
+    for (target, headers, which) in forged {
+        let mut c = Client::connect(h.addr());
+        // The head only: an answer proves the listener did not wait for the body.
+        c.send(head_of_a_big_post(target, headers).as_bytes());
+        let started = Instant::now();
+        let r = c.reply();
+        assert!(started.elapsed() < Duration::from_secs(2), "{target}");
+        assert_eq!((r.status, r.closes()), (401, true), "{target} {headers}");
+        assert_eq!(
+            r.json(),
+            serde_json::json!({ "error": format!("webhook delivery refused: {which} webhook secret") })
+        );
+        assert!(c.closed());
+    }
+    // Nothing reached the main loop, and the main loop can count them.
+    assert!(h.listener.try_recv().is_none());
+    assert_eq!(h.woken.load(Ordering::SeqCst), 0);
+    let n = forged.len() as u64;
+    assert_eq!(h.listener.take_rejected(), n);
+    assert_eq!(h.listener.take_rejected(), 0, "taken: reset");
+    let s = h.listener.stats();
+    assert_eq!((s.rejected, s.deliveries, s.answered_4xx), (n, 0, n));
+}
+
+#[test]
+fn the_right_secret_in_the_header_or_the_v18_query_is_delivered() {
+    let h = start(config());
+    let mut c = Client::connect(h.addr());
+    let requests = [
+        ("/hook/qrcode-updated", WITH_SECRET),
+        // v1.8 servers send no custom header: the secret is in the URL evoq gave them.
+        ("/hook/qrcode-updated?evoq_secret=test-secret", ""),
+        ("/hook?a=1&evoq_secret=test%2Dsecret", ""),
+    ];
+    for (target, headers) in requests {
+        c.post_without_secret(target, headers, "{}");
+        let d = h.next();
+        assert_eq!(d.secret.as_deref(), Some(SECRET), "{target}");
+        d.answer(Verdict::Applied);
+        let r = c.reply();
+        assert_eq!((r.status, r.closes()), (200, false));
+    }
+    assert_eq!(h.listener.take_rejected(), 0);
+}
+
+/// Sends a delivery with `secret` in its header: the status it is answered, the main loop
+/// answering `Applied` to whatever reaches it.
+fn status_with_secret(h: &Harness, secret: &str) -> u16 {
+    let request =
+        format!("POST /hook HTTP/1.1\r\nX-Evoq-Secret: {secret}\r\nContent-Length: 2\r\n\r\n{{}}");
+    let reply = spawn_request(h.addr(), request);
+    loop {
+        if let Ok(r) = reply.recv_timeout(Duration::from_millis(10)) {
+            return r.status;
+        }
+        if let Some(d) = h.listener.try_recv() {
+            d.answer(Verdict::Applied);
+            return reply.recv_timeout(PATIENCE).unwrap().status;
+        }
+    }
+}
+
+#[test]
+fn an_updated_set_takes_effect_at_once_and_a_previous_secret_kept_in_it_still_works() {
+    let h = start(config());
+    assert_eq!(status_with_secret(&h, SECRET), 200);
+    // A rotation: the new secret, and the previous one while servers catch up.
+    h.secrets.set(vec!["rotated".into(), SECRET.into()]);
+    assert_eq!(status_with_secret(&h, "rotated"), 200);
+    assert_eq!(status_with_secret(&h, SECRET), 200);
+    // The rotation is over: the old one is refused, from the next request on.
+    h.secrets.set(vec!["rotated".into()]);
+    assert_eq!(status_with_secret(&h, SECRET), 401);
+    assert_eq!(status_with_secret(&h, "rotated"), 200);
+    assert_eq!(h.listener.take_rejected(), 1);
+    assert_eq!(h.listener.stats().deliveries, 4);
+}
+
+#[test]
+fn with_no_secret_set_yet_a_post_is_503_and_never_delivered() {
+    let h = start(ListenerConfig {
+        secrets: Secrets::new(),
+        max_body_bytes: 2 << 20,
+        ..config()
+    });
+    for headers in [WITH_SECRET, ""] {
+        let mut c = Client::connect(h.addr());
+        c.send(head_of_a_big_post("/hook", headers).as_bytes());
+        let r = c.reply();
+        assert_eq!(
+            (r.status, r.closes()),
+            (503, true),
+            "never 401: nobody is wrong yet"
+        );
+        assert_eq!(r.header("retry-after"), Some("1"));
+        assert!(r.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("not configured"));
+        assert!(c.closed());
+    }
+    assert!(h.listener.try_recv().is_none());
+    assert_eq!(h.woken.load(Ordering::SeqCst), 0);
+    assert_eq!(h.listener.take_rejected(), 0);
+    assert_eq!(h.listener.stats().unconfigured, 2);
+    // Configured: the same request goes through.
+    h.secrets.set(vec![SECRET.into()]);
+    let reply = spawn_request(h.addr(), post_request("/hook", "", "{}"));
+    h.next().answer(Verdict::Applied);
+    assert_eq!(reply.recv_timeout(PATIENCE).unwrap().status, 200);
 }
 
 #[test]
@@ -377,7 +559,7 @@ fn verdicts_become_statuses_with_json_reasons() {
 fn expect_100_continue_gets_continue_before_the_body() {
     let h = start(config());
     let mut c = Client::connect(h.addr());
-    c.send(b"POST /hook HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n");
+    c.send(format!("POST /hook HTTP/1.1\r\nHost: t\r\n{WITH_SECRET}Content-Length: 5\r\nExpect: 100-continue\r\n\r\n").as_bytes());
     assert_eq!(c.reply().status, 100);
     c.send(b"hello");
     let d = h.next();
@@ -393,7 +575,8 @@ fn a_content_length_over_the_limit_is_refused_413_without_reading_the_body() {
         let mut c = Client::connect(h.addr());
         // The head only: an answer proves the listener did not wait for the body.
         c.send(
-            format!("POST /hook HTTP/1.1\r\nContent-Length: 10000000\r\n{expect}\r\n").as_bytes(),
+            format!("POST /hook HTTP/1.1\r\n{WITH_SECRET}Content-Length: 10000000\r\n{expect}\r\n")
+                .as_bytes(),
         );
         let r = c.reply();
         assert_eq!(r.status, 413, "not 100 Continue: {expect}");
@@ -414,14 +597,14 @@ fn a_content_length_over_the_limit_is_refused_413_without_reading_the_body() {
 fn a_chunked_body_is_accepted_and_one_over_the_limit_is_refused_413() {
     let h = start(config());
     let mut c = Client::connect(h.addr());
-    c.send(b"POST /hook HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{\"a\"\r\n3\r\n:1}\r\n0\r\n\r\n");
+    c.send(format!("POST /hook HTTP/1.1\r\n{WITH_SECRET}Transfer-Encoding: chunked\r\n\r\n4\r\n{{\"a\"\r\n3\r\n:1}}\r\n0\r\n\r\n").as_bytes());
     let d = h.next();
     assert_eq!(d.body, br#"{"a":1}"#);
     d.answer(Verdict::Applied);
     assert_eq!(c.reply().status, 200);
 
     let chunk = "a".repeat(600);
-    c.send(format!("POST /hook HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n258\r\n{chunk}\r\n258\r\n{chunk}\r\n0\r\n\r\n").as_bytes());
+    c.send(format!("POST /hook HTTP/1.1\r\n{WITH_SECRET}Transfer-Encoding: chunked\r\n\r\n258\r\n{chunk}\r\n258\r\n{chunk}\r\n0\r\n\r\n").as_bytes());
     let r = c.reply();
     assert_eq!((r.status, r.closes()), (413, true));
     assert!(c.closed());
@@ -432,7 +615,7 @@ fn a_chunked_body_is_accepted_and_one_over_the_limit_is_refused_413() {
 fn a_post_without_length_is_411_and_other_methods_are_405() {
     let h = start(config());
     let mut c = Client::connect(h.addr());
-    c.send(b"POST /hook HTTP/1.1\r\nHost: t\r\n\r\n");
+    c.send(format!("POST /hook HTTP/1.1\r\nHost: t\r\n{WITH_SECRET}\r\n").as_bytes());
     let r = c.reply();
     assert_eq!((r.status, r.closes()), (411, true));
     assert!(c.closed());
@@ -453,21 +636,62 @@ fn a_post_without_length_is_411_and_other_methods_are_405() {
 }
 
 #[test]
-fn get_answers_health_without_the_main_loop() {
+fn get_answers_without_the_main_loop_and_health_reports_its_heartbeat() {
     let h = start(config());
     let mut c = Client::connect(h.addr());
     let r = c.get("/health");
     assert_eq!(r.status, 200);
-    assert_eq!(r.json(), serde_json::json!({"status": "ok"}));
-    assert_eq!(c.get("/anything").status, 200);
-    c.send(b"HEAD /health HTTP/1.1\r\n\r\n");
+    assert_eq!(r.json()["status"], "ok");
+    assert!(r.json()["last_loop_ms_ago"].as_u64().unwrap() < PATIENCE.as_millis() as u64);
+    let health_length = r.body.len().to_string();
+    let r = c.get("/anything");
+    assert_eq!(
+        (r.status, r.json()),
+        (200, serde_json::json!({"status": "ok"}))
+    );
+    c.send(b"HEAD /anything HTTP/1.1\r\n\r\n");
     let r = c.reply_with_body(false);
     assert_eq!(r.status, 200);
     assert_eq!(r.header("content-length"), Some("15"));
     // Nothing after the HEAD answer's head: the next answer parses cleanly.
-    assert_eq!(c.get("/health").status, 200);
+    c.send(b"HEAD /health HTTP/1.1\r\n\r\n");
+    let r = c.reply_with_body(false);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-length"), Some(health_length.as_str()));
+    assert_eq!(c.get("/health?x=1").status, 200);
     assert!(h.listener.try_recv().is_none());
     assert_eq!(h.woken.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn health_answers_503_stalled_when_the_main_loop_stops_beating() {
+    let h = start(ListenerConfig {
+        stale_after: Duration::from_millis(200),
+        ..config()
+    });
+    let mut c = Client::connect(h.addr());
+    assert_eq!(c.get("/health").status, 200);
+    // The loop does not turn for longer than the bound.
+    std::thread::sleep(Duration::from_millis(300));
+    let r = c.get("/health");
+    assert_eq!(r.status, 503);
+    assert_eq!(r.json()["status"], "stalled");
+    assert!(r.json()["last_loop_ms_ago"].as_u64().unwrap() >= 300);
+    assert!(!r.closes(), "a probe's answer: the connection goes on");
+    // Other paths are not health checks.
+    assert_eq!(c.get("/").status, 200);
+    // It turns again.
+    h.heartbeat.beat();
+    let r = c.get("/health");
+    assert_eq!((r.status, r.json()["status"].as_str()), (200, Some("ok")));
+    // Asleep on its latch for a while (nothing due): not stalled while the sleep lasts.
+    h.heartbeat.sleeping(PATIENCE);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(c.get("/health").status, 200);
+    // Woken, then stuck in a turn.
+    h.heartbeat.beat();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(c.get("/health").status, 503);
 }
 
 #[test]
@@ -545,16 +769,17 @@ fn a_delivery_dropped_unanswered_answers_503() {
 }
 
 #[test]
-fn connections_beyond_the_limit_get_503_and_the_slot_comes_back() {
+fn only_when_every_slot_holds_an_authenticated_request_is_a_newcomer_refused_503() {
     let h = start(ListenerConfig {
         max_connections: 2,
         ..config()
     });
-    // Two connections, each proven served (so counted) by an answer.
+    // Two deliveries waiting for their verdicts: neither may be evicted.
     let mut c1 = Client::connect(h.addr());
     let mut c2 = Client::connect(h.addr());
-    assert_eq!(c1.get("/health").status, 200);
-    assert_eq!(c2.get("/health").status, 200);
+    c1.post("/hook/1", "", "1");
+    c2.post("/hook/2", "", "2");
+    let (d1, d2) = (h.next(), h.next());
     assert_eq!(h.listener.stats().open_connections, 2);
 
     let mut c3 = Client::connect(h.addr());
@@ -567,12 +792,53 @@ fn connections_beyond_the_limit_get_503_and_the_slot_comes_back() {
     assert!(c3.closed());
     assert_eq!(h.listener.stats().refused_full, 1);
 
-    drop(c1);
-    h.wait_until("the slot is given back", |s| s.open_connections == 1);
+    d1.answer(Verdict::Applied);
+    d2.answer(Verdict::Applied);
+    assert_eq!(c1.reply().status, 200);
+    assert_eq!(c2.reply().status, 200);
+    // Kept alive and idle now: a newcomer takes the slot of the older one.
     let mut c4 = Client::connect(h.addr());
     assert_eq!(c4.get("/health").status, 200);
+    assert!(c1.closed());
     assert_eq!(c2.get("/health").status, 200);
-    assert_eq!(h.listener.stats().accepted, 4);
+    let s = h.listener.stats();
+    assert_eq!((s.evicted, s.open_connections, s.accepted), (1, 2, 4));
+}
+
+#[test]
+fn slow_connections_filling_the_listener_make_room_for_a_real_delivery() {
+    let h = start(config());
+    let max = config().max_connections;
+    // Every slot taken by a client trickling its head, a byte every 50 ms (each read well
+    // within the read timeout, and the head deadline far away).
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut slow = Vec::new();
+    for _ in 0..max {
+        let mut c = Client::connect(h.addr());
+        c.send(b"POST /hook HTTP/1.1\r\nX-Pad: ");
+        let mut writer = c.stream.try_clone().unwrap();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) && writer.write_all(b"a").is_ok() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        slow.push(c);
+    }
+    h.wait_until("every slot taken", |s| s.open_connections == max);
+
+    // A real delivery: it takes the oldest slow connection's slot, and gets through.
+    let reply = spawn_request(h.addr(), post_request("/hook/real", "", "{}"));
+    let d = h.next();
+    assert_eq!(d.path, "/hook/real");
+    d.answer(Verdict::Applied);
+    assert_eq!(reply.recv_timeout(PATIENCE).unwrap().status, 200);
+    let s = h.listener.stats();
+    assert_eq!((s.evicted, s.refused_full), (1, 0));
+    // The one put out is the oldest, and it was closed without an answer.
+    assert!(slow[0].closed());
+    assert!(slow[0].buf.is_empty());
+    stop.store(true, Ordering::SeqCst);
 }
 
 #[test]
@@ -596,19 +862,19 @@ fn a_slow_or_idle_client_is_closed() {
 }
 
 #[test]
-fn a_client_trickling_its_head_is_cut_off_by_the_request_deadline() {
-    let read_timeout = Duration::from_millis(500);
+fn a_client_trickling_its_head_is_cut_off_by_the_head_deadline() {
+    let head_timeout = Duration::from_millis(500);
     let h = start(ListenerConfig {
-        read_timeout,
+        head_timeout,
         ..config()
     });
-    // A byte of a header every 20 ms, each well within the read timeout: only the whole-request
-    // deadline (4 read timeouts from the first byte) ends it.
+    // A byte of a header every 20 ms, each well within the read timeout (10 s): only the
+    // head deadline, counted from the accept, ends it.
+    let started = Instant::now();
     let mut trickle = Client::connect(h.addr());
     let mut writer = trickle.stream.try_clone().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();
-    let started = Instant::now();
     let t = std::thread::spawn(move || {
         let _ = writer.write_all(b"POST /hook HTTP/1.1\r\nX-A: ");
         while !stop2.load(Ordering::SeqCst) {
@@ -622,7 +888,46 @@ fn a_client_trickling_its_head_is_cut_off_by_the_request_deadline() {
     stop.store(true, Ordering::SeqCst);
     t.join().unwrap();
     assert_eq!((r.status, r.closes()), (408, true));
-    assert!(started.elapsed() >= read_timeout * http::REQUEST_TIME_IN_READ_TIMEOUTS);
+    let took = started.elapsed();
+    assert!(took >= head_timeout && took < PATIENCE, "{took:?}");
+
+    // One that sends nothing at all is closed, silently, at the same deadline.
+    let started = Instant::now();
+    let mut mute = Client::connect(h.addr());
+    assert!(mute.closed());
+    assert!(mute.buf.is_empty());
+    let took = started.elapsed();
+    assert!(took >= head_timeout && took < PATIENCE, "{took:?}");
+}
+
+#[test]
+fn a_body_that_does_not_arrive_in_time_is_408() {
+    let body_timeout = Duration::from_millis(400);
+    let h = start(ListenerConfig {
+        body_timeout,
+        ..config()
+    });
+    let mut c = Client::connect(h.addr());
+    c.send(format!("POST /hook HTTP/1.1\r\n{WITH_SECRET}Content-Length: 100\r\n\r\n").as_bytes());
+    let started = Instant::now();
+    let mut writer = c.stream.try_clone().unwrap();
+    let t = std::thread::spawn(move || {
+        for _ in 0..100 {
+            if writer.write_all(b"a").is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    let r = c.reply();
+    assert_eq!((r.status, r.closes()), (408, true));
+    let took = started.elapsed();
+    assert!(
+        took >= body_timeout && took < Duration::from_secs(2),
+        "{took:?}"
+    );
+    t.join().unwrap();
+    assert!(h.listener.try_recv().is_none());
 }
 
 #[test]
