@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Upgrade check: databases created by evoq 0.1.0, 0.2.0 and 0.3.0, each built from the commit that
+# Upgrade check: databases created by evoq 0.1.0, 0.2.0, 0.3.0 and 0.4.0, each built from the commit that
 # shipped it, filled with rows in every state and then brought forward with ALTER EXTENSION evoq
 # UPDATE (0.1.0 through every script in between), must equal a fresh install of this tree, object
 # for object, and keep every row.
@@ -18,12 +18,13 @@ source scripts/lib/cluster.sh
 OLD=0.1.0 OLD_COMMIT=2519dd4872fdd462eb4d1dee86e032a52cd20bf1
 MID=0.2.0 MID_COMMIT=6c1a042c83255abfde00339aa5dc809ce7932dbe
 LAST=0.3.0 LAST_COMMIT=75abd16c3d496136d848fb0ccee0084bc02c007f
+PREV=0.4.0 PREV_COMMIT=1e2e89ebdca84b3cd3dd8f9fed60d66d10c9edc2
 NEW=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n1)
 PG_CONFIG=$PGBIN/pg_config
 EXTDIR=$("$PG_CONFIG" --sharedir)/extension
 OLD_SRC=/tmp/evoq-upgrade-src-$OLD
 KEY=sk-evoq-upgrade-check
-A=evoq_upgraded B=evoq_fresh C=evoq_from_020 D=evoq_from_030
+A=evoq_upgraded B=evoq_fresh C=evoq_from_020 D=evoq_from_030 E=evoq_from_040
 SELFTEST=${UPGRADE_CHECK_SELFTEST:-}
 # Both builds share this tree's target directory: the dependencies scripts/test.sh compiled for
 # cargo pgrx test are reused, not compiled again.
@@ -222,11 +223,30 @@ copy_aside "$D" "$LAST"
 compare_rows_d=$compare_rows
 check "0.3.0 rows copied aside" "$copied" "9 tables, 16 rows"
 
+# --- database E: evoq 0.4.0 as it shipped, with rows in every state, and its pg_cron jobs ------------
+PREV_SRC=/tmp/evoq-upgrade-src-$PREV
+source_of "$PREV_COMMIT" "$PREV" "$PREV_SRC"
+install_from "$PREV_SRC" "$PREV" || die "evoq $PREV does not build or install"
+cluster_psql -d postgres -c "CREATE DATABASE $E" >/dev/null
+q "$E" "CREATE EXTENSION evoq VERSION '$PREV'"
+q "$E" "SELECT evoq_configure(api_url => '$MOCK_URL', api_key => '$KEY', webhook_url => 'https://app.example/hook')" >/dev/null
+profiles_with_trigger "$E"
+partitioned_with_trigger "$E"
+fill_in_every_state "$E" sam tom uma vic wes xia
+q "$E" "DELETE FROM profiles WHERE email = 'uma@example.com'"
+check "0.4.0 rows in every state" \
+  "$(q "$E" "SELECT concat_ws(',', (SELECT string_agg(status || '=' || n, ',' ORDER BY status) FROM (SELECT status, count(*) n FROM evolution_instance_creation_queue GROUP BY 1) s),
+       (SELECT string_agg(instance_status || '=' || n, ',' ORDER BY instance_status) FROM (SELECT instance_status, count(*) n FROM evolution_instances GROUP BY 1) s))")" \
+  "completed=2,failed=1,pending=3,connecting=2,open=1"
+copy_aside "$E" "$PREV"
+compare_rows_e=$compare_rows
+check "0.4.0 rows copied aside" "$copied" "9 tables, 14 rows"
+
 # --- this tree's build, then ALTER EXTENSION evoq UPDATE ---------------------------------------------
 install_from "$ROOT" "$NEW" || die "this tree (evoq $NEW) does not build or install"
 check "the installed control file defaults to $NEW" "$(control_version)" "$NEW"
-check "$OLD's, $MID's and $LAST's install scripts are still installed" \
-  "$([ -f "$EXTDIR/evoq--$OLD.sql" ] && [ -f "$EXTDIR/evoq--$MID.sql" ] && [ -f "$EXTDIR/evoq--$LAST.sql" ] && echo yes)" "yes"
+check "$OLD's, $MID's, $LAST's and $PREV's install scripts are still installed" \
+  "$([ -f "$EXTDIR/evoq--$OLD.sql" ] && [ -f "$EXTDIR/evoq--$MID.sql" ] && [ -f "$EXTDIR/evoq--$LAST.sql" ] && [ -f "$EXTDIR/evoq--$PREV.sql" ] && echo yes)" "yes"
 # cargo pgrx install copies sql/evoq--*--*.sql itself, with @CARGO_VERSION@ filled in. ALTER
 # EXTENSION UPDATE chains them: $OLD -> ... -> $NEW.
 for script in sql/evoq--*--*.sql; do
@@ -272,6 +292,13 @@ row_changes=$(q "$D" "$compare_rows_d" 2>&1)
 check "every row and value survives the upgrade from $LAST" "$(grep -c . <<<"$row_changes")" "0"
 q "$D" "SET client_min_messages = warning; DROP SCHEMA upgrade_check CASCADE"
 
+q "$E" "ALTER EXTENSION evoq UPDATE"
+check "ALTER EXTENSION evoq UPDATE from $PREV reaches $NEW" "$(q "$E" "SELECT extversion FROM pg_extension WHERE extname = 'evoq'")" "$NEW"
+row_changes=$(q "$E" "$compare_rows_e" 2>&1)
+[ -z "$row_changes" ] || echo "$row_changes"
+check "every row and value survives the upgrade from $PREV" "$(grep -c . <<<"$row_changes")" "0"
+q "$E" "SET client_min_messages = warning; DROP SCHEMA upgrade_check CASCADE"
+
 # --- database B: a fresh install; both must be the same, object for object -------------------------
 q "$B" "CREATE EXTENSION evoq"
 check "a fresh install is $NEW" "$(q "$B" "SELECT extversion FROM pg_extension WHERE extname = 'evoq'")" "$NEW"
@@ -309,7 +336,8 @@ schema() { # schema DB
                      AND refobjid = (SELECT oid FROM pg_extension WHERE extname = 'evoq') ORDER BY 1) m"
 }
 schema "$A" >/tmp/evoq-upgrade/schema-upgraded.sql && schema "$B" >/tmp/evoq-upgrade/schema-fresh.sql &&
-  schema "$C" >/tmp/evoq-upgrade/schema-from-020.sql && schema "$D" >/tmp/evoq-upgrade/schema-from-030.sql
+  schema "$C" >/tmp/evoq-upgrade/schema-from-020.sql && schema "$D" >/tmp/evoq-upgrade/schema-from-030.sql &&
+  schema "$E" >/tmp/evoq-upgrade/schema-from-040.sql
 ntables=$(q "$B" "SELECT count(*) FROM pg_class WHERE relkind IN ('r', 'p') AND relnamespace::regnamespace::text IN ('public', 'evoq')")
 check "both dumps show every table" "$(cat /tmp/evoq-upgrade/schema-{upgraded,fresh}.sql | grep -c '^CREATE TABLE')" "$((2 * ntables))"
 if diff -u --label "upgraded from $OLD" --label "fresh $NEW" /tmp/evoq-upgrade/schema-{upgraded,fresh}.sql; then
@@ -329,12 +357,21 @@ else
   check "the schema upgraded from $LAST equals a fresh install (diff above)" differs same
 fi
 
+if diff -u --label "upgraded from $PREV" --label "fresh $NEW" /tmp/evoq-upgrade/schema-{from-040,fresh}.sql; then
+  check "the schema upgraded from $PREV equals a fresh install" same same
+else
+  check "the schema upgraded from $PREV equals a fresh install (diff above)" differs same
+fi
+
 # --- the upgraded database works ----------------------------------------------------------------
 # What pg_cron would run, verbatim: the commands scheduled under 0.1.0 must work against $NEW.
 for job in process-evolution-queue refresh-qr-codes; do
   cmd=$(q "$A" "SELECT command FROM cron.job WHERE jobname = '$job'")
   check "cron job $job runs after the upgrade" "$([ -n "$cmd" ] && q "$A" "$cmd" >/dev/null && echo ok)" "ok"
 done
+check "the upgrade named evoq's schema in the jobs scheduled before (a look-alike earlier in the job role's search_path is not run)" \
+  "$(q "$A" "SELECT string_agg(command, ' ' ORDER BY jobname) FROM cron.job WHERE jobname IN ('process-evolution-queue', 'refresh-qr-codes')")" \
+  "SELECT public.evoq_process_queue() SELECT public.evoq_refresh_qr()"
 check "the upgrade created the webhook secret and asks for every instance to be pointed at it" \
   "$(q "$A" "SELECT length(webhook_secret), webhook_changed_at IS NOT NULL FROM evoq.settings" | tr '|' ' ')" "64 t"
 check "the upgrade attached the delete trigger where the insert trigger was" \

@@ -18,42 +18,49 @@ pub const PROCESS_JOB: &str = "process-evolution-queue";
 pub const REFRESH_JOB: &str = "refresh-qr-codes";
 
 fn require_pg_cron() -> Result<(), EvoqError> {
-    // pg_cron lives in one database only (cron.database_name); from any other, neither
-    // cron.schedule nor CREATE EXTENSION pg_cron can work, so say exactly what to run there.
-    let (cron_db, here) = Spi::get_two::<String, String>(
-        "SELECT current_setting('cron.database_name', true), current_database()::text",
-    )
-    .or_internal("checking pg_cron");
-    if let (Some(cron_db), Some(here)) = (cron_db, here) {
-        if !cron_db.is_empty() && cron_db != here {
-            let schema = extension_schema();
-            return Err(EvoqError::NotReady {
-                message: format!(
-                    "pg_cron runs in database {cron_db:?}, not in {here:?}, so evoq cannot schedule its jobs from here"
-                ),
-                hint: format!(
-                    "Connect to {cron_db:?} and run, as the role the jobs should run as: \
-                     SELECT cron.schedule_in_database('{PROCESS_JOB}', '*/5 * * * *', \
-                     'SELECT {schema}.evoq_process_queue()', '{here}'); SELECT cron.schedule_in_database('{REFRESH_JOB}', \
-                     '*/1 * * * *', 'SELECT {schema}.evoq_refresh_qr()', '{here}');"
-                ),
-            });
-        }
-    }
     let installed = Spi::get_one::<bool>(
-        "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_cron')",
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_cron')",
     )
     .or_internal("checking pg_cron")
     .unwrap_or(false);
     if installed {
         return Ok(());
     }
+    // pg_cron lives in one database only (cron.database_name); from any other, neither
+    // cron.schedule nor CREATE EXTENSION pg_cron can work, so say exactly what to run there.
+    // The setting is readable by superusers only (these functions run as their caller): for
+    // anyone else the message cannot name that database.
+    let cron_db = crate::subxact::attempt(|| {
+        Spi::get_one::<String>("SELECT current_setting('cron.database_name', true)")
+            .map_err(|e| e.to_string())
+    })
+    .ok()
+    .and_then(Result::ok)
+    .flatten()
+    .filter(|d| !d.is_empty());
+    let here = Spi::get_one::<String>("SELECT current_database()::text")
+        .or_internal("checking pg_cron")
+        .unwrap_or_default();
+    if let Some(cron_db) = cron_db.filter(|d| *d != here) {
+        let schema = extension_schema();
+        return Err(EvoqError::NotReady {
+            message: format!(
+                "pg_cron runs in database {cron_db:?}, not in {here:?}, so evoq cannot schedule its jobs from here"
+            ),
+            hint: format!(
+                "Connect to {cron_db:?} and run, as the role the jobs should run as: \
+                 SELECT cron.schedule_in_database('{PROCESS_JOB}', '*/5 * * * *', \
+                 'SELECT {schema}.evoq_process_queue()', '{here}'); SELECT cron.schedule_in_database('{REFRESH_JOB}', \
+                 '*/1 * * * *', 'SELECT {schema}.evoq_refresh_qr()', '{here}');"
+            ),
+        });
+    }
     Err(EvoqError::MissingDependency {
         message: "pg_cron is not installed in this database, so evoq cannot schedule its jobs".into(),
         hint: "Install the pg_cron package (Debian: postgresql-15-cron), add pg_cron to shared_preload_libraries, \
                set cron.database_name to this database, restart PostgreSQL, then run CREATE EXTENSION pg_cron; \
-               and SELECT evoq_schedule(); again. Without pg_cron, call evoq_process_queue() and evoq_refresh_qr() \
-               from any scheduler."
+               and SELECT evoq_schedule(); again (pg_cron can be installed in the database cron.database_name \
+               names only). Without pg_cron, call evoq_process_queue() and evoq_refresh_qr() from any scheduler."
             .into(),
     })
 }

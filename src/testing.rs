@@ -148,6 +148,9 @@ pub fn created_instance(mock: &MockServer) -> (String, String) {
     profiles();
     let user = sign_up(1).remove(0);
     assert_eq!(json("SELECT evoq_process_queue()")["created"], 1);
+    // Its first poll is due now, as it is without webhooks (with the webhook configured here,
+    // a new instance would wait one evoq.qr_refresh_interval_ms for it).
+    make_refresh_due();
     let name = s(&instance_row(&user)["instance_name"]).to_string();
     (user, name)
 }

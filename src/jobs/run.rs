@@ -168,22 +168,45 @@ impl Run {
         let probed = self
             .call_one(move |_| client.probe_version())
             .unwrap_or_else(|| Err(self.budget_error("GET /")));
-        self.take_version_probe(probed)
+        self.take_version_probe(probed, None)
     }
 
-    /// What `GET /` said (asked here, or by the background worker on a thread of its own).
-    /// The answer is remembered in the settings, so `GET /` is asked once, not every run. A
-    /// probe that failed (a server that could not fetch WhatsApp's web version in time, a
-    /// proxy's page) falls back to v2, the current line, says so, and is remembered too:
-    /// the health of the server is the circuit's business (`probe_health`), and a reply that
-    /// suggests the other dialect forgets it again (`maybe_forget_version`).
+    /// The health probe, asked now on a thread (the run waits, honouring cancels).
+    fn probe_health_now(&self) -> Result<(), ApiError> {
+        self.call_one(|client| client.probe_health())
+            .unwrap_or_else(|| Err(self.budget_error("GET /instance/fetchInstances")))
+    }
+
+    /// What `GET /` said (asked here, or by the background worker on a thread of its own),
+    /// remembered in the settings so that it is asked once, not every run:
+    /// - a version: that one;
+    /// - no answer in time: on 2.3.6 `GET /` first fetches WhatsApp's web client version from
+    ///   the Internet, so a server without quick Internet access is slow there and nowhere
+    ///   else. The health probe decides (`health`, or asked now): the server answers, so v2
+    ///   (the current line) is assumed and said; it does not, and that is the error;
+    /// - any other server-wide failure (refused, 5xx, a path that is no Evolution API): the
+    ///   error, and the caller opens the circuit without charging a row;
+    /// - a reply that is merely not a server's (a proxy's page): v2, and said.
+    ///
+    /// A wrong guess is corrected by the replies (`maybe_forget_version`).
     pub fn take_version_probe(
         &mut self,
         probed: Result<ApiVersion, ApiError>,
+        health: Option<Result<(), ApiError>>,
     ) -> Result<ApiVersion, ApiError> {
         let v = match probed {
             Ok(v) => v,
             Err(e) if e.error_class() == ErrorClass::Deadline => return Err(e),
+            Err(e) if e.error_class() == ErrorClass::Timeout => {
+                health.unwrap_or_else(|| self.probe_health_now())?;
+                self.warn(format!(
+                    "GET / did not answer in time ({e}), though the server answers fetchInstances: on Evolution API \
+                     2.3.6 GET / waits for WhatsApp's website; assuming v2. Pass api_version => 'v2' (or 'v1') to \
+                     evoq_configure to skip the probe"
+                ));
+                ApiVersion::V2
+            }
+            Err(e) if e.server_wide => return Err(e),
             Err(e) => {
                 self.warn(format!(
                     "could not tell the Evolution API version ({e}); assuming v2. \
@@ -258,9 +281,7 @@ impl Run {
             CircuitState::Open => Some("circuit_open"),
             CircuitState::ProbeDue if self.circuit_half_open => None,
             CircuitState::ProbeDue => {
-                let probed = self
-                    .call_one(|client| client.probe_health())
-                    .unwrap_or_else(|| Err(self.budget_error("GET /instance/fetchInstances")));
+                let probed = self.probe_health_now();
                 self.take_health_probe(probed)
             }
         }

@@ -78,7 +78,9 @@ mod tests {
             "SELECT qual FROM pg_policies WHERE policyname = 'Users can view their own queue status'",
         )
         .unwrap();
-        assert!(policy.contains("SELECT auth.uid()"), "{policy}");
+        // 0.5.0: evoq_current_user_id(), which calls auth.uid() when it exists (a restore
+        // creates the policies before auth.uid() is restored).
+        assert!(policy.contains("SELECT evoq_current_user_id()"), "{policy}");
     }
 
     #[pg_test]

@@ -74,6 +74,7 @@ mod tests {
         profiles();
         let users = sign_up(3);
         json("SELECT evoq_process_queue()");
+        make_refresh_due();
         let bad = s(&instance_row(&users[1])["instance_name"]).to_string();
         mock.add_fault(fault(
             "GET",
@@ -131,6 +132,7 @@ mod tests {
             profiles();
             let users = sign_up(2);
             json("SELECT evoq_process_queue()");
+            make_refresh_due();
             let bad = s(&instance_row(&users[0])["instance_name"]).to_string();
             mock.add_fault(fault(
                 "GET",

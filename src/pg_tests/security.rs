@@ -39,7 +39,8 @@ mod tests {
             "SELECT string_agg(p.oid::regprocedure::text || ' ' || coalesce(array_to_string(p.proconfig, ';'), '(none)'), ', ')
              FROM pg_proc p JOIN pg_depend d ON d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e'
              JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'evoq'
-             WHERE NOT EXISTS (SELECT 1 FROM unnest(p.proconfig) c
+             WHERE p.pronamespace::regnamespace::text <> 'tests' -- the test build's own functions
+               AND NOT EXISTS (SELECT 1 FROM unnest(p.proconfig) c
                                WHERE c LIKE 'search_path=%' AND c ~ '(^search_path=|, )pg_temp$')",
         );
         assert_eq!(offenders, None, "functions without pg_temp last");
@@ -70,7 +71,7 @@ mod tests {
         run("RESET ROLE");
         assert_eq!(
             one::<String>(&format!(
-                "SELECT action FROM evolution_instance_creation_queue WHERE user_id = '{victim}'"
+                "SELECT action FROM public.evolution_instance_creation_queue WHERE user_id = '{victim}'"
             ))
             .as_deref(),
             Some("create")

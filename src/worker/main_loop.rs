@@ -17,7 +17,7 @@ use super::{connection_target, deliveries, shared, worker_settings, WorkerSettin
 use crate::jobs::process::QueueJob;
 use crate::jobs::refresh::RefreshJob;
 use crate::jobs::run::{CircuitState, Run};
-use crate::listener::{Listener, ListenerConfig};
+use crate::listener::{Heartbeat, Listener, ListenerConfig, Secrets};
 use crate::pipeline::{Both, Grouping, Pipeline};
 use crate::pool::Pool;
 use pgrx::bgworkers::BackgroundWorker;
@@ -71,7 +71,18 @@ struct Worker {
     /// Why the worker cannot work in this database (its role, the schema's version), as last
     /// logged: logged once, not at every retry.
     blocked: Option<String>,
+    /// The webhook secrets the listener accepts, shared with its threads: they refuse a
+    /// delivery without one before reading its body.
+    secrets: Secrets,
+    /// When `secrets` was last read from the settings.
+    secrets_read: Option<Instant>,
+    /// The main loop's heartbeat, for the listener's `GET /health`.
+    heartbeat: Heartbeat,
 }
+
+/// How often the accepted secrets are read again while the listener is open (an
+/// evoq_configure wakes the worker, which reads them at once; this bounds the rest).
+const SECRETS_EVERY: Duration = Duration::from_secs(1);
 
 /// What keeps a cycle from starting.
 enum NotStarted {
@@ -190,6 +201,9 @@ impl Worker {
             probe: None,
             findings: Findings::default(),
             blocked: None,
+            secrets: Secrets::new(),
+            secrets_read: None,
+            heartbeat: Heartbeat::new(),
         };
         w.open_listener();
         w
@@ -226,6 +240,8 @@ impl Worker {
         config.max_connections = self.settings.listener_connections;
         // One delivery at most waits per connection: a queue as long never refuses one as busy.
         config.queue_capacity = self.settings.listener_connections;
+        config.secrets = self.secrets.clone();
+        config.heartbeat = self.heartbeat.clone();
         match Listener::start(config, signaller(self.signalled.clone())) {
             Ok(listener) => {
                 let bound = listener.local_addr().to_string();
@@ -273,7 +289,12 @@ impl Worker {
 
     /// One turn of the loop.
     fn turn(&mut self) {
+        self.heartbeat.beat();
         self.signalled.store(false, Ordering::SeqCst);
+        let wakes = shared::wakes();
+        let woken = wakes != self.wakes_seen;
+        self.wakes_seen = wakes;
+        self.read_secrets(woken);
         self.take_deliveries();
         self.take_probe();
         if self.listener.is_none() && self.listener_retry.is_some_and(|t| Instant::now() >= t) {
@@ -283,9 +304,6 @@ impl Worker {
             self.cycle = None;
             return;
         }
-        let wakes = shared::wakes();
-        let woken = wakes != self.wakes_seen;
-        self.wakes_seen = wakes;
         match self.cycle.as_mut() {
             Some(cycle) if woken => cycle.pipe.rearm(),
             Some(_) => {}
@@ -294,6 +312,49 @@ impl Worker {
         }
         if self.cycle.is_some() {
             self.step_cycle();
+        }
+    }
+
+    /// Gives the listener the secrets deliveries must carry (read at most every
+    /// `SECRETS_EVERY`, and at once after a wake: evoq_configure wakes the worker), and counts
+    /// what it refused since.
+    fn read_secrets(&mut self, woken: bool) {
+        let Some(listener) = self.listener.as_ref() else {
+            return;
+        };
+        let due = woken
+            || self
+                .secrets_read
+                .is_none_or(|t| t.elapsed() >= SECRETS_EVERY);
+        let rejected = listener.take_rejected();
+        if !due && rejected == 0 {
+            return;
+        }
+        let read = in_transaction(|| {
+            if rejected > 0 {
+                let _ = Spi::run_with_args(
+                    "SELECT pg_catalog.nextval('evoq.webhooks_rejected') FROM pg_catalog.generate_series(1, $1)",
+                    &[(rejected as i64).into()],
+                );
+            }
+            if pg_catalog_has_settings() {
+                crate::webhook::settings().accepted_secrets()
+            } else {
+                Vec::new()
+            }
+        });
+        match read {
+            Ok(secrets) => {
+                self.secrets.set(secrets);
+                self.secrets_read = Some(Instant::now());
+            }
+            // Shown in evoq_status, not logged every second: the one cause seen (a role that may
+            // not read evoq's settings) is logged once by `cannot_work_here`. Deliveries then get
+            // 503 (none accepted yet) or are checked against the secrets read last.
+            Err(message) => {
+                shared::set_error(&format!("reading the webhook secrets: {message}"));
+                self.secrets_read = Some(Instant::now());
+            }
         }
     }
 
@@ -362,7 +423,7 @@ impl Worker {
                     queue.finish("circuit_open", 0);
                     return Ok(Err(NotStarted::Wait(circuit_probe_in())));
                 }
-                CircuitState::ProbeDue => match findings.health {
+                CircuitState::ProbeDue => match findings.health.clone() {
                     None => {
                         let client = queue.run.client.clone();
                         return Ok(Err(NotStarted::Probe(ProbeKind::Health, client)));
@@ -376,13 +437,27 @@ impl Worker {
                 },
             }
             if queue.run.known_version().is_none() {
+                let timed_out = |r: &Result<_, crate::evolution::ApiError>| {
+                    r.as_ref()
+                        .is_err_and(|e| e.error_class() == crate::evolution::ErrorClass::Timeout)
+                };
                 match findings.version {
                     None => {
                         let client = queue.run.version_client();
                         return Ok(Err(NotStarted::Probe(ProbeKind::Version, client)));
                     }
+                    // GET / was too slow: whether the server is up is the health probe's word.
+                    Some(ref probed) if timed_out(probed) && findings.health.is_none() => {
+                        let client = queue.run.client.clone();
+                        return Ok(Err(NotStarted::Probe(ProbeKind::Health, client)));
+                    }
                     Some(probed) => {
-                        let _ = queue.run.take_version_probe(probed);
+                        if let Err(e) = queue.run.take_version_probe(probed, findings.health) {
+                            queue.run.count_error(&e);
+                            queue.run.trip(&e.message);
+                            queue.finish("circuit_open", 0);
+                            return Ok(Err(NotStarted::Wait(circuit_probe_in())));
+                        }
                     }
                 }
             }
@@ -613,8 +688,21 @@ fn next_due_in(repoint: bool) -> Duration {
     .ok()
     .flatten()
     .unwrap_or(MAX_SLEEP.as_millis() as f64);
-    Duration::from_millis(ms.clamp(0.0, MAX_SLEEP.as_millis() as f64) as u64)
+    // A sign-up in a prepared transaction wakes nobody: its rows become visible at COMMIT
+    // PREPARED, which may come from any session and runs no trigger. While a transaction is
+    // prepared in this database the worker looks again every PREPARED_POLL.
+    let prepared = Spi::get_one::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_prepared_xacts WHERE database = current_database())",
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(false);
+    let cap = if prepared { PREPARED_POLL } else { MAX_SLEEP };
+    Duration::from_millis(ms.clamp(0.0, cap.as_millis() as f64) as u64)
 }
+
+/// How often the worker looks for rows while a transaction is prepared (see `next_due_in`).
+const PREPARED_POLL: Duration = Duration::from_secs(1);
 
 /// Sets a setting of the worker's session, as a superuser's `SET` would.
 fn set_session(name: &std::ffi::CStr, value: &std::ffi::CStr) {
@@ -711,6 +799,15 @@ pub extern "C-unwind" fn evoq_worker_main(_arg: pg_sys::Datum) {
             // SAFETY: between transactions, on the main thread.
             unsafe { pg_sys::pgstat_report_stat(true) };
         }
+        worker.heartbeat.sleeping(wait);
         sleep_on_latch(wait);
     }
+}
+
+/// Whether evoq's settings table exists here (the extension may not be installed yet).
+fn pg_catalog_has_settings() -> bool {
+    Spi::get_one::<bool>("SELECT pg_catalog.to_regclass('evoq.settings') IS NOT NULL")
+        .ok()
+        .flatten()
+        .unwrap_or(false)
 }

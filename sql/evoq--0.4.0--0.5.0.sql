@@ -1,0 +1,370 @@
+-- evoq 0.4.0 -> 0.5.0: evoq under real conditions and on Supabase as it really is.
+-- * Every function pins its search_path with pg_temp last (PostgreSQL's rule for SECURITY
+--   DEFINER functions: a temporary table must not shadow what a function reads).
+-- * evoq_schedule/evoq_unschedule run with the caller's rights; the jobs' commands name evoq's
+--   schema (jobs scheduled before are rewritten here; they keep the role they run as).
+-- * evoq_webhook(jsonb) takes one unnamed parameter: the shape PostgREST hands a raw body to.
+-- * evoq_apply_policies: Supabase-like by its roles; postgres is Supabase's operator; trigger
+--   functions executable by PUBLIC (restores); a hint for callers who are not the owner.
+-- * evoq.settings.api_key may be NULL (evoq.api_key_file holds the key).
+-- * A new instance whose QR comes by webhook is polled on the cadence; _next_due_ms copes with
+--   rows never asked.
+-- No row changes; what a fresh 0.5.0 install has, this makes.
+\echo Use "ALTER EXTENSION evoq UPDATE TO '0.5.0'" to load this file. \quit
+
+-- pg_temp last in every pinned search_path, and pinned where pgrx had none.
+DO $$
+DECLARE
+    f record;
+BEGIN
+    FOR f IN
+        SELECT p.oid::regprocedure AS fn, substr(c, length('search_path=') + 1) AS path
+        FROM pg_catalog.pg_proc p
+        JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND d.objid = p.oid
+             AND d.deptype = 'e' AND d.refobjid = (SELECT oid FROM pg_catalog.pg_extension WHERE extname = 'evoq'),
+             unnest(p.proconfig) c
+        WHERE c LIKE 'search_path=%' AND c NOT LIKE '%pg_temp'
+    LOOP
+        EXECUTE format('ALTER FUNCTION %s SET search_path = %s, pg_temp', f.fn, f.path);
+    END LOOP;
+END
+$$;
+ALTER FUNCTION evoq.attach_trigger(oid, text) SET search_path = pg_catalog, @extschema@, pg_temp;
+ALTER FUNCTION evoq.detach_trigger(oid) SET search_path = pg_catalog, @extschema@, pg_temp;
+ALTER FUNCTION evoq._worker_state() SET search_path = pg_catalog, @extschema@, pg_temp;
+
+-- The jobs run as whoever schedules them.
+ALTER FUNCTION evoq_schedule(text, text) SECURITY INVOKER;
+ALTER FUNCTION evoq_unschedule() SECURITY INVOKER;
+DO $$
+BEGIN
+    IF pg_catalog.to_regclass('cron.job') IS NOT NULL THEN
+        UPDATE cron.job SET command = 'SELECT @extschema@.evoq_process_queue()'
+        WHERE jobname = 'process-evolution-queue' AND command = 'SELECT evoq_process_queue()';
+        UPDATE cron.job SET command = 'SELECT @extschema@.evoq_refresh_qr()'
+        WHERE jobname = 'refresh-qr-codes' AND command = 'SELECT evoq_refresh_qr()';
+    END IF;
+END
+$$;
+
+-- The webhook endpoint: one unnamed jsonb parameter (grants are made again below).
+DROP FUNCTION evoq_webhook(jsonb);
+CREATE  FUNCTION evoq."_webhook"(
+	"payload" jsonb /* pgrx :: JsonB */
+) RETURNS jsonb /* pgrx :: JsonB */
+STRICT SECURITY DEFINER
+SET search_path TO pg_catalog, @extschema@, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'webhook_wrapper';
+
+-- The webhook endpoint: ONE UNNAMED jsonb parameter, the shape PostgREST hands a raw JSON body
+-- to (every other shape makes each key of the body a named argument, and a delivery's keys name
+-- no parameter: 404 PGRST202). SQL callers call it positionally, as always.
+CREATE FUNCTION evoq_webhook(jsonb) RETURNS jsonb
+LANGUAGE sql STRICT SECURITY DEFINER
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$ SELECT evoq._webhook($1) $$;
+COMMENT ON FUNCTION evoq_webhook(jsonb) IS
+    'Applies one Evolution API webhook delivery (checks the webhook secret first). Point the instances'' webhook at it, e.g. through PostgREST: /rest/v1/rpc/evoq_webhook.';
+
+
+ALTER TABLE evoq.settings ALTER COLUMN api_key DROP NOT NULL;
+
+-- Writes the outcome of a batch. Each element of results:
+--   {"id", "instance_name", "ok": true, "action": "create", "instance_id", "token", "instance_status",
+--    "qr_code", "qr_text", "pairing_code", "qr_count", "webhook_version"}
+--   (webhook_version: the evoq.settings.webhook_changed_at whose webhook the create carried)
+--   {"id", "instance_name", "ok": true, "action": "delete"}
+--   {"id", "instance_name", "ok": false, "error", "http_status", "error_kind", "retry_in_ms" | null (give up)}
+-- each with "claimed_at" (0.4.0), the claim's stamp: a row no longer held by that claim is left alone.
+CREATE OR REPLACE FUNCTION evoq._record_queue_results(results jsonb) RETURNS void
+LANGUAGE sql
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+    WITH given AS (
+        SELECT * FROM jsonb_to_recordset(results) AS x(
+            id uuid, instance_name text, ok boolean, action text, instance_id text, token text, instance_status text,
+            qr_code text, qr_text text, pairing_code text, qr_count integer, webhook_version timestamptz,
+            error text, http_status integer, error_kind text, retry_in_ms bigint, claimed_at timestamptz)
+    ), r AS (
+        -- 0.4.0: only rows still held by the claim that made the call (a worker's lease that
+        -- ran out may have let another run take the row, or a deprovisioning re-queued it)
+        SELECT given.* FROM given JOIN evolution_instance_creation_queue q ON q.id = given.id
+        WHERE q.status = 'processing' AND (given.claimed_at IS NULL OR q.updated_at = given.claimed_at)
+    ), ok AS (
+        SELECT r.*, q.user_id FROM r JOIN evolution_instance_creation_queue q ON q.id = r.id
+        WHERE r.ok AND coalesce(r.action, 'create') = 'create'
+    ), instances AS (
+        INSERT INTO evolution_instances AS i (user_id, instance_name, instance_id, instance_status,
+                                              qr_code, qr_text, pairing_code, qr_count, last_qr_update,
+                                              connected_at, connecting_since, webhook_set_at,
+                                              last_state_check_at, last_refresh_at)
+        SELECT user_id, instance_name, instance_id, instance_status, qr_code, qr_text, pairing_code, qr_count,
+               CASE WHEN qr_code IS NOT NULL OR qr_text IS NOT NULL THEN clock_timestamp() END,
+               CASE WHEN instance_status = 'open' THEN clock_timestamp() END,
+               clock_timestamp(),
+               webhook_version,
+               -- an open instance is checked one evoq.state_check_interval_ms from now
+               CASE WHEN instance_status = 'open' THEN clock_timestamp() END,
+               -- 0.5.0: the create asked for a QR (qrcode: true), and the server delivers the QR
+               -- by webhook when the create carried one subscribed to QRCODE_UPDATED: the first
+               -- poll then waits its evoq.qr_refresh_interval_ms like any other, instead of a
+               -- connect at once (which spent slots creations needed, and on a server that
+               -- cannot reach WhatsApp went through its close path and started a socket)
+               CASE WHEN webhook_version IS NOT NULL
+                         AND (SELECT s.webhook_events = '{}' OR 'QRCODE_UPDATED' = ANY (s.webhook_events)
+                              FROM evoq.settings s)
+                    THEN clock_timestamp() END
+        FROM ok
+        ON CONFLICT (user_id) DO UPDATE SET
+            instance_name = excluded.instance_name,
+            instance_id = coalesce(excluded.instance_id, i.instance_id),
+            instance_status = excluded.instance_status,
+            qr_code = coalesce(excluded.qr_code, CASE WHEN excluded.instance_status = 'connecting' AND i.instance_status = 'connecting' THEN i.qr_code END),
+            qr_text = coalesce(excluded.qr_text, CASE WHEN excluded.instance_status = 'connecting' AND i.instance_status = 'connecting' THEN i.qr_text END),
+            pairing_code = coalesce(excluded.pairing_code, CASE WHEN excluded.instance_status = 'connecting' AND i.instance_status = 'connecting' THEN i.pairing_code END),
+            qr_count = coalesce(excluded.qr_count, i.qr_count),
+            last_qr_update = coalesce(excluded.last_qr_update, i.last_qr_update),
+            connected_at = coalesce(i.connected_at, excluded.connected_at),
+            last_error = NULL, last_error_at = NULL,
+            -- A created (or adopted) instance starts a new life: a new QR window, no old events.
+            connecting_since = excluded.connecting_since,
+            disconnected_at = NULL, disconnect_reason = NULL, last_event_at = NULL, no_qr_rounds = 0,
+            last_state_check_at = excluded.last_state_check_at,
+            last_refresh_at = excluded.last_refresh_at,
+            webhook_set_at = coalesce(excluded.webhook_set_at, i.webhook_set_at),
+            updated_at = clock_timestamp()
+        RETURNING i.instance_name
+    ), tokens AS (
+        INSERT INTO evoq.instance_tokens AS t (instance_name, token)
+        SELECT ok.instance_name, ok.token FROM ok JOIN instances USING (instance_name)
+        WHERE ok.token IS NOT NULL
+        ON CONFLICT (instance_name) DO UPDATE SET token = excluded.token, updated_at = clock_timestamp()
+    ), removed AS (
+        -- Deprovisioned: the row stays (the app may show "deleted"), its QR and token go.
+        UPDATE evolution_instances i SET
+            instance_status = 'deleted', qr_code = NULL, qr_text = NULL, pairing_code = NULL,
+            disconnected_at = coalesce(i.disconnected_at, clock_timestamp()),
+            disconnect_reason = 'deprovisioned: deleted at the Evolution API',
+            last_error = NULL, last_error_at = NULL, updated_at = clock_timestamp()
+        FROM r JOIN evolution_instance_creation_queue q ON q.id = r.id
+        WHERE r.ok AND r.action = 'delete' AND i.user_id = q.user_id
+        RETURNING i.instance_name
+    ), forgotten AS (
+        DELETE FROM evoq.instance_tokens t USING removed WHERE t.instance_name = removed.instance_name
+    )
+    UPDATE evolution_instance_creation_queue q SET
+        status = CASE WHEN r.ok THEN 'completed' WHEN r.retry_in_ms IS NULL THEN 'failed' ELSE 'pending' END,
+        instance_name = coalesce(r.instance_name, q.instance_name),
+        processed_at = CASE WHEN r.ok THEN clock_timestamp() ELSE q.processed_at END,
+        error_message = CASE WHEN r.ok THEN NULL ELSE evoq._redact(r.error, r.instance_name) END,
+        error_kind = CASE WHEN r.ok THEN NULL ELSE r.error_kind END,
+        last_http_status = r.http_status,
+        last_error_at = CASE WHEN r.ok THEN q.last_error_at ELSE clock_timestamp() END,
+        retry_count = q.retry_count + CASE WHEN r.ok THEN 0 ELSE 1 END,
+        next_attempt_at = CASE WHEN r.ok OR r.retry_in_ms IS NULL THEN q.next_attempt_at
+                               ELSE clock_timestamp() + r.retry_in_ms * interval '1 millisecond' END,
+        updated_at = clock_timestamp()
+    FROM r WHERE q.id = r.id
+$$;
+
+-- 0.4.0: how long, in ms, until the next row is due for either job (0: one is due now; at most
+-- max_ms). The background worker sleeps that long when nothing wakes it earlier. The same
+-- conditions as the claims (evoq._claim_queue, evoq._claim_refresh with qr_fresh_ms and repoint),
+-- so a row no claim would take never keeps the worker awake.
+CREATE OR REPLACE FUNCTION evoq._next_due_ms(min_interval_ms bigint, window_ms bigint, check_interval_ms bigint,
+                                  qr_fresh_ms bigint, repoint boolean, max_ms bigint) RETURNS double precision
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+    WITH s AS (SELECT namespace, owns_legacy_names, webhook_url, webhook_changed_at FROM evoq.settings),
+    mine AS (
+        SELECT i.* FROM evolution_instances i, s
+        WHERE evoq._is_ours(i.instance_name, s.namespace, s.owns_legacy_names)
+          AND NOT EXISTS (SELECT 1 FROM evolution_instance_creation_queue q
+                          WHERE q.user_id = i.user_id AND q.action = 'delete')
+    ), due AS (
+        SELECT min(next_attempt_at) AS at FROM evolution_instance_creation_queue
+        WHERE status IN ('pending', 'processing')
+        UNION ALL
+        -- connecting: once asked min_interval_ms ago, and its QR is older than qr_fresh_ms (or
+        -- its window is over)
+        SELECT min(greatest(coalesce(last_refresh_at, '-infinity') + min_interval_ms * interval '1 millisecond',
+                            CASE WHEN qr_fresh_ms <= 0 THEN '-infinity'
+                                 ELSE least(coalesce(last_qr_update, '-infinity') + qr_fresh_ms * interval '1 millisecond',
+                                            coalesce(connecting_since, created_at) + window_ms * interval '1 millisecond')
+                            END))
+        FROM mine WHERE instance_status = 'connecting'
+        UNION ALL
+        SELECT min(coalesce(last_state_check_at, '-infinity') + check_interval_ms * interval '1 millisecond')
+        FROM mine WHERE instance_status = 'open'
+        UNION ALL
+        SELECT now() FROM mine, s
+        WHERE repoint AND s.webhook_url IS NOT NULL AND s.webhook_changed_at IS NOT NULL
+          AND mine.instance_status IN ('connecting', 'open', 'close', 'refused', 'expired')
+          AND (mine.webhook_set_at IS NULL OR mine.webhook_set_at < s.webhook_changed_at)
+    )
+    -- 0.5.0: a row never asked or checked is due since '-infinity', and PostgreSQL cannot
+    -- subtract an infinite timestamp: clamp it first (anything in the past is due now).
+    SELECT greatest(0, least(max_ms::double precision,
+                             CASE WHEN min(at) <= clock_timestamp() THEN 0
+                                  ELSE extract(epoch FROM (min(at) - clock_timestamp())) * 1000 END))
+    FROM due
+$$;
+
+-- (Re)creates the privileges and row level security policies of everything evoq owns. Runs at
+-- install, at every upgrade, and again by hand if the Supabase roles appear later. It changes
+-- grants and policies on evoq's objects, so it runs as their owner (the role that created the
+-- extension: supabase_admin on Supabase) or a superuser.
+--
+-- Privileges first: whatever default privileges granted at creation time is taken back before
+-- evoq grants what each role needs. Supabase grants anon, authenticated and service_role ALL on
+-- every new table and function in public; RLS covers neither TRUNCATE nor EXECUTE of a SECURITY
+-- DEFINER function, so left alone that lets any signed-in user wipe the queue or repoint
+-- evoq_configure. TRIGGER, TRUNCATE and REFERENCES are taken from every role but the owner (a
+-- trigger on evoq's tables would run inside evoq's SECURITY DEFINER jobs); other grants an
+-- operator made to roles of their own stay.
+--
+-- 0.5.0: a database is Supabase-like when Supabase's API roles exist. Roles belong to the
+-- cluster, so that holds from the first statement of a restore on, while auth.uid() (which
+-- 0.4.0 also required) is restored only after the extension: a restored database used to come
+-- back with plain-PostgreSQL privileges. The policies call evoq_current_user_id(), which uses
+-- auth.uid() whenever it exists at query time. On Supabase, `postgres` (not a superuser there)
+-- is the operator: it may run every evoq_* function and read evoq_status, and it may INSERT
+-- evoq's rows and set its sequences, which is what restoring a dump as postgres does (it cannot
+-- read the key through evoq's grants; pg_read_all_data, which Supabase gives it, can).
+CREATE OR REPLACE FUNCTION evoq_apply_policies() RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    ext_oid oid := (SELECT oid FROM pg_extension WHERE extname = 'evoq');
+    ext_owner name := (SELECT r.rolname FROM pg_extension e JOIN pg_roles r ON r.oid = e.extowner
+                       WHERE e.extname = 'evoq');
+    ext_schema text := (SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
+                        WHERE e.extname = 'evoq');
+    supabase boolean := to_regrole('anon') IS NOT NULL AND to_regrole('authenticated') IS NOT NULL
+                        AND to_regrole('service_role') IS NOT NULL;
+    operator text := CASE WHEN supabase AND EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'postgres'
+                                                    AND NOT rolsuper AND rolname <> ext_owner)
+                          THEN 'postgres' END;
+    api_roles text[] := ARRAY(SELECT r FROM unnest(ARRAY['anon', 'authenticated', 'service_role']) r
+                              WHERE to_regrole(r) IS NOT NULL);
+    queue text := format('%I.evolution_instance_creation_queue', ext_schema);
+    inst text := format('%I.evolution_instances', ext_schema);
+    status_view text := format('%I.evoq_status', ext_schema);
+    app_events text := format('%I.evolution_instance_events', ext_schema);
+    me text := format('(SELECT %I.evoq_current_user_id())', ext_schema);
+    member record;
+    pol record;
+BEGIN
+    IF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+       AND NOT pg_has_role(current_user, ext_owner, 'USAGE') THEN
+        RAISE EXCEPTION 'evoq_apply_policies() must be run by the owner of extension evoq (%) or a superuser, not by %',
+                        ext_owner, current_user
+            USING ERRCODE = '42501',
+                  HINT = format('It changes the grants and policies of evoq''s own tables, which only their owner may do. '
+                                'It runs by itself at CREATE EXTENSION and ALTER EXTENSION evoq UPDATE; to run it again '
+                                '(the Supabase roles appeared later, say), connect as %s (on Supabase: supabase_admin).',
+                                ext_owner);
+    END IF;
+    FOR member IN
+        SELECT CASE c.relkind WHEN 'S' THEN 'SEQUENCE ' ELSE 'TABLE ' END || c.oid::regclass::text AS target,
+               a.grantee, a.privilege_type
+        FROM pg_depend d JOIN pg_class c ON c.oid = d.objid, aclexplode(c.relacl) a
+        WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_extension'::regclass
+          AND d.refobjid = ext_oid AND d.deptype = 'e' AND a.grantee <> c.relowner
+        UNION ALL
+        SELECT 'FUNCTION ' || p.oid::regprocedure::text, a.grantee, a.privilege_type
+        FROM pg_depend d JOIN pg_proc p ON p.oid = d.objid,
+             aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a
+        WHERE d.classid = 'pg_proc'::regclass AND d.refclassid = 'pg_extension'::regclass
+          AND d.refobjid = ext_oid AND d.deptype = 'e' AND a.grantee <> p.proowner
+    LOOP
+        IF member.grantee = 0 OR member.privilege_type IN ('TRUNCATE', 'REFERENCES', 'TRIGGER')
+           OR (SELECT rolname FROM pg_roles WHERE oid = member.grantee) = ANY (api_roles) THEN
+            EXECUTE format('REVOKE %s ON %s FROM %s', member.privilege_type, member.target,
+                           CASE WHEN member.grantee = 0 THEN 'PUBLIC'
+                                ELSE quote_ident((SELECT rolname FROM pg_roles WHERE oid = member.grantee)) END);
+        END IF;
+    END LOOP;
+    -- The two functions that reveal nothing: row level security calls the first as the querying
+    -- role, and the second names a user's instance.
+    EXECUTE format('GRANT EXECUTE ON FUNCTION %I.evoq_current_user_id(), %I.evoq_instance_name(uuid) TO PUBLIC',
+                   ext_schema, ext_schema);
+    -- A trigger function cannot be called except as a trigger, and CREATE TRIGGER requires
+    -- EXECUTE on it: a dump of the profiles table restored by its owner (not evoq's) recreates the
+    -- triggers with it.
+    EXECUTE format('GRANT EXECUTE ON FUNCTION %I.handle_profile_evolution_instance(),
+                    %I.handle_profile_evolution_instance_delete() TO PUBLIC', ext_schema, ext_schema);
+    -- The webhook endpoint is for PostgREST's anonymous role: the Evolution server has no JWT.
+    -- It checks the webhook secret before it reads anything else.
+    IF to_regrole('anon') IS NOT NULL THEN
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %I.evoq_webhook(jsonb) TO anon', ext_schema);
+    END IF;
+
+    FOR pol IN SELECT policyname, tablename FROM pg_policies
+               WHERE schemaname = ext_schema
+                 AND tablename IN ('evolution_instance_creation_queue', 'evolution_instances',
+                                   'evolution_instance_events') LOOP
+        EXECUTE format('DROP POLICY %I ON %I.%I', pol.policyname, ext_schema, pol.tablename);
+    END LOOP;
+
+    IF supabase THEN
+        -- (SELECT ...): evaluated once per statement, not once per row (Supabase lint 0003).
+        EXECUTE format('CREATE POLICY "Service role can manage evolution instance queue" ON %s
+                        FOR ALL TO service_role USING (true) WITH CHECK (true)', queue);
+        EXECUTE format('CREATE POLICY "Users can view their own queue status" ON %s
+                        FOR SELECT TO authenticated USING (%s = user_id)', queue, me);
+        EXECUTE format('CREATE POLICY "Service role can manage evolution instances" ON %s
+                        FOR ALL TO service_role USING (true) WITH CHECK (true)', inst);
+        EXECUTE format('CREATE POLICY "Users can view their own evolution instance" ON %s
+                        FOR SELECT TO authenticated USING (%s = user_id)', inst, me);
+        EXECUTE format('GRANT SELECT ON %s, %s TO authenticated', queue, inst);
+        EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON %s, %s TO service_role', queue, inst);
+        EXECUTE format('GRANT SELECT ON %s TO service_role', status_view);
+        -- The view calls these as the reading role: PostgreSQL checks a function's EXECUTE
+        -- against whoever queries the view, not its owner.
+        EXECUTE 'GRANT EXECUTE ON FUNCTION evoq._worker_state(), evoq._is_ours(text, text, boolean) TO service_role';
+        EXECUTE format('CREATE POLICY "Service role can manage instance events" ON %s
+                        FOR ALL TO service_role USING (true) WITH CHECK (true)', app_events);
+        EXECUTE format('GRANT SELECT, DELETE ON %s TO service_role', app_events);
+        -- Each checks that the signed-in user acts on their own instance.
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %I.evoq_reconnect(uuid), %I.evoq_deprovision(uuid)
+                        TO authenticated, service_role', ext_schema, ext_schema);
+        IF operator IS NOT NULL THEN
+            FOR member IN
+                SELECT p.oid::regprocedure::text AS target FROM pg_depend d JOIN pg_proc p ON p.oid = d.objid
+                WHERE d.classid = 'pg_proc'::regclass AND d.refobjid = ext_oid AND d.deptype = 'e'
+                  AND p.pronamespace = ext_schema::regnamespace AND p.proname LIKE 'evoq\_%'
+                  AND p.proname <> 'evoq_apply_policies'
+            LOOP
+                EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %I', member.target, operator);
+            END LOOP;
+            EXECUTE format('GRANT SELECT ON %s TO %I', status_view, operator);
+            EXECUTE format('GRANT EXECUTE ON FUNCTION evoq._worker_state(), evoq._is_ours(text, text, boolean) TO %I', operator);
+            -- What restoring a dump writes: evoq's rows (COPY), its sequences (setval).
+            EXECUTE format('GRANT USAGE ON SCHEMA evoq TO %I', operator);
+            FOR member IN
+                SELECT c.oid::regclass::text AS target, c.relkind FROM pg_depend d JOIN pg_class c ON c.oid = d.objid
+                WHERE d.classid = 'pg_class'::regclass AND d.refobjid = ext_oid AND d.deptype = 'e'
+                  AND c.relkind IN ('r', 'p', 'S')
+            LOOP
+                EXECUTE format('GRANT %s ON %s %s TO %I',
+                               CASE WHEN member.relkind = 'S' THEN 'UPDATE' ELSE 'INSERT' END,
+                               CASE WHEN member.relkind = 'S' THEN 'SEQUENCE' ELSE 'TABLE' END,
+                               member.target, operator);
+            END LOOP;
+        END IF;
+        RETURN 'supabase';
+    END IF;
+
+    EXECUTE format('CREATE POLICY "Users can view their own queue status" ON %s
+                    FOR SELECT USING (user_id = %s)', queue, me);
+    EXECUTE format('CREATE POLICY "Users can view their own evolution instance" ON %s
+                    FOR SELECT USING (user_id = %s)', inst, me);
+    RETURN 'postgres';
+END
+$$;
+
+SELECT evoq_apply_policies();
