@@ -28,6 +28,8 @@ mod worker;
 mod pg_tests;
 #[cfg(any(test, feature = "pg_test"))]
 mod testing;
+#[cfg(test)]
+mod thread_births;
 
 ::pgrx::pg_module_magic!(name, version);
 
