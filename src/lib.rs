@@ -3,6 +3,7 @@
 
 // Pure Rust, no pgrx: tested with plain `cargo test`.
 pub mod evolution;
+pub mod fd_budget;
 pub mod lifecycle;
 pub mod listener;
 pub mod names;

@@ -48,7 +48,11 @@ impl Run {
     /// was not told so) and builds the HTTP client.
     pub fn start(job: &'static str) -> Run {
         let connection = load_connection().or_raise();
-        let tunables = tunables();
+        let mut tunables = tunables();
+        // Calls in flight fit the file descriptors this process may open beside PostgreSQL's
+        // own (see fd_budget); the worker's pool takes its size from here too.
+        let (slots, fd_note) = crate::fd_budget::call_slots(tunables.concurrency);
+        tunables.concurrency = slots;
         let client = Client::new(ClientConfig {
             base_url: connection.api_url.clone(),
             api_key: connection.api_key.clone(),
@@ -62,7 +66,7 @@ impl Run {
                 .collect(),
         });
         let started = Instant::now();
-        Run {
+        let mut run = Run {
             job,
             started,
             deadline: started + tunables.time_budget,
@@ -75,7 +79,11 @@ impl Run {
             last_warning: None,
             circuit_half_open: false,
             protected_batches: 0,
+        };
+        if let Some(note) = fd_note {
+            run.warn(note);
         }
+        run
     }
 
     pub fn out_of_time(&self) -> bool {
