@@ -3,6 +3,7 @@
 
 // Pure Rust, no pgrx: tested with plain `cargo test`.
 pub mod evolution;
+pub mod fd_budget;
 pub mod lifecycle;
 pub mod listener;
 pub mod names;
@@ -28,6 +29,8 @@ mod worker;
 mod pg_tests;
 #[cfg(any(test, feature = "pg_test"))]
 mod testing;
+#[cfg(test)]
+mod thread_births;
 
 ::pgrx::pg_module_magic!(name, version);
 

@@ -13,9 +13,10 @@
 //! - at most `MAX_LIVE_THREADS` pool threads are alive in one backend, counting the ones that
 //!   earlier runs left behind, still waiting on a slow server until their HTTP timeout.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -37,6 +38,18 @@ pub const MAX_LIVE_THREADS: usize = 8_192;
 /// needs far less than Rust's default 2 MiB, and thousands of calls in flight mean thousands of
 /// threads: reserved address space, of which only the touched pages cost memory.
 pub const THREAD_STACK_BYTES: usize = 512 * 1024;
+
+/// How long a pool thread waits for work before it ends.
+///
+/// Without it a pool's threads lived as long as the pool, and the background worker keeps one
+/// pool for a whole cycle (up to `evoq.time_budget_ms`): after a burst at
+/// `evoq.concurrency = 1000`, a thousand threads sat parked while the worker had nothing to do.
+/// Within a drain a thread is never idle that long (the pipeline claims a replacement as soon
+/// as a call finishes; the gap is one claim, milliseconds), so a busy pool never churns
+/// threads. Between two waves of QR refreshes (`evoq.qr_refresh_interval_ms`, 20 s by default)
+/// the threads do end, and the next wave starts them again: a thread costs tens of
+/// microseconds to start, against its stack and bookkeeping held for the whole gap.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The name of every pool thread, as `ps -L` and debuggers show it.
 pub const WORKER_THREAD_NAME: &str = "evoq-http";
@@ -123,9 +136,15 @@ struct ThreadBudget {
     live: AtomicUsize,
     /// The highest `live` ever reached, for tests and diagnostics.
     peak: AtomicUsize,
+    /// Whether the last thread to end gives freed memory back to the OS (`give_back_memory`):
+    /// the process-wide budget does; the tests' own budgets need not.
+    trims_when_empty: bool,
 }
 
-static GLOBAL_BUDGET: ThreadBudget = ThreadBudget::new(MAX_LIVE_THREADS);
+static GLOBAL_BUDGET: ThreadBudget = ThreadBudget {
+    trims_when_empty: true,
+    ..ThreadBudget::new(MAX_LIVE_THREADS)
+};
 
 impl ThreadBudget {
     const fn new(cap: usize) -> ThreadBudget {
@@ -133,6 +152,7 @@ impl ThreadBudget {
             cap,
             live: AtomicUsize::new(0),
             peak: AtomicUsize::new(0),
+            trims_when_empty: false,
         }
     }
 
@@ -164,7 +184,30 @@ struct BudgetSlot(&'static ThreadBudget);
 
 impl Drop for BudgetSlot {
     fn drop(&mut self) {
-        self.0.live.fetch_sub(1, Ordering::SeqCst);
+        let was = self.0.live.fetch_sub(1, Ordering::SeqCst);
+        // The last pool thread of the process is ending: no call is in flight, a quiet moment
+        // to hand back what the burst freed. (Another thread may start meanwhile; trimming
+        // is safe alongside it, only less complete.)
+        if was == 1 && self.0.trims_when_empty {
+            give_back_memory();
+        }
+    }
+}
+
+/// Returns the memory malloc holds free to the OS.
+///
+/// glibc gives each thread that allocates concurrently an arena of its own (up to 8 per core)
+/// and keeps what is freed there for reuse: after a burst of calls, the replies, buffers and
+/// TLS state of a thousand threads stay resident although nothing uses them.
+/// `malloc_trim(0)` releases the free pages of every arena. It is MT-safe, takes each arena's
+/// lock in turn (a few milliseconds on a large heap) and touches no Postgres state. Called
+/// when the process's last pool thread ends; elsewhere it is only ever a saving, never needed
+/// for correctness. Does nothing on a C library without it (musl).
+pub fn give_back_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks malloc's own free lists, under its own locks.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
@@ -173,30 +216,93 @@ pub fn live_threads() -> usize {
     GLOBAL_BUDGET.live.load(Ordering::SeqCst)
 }
 
-/// What a worker holds for its whole life; dropping it (the thread ends, or never started)
-/// gives back the process-wide slot and the pool's count.
-struct WorkerLife {
-    _slot: BudgetSlot,
-    workers: Arc<AtomicUsize>,
+/// An item handed to the workers: its generation, its key, the work.
+type Job<T> = (u64, u64, T);
+
+/// Items waiting for a worker, and the pool's count of live workers, under one lock: a worker
+/// decides to end (nothing queued, idle long enough) and leaves the count in the same step, so
+/// `submit` never relies on a thread that is on its way out.
+struct Queue<T> {
+    state: Mutex<QueueState<T>>,
+    /// Signalled when an item is queued or the pool is dropped.
+    ready: Condvar,
 }
 
-impl Drop for WorkerLife {
-    fn drop(&mut self) {
-        self.workers.fetch_sub(1, Ordering::SeqCst);
+struct QueueState<T> {
+    jobs: VecDeque<Job<T>>,
+    /// The pool is gone: workers end once they see it.
+    closed: bool,
+    /// This pool's live workers, counted from just before they start until they leave.
+    workers: usize,
+}
+
+impl<T> Queue<T> {
+    fn new() -> Queue<T> {
+        Queue {
+            state: Mutex::new(QueueState {
+                jobs: VecDeque::new(),
+                closed: false,
+                workers: 0,
+            }),
+            ready: Condvar::new(),
+        }
+    }
+
+    /// The lock is never held while work runs, so a panic cannot poison it with anything
+    /// half-done; a poisoned lock is taken as it is.
+    fn lock(&self) -> MutexGuard<'_, QueueState<T>> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The next item, waiting at most `idle` for one; None when the worker should end (idle
+    /// that long, or the pool is gone), in which case it has left the count.
+    fn next(&self, idle: Duration) -> Option<Job<T>> {
+        let until = Instant::now() + idle;
+        let mut state = self.lock();
+        loop {
+            if let Some(job) = state.jobs.pop_front() {
+                return Some(job);
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            if state.closed || left.is_zero() {
+                state.workers -= 1;
+                return None;
+            }
+            state = self
+                .ready
+                .wait_timeout(state, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
     }
 }
 
-/// An item handed to the workers: its generation, its key, the work.
-type Job<T> = (u64, u64, T);
+/// What a worker holds for its whole life; dropping it (the thread ends, or never started)
+/// gives back the process-wide slot, and the pool's count if the worker had not left it.
+struct WorkerLife<T> {
+    _slot: BudgetSlot,
+    queue: Arc<Queue<T>>,
+    /// Still in the pool's count: the thread never started, or unwound.
+    counted: bool,
+}
+
+impl<T> Drop for WorkerLife<T> {
+    fn drop(&mut self) {
+        if self.counted {
+            self.queue.lock().workers -= 1;
+        }
+    }
+}
 /// A result: the generation and key of its item; None if the work panicked.
 type Done<R> = (u64, u64, Option<R>);
 
 /// Worker threads that take HTTP calls one at a time, as they come: a streaming pool. The
 /// caller `submit`s an item whenever a slot is free and takes results as they arrive, so no call
 /// waits for another (a batch that waits for its slowest call wastes the other slots: measured
-/// on 0.1.0, 50 % of what the concurrency allows with one call in ten slow). Threads live as long
-/// as the pool, so a long drain does not start thousands of threads (nor churn their stacks and
-/// malloc arenas).
+/// on 0.1.0, 50 % of what the concurrency allows with one call in ten slow). A thread serves
+/// item after item, so a long drain does not start thousands of threads (nor churn their stacks
+/// and malloc arenas); one that found nothing to do for `IDLE_TIMEOUT` ends, so a pool kept
+/// after a burst does not keep the burst's threads.
 ///
 /// A pool starts up to `concurrency` threads, as items come, fewer when the process-wide cap
 /// leaves less room; it keeps trying to start the missing ones while it waits, as leftovers of
@@ -205,8 +311,9 @@ type Done<R> = (u64, u64, Option<R>);
 pub struct Pool<T, R> {
     concurrency: usize,
     work: Arc<dyn Fn(T) -> R + Send + Sync>,
-    jobs: Option<mpsc::Sender<Job<T>>>,
-    shared_jobs: Arc<Mutex<mpsc::Receiver<Job<T>>>>,
+    queue: Arc<Queue<T>>,
+    /// How long a worker waits for an item before it ends (`IDLE_TIMEOUT`; tests shorten it).
+    idle_timeout: Duration,
     results_tx: mpsc::Sender<Done<R>>,
     results: mpsc::Receiver<Done<R>>,
     /// Items of this generation may start; bumped by `abandon` and when the pool is dropped, so
@@ -216,8 +323,6 @@ pub struct Pool<T, R> {
     in_flight: usize,
     /// Called by a worker after each result it sends (the background worker sets its latch).
     notify: Option<Arc<dyn Fn() + Send + Sync>>,
-    /// This pool's live threads.
-    workers: Arc<AtomicUsize>,
     budget: &'static ThreadBudget,
 }
 
@@ -232,27 +337,26 @@ impl Drop for Abandon {
 
 impl<T: Send + 'static, R: Send + 'static> Pool<T, R> {
     pub fn new<F: Fn(T) -> R + Send + Sync + 'static>(concurrency: usize, work: F) -> Pool<T, R> {
-        Pool::with_budget(concurrency, work, &GLOBAL_BUDGET)
+        Pool::with_budget(concurrency, work, &GLOBAL_BUDGET, IDLE_TIMEOUT)
     }
 
     fn with_budget<F: Fn(T) -> R + Send + Sync + 'static>(
         concurrency: usize,
         work: F,
         budget: &'static ThreadBudget,
+        idle_timeout: Duration,
     ) -> Pool<T, R> {
-        let (jobs, shared_jobs) = mpsc::channel();
         let (results_tx, results) = mpsc::channel();
         Pool {
             concurrency: concurrency.max(1),
             work: Arc::new(work),
-            jobs: Some(jobs),
-            shared_jobs: Arc::new(Mutex::new(shared_jobs)),
+            queue: Arc::new(Queue::new()),
+            idle_timeout,
             results_tx,
             results,
             generation: Arc::new(AtomicU64::new(1)),
             in_flight: 0,
             notify: None,
-            workers: Arc::new(AtomicUsize::new(0)),
             budget,
         }
     }
@@ -264,9 +368,9 @@ impl<T: Send + 'static, R: Send + 'static> Pool<T, R> {
     }
 
     /// This pool's live threads (at most `concurrency`; fewer while the process-wide cap is
-    /// reached).
+    /// reached, or after `IDLE_TIMEOUT` without work).
     pub fn workers(&self) -> usize {
-        self.workers.load(Ordering::SeqCst)
+        self.queue.lock().workers
     }
 
     /// Items submitted (since the last `abandon`) whose results have not been received.
@@ -284,28 +388,27 @@ impl<T: Send + 'static, R: Send + 'static> Pool<T, R> {
         let Some(slot) = self.budget.try_take() else {
             return false;
         };
-        self.workers.fetch_add(1, Ordering::SeqCst);
+        self.queue.lock().workers += 1;
         let life = WorkerLife {
             _slot: slot,
-            workers: self.workers.clone(),
+            queue: self.queue.clone(),
+            counted: true,
         };
-        let (jobs, results, generation, work, notify) = (
-            self.shared_jobs.clone(),
+        let (results, generation, work, notify, idle) = (
             self.results_tx.clone(),
             self.generation.clone(),
             self.work.clone(),
             self.notify.clone(),
+            self.idle_timeout,
         );
-        // On failure the closure, and with it `life`, is dropped: the slot is given back.
+        // On failure the closure, and with it `life`, is dropped: the slot and the count are
+        // given back.
         spawn_sized(WORKER_THREAD_NAME, Some(THREAD_STACK_BYTES), move || {
-            let _life = life;
+            let mut life = life;
             loop {
-                let next = match jobs.lock() {
-                    Ok(rx) => rx.recv(),
-                    Err(_) => return,
-                };
-                // The pool is gone: nothing more will come.
-                let Ok((gen, key, item)) = next else {
+                let Some((gen, key, item)) = life.queue.next(idle) else {
+                    // `next` took it out of the count already.
+                    life.counted = false;
                     return;
                 };
                 if generation.load(Ordering::SeqCst) != gen {
@@ -325,11 +428,16 @@ impl<T: Send + 'static, R: Send + 'static> Pool<T, R> {
     }
 
     /// Starts workers until the pool has enough for what is in flight, or the budget is
-    /// exhausted.
+    /// exhausted. Only while items wait: with none queued, every item in flight is in a
+    /// worker's hands or answered.
     fn top_up(&mut self) {
         let wanted = self.concurrency.min(self.in_flight);
-        while self.workers() < wanted {
-            if !self.spawn_worker() {
+        loop {
+            let short = {
+                let state = self.queue.lock();
+                !state.jobs.is_empty() && state.workers < wanted
+            };
+            if !short || !self.spawn_worker() {
                 break;
             }
         }
@@ -339,13 +447,10 @@ impl<T: Send + 'static, R: Send + 'static> Pool<T, R> {
     /// with `key`. Submitting more than `room()` items queues them behind the others.
     pub fn submit(&mut self, key: u64, item: T) {
         let gen = self.generation.load(Ordering::SeqCst);
-        let Some(jobs) = self.jobs.as_ref() else {
-            return;
-        };
-        if jobs.send((gen, key, item)).is_ok() {
-            self.in_flight += 1;
-            self.top_up();
-        }
+        self.queue.lock().jobs.push_back((gen, key, item));
+        self.queue.ready.notify_one();
+        self.in_flight += 1;
+        self.top_up();
     }
 
     /// The next result of the current generation, waiting at most `wait`. `Some((key, None))`:
@@ -435,7 +540,14 @@ impl<T, R> Drop for Pool<T, R> {
     /// Workers finish the call in hand, take nothing new, and exit; nobody waits for them.
     fn drop(&mut self) {
         self.generation.fetch_add(1, Ordering::SeqCst);
-        self.jobs.take();
+        let unstarted = {
+            let mut state = self.queue.lock();
+            state.closed = true;
+            std::mem::take(&mut state.jobs)
+        };
+        self.queue.ready.notify_all();
+        // Dropped outside the lock: an item's drop is the caller's code.
+        drop(unstarted);
     }
 }
 
@@ -759,6 +871,7 @@ mod tests {
                 i
             },
             budget,
+            IDLE_TIMEOUT,
         );
         let out = pool.run((0..30).collect(), None, || {});
         assert_eq!(out, (0..30).map(Some).collect::<Vec<_>>());
@@ -781,6 +894,7 @@ mod tests {
                 }
             },
             budget,
+            IDLE_TIMEOUT,
         );
         let out = first.run(
             vec![1, 2],
@@ -793,7 +907,7 @@ mod tests {
 
         // The next run gets no thread at all: it waits (still calling on_wait, so a cancel
         // would be honoured) and returns at its deadline with everything unserved.
-        let mut second = Pool::with_budget(2, |i: u32| i, budget);
+        let mut second = Pool::with_budget(2, |i: u32| i, budget, IDLE_TIMEOUT);
         let mut waits = 0;
         let started = Instant::now();
         let out = second.run(
@@ -819,6 +933,69 @@ mod tests {
         );
         assert_eq!(out, vec![Some(4), Some(5), Some(6)]);
         assert_eq!(budget.peak.load(Ordering::SeqCst), 2, "never above the cap");
+    }
+
+    /// Waits (at most 10 s) until `f` holds; how long that took.
+    fn until(f: impl Fn() -> bool) -> Option<Duration> {
+        let started = Instant::now();
+        while !f() {
+            if started.elapsed() > Duration::from_secs(10) {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Some(started.elapsed())
+    }
+
+    #[test]
+    fn after_a_burst_idle_threads_end_and_the_pool_serves_again() {
+        const N: usize = 64;
+        let budget = budget(MAX_LIVE_THREADS);
+        let arrived = Arc::new(AtomicUsize::new(0));
+        let a = arrived.clone();
+        let mut pool = Pool::with_budget(
+            N,
+            // Every call waits for all N: the burst really has N threads.
+            move |_: u32| rendezvous(&a, N),
+            budget,
+            Duration::from_millis(200),
+        );
+        let out = pool.run((0..N as u32).collect(), None, || {});
+        assert!(out.iter().all(|met| *met == Some(true)), "{out:?}");
+        assert_eq!(budget.peak.load(Ordering::SeqCst), N);
+
+        // The pool is kept (the worker keeps its pool for a whole cycle), yet its threads end.
+        let took = until(|| budget.live.load(Ordering::SeqCst) == 0);
+        assert!(
+            took.is_some(),
+            "{} threads still alive long after the idle timeout",
+            budget.live.load(Ordering::SeqCst)
+        );
+        assert_eq!(pool.workers(), 0);
+
+        // The next burst starts them again.
+        arrived.store(0, Ordering::SeqCst);
+        let out = pool.run((0..N as u32).collect(), None, || {});
+        assert!(out.iter().all(|met| *met == Some(true)), "{out:?}");
+        assert_eq!(pool.workers(), N);
+    }
+
+    #[test]
+    fn an_item_submitted_as_the_workers_time_out_is_still_served() {
+        let budget = budget(MAX_LIVE_THREADS);
+        // Idle timeouts of a millisecond or so, and gaps around that: submissions keep landing
+        // while workers are deciding to end.
+        let mut pool = Pool::with_budget(4, |i: u32| i, budget, Duration::from_millis(1));
+        for i in 0..300u32 {
+            std::thread::sleep(Duration::from_micros(u64::from(i % 7) * 300));
+            let out = pool.run(
+                vec![i, i + 1],
+                Some(Instant::now() + Duration::from_secs(5)),
+                || {},
+            );
+            assert_eq!(out, vec![Some(i), Some(i + 1)], "round {i}");
+        }
+        assert!(until(|| budget.live.load(Ordering::SeqCst) == 0).is_some());
     }
 
     #[test]

@@ -14,6 +14,7 @@ use super::reply::{
     parse_version, LiveState, Removal,
 };
 use super::request::{connect_path, create_body, instance_path, path_segment, webhook_set_body};
+use super::resolver::InlineResolver;
 use super::{ApiError, ApiVersion, ConnectOutcome, CreatedInstance, ErrorClass, Webhook};
 use std::fmt;
 use std::time::Duration;
@@ -96,7 +97,7 @@ fn url_secrets(url: &str) -> Vec<String> {
 
 impl Client {
     pub fn new(config: ClientConfig) -> Client {
-        let agent: Agent = Agent::config_builder()
+        let agent_config = Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(config.request_timeout))
             .timeout_connect(Some(config.connect_timeout))
@@ -105,9 +106,21 @@ impl Client {
             .max_redirects(0)
             .max_idle_connections(config.max_idle.max(1) * 2)
             .max_idle_connections_per_host(config.max_idle.max(1))
+            // ureq's buffers stay at their defaults (128 KiB each way per connection, kept
+            // while the connection idles in the agent's pool): glibc serves them with mmap,
+            // so they go back to the OS when the client is dropped. Measured at 1000 calls in
+            // flight, 32 + 16 KiB buffers halved the peak (394 → 178 MB) but left 45 MB more
+            // resident after the client was gone, even after malloc_trim: small blocks stay
+            // in the threads' arenas.
             .user_agent(concat!("evoq/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .into();
+            .build();
+        // Name lookups on the calling thread: ureq's own resolver starts a thread per call
+        // (see `resolver`).
+        let agent = Agent::with_parts(
+            agent_config,
+            ureq::unversioned::transport::DefaultConnector::default(),
+            InlineResolver::default(),
+        );
         let base_url = config.base_url.trim_end_matches('/').to_string();
         let mut secrets = url_secrets(&base_url);
         secrets.extend(config.other_secrets.into_iter().filter(|s| !s.is_empty()));
@@ -147,6 +160,13 @@ impl Client {
                 "the Evolution API did not answer {what} within {} ms",
                 self.request_timeout.as_millis()
             )),
+            // EMFILE/ENFILE: std calls it an "uncategorized error", which says nothing.
+            ureq::Error::Io(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                ApiError::network(format!(
+                    "{what} to the Evolution API failed: this PostgreSQL process is out of file \
+                     descriptors (lower evoq.concurrency, or raise the service's open files limit)"
+                ))
+            }
             ureq::Error::Io(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
                 ApiError::unreachable(format!(
                     "could not connect to the Evolution API: connection refused ({what})"
@@ -549,6 +569,41 @@ mod tests {
             .local_addr()
             .unwrap()
             .port()
+    }
+
+    #[test]
+    fn a_call_starts_no_thread_of_its_own_to_a_name_or_an_ip_literal() {
+        let server = TestServer::start(|_| Canned::json(200, r#"{"version":"2.3.6"}"#));
+        let port = server.url.rsplit(':').next().unwrap().to_string();
+        for host in ["127.0.0.1", "localhost"] {
+            let client = client_for(&format!("http://{host}:{port}"), 2000);
+            for _ in 0..3 {
+                let before = crate::thread_births::started_here();
+                assert_eq!(client.probe_version(), Ok(ApiVersion::V2), "{host}");
+                assert_eq!(
+                    crate::thread_births::started_here() - before,
+                    0,
+                    "a call to {host} started a thread"
+                );
+            }
+        }
+        assert_eq!(server.requests().len(), 6);
+    }
+
+    #[test]
+    fn out_of_descriptors_says_so_rather_than_uncategorized() {
+        let client = client_for("http://127.0.0.1:9", 100);
+        for errno in [libc::EMFILE, libc::ENFILE] {
+            let err = client.transport_error(
+                "GET /",
+                ureq::Error::Io(std::io::Error::from_raw_os_error(errno)),
+            );
+            assert!(
+                err.message.contains("out of file descriptors"),
+                "{}",
+                err.message
+            );
+        }
     }
 
     #[test]

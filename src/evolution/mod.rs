@@ -11,6 +11,7 @@ mod delivery;
 mod error;
 mod reply;
 mod request;
+mod resolver;
 #[cfg(test)]
 mod test_server;
 

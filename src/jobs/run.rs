@@ -63,7 +63,11 @@ impl Run {
     /// was not told so) and builds the HTTP client.
     pub fn start(job: &'static str) -> Run {
         let connection = load_connection().or_raise();
-        let tunables = tunables();
+        let mut tunables = tunables();
+        // Calls in flight fit the file descriptors this process may open beside PostgreSQL's
+        // own (see fd_budget); the worker's pool takes its size from here too.
+        let (slots, fd_note) = crate::fd_budget::call_slots(tunables.concurrency);
+        tunables.concurrency = slots;
         let client = Client::new(ClientConfig {
             base_url: connection.api_url.clone(),
             api_key: connection.api_key.clone(),
@@ -77,7 +81,7 @@ impl Run {
                 .collect(),
         });
         let started = Instant::now();
-        Run {
+        let mut run = Run {
             job,
             started,
             deadline: started + tunables.time_budget,
@@ -91,7 +95,11 @@ impl Run {
             circuit_half_open: false,
             protected_batches: 0,
             replaced: false,
+        };
+        if let Some(note) = fd_note {
+            run.warn(note);
         }
+        run
     }
 
     /// Whether evoq_configure committed new settings since this run read them; checked before
