@@ -8,24 +8,46 @@
 #   BENCH_ONLY             comma list of sections to run: calls,trigger,memory,qr,worker (default: all)
 #   BENCH_IDLE_SECONDS (30) how long the idle worker's CPU is sampled
 #   BENCH_QR_SECONDS (45)  sampling time of each QR validity run
+#   BENCH_CPU_ROWS (2000)  creations per run of the CPU section; BENCH_REPEAT (3) runs of each of its figures
+#   BENCH_RSS_ROWS (1500)  sign-ups of the worker RSS burst (evoq.concurrency 1000, 5 s calls)
+#   PGBIN (/usr/lib/postgresql/15/bin)  the PostgreSQL to build for, install into and run (a private copy, say)
+#   BENCH_PORT_BASE        ports BASE..BASE+4 (cluster, mock, QR mock, postgrest-standin, listener) and the
+#                          cluster in /tmp/evoq-bench-BASE; unset: 55434, 18092, 18094, 18096, 18795, /tmp/evoq-bench
+#   BENCH_NO_INSTALL=1     skip the release build and install (repeated runs of an unchanged tree)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/cluster.sh
+
+if [ -n "${BENCH_PORT_BASE:-}" ]; then
+  B=$BENCH_PORT_BASE
+  PG_PORT=$B MOCK_PORT=$((B + 1)) QR_MOCK_PORT=$((B + 2)) STANDIN_PORT=$((B + 3)) LISTEN_PORT=$((B + 4))
+  BENCH_DIR=/tmp/evoq-bench-$B
+else
+  PG_PORT=55434 MOCK_PORT=18092 QR_MOCK_PORT=18094 STANDIN_PORT=18096 LISTEN_PORT=18795
+  BENCH_DIR=/tmp/evoq-bench
+fi
 
 LAT=${BENCH_LATENCY_MS:-50}
 ROWS=${BENCH_ROWS:-10000}
 BIG=${BENCH_BIG_ROWS:-100000}
 PGB_T=${BENCH_PGBENCH_SECONDS:-10}
 
-scripts/setup.sh >/dev/null
-echo "building (release) ..."
-cargo build -p evolution-mock --release --quiet
-cargo pgrx install --release --pg-config "$PGBIN/pg_config" >/dev/null
-cluster_init /tmp/evoq-bench 55434 evoq_bench
+if [ -z "${BENCH_NO_INSTALL:-}" ]; then
+  scripts/setup.sh >/dev/null
+  echo "building (release) ..."
+  cargo build -p evolution-mock --release --quiet
+  cargo pgrx install --release --pg-config "$PGBIN/pg_config" >/dev/null
+fi
+cluster_init "$BENCH_DIR" "$PG_PORT" evoq_bench
 echo "synchronous_commit = off" >>"$CLUSTER_DIR/data/postgresql.conf"
+# Calls in flight are capped by the descriptors the server may open (see src/fd_budget.rs):
+# the cluster gets the hard open-files limit (at most 65536), so that 1000 calls fit.
+nofile_hard=$(ulimit -Hn)
+if [ "$nofile_hard" = unlimited ] || ((nofile_hard > 65536)); then nofile_hard=65536; fi
+ulimit -n "$nofile_hard" 2>/dev/null || true
 cluster_start
 trap 'mock_stop; cluster_stop immediate' EXIT
-mock_start 18092 --api-key bench-key --latency-ms "$LAT" --qr-ttl-ms 0
+mock_start "$MOCK_PORT" --api-key bench-key --latency-ms "$LAT" --qr-ttl-ms 0
 cluster_psql -d postgres -c "CREATE DATABASE evoq_bench"
 q() { cluster_psql -d evoq_bench -tA -c "$1"; }
 q "CREATE EXTENSION evoq" >/dev/null
@@ -46,7 +68,8 @@ only() { [ -z "${BENCH_ONLY:-}" ] || [[ ",$BENCH_ONLY," == *",$1,"* ]]; }
 rows_for() { local n=$(($1 * 160)); ((n < 200)) && n=200; ((n > ROWS)) && n=$ROWS; echo "$n"; }
 
 echo
-echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(. /etc/os-release; echo "$PRETTY_NAME"), PostgreSQL $("$PGBIN/pg_config" --version | awk '{print $2}')"
+echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(. /etc/os-release; echo "$PRETTY_NAME"), PostgreSQL $("$PGBIN/pg_config" --version | awk '{print $2}'), load $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "server open-files limit: $(awk '/Max open files/ {print $4 " soft, " $5 " hard"}' /proc/"$(head -1 "$CLUSTER_DIR/data/postmaster.pid")"/limits)"
 echo "mock latency: ${LAT} ms per call; ideal rate = concurrency / latency"
 echo
 if only calls; then
@@ -167,7 +190,7 @@ QR_SECONDS=${BENCH_QR_SECONDS:-45}
 echo
 echo "QR validity: mock QR life 4.5 s (45 s / 10), polling every 6 s (60 s / 10), 5 instances, ${QR_SECONDS} s sampled every 100 ms"
 qr_mode() { # qr_mode polling|webhooks -> "valid_fraction p50_ms p99_ms deliveries"
-  local mode=$1 db=evoq_qr_$1 port=18094 standin_port=18096 hook refresher="" standin=""
+  local mode=$1 db=evoq_qr_$1 port=$QR_MOCK_PORT standin_port=$STANDIN_PORT hook refresher="" standin=""
   "${MOCK_BIN:-target/release/evolution-mock}" --port $port --api-key bench-key --qr-ttl-ms 4500 --webhook-retry-ms 200 \
     >"$CLUSTER_DIR/mock-qr.log" 2>&1 &
   local qr_mock=$!
@@ -253,24 +276,28 @@ print('    p50 %s ms, p99 %s ms' % ('$p50', '$p99'))
 print('delivery -> row inside PostgreSQL (evoq_webhook, one session): p50 %s ms, p99 %s ms, %s deliveries/s   target p99 < 50 ms' % ('$e50', '$e99', '$erate'))"
 fi
 
-# --- the background worker (0.4.0) -----------------------------------------------------------------
-# The same cluster restarted with evoq preloaded: the worker runs in evoq_bench, its listener on
-# 127.0.0.1:18795. Baselines: pg_cron's seed schedule for sign-up latency (computed from the
-# schedule: a sign-up waits for the next */5 tick), the SQL function in the same run for
-# throughput, and the ideal (in-flight bound / mean latency).
-if only worker; then
-LISTEN=127.0.0.1:18795
-cat >>"$CLUSTER_DIR/data/postgresql.conf" <<CONF
+# --- the background worker: shared by the cpu, rss and worker sections ---------------------------
+# The same cluster restarted once with evoq preloaded: the worker runs in evoq_bench, its listener
+# on 127.0.0.1:$LISTEN_PORT.
+LISTEN=127.0.0.1:$LISTEN_PORT
+WORKER_CLUSTER=""
+wpid() { q "SELECT pid FROM pg_stat_activity WHERE backend_type = 'evoq worker'"; }
+mockcfg() { curl -fsS -X POST "$MOCK_URL/__mock/config" -d "$1" >/dev/null; }
+conf() { q "ALTER SYSTEM SET $1" >/dev/null; q "SELECT pg_reload_conf()" >/dev/null; sleep 0.5; }
+worker_cluster() { # restarts the cluster with the worker, once per run
+  [ -n "$WORKER_CLUSTER" ] && return 0
+  cat >>"$CLUSTER_DIR/data/postgresql.conf" <<CONF
 shared_preload_libraries = 'pg_cron,evoq'
 evoq.database_name = 'evoq_bench'
 evoq.listen_address = '$LISTEN'
 CONF
-cluster_stop fast
-cluster_start
-wpid() { q "SELECT pid FROM pg_stat_activity WHERE backend_type = 'evoq worker'"; }
-for _ in $(seq 50); do [ -n "$(wpid)" ] && break; sleep 0.2; done
-mockcfg() { curl -fsS -X POST "$MOCK_URL/__mock/config" -d "$1" >/dev/null; }
-conf() { q "ALTER SYSTEM SET $1" >/dev/null; q "SELECT pg_reload_conf()" >/dev/null; sleep 0.5; }
+  cluster_stop fast
+  cluster_start
+  for _ in $(seq 50); do [ -n "$(wpid)" ] && break; sleep 0.2; done
+  q "CREATE TABLE IF NOT EXISTS profiles (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), email text)"
+  q "SELECT evoq_attach('profiles')" >/dev/null 2>&1 || true
+  WORKER_CLUSTER=1
+}
 PEAK_RSS_KB=0 PEAK_THREADS=0
 drained() { # waits until nothing is pending or processing; samples the worker's memory meanwhile
   local p r t; p=$(wpid)
@@ -284,12 +311,134 @@ drained() { # waits until nothing is pending or processing; samples the worker's
   done
   return 1
 }
-q "CREATE TABLE IF NOT EXISTS profiles (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), email text)"
-q "SELECT evoq_attach('profiles')" >/dev/null 2>&1 || true
 signup_rate() { # signup_rate N: creations per second, from the first sign-up to the last completion
   q "SELECT count(*) / extract(epoch FROM max(processed_at) - min(created_at))
      FROM evolution_instance_creation_queue WHERE status = 'completed'"
 }
+# CPU time (user + sys) of a process, all its threads included (exited ones too), in clock ticks.
+cpu_ticks() { awk '{sub(/^.*\) /, ""); print $12 + $13}' "/proc/$1/stat"; }
+rss_kb() { awk '/^VmRSS:/{print $2}' "/proc/$1/status"; }
+threads_of() { awk '/^Threads:/{print $2}' "/proc/$1/status"; }
+
+# --- CPU per creation -------------------------------------------------------------------------------
+# What a creation costs the backend that drives it: user + sys time of the whole process (its
+# HTTP threads included) over the creations, at mock latency 0 and 50 ms. A call in flight should
+# cost nothing while it waits, so both figures should be about the same. The SQL function reads
+# its own /proc/self/stat before and after evoq_process_queue(), in the same session; the worker's
+# is read from outside around the drain of N sign-ups. Baseline: pg_net's figures as reported in
+# the issue (pg_net is not packaged here, so not measured in this run).
+if only cpu; then
+worker_cluster
+CPU_N=${BENCH_CPU_ROWS:-2000}
+REPEAT=${BENCH_REPEAT:-3}
+TCK=$(getconf CLK_TCK)
+conf "evoq.qr_refresh_interval_ms = 3600000"   # creations only, as in the worker section
+conf "evoq.concurrency = 16"
+sql_cpu() { # sql_cpu LATENCY_MS -> "creations_per_s ms_per_creation main_thread_ms_per_creation"
+  conf "evoq.worker = off"
+  reset_all; mockcfg "{\"latency_ms\": $1, \"slow_every\": 0}"
+  q "INSERT INTO evolution_instance_creation_queue (user_id) SELECT gen_random_uuid() FROM generate_series(1, $CPU_N)" >/dev/null
+  local stat="SELECT pg_read_file('/proc/self/stat') || pg_read_file('/proc/self/task/' || pg_backend_pid() || '/stat')"
+  cluster_psql -d evoq_bench -tA -c "SET evoq.concurrency = 16" -c "$stat" -c "SELECT evoq_process_queue()" -c "$stat" \
+    >"$CLUSTER_DIR/cpu.out"
+  conf "evoq.worker = on"
+  python3 - "$CLUSTER_DIR/cpu.out" "$TCK" "$CPU_N" <<'PY'
+import json, sys
+lines = [l for l in open(sys.argv[1]).read().splitlines() if l.strip()]
+tck, n = int(sys.argv[2]), int(sys.argv[3])
+ticks = lambda l: sum(int(x) for x in l.rsplit(')', 1)[1].split()[11:13])
+# lines: process stat, main thread stat, the summary, process stat, main thread stat
+s = json.loads(lines[2])
+assert s['created'] == n, 'created %s of %d: %s' % (s['created'], n, s)
+ms = lambda a, b: (ticks(lines[b]) - ticks(lines[a])) * 1000 / tck / s['created']
+print('%.1f %.4f %.4f' % (s['created'] / (s['elapsed_ms'] / 1000), ms(0, 3), ms(1, 4)))
+PY
+}
+worker_cpu() { # worker_cpu LATENCY_MS -> "creations_per_s ms_per_creation main_thread_ms_per_creation"
+  reset_all; mockcfg "{\"latency_ms\": $1, \"slow_every\": 0}"
+  sleep 0.5
+  local p t0 t1 m0 m1 n; p=$(wpid); t0=$(cpu_ticks "$p") m0=$(cpu_ticks "$p/task/$p")
+  q "INSERT INTO profiles (email) SELECT 'cpu' || g || '@example.com' FROM generate_series(1, $CPU_N) g" >/dev/null
+  drained
+  t1=$(cpu_ticks "$p") m1=$(cpu_ticks "$p/task/$p")
+  n=$(q "SELECT count(*) FROM evolution_instance_creation_queue WHERE status = 'completed'")
+  [ "$n" = "$CPU_N" ] || { echo "the worker created $n of $CPU_N" >&2; exit 1; }
+  python3 -c "print('%.1f %.4f %.4f' % ($(signup_rate), ($t1 - $t0) * 1000 / $TCK / $n, ($m1 - $m0) * 1000 / $TCK / $n))"
+}
+declare -A cpu
+for lat in 0 50; do
+  for _ in $(seq "$REPEAT"); do
+    cpu[sql_$lat]+="$(sql_cpu $lat),"
+    cpu[worker_$lat]+="$(worker_cpu $lat),"
+  done
+done
+conf "evoq.qr_refresh_interval_ms = 20000"
+echo
+echo "CPU of the backend per creation: $CPU_N creations per run, evoq.concurrency 16, batch_size 200, $REPEAT runs each"
+echo "(user + sys of the whole process, its HTTP threads included, and of its main thread alone; min / median of the runs; 2 shared cores: noisy)"
+python3 - "${cpu[sql_0]}" "${cpu[sql_50]}" "${cpu[worker_0]}" "${cpu[worker_50]}" <<'PY'
+import sys, statistics
+def runs(arg): return [tuple(map(float, r.split())) for r in arg.split(',') if r.strip()]
+def cell(arg):
+    r = runs(arg); rate = statistics.median(x[0] for x in r); ms = sorted(x[1] for x in r)
+    return '%7.1f/s %6.3f / %6.3f (%5.3f) ms' % (rate, ms[0], statistics.median(ms), statistics.median(x[2] for x in r))
+print('%-44s %-36s %-36s' % ('', 'latency 0 ms', 'latency 50 ms'))
+print('%-44s %-36s %-36s' % ('', 'rate, CPU min / median (main thread)', 'rate, CPU min / median (main thread)'))
+print('%-44s %-36s %-36s' % ('SQL function, c=16 (evoq_process_queue)', cell(sys.argv[1]), cell(sys.argv[2])))
+print('%-44s %-36s %-36s' % ('background worker, c=16', cell(sys.argv[3]), cell(sys.argv[4])))
+print('%-44s %-36s %-36s' % ('pg_net worker (reported, not measured here)', '          0.070 ms', '          0.080-0.105 ms'))
+print('%-44s %-36s %-36s' % ('evoq as reported in the issue', '          0.260 ms (SQL function)', '          0.735 ms (SQL function, c=16)'))
+print('%-44s %-36s' % ('', '          0.295 ms (worker)'))
+print('target: <= 0.150 ms per creation at 50 ms')
+PY
+fi
+
+# --- worker memory after a burst ----------------------------------------------------------------------
+# VmRSS of the worker idle, with ~1000 calls in flight (evoq.concurrency 1000, every call 5 s),
+# and 60 s after the burst: idle pool threads end after 10 s (pool::IDLE_TIMEOUT) and the last
+# one gives malloc's free memory back. Target: back within 2x of idle.
+if only rss; then
+worker_cluster
+RSS_N=${BENCH_RSS_ROWS:-1500}
+conf "evoq.qr_refresh_interval_ms = 3600000"
+conf "evoq.concurrency = 16"
+reset_all; mockcfg '{"latency_ms": 0, "slow_every": 0}'
+p=$(wpid)
+# Idle: after earlier sections' threads ended (IDLE_TIMEOUT is 10 s).
+sleep 12
+idle_kb=$(rss_kb "$p") idle_threads=$(threads_of "$p")
+conf "evoq.concurrency = 1000"
+mockcfg '{"latency_ms": 5000, "slow_every": 0}'
+PEAK_RSS_KB=0 PEAK_THREADS=0
+q "INSERT INTO profiles (email) SELECT 'rss' || g || '@example.com' FROM generate_series(1, $RSS_N) g" >/dev/null
+drained
+burst_kb=$PEAK_RSS_KB burst_threads=$PEAK_THREADS
+for s in $(seq 60); do
+  sleep 1
+  [ "$s" = 15 ] && after_15=$(rss_kb "$p") threads_15=$(threads_of "$p")
+done
+after_kb=$(rss_kb "$p") after_threads=$(threads_of "$p")
+cap=$(q "SELECT coalesce((SELECT string_agg(n, '; ') FROM jsonb_array_elements_text(last_process_summary->'notes') n WHERE n LIKE '%capped%'), 'none: all 1000 slots') FROM evoq_status")
+done_n=$(q "SELECT count(*) FROM evolution_instance_creation_queue WHERE status = 'completed'")
+conf "evoq.concurrency = 16"
+conf "evoq.qr_refresh_interval_ms = 20000"
+echo
+echo "worker memory (VmRSS), $RSS_N sign-ups at evoq.concurrency 1000, every call 5 s ($done_n created):"
+python3 -c "
+i, b, a15, a = $idle_kb, $burst_kb, $after_15, $after_kb
+print('    idle                   %7.1f MiB  %5d threads' % (i / 1024, $idle_threads))
+print('    calls in flight (peak) %7.1f MiB  %5d threads   %.1f KiB per thread over idle' % (b / 1024, $burst_threads, (b - i) / max(1, $burst_threads - $idle_threads)))
+print('    15 s after the burst   %7.1f MiB  %5d threads' % (a15 / 1024, $threads_15))
+print('    60 s after the burst   %7.1f MiB  %5d threads   %.2fx idle   target <= 2x idle' % (a / 1024, $after_threads, a / i))"
+echo "    evoq's cap on calls in flight: $cap"
+fi
+
+# --- the background worker (0.4.0) -----------------------------------------------------------------
+# Baselines: pg_cron's seed schedule for sign-up latency (computed from the
+# schedule: a sign-up waits for the next */5 tick), the SQL function in the same run for
+# throughput, and the ideal (in-flight bound / mean latency).
+if only worker; then
+worker_cluster
 echo
 echo "== background worker"
 

@@ -136,13 +136,13 @@ struct ThreadBudget {
     live: AtomicUsize,
     /// The highest `live` ever reached, for tests and diagnostics.
     peak: AtomicUsize,
-    /// Whether the last thread to end gives freed memory back to the OS (`give_back_memory`):
-    /// the process-wide budget does; the tests' own budgets need not.
-    trims_when_empty: bool,
+    /// What the last thread to end runs: `give_back_memory` for the process-wide budget; the
+    /// tests' own budgets run nothing, or a probe of their own.
+    when_empty: Option<fn()>,
 }
 
 static GLOBAL_BUDGET: ThreadBudget = ThreadBudget {
-    trims_when_empty: true,
+    when_empty: Some(give_back_memory),
     ..ThreadBudget::new(MAX_LIVE_THREADS)
 };
 
@@ -152,7 +152,7 @@ impl ThreadBudget {
             cap,
             live: AtomicUsize::new(0),
             peak: AtomicUsize::new(0),
-            trims_when_empty: false,
+            when_empty: None,
         }
     }
 
@@ -188,8 +188,10 @@ impl Drop for BudgetSlot {
         // The last pool thread of the process is ending: no call is in flight, a quiet moment
         // to hand back what the burst freed. (Another thread may start meanwhile; trimming
         // is safe alongside it, only less complete.)
-        if was == 1 && self.0.trims_when_empty {
-            give_back_memory();
+        if was == 1 {
+            if let Some(when_empty) = self.0.when_empty {
+                when_empty();
+            }
         }
     }
 }
@@ -404,7 +406,14 @@ impl<T: Send + 'static, R: Send + 'static> Pool<T, R> {
         // On failure the closure, and with it `life`, is dropped: the slot and the count are
         // given back.
         spawn_sized(WORKER_THREAD_NAME, Some(THREAD_STACK_BYTES), move || {
+            // `life` first: locals drop in reverse order, so the work (and with it the last
+            // handle on the HTTP client, its kept-alive connections and their buffers) is freed
+            // before `life` gives the slot back and the last thread trims malloc. Captured
+            // variables would drop after the body's locals: the trim ran first and missed the
+            // burst's buffers (measured: 254 MiB resident 60 s after 1000 calls, 48 MiB idle;
+            // a malloc_trim from outside then brought it to 103 MiB).
             let mut life = life;
+            let (results, generation, work, notify) = (results, generation, work, notify);
             loop {
                 let Some((gen, key, item)) = life.queue.next(idle) else {
                     // `next` took it out of the count already.
@@ -1018,6 +1027,60 @@ mod tests {
         std::thread::sleep(Duration::from_millis(500));
         assert_eq!(started.load(Ordering::SeqCst), 1);
         assert_eq!(pool.run(vec![7], None, || {}), vec![Some(7)]);
+    }
+
+    /// Set when the work of `the_last_thread_trims_after_the_work_is_freed` is dropped.
+    static WORK_FREED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    /// What that test's "trim" saw: 1 the work was still alive, 2 it was freed already.
+    static TRIM_SAW: AtomicUsize = AtomicUsize::new(0);
+
+    #[test]
+    fn the_last_thread_trims_after_the_work_is_freed() {
+        // The work owns what a burst leaves behind (the HTTP client's kept-alive connections
+        // and their buffers); trimming before it is freed gives nothing back.
+        struct Owned;
+        impl Drop for Owned {
+            fn drop(&mut self) {
+                WORK_FREED.store(true, Ordering::SeqCst);
+            }
+        }
+        fn trim() {
+            TRIM_SAW.store(
+                if WORK_FREED.load(Ordering::SeqCst) {
+                    2
+                } else {
+                    1
+                },
+                Ordering::SeqCst,
+            );
+        }
+        let budget: &'static ThreadBudget = Box::leak(Box::new(ThreadBudget {
+            when_empty: Some(trim),
+            ..ThreadBudget::new(8)
+        }));
+        let owned = Owned;
+        let mut pool = Pool::with_budget(
+            2,
+            move |i: u32| {
+                let _ = &owned;
+                std::thread::sleep(Duration::from_millis(100));
+                i
+            },
+            budget,
+            Duration::from_secs(10),
+        );
+        // Dropped while both calls are in hand (as when the worker's cycle ends, dropping its
+        // pool, before its threads do): the threads then hold the last handles on the work.
+        pool.submit(1, 1);
+        pool.submit(2, 2);
+        std::thread::sleep(Duration::from_millis(20));
+        drop(pool);
+        assert!(until(|| TRIM_SAW.load(Ordering::SeqCst) != 0).is_some());
+        assert_eq!(
+            TRIM_SAW.load(Ordering::SeqCst),
+            2,
+            "the trim ran before the work was freed"
+        );
     }
 
     #[test]
