@@ -75,6 +75,18 @@ fn invalid(message: impl Into<String>, hint: impl Into<String>) -> ! {
 
 fn ignored(d: &Delivery, why: &str) -> Value {
     count("ignored");
+    // A QR or a connection update is a socket being started: for an expired or deleted
+    // instance, the proof that the server still reconnects it (counted on the row).
+    if matches!(
+        d.event.to_ascii_lowercase().replace('_', ".").as_str(),
+        "qrcode.updated" | "connection.update"
+    ) {
+        let _ = Spi::get_one_with_args::<bool>(
+            "SELECT evoq._count_server_loop($1)",
+            &[d.instance.clone().into()],
+        )
+        .or_internal("counting a delivery for an instance the server still reconnects");
+    }
     json!({"result": "ignored", "event": d.event, "instance": d.instance, "why": why})
 }
 
