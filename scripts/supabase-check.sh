@@ -10,7 +10,7 @@
 # follows PostgREST's RPC rules, refusals included), GoTrue by inserting profiles ourselves.
 #
 # Checks: (a) the install and who may re-run evoq_apply_policies; (b) cron jobs scheduled by
-# postgres run as postgres, schema-qualified, so look-alikes planted in postgres' own schemas
+# postgres run as postgres, schema-qualified, so look-alikes planted first in the search paths
 # never run; (c) postgres as the operator: configure, attach, process, webhooks through the
 # stand-in at /rest/v1/rpc/evoq_webhook; (d) row level security for the API roles; (e) the key in
 # evoq.api_key_file, unreadable through pg_read_all_data; (f) pg_dump restored as postgres and as
@@ -47,6 +47,8 @@ print(e('{\"alg\":\"HS256\",\"typ\":\"JWT\"}') + '.' + e(sys.argv[1]) + '.sig')"
 }
 signup() { pg "INSERT INTO profiles (email) VALUES ('$1@example.com') RETURNING id"; }
 status_of() { adm "SELECT status FROM evolution_instance_creation_queue WHERE user_id = '$1'"; }
+
+cargo build -p evolution-mock --release --quiet || exit 1  # the mock and postgrest-standin
 
 # --- the cluster, as Supabase's image makes it ----------------------------------------------------
 CLUSTER_DIR=$DIR CLUSTER_PORT=$PORT CLUSTER_DB=$DB
@@ -305,7 +307,11 @@ R1=evoq_restored
 supabase_database $R1 || exit 1
 QDB=$R1 adm "CREATE EXTENSION evoq" >/dev/null   # supautils' part, before the restore
 as_postgres "$PGBIN/pg_restore" -h "$DIR" -p "$PORT" -U postgres -d $R1 "$DIR/supa.dump" 2>"$DIR/restore-postgres.log"
-echo "     (pg_restore as postgres: $(grep -c '^pg_restore: error' "$DIR/restore-postgres.log") errors, each an object the target already has or only supabase_admin may make; see $DIR/restore-postgres.log)"
+restore_errors() { # what pg_restore refused, for the reader (objects the target has, or that need supabase_admin)
+  echo "     pg_restore as $1: $(grep -c '^pg_restore: error' "$2") errors:"
+  sed -n 's/^pg_restore: error: could not execute query: ERROR:  /       /p' "$2" | sort | uniq -c | sed 's/^ */       /'
+}
+restore_errors postgres "$DIR/restore-postgres.log"
 check "restore as postgres: no COPY of evoq's data failed" \
   "$(grep -A2 '^pg_restore: error' "$DIR/restore-postgres.log" | grep -c 'COPY\|setval')" "0"
 grep -A2 '^pg_restore: error' "$DIR/restore-postgres.log" | grep -B1 -A1 'COPY\|setval' | sed 's/^/     /'
@@ -332,7 +338,7 @@ unset QDB
 R2=evoq_restored_admin
 supabase_database $R2 no-auth || exit 1
 as_postgres "$PGBIN/pg_restore" -h "$DIR" -p "$PORT" -U supabase_admin -d $R2 "$DIR/supa.dump" 2>"$DIR/restore-admin.log"
-echo "     (pg_restore as supabase_admin: $(grep -c '^pg_restore: error' "$DIR/restore-admin.log") errors; see $DIR/restore-admin.log)"
+restore_errors supabase_admin "$DIR/restore-admin.log"
 QDB=$R2
 check "auth.uid() came with the restore, after the extension" \
   "$(adm "SELECT (SELECT count(*) FROM pg_proc WHERE oid = 'auth.uid()'::regprocedure) || ' ' || (SELECT e.oid < p.oid FROM pg_extension e, pg_proc p WHERE e.extname = 'evoq' AND p.oid = 'auth.uid()'::regprocedure)")" "1 true"
