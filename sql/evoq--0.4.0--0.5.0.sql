@@ -55,7 +55,7 @@ CREATE  FUNCTION evoq."_webhook"(
 STRICT SECURITY DEFINER
 SET search_path TO pg_catalog, @extschema@, pg_temp
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'webhook_wrapper';
+AS 'MODULE_PATHNAME', 'evoq_webhook_wrapper';
 
 -- The webhook endpoint: ONE UNNAMED jsonb parameter, the shape PostgREST hands a raw JSON body
 -- to (every other shape makes each key of the body a named argument, and a delivery's keys name

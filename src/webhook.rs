@@ -268,8 +268,12 @@ pub fn ingest_with(settings: &Settings, payload: Value, header: Option<&str>) ->
 /// (`{"event", "instance", "data", ...}`) can reach through `/rest/v1/rpc/evoq_webhook`, and
 /// pgrx names every parameter, hence the SQL wrapper. The secret comes from the `x-evoq-secret`
 /// request header; v1.8 servers, which send no headers, carry it in the URL.
+///
+/// The Rust name stays `evoq_webhook`: its C symbol (`evoq_webhook_wrapper`) is what the
+/// upgrade scripts of 0.3.0 and 0.4.0 create `evoq_webhook` with, and an upgrade from those
+/// versions runs them against this library.
 #[pg_extern(security_definer, schema = "evoq", name = "_webhook")]
 #[search_path(pg_catalog, @extschema@, pg_temp)]
-fn webhook(payload: pgrx::JsonB) -> pgrx::JsonB {
+fn evoq_webhook(payload: pgrx::JsonB) -> pgrx::JsonB {
     pgrx::JsonB(ingest(payload.0, None))
 }
