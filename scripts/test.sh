@@ -9,6 +9,9 @@
 #      (system install, crash with pg_ctl stop -m immediate, pg_dump/restore, secrets in logs)
 #   6. the background worker, really preloaded        scripts/worker-check.sh
 #      (sign-up without cron, listener, kill -9, SIGTERM, pg_ctl stop -m immediate, SIGHUP)
+#   6b. a cluster built as self-hosted Supabase builds it  scripts/supabase-check.sh
+#      (postgres demoted, API roles, default privileges, cron hijack, PostgREST's rules,
+#      the key file, restores, the worker as postgres)
 #   7. the upgrades from 0.1.0 ... 0.4.0             scripts/upgrade-check.sh
 #      UPDATE: equal to a fresh install, every row kept
 set -euo pipefail
@@ -42,6 +45,9 @@ scripts/integration.sh
 
 echo "== the background worker (shared_preload_libraries = 'pg_cron,evoq')"
 scripts/worker-check.sh
+
+echo "== a Supabase-like cluster (postgres is not the superuser)"
+scripts/supabase-check.sh
 
 echo "== upgrades from 0.1.0, 0.2.0, 0.3.0 and 0.4.0 (ALTER EXTENSION evoq UPDATE)"
 scripts/upgrade-check.sh

@@ -55,7 +55,7 @@ CREATE  FUNCTION evoq."_webhook"(
 STRICT SECURITY DEFINER
 SET search_path TO pg_catalog, @extschema@, pg_temp
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'webhook_wrapper';
+AS 'MODULE_PATHNAME', 'evoq_webhook_wrapper';
 
 -- The webhook endpoint: ONE UNNAMED jsonb parameter, the shape PostgREST hands a raw JSON body
 -- to (every other shape makes each key of the body a named argument, and a delivery's keys name
@@ -69,6 +69,31 @@ COMMENT ON FUNCTION evoq_webhook(jsonb) IS
 
 
 ALTER TABLE evoq.settings ALTER COLUMN api_key DROP NOT NULL;
+
+-- Instances the server still reconnects after their logout or delete.
+ALTER TABLE evolution_instances
+    ADD COLUMN server_loop_deliveries integer NOT NULL DEFAULT 0,
+    ADD COLUMN server_loop_seen_at    timestamptz,
+    ADD COLUMN server_loop_logouts    integer NOT NULL DEFAULT 0,
+    ADD COLUMN server_loop_logout_at  timestamptz;
+COMMENT ON COLUMN evolution_instances.server_loop_deliveries IS
+    'Deliveries received after the instance was expired or deleted: the server is still reconnecting it (a restart of the Evolution server ends such loops).';
+
+-- 0.5.0: a delivery of a socket's life (a QR, a connection update) for an expired or deleted
+-- instance proves that the server still reconnects it: counted on the row (evoq_status shows
+-- such instances, and the refresh logs them out again). Returns whether it counted.
+CREATE FUNCTION evoq._count_server_loop(instance text) RETURNS boolean
+LANGUAGE sql
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+    WITH counted AS (
+        UPDATE evolution_instances SET server_loop_deliveries = server_loop_deliveries + 1,
+                                       server_loop_seen_at = clock_timestamp()
+        WHERE instance_name = instance AND instance_status IN ('expired', 'deleted')
+        RETURNING 1
+    )
+    SELECT EXISTS (SELECT 1 FROM counted)
+$$;
 
 -- Writes the outcome of a batch. Each element of results:
 --   {"id", "instance_name", "ok": true, "action": "create", "instance_id", "token", "instance_status",
@@ -132,6 +157,8 @@ AS $$
             disconnected_at = NULL, disconnect_reason = NULL, last_event_at = NULL, no_qr_rounds = 0,
             last_state_check_at = excluded.last_state_check_at,
             last_refresh_at = excluded.last_refresh_at,
+            server_loop_deliveries = 0, server_loop_seen_at = NULL, server_loop_logouts = 0,
+            server_loop_logout_at = NULL,
             webhook_set_at = coalesce(excluded.webhook_set_at, i.webhook_set_at),
             updated_at = clock_timestamp()
         RETURNING i.instance_name
@@ -168,6 +195,200 @@ AS $$
     FROM r WHERE q.id = r.id
 $$;
 
+-- Claims up to batch_size instances with something to do, each with its task, in this order:
+--   expire:  connecting, not scanned within window_ms: log it out (its QR loop costs the server);
+--   connect: connecting, not refreshed within min_interval_ms: ask for the current QR;
+--   repoint: registered before the webhook last changed (URL, events, headers, secret), unless
+--            the caller says not to;
+--   check:   open, not checked within check_interval_ms: ask connectionState (never connect).
+-- close, refused and expired instances are never connected by a job: only evoq_reconnect
+-- re-arms them. Another deployment's instances (rows a copy inherited) are not touched.
+-- 0.4.0: busy are the instances the caller has in flight (its own transaction would otherwise
+-- claim them again: they are locked by itself); qr_fresh_ms > 0 also skips connecting instances
+-- whose QR (polled or delivered by webhook) is younger than that, so with webhooks arriving
+-- polling stays a fallback.
+CREATE OR REPLACE FUNCTION evoq._claim_refresh(batch_size integer, min_interval_ms bigint, window_ms bigint,
+                                    check_interval_ms bigint, repoint boolean, busy uuid[],
+                                    qr_fresh_ms bigint) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+DECLARE
+    s record;
+    claimed jsonb := '[]';
+    part jsonb;
+    paced timestamptz := now() - min_interval_ms * interval '1 millisecond';
+BEGIN
+    SELECT namespace, owns_legacy_names, webhook_url, webhook_changed_at INTO s FROM evoq.settings;
+
+    -- Connecting instances not asked within min_interval_ms: past their window first (expire),
+    -- then the rest (connect). One statement, so a row is claimed for one of the two.
+    WITH due AS (
+        SELECT id, coalesce(connecting_since, created_at) <= now() - window_ms * interval '1 millisecond' AS past
+        FROM evolution_instances
+        WHERE instance_status = 'connecting'
+          AND (last_refresh_at IS NULL OR last_refresh_at <= paced)
+          AND (qr_fresh_ms <= 0 OR last_qr_update IS NULL
+               OR last_qr_update <= now() - qr_fresh_ms * interval '1 millisecond'
+               OR coalesce(connecting_since, created_at) <= now() - window_ms * interval '1 millisecond')
+          AND id <> ALL (busy)
+          AND evoq._is_ours(instance_name, s.namespace, s.owns_legacy_names)
+          -- a user being deprovisioned: only the deletion touches the instance
+          AND NOT EXISTS (SELECT 1 FROM evolution_instance_creation_queue q
+                          WHERE q.user_id = evolution_instances.user_id AND q.action = 'delete')
+        ORDER BY 2 DESC, last_refresh_at NULLS FIRST
+        LIMIT batch_size
+        FOR UPDATE SKIP LOCKED
+    ), upd AS (
+        UPDATE evolution_instances i SET last_refresh_at = clock_timestamp()
+        FROM due WHERE i.id = due.id
+        RETURNING i.id, i.instance_name, i.qr_text, due.past, i.updated_at
+    )
+    SELECT coalesce(jsonb_agg(jsonb_build_object('id', id, 'instance_name', instance_name, 'qr_text', qr_text,
+                                                 'status', 'connecting', 'claimed_at', updated_at,
+                                                 'task', CASE WHEN past THEN 'expire' ELSE 'connect' END)), '[]')
+    INTO part FROM upd;
+    claimed := claimed || part;
+
+    -- Not paced by a column: the caller stops asking for these once one failed in its run.
+    IF repoint AND s.webhook_url IS NOT NULL AND s.webhook_changed_at IS NOT NULL THEN
+        WITH due AS (
+            SELECT id FROM evolution_instances
+            WHERE instance_status IN ('connecting', 'open', 'close', 'refused', 'expired')
+              AND (webhook_set_at IS NULL OR webhook_set_at < s.webhook_changed_at)
+              AND evoq._is_ours(instance_name, s.namespace, s.owns_legacy_names)
+              AND NOT EXISTS (SELECT 1 FROM evolution_instance_creation_queue q
+                              WHERE q.user_id = evolution_instances.user_id AND q.action = 'delete')
+              AND id NOT IN (SELECT (c->>'id')::uuid FROM jsonb_array_elements(claimed) c)
+              AND id <> ALL (busy)
+            ORDER BY webhook_set_at NULLS FIRST
+            LIMIT batch_size - jsonb_array_length(claimed)
+            FOR UPDATE SKIP LOCKED
+        )
+        SELECT coalesce(jsonb_agg(jsonb_build_object('id', i.id, 'instance_name', i.instance_name,
+                                                     'qr_text', i.qr_text, 'status', i.instance_status,
+                                                     'claimed_at', i.updated_at, 'task', 'repoint')), '[]')
+        INTO part FROM due JOIN evolution_instances i USING (id);
+        claimed := claimed || part;
+    END IF;
+
+    -- 0.5.0: expired or deleted instances the server still reconnects (its deliveries keep
+    -- coming): logged out again, at most 5 times, 1, 2, 4, 8 and 16 minutes apart.
+    WITH due AS (
+        SELECT id FROM evolution_instances
+        WHERE instance_status IN ('expired', 'deleted')
+          AND server_loop_seen_at IS NOT NULL
+          AND server_loop_seen_at > coalesce(server_loop_logout_at, '-infinity')
+          AND server_loop_logouts < 5
+          AND coalesce(server_loop_logout_at, '-infinity')
+              <= now() - (60000 * 2 ^ server_loop_logouts) * interval '1 millisecond'
+          AND evoq._is_ours(instance_name, s.namespace, s.owns_legacy_names)
+          AND id NOT IN (SELECT (c->>'id')::uuid FROM jsonb_array_elements(claimed) c)
+          AND id <> ALL (busy)
+        ORDER BY server_loop_seen_at
+        LIMIT batch_size - jsonb_array_length(claimed)
+        FOR UPDATE SKIP LOCKED
+    ), upd AS (
+        UPDATE evolution_instances i SET server_loop_logout_at = clock_timestamp(),
+                                         server_loop_logouts = i.server_loop_logouts + 1
+        FROM due WHERE i.id = due.id
+        RETURNING i.id, i.instance_name, i.qr_text, i.instance_status, i.updated_at
+    )
+    SELECT coalesce(jsonb_agg(jsonb_build_object('id', id, 'instance_name', instance_name, 'qr_text', qr_text,
+                                                 'status', instance_status, 'claimed_at', updated_at,
+                                                 'task', 'relogout')), '[]')
+    INTO part FROM upd;
+    claimed := claimed || part;
+
+    WITH due AS (
+        SELECT id FROM evolution_instances
+        WHERE instance_status = 'open'
+          AND (last_state_check_at IS NULL
+               OR last_state_check_at <= now() - check_interval_ms * interval '1 millisecond')
+          AND evoq._is_ours(instance_name, s.namespace, s.owns_legacy_names)
+          -- a user being deprovisioned: only the deletion touches the instance
+          AND NOT EXISTS (SELECT 1 FROM evolution_instance_creation_queue q
+                          WHERE q.user_id = evolution_instances.user_id AND q.action = 'delete')
+          AND id NOT IN (SELECT (c->>'id')::uuid FROM jsonb_array_elements(claimed) c)
+          AND id <> ALL (busy)
+        ORDER BY last_state_check_at NULLS FIRST
+        LIMIT batch_size - jsonb_array_length(claimed)
+        FOR UPDATE SKIP LOCKED
+    ), upd AS (
+        UPDATE evolution_instances i SET last_state_check_at = clock_timestamp()
+        FROM due WHERE i.id = due.id
+        RETURNING i.id, i.instance_name, i.qr_text, i.updated_at
+    )
+    SELECT coalesce(jsonb_agg(jsonb_build_object('id', id, 'instance_name', instance_name, 'qr_text', qr_text,
+                                                 'status', 'open', 'claimed_at', updated_at, 'task', 'check')), '[]')
+    INTO part FROM upd;
+    RETURN claimed || part;
+END
+$$;
+
+-- Writes the outcome of a refresh batch. Each element: {"id", "outcome", "qr_code", "qr_text",
+-- "pairing_code", "qr_count", "error"}, outcome one of
+--   qr, no_qr, open, lost, error           (connect);
+--   expired                                (expire: logged out);
+--   checked, closed                        (check: still open, or the server says close; lost as above);
+--   repointed                              (repoint; with "webhook_version", as above);
+--   gone                                   (repoint of an idle instance the server lost: lost,
+--                                           not created again until evoq_reconnect);
+--   relogged                               (0.5.0: a logout tried again; nothing changes).
+-- and "claimed_status", "claimed_at" (0.4.0): the row's status and updated_at at the claim; a row
+-- changed since (a webhook delivery, an operator) is left alone.
+CREATE OR REPLACE FUNCTION evoq._record_refresh_results(results jsonb) RETURNS void
+LANGUAGE sql
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+    WITH r AS (
+        SELECT * FROM jsonb_to_recordset(results) AS x(
+            id uuid, outcome text, qr_code text, qr_text text, pairing_code text, qr_count integer, error text,
+            webhook_version timestamptz, claimed_status text, claimed_at timestamptz)
+    ), updated AS (
+        UPDATE evolution_instances i SET
+            instance_status = CASE r.outcome WHEN 'open' THEN 'open' WHEN 'lost' THEN 'lost' WHEN 'gone' THEN 'lost'
+                                             WHEN 'expired' THEN 'expired' WHEN 'closed' THEN 'close'
+                                             ELSE i.instance_status END,
+            qr_code = CASE WHEN r.outcome IN ('open', 'lost', 'gone', 'expired', 'closed') THEN NULL WHEN r.outcome = 'qr' THEN r.qr_code ELSE i.qr_code END,
+            qr_text = CASE WHEN r.outcome IN ('open', 'lost', 'gone', 'expired', 'closed') THEN NULL WHEN r.outcome = 'qr' THEN r.qr_text ELSE i.qr_text END,
+            pairing_code = CASE WHEN r.outcome IN ('open', 'lost', 'gone', 'expired', 'closed') THEN NULL WHEN r.outcome = 'qr' THEN r.pairing_code ELSE i.pairing_code END,
+            qr_count = CASE WHEN r.outcome IN ('qr', 'no_qr') THEN coalesce(r.qr_count, i.qr_count) ELSE i.qr_count END,
+            no_qr_rounds = CASE r.outcome WHEN 'no_qr' THEN i.no_qr_rounds + 1 WHEN 'qr' THEN 0 ELSE i.no_qr_rounds END,
+            -- Only a QR that differs from the stored one counts as an update.
+            last_qr_update = CASE WHEN r.outcome = 'qr' AND r.qr_text IS DISTINCT FROM i.qr_text
+                                  THEN clock_timestamp() ELSE i.last_qr_update END,
+            connected_at = CASE WHEN r.outcome = 'open' THEN clock_timestamp() ELSE i.connected_at END,
+            last_state_check_at = CASE WHEN r.outcome = 'open' THEN clock_timestamp() ELSE i.last_state_check_at END,
+            disconnected_at = CASE WHEN r.outcome IN ('expired', 'closed') THEN clock_timestamp()
+                                   WHEN r.outcome = 'open' THEN NULL ELSE i.disconnected_at END,
+            disconnect_reason = CASE r.outcome
+                WHEN 'expired' THEN 'not scanned within the QR window (evoq.qr_window_ms); logged out at the server'
+                WHEN 'closed' THEN 'the Evolution API reports the session closed (connectionState)'
+                WHEN 'open' THEN NULL ELSE i.disconnect_reason END,
+            webhook_set_at = CASE WHEN r.outcome = 'repointed' THEN r.webhook_version
+                                  WHEN r.outcome = 'gone' THEN clock_timestamp() ELSE i.webhook_set_at END,
+            last_error = CASE WHEN r.outcome = 'error' THEN evoq._redact(r.error, i.instance_name)
+                              WHEN r.outcome = 'lost' THEN 'the Evolution API no longer knows this instance (404); its creation was queued again'
+                              WHEN r.outcome = 'gone' THEN 'the Evolution API no longer knows this instance (404); evoq_reconnect creates it again'
+                              WHEN r.outcome IN ('checked', 'repointed', 'relogged') THEN i.last_error
+                              ELSE NULL END,
+            last_error_at = CASE WHEN r.outcome IN ('error', 'lost', 'gone') THEN clock_timestamp() ELSE i.last_error_at END,
+            updated_at = clock_timestamp()
+        FROM r WHERE i.id = r.id
+          -- 0.4.0: the worker does not hold the row during the call; a delivery that moved it
+          -- on meanwhile wins
+          AND (r.claimed_status IS NULL OR i.instance_status = r.claimed_status)
+          AND (r.claimed_at IS NULL OR i.updated_at = r.claimed_at)
+        RETURNING i.user_id, i.instance_name, r.outcome
+    )
+    -- A lost instance is created again: a requeue request, applied by the queue's next run (or at
+    -- the end of this one) to a row no run holds. Updating the queue row here would lock it while
+    -- this run holds the instance row, the opposite order of evoq_process_queue: a deadlock.
+    INSERT INTO evoq.requeue_requests (user_id, reason)
+    SELECT user_id, 'lost' FROM updated WHERE outcome = 'lost'
+$$;
+
 -- 0.4.0: how long, in ms, until the next row is due for either job (0: one is due now; at most
 -- max_ms). The background worker sleeps that long when nothing wakes it earlier. The same
 -- conditions as the claims (evoq._claim_queue, evoq._claim_refresh with qr_fresh_ms and repoint),
@@ -199,6 +420,15 @@ AS $$
         SELECT min(coalesce(last_state_check_at, '-infinity') + check_interval_ms * interval '1 millisecond')
         FROM mine WHERE instance_status = 'open'
         UNION ALL
+        -- 0.5.0: a logout tried again for an instance the server still reconnects
+        SELECT min(coalesce(server_loop_logout_at, '-infinity')
+                   + (60000 * 2 ^ server_loop_logouts) * interval '1 millisecond')
+        FROM evolution_instances i, s
+        WHERE i.instance_status IN ('expired', 'deleted') AND i.server_loop_seen_at IS NOT NULL
+          AND i.server_loop_seen_at > coalesce(i.server_loop_logout_at, '-infinity')
+          AND i.server_loop_logouts < 5
+          AND evoq._is_ours(i.instance_name, s.namespace, s.owns_legacy_names)
+        UNION ALL
         SELECT now() FROM mine, s
         WHERE repoint AND s.webhook_url IS NOT NULL AND s.webhook_changed_at IS NOT NULL
           AND mine.instance_status IN ('connecting', 'open', 'close', 'refused', 'expired')
@@ -211,6 +441,81 @@ AS $$
                                   ELSE extract(epoch FROM (min(at) - clock_timestamp())) * 1000 END))
     FROM due
 $$;
+
+-- evoq_status: instances the server still reconnects, at the end.
+CREATE OR REPLACE VIEW evoq_status AS
+SELECT
+    count(*) FILTER (WHERE q.status = 'pending')                               AS pending,
+    count(*) FILTER (WHERE q.status = 'processing')                            AS processing,
+    count(*) FILTER (WHERE q.status = 'completed')                             AS completed,
+    count(*) FILTER (WHERE q.status = 'failed')                                AS failed,
+    count(*) FILTER (WHERE q.status = 'failed' AND q.error_kind = 'permanent') AS failed_permanent,
+    count(*) FILTER (WHERE q.status = 'pending' AND q.error_kind = 'transient') AS retrying,
+    now() - min(q.created_at) FILTER (WHERE q.status IN ('pending', 'processing')) AS oldest_pending_age,
+    min(q.next_attempt_at) FILTER (WHERE q.status IN ('pending', 'processing')) AS next_attempt_at,
+    (SELECT count(*) FROM evolution_instances WHERE instance_status = 'connecting') AS instances_connecting,
+    (SELECT count(*) FROM evolution_instances WHERE instance_status = 'open')       AS instances_open,
+    (SELECT count(*) FROM evolution_instances WHERE instance_status = 'lost')       AS instances_lost,
+    (SELECT finished_at FROM evoq.job_runs WHERE job = 'process_queue') AS last_process_run_at,
+    (SELECT summary FROM evoq.job_runs WHERE job = 'process_queue')     AS last_process_summary,
+    (SELECT finished_at FROM evoq.job_runs WHERE job = 'refresh_qr')    AS last_refresh_run_at,
+    (SELECT summary FROM evoq.job_runs WHERE job = 'refresh_qr')        AS last_refresh_summary,
+    (SELECT last_error FROM evoq.job_runs WHERE last_error_at IS NOT NULL ORDER BY last_error_at DESC LIMIT 1) AS last_error,
+    (SELECT max(last_error_at) FROM evoq.job_runs) AS last_error_at,
+    EXISTS (SELECT 1 FROM evoq.settings) AS configured,
+    -- 0.2.0
+    (SELECT namespace FROM evoq.settings) AS namespace,
+    (SELECT coalesce(nullif(api_version, 'auto'), detected_version) FROM evoq.settings) AS api_version,
+    CASE WHEN EXISTS (SELECT 1 FROM evoq.circuit) THEN 'open' ELSE 'closed' END AS circuit,
+    (SELECT opened_at FROM evoq.circuit)     AS circuit_opened_at,
+    (SELECT cause FROM evoq.circuit)         AS circuit_cause,
+    (SELECT next_probe_at FROM evoq.circuit) AS circuit_next_probe_at,
+    (SELECT count(*) FROM evoq.skipped_profiles) AS profiles_skipped,
+    (SELECT format('%s at %s: %s', table_name, skipped_at, reason) FROM evoq.skipped_profiles
+     ORDER BY id DESC LIMIT 1) AS last_profile_skip,
+    (SELECT count(*) FROM evoq.requeue_requests) AS requeue_requests_waiting,
+    -- 0.3.0
+    (SELECT count(*) FROM evolution_instances WHERE instance_status = 'close')   AS instances_close,
+    (SELECT count(*) FROM evolution_instances WHERE instance_status = 'refused') AS instances_refused,
+    (SELECT count(*) FROM evolution_instances WHERE instance_status = 'expired') AS instances_expired,
+    (SELECT count(*) FROM evolution_instances WHERE instance_status = 'deleted') AS instances_deleted,
+    (SELECT count(*) FROM evolution_instances WHERE instance_status = 'connecting' AND no_qr_rounds >= 3)
+        AS instances_without_qr,
+    CASE WHEN EXISTS (SELECT 1 FROM evolution_instances WHERE instance_status = 'connecting' AND no_qr_rounds >= 3)
+         THEN 'the Evolution API answers {"count":0} (no QR) for these instances, round after round: usually the '
+              'server''s WhatsApp Web version (CONFIG_SESSION_PHONE_VERSION) or its network to WhatsApp; see '
+              'Evolution API issues #1541 and #2385' END AS instances_without_qr_hint,
+    (SELECT count(*) FILTER (WHERE q.action = 'delete' AND q.status IN ('pending', 'processing'))) AS deletions_pending,
+    (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM evoq.webhooks_applied)  AS webhooks_applied,
+    (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM evoq.webhooks_ignored)  AS webhooks_ignored,
+    (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM evoq.webhooks_rejected) AS webhooks_rejected,
+    (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM evoq.webhooks_relayed)  AS webhooks_relayed,
+    (SELECT count(*) FROM evolution_instance_events) AS app_events_waiting,
+    (SELECT count(*) FROM evolution_instances i, evoq.settings s
+     WHERE s.webhook_url IS NOT NULL AND s.webhook_changed_at IS NOT NULL
+       AND i.instance_status IN ('connecting', 'open', 'close', 'refused', 'expired')
+       AND (i.webhook_set_at IS NULL OR i.webhook_set_at < s.webhook_changed_at)
+       AND evoq._is_ours(i.instance_name, s.namespace, s.owns_legacy_names)) AS webhooks_to_repoint,
+    -- 0.4.0: the background worker, from shared memory (all NULL but worker_loaded when evoq is
+    -- not in shared_preload_libraries, or the worker is not running)
+    (SELECT w.loaded FROM evoq._worker_state() w)       AS worker_loaded,
+    (SELECT w.pid FROM evoq._worker_state() w)          AS worker_pid,
+    (SELECT w.started_at FROM evoq._worker_state() w)   AS worker_started_at,
+    (SELECT w.last_loop_at FROM evoq._worker_state() w) AS worker_last_loop_at,
+    (SELECT w.in_flight FROM evoq._worker_state() w)    AS worker_in_flight,
+    (SELECT w.listener FROM evoq._worker_state() w)     AS worker_listener,
+    (SELECT w.last_error FROM evoq._worker_state() w)   AS worker_last_error,
+    -- 0.5.0: expired or deleted instances whose deliveries still come (the server reconnects them)
+    (SELECT count(*) FROM evolution_instances
+     WHERE instance_status IN ('expired', 'deleted') AND server_loop_seen_at > now() - interval '1 hour')
+        AS instances_still_looping,
+    CASE WHEN EXISTS (SELECT 1 FROM evolution_instances
+                      WHERE instance_status IN ('expired', 'deleted') AND server_loop_seen_at > now() - interval '1 hour')
+         THEN 'the Evolution server is still reconnecting these expired or deleted instances (their deliveries keep '
+              'coming, each reconnect a new socket): evoq logs them out again, up to 5 times; a restart of the '
+              'Evolution server ends such loops' END AS instances_still_looping_hint
+FROM evolution_instance_creation_queue q;
+
 
 -- (Re)creates the privileges and row level security policies of everything evoq owns. Runs at
 -- install, at every upgrade, and again by hand if the Supabase roles appear later. It changes

@@ -107,7 +107,16 @@ SELECT
     (SELECT w.last_loop_at FROM evoq._worker_state() w) AS worker_last_loop_at,
     (SELECT w.in_flight FROM evoq._worker_state() w)    AS worker_in_flight,
     (SELECT w.listener FROM evoq._worker_state() w)     AS worker_listener,
-    (SELECT w.last_error FROM evoq._worker_state() w)   AS worker_last_error
+    (SELECT w.last_error FROM evoq._worker_state() w)   AS worker_last_error,
+    -- 0.5.0: expired or deleted instances whose deliveries still come (the server reconnects them)
+    (SELECT count(*) FROM evolution_instances
+     WHERE instance_status IN ('expired', 'deleted') AND server_loop_seen_at > now() - interval '1 hour')
+        AS instances_still_looping,
+    CASE WHEN EXISTS (SELECT 1 FROM evolution_instances
+                      WHERE instance_status IN ('expired', 'deleted') AND server_loop_seen_at > now() - interval '1 hour')
+         THEN 'the Evolution server is still reconnecting these expired or deleted instances (their deliveries keep '
+              'coming, each reconnect a new socket): evoq logs them out again, up to 5 times; a restart of the '
+              'Evolution server ends such loops' END AS instances_still_looping_hint
 FROM evolution_instance_creation_queue q;
 REVOKE ALL ON evoq_status FROM PUBLIC;
 COMMENT ON VIEW evoq_status IS 'Queue counts per state, oldest pending age, last runs and last error. Grant it to your operators.';

@@ -111,7 +111,14 @@ CREATE TABLE evolution_instances (
     last_event_at       timestamptz,
     no_qr_rounds        integer NOT NULL DEFAULT 0,
     last_state_check_at timestamptz,
-    webhook_set_at      timestamptz
+    webhook_set_at      timestamptz,
+    -- 0.5.0: a logout and a delete do not stop a 2.3.6 server's reconnect loop for an instance
+    -- that cannot reach WhatsApp; its deliveries that keep coming for an expired or deleted row
+    -- are the evidence. Counted here, and the logout is tried again on a bounded schedule.
+    server_loop_deliveries integer NOT NULL DEFAULT 0,
+    server_loop_seen_at    timestamptz,
+    server_loop_logouts    integer NOT NULL DEFAULT 0,
+    server_loop_logout_at  timestamptz
 );
 COMMENT ON TABLE evolution_instances IS
     'One row per user instance on the Evolution API server. instance_status: connecting (waiting for a QR scan), open (connected), close (disconnected; disconnect_reason says why), refused (the server''s QR limit), expired (not scanned within evoq.qr_window_ms; logged out), lost (the server no longer knows it; re-queued), deleted (deprovisioned).';
@@ -121,6 +128,8 @@ COMMENT ON COLUMN evolution_instances.last_event_at IS
     'The server''s date_time of the last webhook delivery applied; an older delivery changes nothing.';
 COMMENT ON COLUMN evolution_instances.no_qr_rounds IS
     'Consecutive refreshes that got no QR ({"count":0}); 3 or more shows in evoq_status.instances_without_qr.';
+COMMENT ON COLUMN evolution_instances.server_loop_deliveries IS
+    'Deliveries received after the instance was expired or deleted: the server is still reconnecting it (a restart of the Evolution server ends such loops).';
 COMMENT ON COLUMN evolution_instances.qr_code IS 'The QR as a data:image/png;base64 URL, ready for an <img src>.';
 COMMENT ON COLUMN evolution_instances.qr_text IS 'The raw QR string (2@...), for clients that render it themselves.';
 CREATE INDEX evolution_instances_connecting_idx
@@ -657,6 +666,8 @@ AS $$
             disconnected_at = NULL, disconnect_reason = NULL, last_event_at = NULL, no_qr_rounds = 0,
             last_state_check_at = excluded.last_state_check_at,
             last_refresh_at = excluded.last_refresh_at,
+            server_loop_deliveries = 0, server_loop_seen_at = NULL, server_loop_logouts = 0,
+            server_loop_logout_at = NULL,
             webhook_set_at = coalesce(excluded.webhook_set_at, i.webhook_set_at),
             updated_at = clock_timestamp()
         RETURNING i.instance_name
@@ -781,6 +792,34 @@ BEGIN
         claimed := claimed || part;
     END IF;
 
+    -- 0.5.0: expired or deleted instances the server still reconnects (its deliveries keep
+    -- coming): logged out again, at most 5 times, 1, 2, 4, 8 and 16 minutes apart.
+    WITH due AS (
+        SELECT id FROM evolution_instances
+        WHERE instance_status IN ('expired', 'deleted')
+          AND server_loop_seen_at IS NOT NULL
+          AND server_loop_seen_at > coalesce(server_loop_logout_at, '-infinity')
+          AND server_loop_logouts < 5
+          AND coalesce(server_loop_logout_at, '-infinity')
+              <= now() - (60000 * 2 ^ server_loop_logouts) * interval '1 millisecond'
+          AND evoq._is_ours(instance_name, s.namespace, s.owns_legacy_names)
+          AND id NOT IN (SELECT (c->>'id')::uuid FROM jsonb_array_elements(claimed) c)
+          AND id <> ALL (busy)
+        ORDER BY server_loop_seen_at
+        LIMIT batch_size - jsonb_array_length(claimed)
+        FOR UPDATE SKIP LOCKED
+    ), upd AS (
+        UPDATE evolution_instances i SET server_loop_logout_at = clock_timestamp(),
+                                         server_loop_logouts = i.server_loop_logouts + 1
+        FROM due WHERE i.id = due.id
+        RETURNING i.id, i.instance_name, i.qr_text, i.instance_status, i.updated_at
+    )
+    SELECT coalesce(jsonb_agg(jsonb_build_object('id', id, 'instance_name', instance_name, 'qr_text', qr_text,
+                                                 'status', instance_status, 'claimed_at', updated_at,
+                                                 'task', 'relogout')), '[]')
+    INTO part FROM upd;
+    claimed := claimed || part;
+
     WITH due AS (
         SELECT id FROM evolution_instances
         WHERE instance_status = 'open'
@@ -838,6 +877,15 @@ AS $$
         SELECT min(coalesce(last_state_check_at, '-infinity') + check_interval_ms * interval '1 millisecond')
         FROM mine WHERE instance_status = 'open'
         UNION ALL
+        -- 0.5.0: a logout tried again for an instance the server still reconnects
+        SELECT min(coalesce(server_loop_logout_at, '-infinity')
+                   + (60000 * 2 ^ server_loop_logouts) * interval '1 millisecond')
+        FROM evolution_instances i, s
+        WHERE i.instance_status IN ('expired', 'deleted') AND i.server_loop_seen_at IS NOT NULL
+          AND i.server_loop_seen_at > coalesce(i.server_loop_logout_at, '-infinity')
+          AND i.server_loop_logouts < 5
+          AND evoq._is_ours(i.instance_name, s.namespace, s.owns_legacy_names)
+        UNION ALL
         SELECT now() FROM mine, s
         WHERE repoint AND s.webhook_url IS NOT NULL AND s.webhook_changed_at IS NOT NULL
           AND mine.instance_status IN ('connecting', 'open', 'close', 'refused', 'expired')
@@ -858,7 +906,8 @@ $$;
 --   checked, closed                        (check: still open, or the server says close; lost as above);
 --   repointed                              (repoint; with "webhook_version", as above);
 --   gone                                   (repoint of an idle instance the server lost: lost,
---                                           not created again until evoq_reconnect).
+--                                           not created again until evoq_reconnect);
+--   relogged                               (0.5.0: a logout tried again; nothing changes).
 -- and "claimed_status", "claimed_at" (0.4.0): the row's status and updated_at at the claim; a row
 -- changed since (a webhook delivery, an operator) is left alone.
 CREATE FUNCTION evoq._record_refresh_results(results jsonb) RETURNS void
@@ -895,7 +944,7 @@ AS $$
             last_error = CASE WHEN r.outcome = 'error' THEN evoq._redact(r.error, i.instance_name)
                               WHEN r.outcome = 'lost' THEN 'the Evolution API no longer knows this instance (404); its creation was queued again'
                               WHEN r.outcome = 'gone' THEN 'the Evolution API no longer knows this instance (404); evoq_reconnect creates it again'
-                              WHEN r.outcome IN ('checked', 'repointed') THEN i.last_error
+                              WHEN r.outcome IN ('checked', 'repointed', 'relogged') THEN i.last_error
                               ELSE NULL END,
             last_error_at = CASE WHEN r.outcome IN ('error', 'lost', 'gone') THEN clock_timestamp() ELSE i.last_error_at END,
             updated_at = clock_timestamp()
@@ -911,6 +960,22 @@ AS $$
     -- this run holds the instance row, the opposite order of evoq_process_queue: a deadlock.
     INSERT INTO evoq.requeue_requests (user_id, reason)
     SELECT user_id, 'lost' FROM updated WHERE outcome = 'lost'
+$$;
+
+-- 0.5.0: a delivery of a socket's life (a QR, a connection update) for an expired or deleted
+-- instance proves that the server still reconnects it: counted on the row (evoq_status shows
+-- such instances, and the refresh logs them out again). Returns whether it counted.
+CREATE FUNCTION evoq._count_server_loop(instance text) RETURNS boolean
+LANGUAGE sql
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+    WITH counted AS (
+        UPDATE evolution_instances SET server_loop_deliveries = server_loop_deliveries + 1,
+                                       server_loop_seen_at = clock_timestamp()
+        WHERE instance_name = instance AND instance_status IN ('expired', 'deleted')
+        RETURNING 1
+    )
+    SELECT EXISTS (SELECT 1 FROM counted)
 $$;
 
 -- Applies one webhook delivery to its instance row: a single guarded UPDATE (webhook.rs and

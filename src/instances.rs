@@ -43,6 +43,8 @@ fn evoq_reconnect(user_id: pgrx::Uuid) -> String {
              qr_text = CASE WHEN i.instance_status = 'connecting' THEN i.qr_text END,
              pairing_code = CASE WHEN i.instance_status = 'connecting' THEN i.pairing_code END,
              no_qr_rounds = 0, disconnected_at = NULL, disconnect_reason = NULL,
+             server_loop_deliveries = 0, server_loop_seen_at = NULL, server_loop_logouts = 0,
+             server_loop_logout_at = NULL,
              last_error = NULL, last_error_at = NULL, updated_at = clock_timestamp()
          WHERE i.user_id = $1 AND i.instance_status IN ('connecting', 'close', 'refused', 'expired')
          RETURNING i.instance_status",

@@ -54,6 +54,7 @@ pub fn fault(method: &str, path: &str, kind: FaultKind, times: Option<u32>) -> F
     FaultRule {
         method: Some(method.into()),
         path_contains: path.into(),
+        path_equals: None,
         kind,
         times,
     }

@@ -75,6 +75,18 @@ fn invalid(message: impl Into<String>, hint: impl Into<String>) -> ! {
 
 fn ignored(d: &Delivery, why: &str) -> Value {
     count("ignored");
+    // A QR or a connection update is a socket being started: for an expired or deleted
+    // instance, the proof that the server still reconnects it (counted on the row).
+    if matches!(
+        d.event.to_ascii_lowercase().replace('_', ".").as_str(),
+        "qrcode.updated" | "connection.update"
+    ) {
+        let _ = Spi::get_one_with_args::<bool>(
+            "SELECT evoq._count_server_loop($1)",
+            &[d.instance.clone().into()],
+        )
+        .or_internal("counting a delivery for an instance the server still reconnects");
+    }
     json!({"result": "ignored", "event": d.event, "instance": d.instance, "why": why})
 }
 
@@ -256,8 +268,12 @@ pub fn ingest_with(settings: &Settings, payload: Value, header: Option<&str>) ->
 /// (`{"event", "instance", "data", ...}`) can reach through `/rest/v1/rpc/evoq_webhook`, and
 /// pgrx names every parameter, hence the SQL wrapper. The secret comes from the `x-evoq-secret`
 /// request header; v1.8 servers, which send no headers, carry it in the URL.
+///
+/// The Rust name stays `evoq_webhook`: its C symbol (`evoq_webhook_wrapper`) is what the
+/// upgrade scripts of 0.3.0 and 0.4.0 create `evoq_webhook` with, and an upgrade from those
+/// versions runs them against this library.
 #[pg_extern(security_definer, schema = "evoq", name = "_webhook")]
 #[search_path(pg_catalog, @extschema@, pg_temp)]
-fn webhook(payload: pgrx::JsonB) -> pgrx::JsonB {
+fn evoq_webhook(payload: pgrx::JsonB) -> pgrx::JsonB {
     pgrx::JsonB(ingest(payload.0, None))
 }

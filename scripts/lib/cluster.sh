@@ -5,6 +5,7 @@
 #   cluster_init DIR PORT DBNAME   create it (pg_cron preloaded for DBNAME)
 #   cluster_start / cluster_stop [mode] / cluster_psql [args...]
 
+# PGBIN may point at another PostgreSQL 15 installation (a private copy, say).
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 
 as_postgres() {

@@ -32,6 +32,20 @@ pub const MAX_REPLY_BYTES: u64 = 1024 * 1024;
 /// `MAX_REPLY_BYTES` as messages say it.
 const MAX_REPLY_LABEL: &str = "1 MiB";
 
+/// A probe that got no answer (refused, DNS, a timeout, a broken connection) says the server
+/// is down or unreachable: the whole server's fault, not a row's.
+fn probe_failure(e: ApiError) -> ApiError {
+    match e.error_class() {
+        ErrorClass::Unreachable | ErrorClass::Timeout | ErrorClass::Network => server_wide(e),
+        _ => e,
+    }
+}
+
+fn server_wide(mut e: ApiError) -> ApiError {
+    e.server_wide = true;
+    e
+}
+
 /// The instance name the health probe asks for: outside every namespace evoq makes
 /// (`evoq_<namespace>_<hex>`), and with characters no name evoq creates carries.
 pub const HEALTH_PROBE_NAME: &str = "evoq-health-probe--no-such-instance";
@@ -269,22 +283,14 @@ impl Client {
     pub fn probe_version(&self) -> Result<ApiVersion, ApiError> {
         const WHAT: &str = "GET /";
         self.scrubbed(|_| {
-            let reply = self.call("GET", "/", WHAT, None).map_err(|mut e| {
-                if matches!(
-                    e.error_class(),
-                    ErrorClass::Unreachable | ErrorClass::Timeout | ErrorClass::Network
-                ) {
-                    e.server_wide = true;
-                }
-                e
-            })?;
+            let reply = self.call("GET", "/", WHAT, None).map_err(probe_failure)?;
             match reply.status {
                 200..=299 => parse_version(&reply.body),
-                s if s >= 500 || s == 408 || s == 429 => {
-                    let mut e = ApiError::http(s, WHAT, error_words(&reply.body));
-                    e.server_wide = true;
-                    Err(e)
-                }
+                s if s >= 500 || s == 408 || s == 429 => Err(server_wide(ApiError::http(
+                    s,
+                    WHAT,
+                    error_words(&reply.body),
+                ))),
                 s => Err(ApiError::wrong_api_url(s, error_words(&reply.body))),
             }
         })
@@ -303,22 +309,12 @@ impl Client {
         const WHAT: &str = "GET /instance/fetchInstances";
         self.scrubbed(|_| {
             let path = format!("/instance/fetchInstances?instanceName={HEALTH_PROBE_NAME}");
-            let reply = self.call("GET", &path, WHAT, None).map_err(|mut e| {
-                if matches!(
-                    e.error_class(),
-                    ErrorClass::Unreachable | ErrorClass::Timeout | ErrorClass::Network
-                ) {
-                    e.server_wide = true;
-                }
-                e
-            })?;
+            let reply = self.call("GET", &path, WHAT, None).map_err(probe_failure)?;
             match reply.status {
                 200..=299 | 404 => Ok(()),
-                s if s >= 500 || s == 408 || s == 429 || s == 401 => {
-                    let mut e = ApiError::http(s, WHAT, error_words(&reply.body));
-                    e.server_wide = true;
-                    Err(e)
-                }
+                s if s >= 500 || s == 408 || s == 429 || s == 401 => Err(server_wide(
+                    ApiError::http(s, WHAT, error_words(&reply.body)),
+                )),
                 s => Err(ApiError::wrong_api_url(s, error_words(&reply.body))),
             }
         })

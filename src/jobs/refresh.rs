@@ -4,7 +4,9 @@
 //!   the server a socket and a QR loop (the row becomes `expired`);
 //! - open instances: a periodic connectionState, so a phone that unlinked the device is noticed
 //!   without webhooks;
-//! - instances registered before the webhook changed: the new URL, headers and secret.
+//! - instances registered before the webhook changed: the new URL, headers and secret;
+//! - expired or deleted instances whose deliveries keep coming (the server still reconnects
+//!   them): a logout again, on a bounded schedule (`evoq._claim_refresh`).
 //!
 //! A `close`, `refused` or `expired` instance is never connected from here: connect on a closed
 //! instance starts a new socket, and only `evoq_reconnect` (the user asking) may do that.
@@ -24,6 +26,8 @@ pub enum Task {
     Expire,
     Check,
     Repoint,
+    /// 0.5.0: log out again an expired or deleted instance the server still reconnects.
+    Relogout,
 }
 
 #[derive(Debug, Deserialize)]
@@ -50,6 +54,9 @@ pub enum Answer {
     State(LiveState),
     /// webhook/set answered; false: the server no longer knows the instance.
     Repointed(bool),
+    /// A logout tried again; with the error it met, if any. Never a failure of the run's: such
+    /// an instance is expected to be half gone (404, "not connected" while it flaps).
+    Relogged(Option<String>),
 }
 
 #[derive(Default)]
@@ -66,6 +73,7 @@ struct Tally {
     closed: u64,
     still_open: u64,
     repointed: u64,
+    relogged: u64,
 }
 
 fn outcome_record(
@@ -120,6 +128,10 @@ fn outcome_record(
             let live = matches!(row.status.as_str(), "connecting" | "open");
             json!({"id": row.id, "outcome": if live { "lost" } else { "gone" }})
         }
+        Ok(Answer::Relogged(_)) => {
+            tally.relogged += 1;
+            json!({"id": row.id, "outcome": "relogged"})
+        }
         Err(e) => {
             tally.errors += 1;
             json!({"id": row.id, "outcome": "error", "error": e.message})
@@ -133,6 +145,7 @@ fn route(task: Task) -> &'static str {
         Task::Expire => "DELETE /instance/logout",
         Task::Check => "GET /instance/connectionState",
         Task::Repoint => "POST /webhook/set",
+        Task::Relogout => "DELETE /instance/logout",
     }
 }
 
@@ -187,6 +200,9 @@ impl RefreshJob {
                     "POST /webhook/set: the server's API version is not known yet",
                 )),
             },
+            Task::Relogout => Ok(Answer::Relogged(
+                client.logout(&name).err().map(|e| e.message),
+            )),
         }
     }
 
@@ -218,7 +234,7 @@ impl RefreshJob {
             "opened": t.opened, "lost": t.lost, "errors": t.errors, "batches": groups,
             "unrecordable": t.unrecordable, "requeued": t.requeued, "expired": t.expired,
             "closed": t.closed, "still_open": t.still_open, "repointed": t.repointed,
-            "stopped": stopped,
+            "relogged": t.relogged, "stopped": stopped,
         });
         self.run.finish(summary)
     }
@@ -249,6 +265,12 @@ impl RefreshJob {
             .collect();
         let mut records = Vec::with_capacity(rows.len());
         for (row, outcome) in rows.iter().zip(&outcomes) {
+            if let Ok(Answer::Relogged(Some(message))) = outcome {
+                self.run.note(format!(
+                    "logging {} out again: {message}",
+                    row.instance_name
+                ));
+            }
             if let Err(e) = outcome {
                 self.run.count_error(e);
                 if row.task == Task::Repoint {

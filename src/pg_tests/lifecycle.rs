@@ -492,4 +492,83 @@ mod tests {
             .iter()
             .all(|n| n.get("qr_code").is_none() && n.get("qr_text").is_none()));
     }
+
+    /// A 2.3.6 server that cannot reach WhatsApp goes on reconnecting an instance after its
+    /// logout (and even after its delete): its deliveries keep coming. They are counted on the
+    /// row, evoq_status shows the instance as still looping with a hint, and the logout is
+    /// tried again: at once the first time, then no sooner than its backoff, at most 5 times.
+    #[pg_test]
+    fn an_expired_instance_the_server_still_reconnects_is_shown_and_logged_out_again() {
+        let mock = mock();
+        let (user, name) = created_instance(&mock);
+        window_started(&user, "11 minutes");
+        json("SELECT evoq_refresh_qr()");
+        assert_eq!(status(&user), "expired");
+        let logouts = || mock.count_calls("DELETE", "/instance/logout/");
+        assert_eq!(logouts(), 1);
+        let secret = one::<String>("SELECT webhook_secret FROM evoq.settings").unwrap();
+        Spi::run_with_args(
+            "SELECT set_config('request.headers', $1, true)",
+            &[serde_json::json!({"x-evoq-secret": secret})
+                .to_string()
+                .into()],
+        )
+        .unwrap();
+        let deliver = |event: &str, data: Value| {
+            Spi::run_with_args(
+                "SELECT evoq_webhook($1)",
+                &[pgrx::JsonB(
+                    serde_json::json!({"event": event, "instance": name, "data": data,
+                    "date_time": "2099-01-01T00:00:00.000Z"}),
+                )
+                .into()],
+            )
+            .unwrap();
+        };
+        // Nothing counted before a delivery comes.
+        assert_eq!(count("SELECT instances_still_looping FROM evoq_status"), 0);
+        deliver(
+            "connection.update",
+            serde_json::json!({"state": "connecting"}),
+        );
+        deliver(
+            "qrcode.updated",
+            serde_json::json!({"qrcode": {"code": "2@x", "base64": "data:image/png;base64,AA"}}),
+        );
+        assert_eq!(status(&user), "expired", "a late QR never re-opens it");
+        assert_eq!(instance_row(&user)["server_loop_deliveries"], 2);
+        assert_eq!(count("SELECT instances_still_looping FROM evoq_status"), 1);
+        assert!(
+            one::<String>("SELECT instances_still_looping_hint FROM evoq_status")
+                .unwrap()
+                .contains("restart of the Evolution server")
+        );
+        // Logged out again by the next refresh, and not again right after.
+        let summary = json("SELECT evoq_refresh_qr()");
+        assert_eq!(summary["relogged"], 1, "{summary}");
+        assert_eq!(logouts(), 2);
+        deliver(
+            "connection.update",
+            serde_json::json!({"state": "connecting"}),
+        );
+        json("SELECT evoq_refresh_qr()");
+        assert_eq!(logouts(), 2, "the second retry waits its backoff");
+        // Due again: logged out again; after five retries, no more.
+        for _ in 0..6 {
+            run(&format!(
+                "UPDATE evolution_instances SET server_loop_logout_at = server_loop_logout_at - interval '1 day'
+                 WHERE user_id = '{user}'"
+            ));
+            deliver(
+                "connection.update",
+                serde_json::json!({"state": "connecting"}),
+            );
+            json("SELECT evoq_refresh_qr()");
+        }
+        assert_eq!(logouts(), 6, "one logout at expiry, then five retries");
+        // Reconnecting starts a new life: nothing counted any more.
+        run("RESET ROLE");
+        json(&format!("SELECT to_jsonb(evoq_reconnect('{user}'))"));
+        assert_eq!(instance_row(&user)["server_loop_deliveries"], 0);
+    }
 }

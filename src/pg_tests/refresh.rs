@@ -184,6 +184,7 @@ mod tests {
         mock.add_fault(evolution_mock::FaultRule {
             method: Some("GET".into()),
             path_contains: "/".into(),
+            path_equals: None,
             kind: FaultKind::Garbage,
             times: Some(1),
         });

@@ -780,6 +780,12 @@ pub extern "C-unwind" fn evoq_worker_main(_arg: pg_sys::Datum) {
     let pid = unsafe { libc::getpid() };
     shared::started(pid);
     log!("{WORKER_TYPE} started in database {database} (pid {pid})");
+    // Calls in flight are capped by the file descriptors this process may use beside
+    // PostgreSQL's own: said here once, with the figure and the setting to change (each run's
+    // summary says it again).
+    if let (_, Some(note)) = crate::fd_budget::call_slots(crate::settings::tunables().concurrency) {
+        pgrx::warning!("evoq worker: {note}");
+    }
     let mut worker = Worker::new();
     loop {
         // SAFETY: a flag PostgreSQL's SIGHUP handler sets; read and cleared on the main thread.

@@ -32,12 +32,17 @@ pub enum FaultKind {
 }
 
 /// One rule. `path_contains` is a substring of the request path (raw or percent-decoded);
-/// `times` limits the rule to its first N matches, `None` means forever.
+/// `path_equals`, when given, must be the whole path (raw or percent-decoded): `"/"` then
+/// singles out `GET /` (the version probe), which every path contains. A rule may give either
+/// or both. `times` limits the rule to its first N matches, `None` means forever.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FaultRule {
     #[serde(default)]
     pub method: Option<String>,
+    #[serde(default)]
     pub path_contains: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_equals: Option<String>,
     #[serde(flatten)]
     pub kind: FaultKind,
     #[serde(default)]
@@ -50,7 +55,12 @@ impl FaultRule {
             .method
             .as_deref()
             .is_none_or(|m| m.is_empty() || m.eq_ignore_ascii_case(method));
+        let equals_ok = self
+            .path_equals
+            .as_deref()
+            .is_none_or(|p| raw_path == p || decoded_path == p);
         method_ok
+            && equals_ok
             && (raw_path.contains(&self.path_contains)
                 || decoded_path.contains(&self.path_contains))
     }
@@ -177,17 +187,56 @@ mod tests {
         f.add(FaultRule {
             method: Some("GET".into()),
             path_contains: "/a".into(),
+            path_equals: None,
             kind: FaultKind::Garbage,
             times: Some(1),
         });
         f.add(FaultRule {
             method: None,
             path_contains: "/a".into(),
+            path_equals: None,
             kind: FaultKind::Drop,
             times: None,
         });
         assert_eq!(f.take("GET", "/a", "/a").unwrap().0, FaultKind::Garbage);
         assert_eq!(f.take("GET", "/a", "/a").unwrap().0, FaultKind::Drop);
         assert!(f.take("GET", "/b", "/b").is_none());
+    }
+
+    /// `path_contains: "/"` is every path; `path_equals: "/"` is `GET /` alone.
+    #[test]
+    fn path_equals_matches_the_whole_path_only() {
+        let r: FaultRule = serde_json::from_str(
+            r#"{"method":"GET","path_equals":"/","kind":"delay","ms":5,"times":1}"#,
+        )
+        .unwrap();
+        assert_eq!(r.path_equals.as_deref(), Some("/"));
+        assert_eq!(r.path_contains, "");
+        assert!(r.matches("GET", "/", "/"));
+        assert!(!r.matches(
+            "GET",
+            "/instance/fetchInstances",
+            "/instance/fetchInstances"
+        ));
+        assert!(!r.matches("POST", "/", "/"));
+        let f = Faults::new();
+        f.add(r);
+        assert!(f
+            .take("GET", "/instance/connect/a", "/instance/connect/a")
+            .is_none());
+        assert_eq!(
+            f.take("GET", "/", "/").unwrap().0,
+            FaultKind::Delay { ms: 5 }
+        );
+        // Percent-decoded paths match too; a rule without it serialises as before.
+        let r: FaultRule =
+            serde_json::from_str(r#"{"path_equals":"/webhook/set/a b","kind":"drop"}"#).unwrap();
+        assert!(r.matches("POST", "/webhook/set/a%20b", "/webhook/set/a b"));
+        assert!(!r.matches("POST", "/webhook/set/a b c", "/webhook/set/a b c"));
+        let plain: FaultRule =
+            serde_json::from_str(r#"{"path_contains":"/x","kind":"drop"}"#).unwrap();
+        assert!(!serde_json::to_string(&plain)
+            .unwrap()
+            .contains("path_equals"));
     }
 }

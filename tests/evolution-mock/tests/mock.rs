@@ -131,6 +131,7 @@ fn rule(method: Option<&str>, path: &str, kind: FaultKind, times: Option<u32>) -
     FaultRule {
         method: method.map(str::to_string),
         path_contains: path.to_string(),
+        path_equals: None,
         kind,
         times,
     }
@@ -879,6 +880,38 @@ fn fault_delay_and_latency() {
     let t = Instant::now();
     assert_eq!(c.get("/__mock/calls", None).0, 200);
     assert!(t.elapsed() < Duration::from_millis(150));
+}
+
+/// `path_equals: "/"` over the control API delays `GET /` (the version probe) and no other
+/// GET, which `path_contains: "/"` cannot do: every path contains "/".
+#[test]
+fn fault_path_equals_singles_out_get_root() {
+    let mock = v2();
+    let c = Client::new(&mock);
+    let (s, _) = c.post(
+        "/__mock/faults",
+        None,
+        json!({"method":"GET","path_equals":"/","kind":"delay","ms":400,"times":1}),
+    );
+    assert_eq!(s, 200);
+    let t = Instant::now();
+    assert_eq!(
+        c.get("/instance/fetchInstances?instanceName=nobody", Some(KEY))
+            .0,
+        404
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(300),
+        "{:?}",
+        t.elapsed()
+    );
+    let (_, faults) = c.get("/__mock/faults", None);
+    assert_eq!(faults[0]["path_equals"], "/", "still armed: {faults}");
+    let t = Instant::now();
+    assert_eq!(c.get("/", None).0, 200);
+    assert!(t.elapsed() >= Duration::from_millis(400));
+    let (_, faults) = c.get("/__mock/faults", None);
+    assert_eq!(faults, json!([]));
 }
 
 /// The latency mix's slow sleep in the tests, and the most a fast call may take: far enough
