@@ -332,7 +332,10 @@ for line in open(sys.argv[1]):
         continue  # the worker was being restarted
     ago = h.get("last_loop_ms_ago", 0)
     longest = max(longest, ago)
-    if h.get("status") == "stalled":
+    if h.get("error") == "too many connections":
+        # every slot held a delivery waiting for its verdict: the listener's documented 503
+        bad += code != "503"
+    elif h.get("status") == "stalled":
         stalled += 1
         bad += not (code == "503" and ago > 10000)
     else:

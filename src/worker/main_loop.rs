@@ -43,8 +43,10 @@ const MAX_SLEEP: Duration = Duration::from_secs(60);
 /// After a cycle that claimed nothing although something looked due (rows another session
 /// holds, say), the next one waits at least this long; a sign-up still wakes it at once.
 const EMPTY_CYCLE_PAUSE: Duration = Duration::from_secs(1);
-/// Waiting deliveries applied per turn before the cycle gets its turn.
+/// Waiting deliveries applied per turn before the cycle gets its turn: at most this many
+/// groups, and no new group after `DELIVERY_TIME_PER_TURN`.
 const DELIVERY_GROUPS_PER_TURN: usize = 8;
+const DELIVERY_TIME_PER_TURN: Duration = Duration::from_millis(200);
 
 struct Worker {
     settings: WorkerSettings,
@@ -364,7 +366,13 @@ impl Worker {
         let Some(listener) = self.listener.as_ref() else {
             return;
         };
+        let started = Instant::now();
         for _ in 0..DELIVERY_GROUPS_PER_TURN {
+            // What is still queued waits for the next turn (a few ms away): the cycle's claims
+            // (a sign-up) get their turn however many deliveries arrive.
+            if started.elapsed() >= DELIVERY_TIME_PER_TURN {
+                return;
+            }
             let group: Vec<_> = std::iter::from_fn(|| listener.try_recv())
                 .take(deliveries::GROUP)
                 .collect();

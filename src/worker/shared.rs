@@ -161,9 +161,12 @@ pub fn wake_at_commit() {
         ARMED.with(|a| a.set(false));
     });
     // PREPARE TRANSACTION ends neither way: the row becomes visible at COMMIT PREPARED, which
-    // may come from another session; the worker then finds it by its next due time.
+    // may come from another session and runs no callback of ours. The worker is woken now
+    // anyway: it finds nothing yet, sees a prepared transaction in its database, and from then
+    // on looks every second until none is left (main_loop::next_due_in).
     pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Prepare, || {
         ARMED.with(|a| a.set(false));
+        wake();
     });
 }
 
