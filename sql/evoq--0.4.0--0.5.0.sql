@@ -95,6 +95,57 @@ AS $$
     SELECT EXISTS (SELECT 1 FROM counted)
 $$;
 
+-- The claim's index, in the claim's order.
+DROP INDEX evolution_instance_creation_queue_due_idx;
+CREATE INDEX evolution_instance_creation_queue_due_idx
+    ON evolution_instance_creation_queue (next_attempt_at, created_at)
+    WHERE status IN ('pending', 'processing');
+
+-- Claims up to batch_size due rows. SKIP LOCKED: an overlapping run takes other rows. 0.4.0: a
+-- claimed row carries a lease: its next_attempt_at moves lease_ms ahead, so it is due for nobody
+-- else (this run's later claims included) until its result is written or the lease runs out. A
+-- SQL function's run holds its rows locked until it ends, so a crash or cancel there simply
+-- makes them due again; the background worker commits its claims, and a worker that died
+-- leaves rows that come due when their lease runs out (adoption on 403 keeps the retry free of
+-- duplicates). With the row's action, the name of the user's instance row (what a delete
+-- removes), and claimed_at: the results are written only to a row still held by this claim.
+-- 0.5.0: PL/pgSQL, so its plan is made once per session and kept (a SQL function with a SET
+-- clause is never inlined and was planned anew at every claim: the worker claims once per
+-- finished call).
+CREATE OR REPLACE FUNCTION evoq._claim_queue(batch_size integer, lease_ms bigint) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+DECLARE
+    result jsonb;
+BEGIN
+    WITH due AS (
+        SELECT id, status, updated_at, next_attempt_at FROM evolution_instance_creation_queue
+        WHERE status IN ('pending', 'processing') AND next_attempt_at <= now()
+        ORDER BY next_attempt_at, created_at
+        LIMIT batch_size
+        FOR UPDATE SKIP LOCKED
+    ), claimed AS (
+        UPDATE evolution_instance_creation_queue q
+        SET status = 'processing', attempts = q.attempts + 1, updated_at = clock_timestamp(),
+            next_attempt_at = clock_timestamp() + lease_ms * interval '1 millisecond'
+        FROM due WHERE q.id = due.id
+        RETURNING q.id, q.user_id, q.request_id, q.attempts, q.instance_name, q.action, q.updated_at,
+                  due.status AS prev_status, due.updated_at AS prev_updated_at,
+                  due.next_attempt_at AS prev_next_attempt_at
+    )
+    SELECT coalesce(jsonb_agg(jsonb_build_object(
+        'id', c.id, 'user_id', c.user_id, 'request_id', c.request_id, 'attempts', c.attempts,
+        'instance_name', c.instance_name, 'action', c.action,
+        'instance_row_name', (SELECT i.instance_name FROM evolution_instances i WHERE i.user_id = c.user_id),
+        'prev_status', c.prev_status, 'prev_updated_at', c.prev_updated_at,
+        'prev_next_attempt_at', c.prev_next_attempt_at, 'claimed_at', c.updated_at)), '[]')
+    INTO result
+    FROM claimed c;
+    RETURN result;
+END
+$$;
+
 -- Writes the outcome of a batch. Each element of results:
 --   {"id", "instance_name", "ok": true, "action": "create", "instance_id", "token", "instance_status",
 --    "qr_code", "qr_text", "pairing_code", "qr_count", "webhook_version"}

@@ -79,8 +79,10 @@ COMMENT ON COLUMN evolution_instance_creation_queue.error_kind IS
 CREATE INDEX evolution_instance_creation_queue_status_created_at_idx
     ON evolution_instance_creation_queue (status, created_at);
 -- What the claim query scans: only rows that can still be due.
+-- 0.5.0: in the claim's order (next_attempt_at, created_at), so a claim reads the rows it takes,
+-- not every due row (a one-row claim with 2 000 due sorted all 2 000: 1.1 ms).
 CREATE INDEX evolution_instance_creation_queue_due_idx
-    ON evolution_instance_creation_queue (next_attempt_at)
+    ON evolution_instance_creation_queue (next_attempt_at, created_at)
     WHERE status IN ('pending', 'processing');
 ALTER TABLE evolution_instance_creation_queue ENABLE ROW LEVEL SECURITY;
 
@@ -464,10 +466,16 @@ $$;
 -- leaves rows that come due when their lease runs out (adoption on 403 keeps the retry free of
 -- duplicates). With the row's action, the name of the user's instance row (what a delete
 -- removes), and claimed_at: the results are written only to a row still held by this claim.
+-- 0.5.0: PL/pgSQL, so its plan is made once per session and kept (a SQL function with a SET
+-- clause is never inlined and was planned anew at every claim: the worker claims once per
+-- finished call).
 CREATE FUNCTION evoq._claim_queue(batch_size integer, lease_ms bigint) RETURNS jsonb
-LANGUAGE sql
+LANGUAGE plpgsql
 SET search_path = pg_catalog, @extschema@, pg_temp
 AS $$
+DECLARE
+    result jsonb;
+BEGIN
     WITH due AS (
         SELECT id, status, updated_at, next_attempt_at FROM evolution_instance_creation_queue
         WHERE status IN ('pending', 'processing') AND next_attempt_at <= now()
@@ -489,7 +497,10 @@ AS $$
         'instance_row_name', (SELECT i.instance_name FROM evolution_instances i WHERE i.user_id = c.user_id),
         'prev_status', c.prev_status, 'prev_updated_at', c.prev_updated_at,
         'prev_next_attempt_at', c.prev_next_attempt_at, 'claimed_at', c.updated_at)), '[]')
-    FROM claimed c
+    INTO result
+    FROM claimed c;
+    RETURN result;
+END
 $$;
 
 -- Puts claimed rows back exactly as they were (the circuit breaker: a batch that failed because
