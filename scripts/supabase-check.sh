@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # evoq on a database built the way self-hosted Supabase (the supabase/postgres image) builds it,
-# in our own SQL from /work/shared/supabase-facts.md: `initdb -U supabase_admin`, `postgres`
+# in our own SQL from what supabase/postgres's init scripts and migrations do: `initdb -U supabase_admin`, `postgres`
 # created and then demoted to a non-superuser (Supabase's demote-postgres migration) holding
 # pg_read_all_data, the API roles anon / authenticated / service_role and authenticator, auth.uid()
 # in a schema owned by supabase_auth_admin, Supabase's default privileges in public set before the
