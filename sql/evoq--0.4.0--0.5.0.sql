@@ -396,6 +396,11 @@ AS $$
         SELECT * FROM jsonb_to_recordset(results) AS x(
             id uuid, outcome text, qr_code text, qr_text text, pairing_code text, qr_count integer, error text,
             webhook_version timestamptz, claimed_status text, claimed_at timestamptz)
+    ), free AS (
+        -- 0.5.0: a row another session holds (a pg_cron run, an operator) keeps its state: its
+        -- result is dropped, and the next refresh asks again. Waiting for it froze the worker's
+        -- main loop for a lock timeout per attempt (the batch, the row, the row as a failure).
+        SELECT i.id FROM evolution_instances i JOIN r ON r.id = i.id FOR UPDATE OF i SKIP LOCKED
     ), updated AS (
         UPDATE evolution_instances i SET
             instance_status = CASE r.outcome WHEN 'open' THEN 'open' WHEN 'lost' THEN 'lost' WHEN 'gone' THEN 'lost'
@@ -426,7 +431,7 @@ AS $$
                               ELSE NULL END,
             last_error_at = CASE WHEN r.outcome IN ('error', 'lost', 'gone') THEN clock_timestamp() ELSE i.last_error_at END,
             updated_at = clock_timestamp()
-        FROM r WHERE i.id = r.id
+        FROM r WHERE i.id = r.id AND i.id IN (SELECT id FROM free)
           -- 0.4.0: the worker does not hold the row during the call; a delivery that moved it
           -- on meanwhile wins
           AND (r.claimed_status IS NULL OR i.instance_status = r.claimed_status)
