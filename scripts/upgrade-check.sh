@@ -171,15 +171,21 @@ check "0.1.0 rows copied aside" "$copied" "5 tables, 15 rows"
 expected_migration="UPDATE upgrade_check.evolution_instance_creation_queue
   SET instance_name = 'evoq_' || replace(user_id::text, '-', '') WHERE instance_name IS NULL"
 
+# database_made_by VERSION COMMIT DB: DB created by evoq VERSION built from COMMIT, configured against
+# the mock, with a profiles table and a partitioned one attached.
+database_made_by() {
+  local src=/tmp/evoq-upgrade-src-$1
+  source_of "$2" "$1" "$src"
+  install_from "$src" "$1" || die "evoq $1 does not build or install"
+  cluster_psql -d postgres -c "CREATE DATABASE $3" >/dev/null
+  q "$3" "CREATE EXTENSION evoq VERSION '$1'"
+  q "$3" "SELECT evoq_configure(api_url => '$MOCK_URL', api_key => '$KEY', webhook_url => 'https://app.example/hook')" >/dev/null
+  profiles_with_trigger "$3"
+  partitioned_with_trigger "$3"
+}
+
 # --- database C: evoq 0.2.0 as it shipped, with rows in every state of its own tables -----------------
-MID_SRC=/tmp/evoq-upgrade-src-$MID
-source_of "$MID_COMMIT" "$MID" "$MID_SRC"
-install_from "$MID_SRC" "$MID" || die "evoq $MID does not build or install"
-cluster_psql -d postgres -c "CREATE DATABASE $C" >/dev/null
-q "$C" "CREATE EXTENSION evoq VERSION '$MID'"
-q "$C" "SELECT evoq_configure(api_url => '$MOCK_URL', api_key => '$KEY', webhook_url => 'https://app.example/hook')" >/dev/null
-profiles_with_trigger "$C"
-partitioned_with_trigger "$C"
+database_made_by "$MID" "$MID_COMMIT" "$C"
 fill_in_every_state "$C" gus hal ivy jon kim lea
 # 0.2.0's own tables: a requeue request waiting, a skipped profile, an open circuit.
 q "$C" "INSERT INTO evoq.requeue_requests (user_id, reason) SELECT id, 'reinserted' FROM profiles WHERE email = 'hal@example.com';
@@ -195,14 +201,7 @@ compare_rows_c=$compare_rows
 check "0.2.0 rows copied aside" "$copied" "8 tables, 18 rows"
 
 # --- database D: evoq 0.3.0 as it shipped, with rows in every state of its own features ---------------
-LAST_SRC=/tmp/evoq-upgrade-src-$LAST
-source_of "$LAST_COMMIT" "$LAST" "$LAST_SRC"
-install_from "$LAST_SRC" "$LAST" || die "evoq $LAST does not build or install"
-cluster_psql -d postgres -c "CREATE DATABASE $D" >/dev/null
-q "$D" "CREATE EXTENSION evoq VERSION '$LAST'"
-q "$D" "SELECT evoq_configure(api_url => '$MOCK_URL', api_key => '$KEY', webhook_url => 'https://app.example/hook')" >/dev/null
-profiles_with_trigger "$D"
-partitioned_with_trigger "$D"
+database_made_by "$LAST" "$LAST_COMMIT" "$D"
 fill_in_every_state "$D" max ned ola pat quin rex
 # 0.3.0's own states and tables: a webhook delivery applied (ned's scan: open, with the owner's
 # number), an event kept for the application, a deprovisioned user whose deletion is queued.
@@ -223,15 +222,8 @@ copy_aside "$D" "$LAST"
 compare_rows_d=$compare_rows
 check "0.3.0 rows copied aside" "$copied" "9 tables, 16 rows"
 
-# --- database E: evoq 0.4.0 as it shipped, with rows in every state, and its pg_cron jobs ------------
-PREV_SRC=/tmp/evoq-upgrade-src-$PREV
-source_of "$PREV_COMMIT" "$PREV" "$PREV_SRC"
-install_from "$PREV_SRC" "$PREV" || die "evoq $PREV does not build or install"
-cluster_psql -d postgres -c "CREATE DATABASE $E" >/dev/null
-q "$E" "CREATE EXTENSION evoq VERSION '$PREV'"
-q "$E" "SELECT evoq_configure(api_url => '$MOCK_URL', api_key => '$KEY', webhook_url => 'https://app.example/hook')" >/dev/null
-profiles_with_trigger "$E"
-partitioned_with_trigger "$E"
+# --- database E: evoq 0.4.0 as it shipped, with rows in every state, a deletion queued -------------
+database_made_by "$PREV" "$PREV_COMMIT" "$E"
 fill_in_every_state "$E" sam tom uma vic wes xia
 q "$E" "DELETE FROM profiles WHERE email = 'uma@example.com'"
 check "0.4.0 rows in every state" \
