@@ -350,6 +350,9 @@ pub struct ListenerStats {
     pub reply_timeouts: u64,
     /// Connections open now.
     pub open_connections: usize,
+    /// Of those, the ones in the middle of an authenticated request (never evicted); the
+    /// rest are strangers or idle keep-alives a newcomer may put out.
+    pub busy_connections: usize,
 }
 
 /// What the accept thread, the connection threads and the `Listener` share.
@@ -472,6 +475,7 @@ impl Listener {
             rejected: get(&s.rejected),
             unconfigured: get(&s.unconfigured),
             open_connections: s.slots.open(),
+            busy_connections: s.slots.busy(),
         }
     }
 

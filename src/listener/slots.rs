@@ -127,6 +127,16 @@ impl Slots {
     pub(super) fn open(&self) -> usize {
         self.lock().entries.len()
     }
+
+    /// Connections in an authenticated request now.
+    pub(super) fn busy(&self) -> usize {
+        let inner = self.lock();
+        inner
+            .entries
+            .iter()
+            .filter(|e| e.standing == Standing::Busy)
+            .count()
+    }
 }
 
 #[cfg(test)]

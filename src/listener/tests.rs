@@ -780,7 +780,8 @@ fn only_when_every_slot_holds_an_authenticated_request_is_a_newcomer_refused_503
     c1.post("/hook/1", "", "1");
     c2.post("/hook/2", "", "2");
     let (d1, d2) = (h.next(), h.next());
-    assert_eq!(h.listener.stats().open_connections, 2);
+    let s = h.listener.stats();
+    assert_eq!((s.open_connections, s.busy_connections), (2, 2));
 
     let mut c3 = Client::connect(h.addr());
     let r = c3.reply();
@@ -796,7 +797,10 @@ fn only_when_every_slot_holds_an_authenticated_request_is_a_newcomer_refused_503
     d2.answer(Verdict::Applied);
     assert_eq!(c1.reply().status, 200);
     assert_eq!(c2.reply().status, 200);
-    // Kept alive and idle now: a newcomer takes the slot of the older one.
+    // Kept alive and idle now: a newcomer takes the slot of the older one. (A connection
+    // stands idle just after its answer is written, so the client can read the answer first:
+    // wait for both, or the newcomer may find only c2 idle and put it out instead.)
+    h.wait_until("both idle", |s| s.busy_connections == 0);
     let mut c4 = Client::connect(h.addr());
     assert_eq!(c4.get("/health").status, 200);
     assert!(c1.closed());
