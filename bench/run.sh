@@ -334,9 +334,11 @@ REPEAT=${BENCH_REPEAT:-3}
 TCK=$(getconf CLK_TCK)
 conf "evoq.qr_refresh_interval_ms = 3600000"   # creations only, as in the worker section
 conf "evoq.concurrency = 16"
+# Creations only: the mock's creates answer with a QR, as a real 2.3.6's do (its create waits for
+# one), so no new instance is polled at once.
 sql_cpu() { # sql_cpu LATENCY_MS -> "creations_per_s ms_per_creation main_thread_ms_per_creation"
   conf "evoq.worker = off"
-  reset_all; mockcfg "{\"latency_ms\": $1, \"slow_every\": 0}"
+  reset_all; mockcfg "{\"latency_ms\": $1, \"slow_every\": 0, \"qr_on_create\": true}"
   q "INSERT INTO evolution_instance_creation_queue (user_id) SELECT gen_random_uuid() FROM generate_series(1, $CPU_N)" >/dev/null
   local stat="SELECT pg_read_file('/proc/self/stat') || pg_read_file('/proc/self/task/' || pg_backend_pid() || '/stat')"
   cluster_psql -d evoq_bench -tA -c "SET evoq.concurrency = 16" -c "$stat" -c "SELECT evoq_process_queue()" -c "$stat" \
@@ -355,7 +357,7 @@ print('%.1f %.4f %.4f' % (s['created'] / (s['elapsed_ms'] / 1000), ms(0, 3), ms(
 PY
 }
 worker_cpu() { # worker_cpu LATENCY_MS -> "creations_per_s ms_per_creation main_thread_ms_per_creation"
-  reset_all; mockcfg "{\"latency_ms\": $1, \"slow_every\": 0}"
+  reset_all; mockcfg "{\"latency_ms\": $1, \"slow_every\": 0, \"qr_on_create\": true}"
   sleep 0.5
   local p t0 t1 m0 m1 n; p=$(wpid); t0=$(cpu_ticks "$p") m0=$(cpu_ticks "$p/task/$p")
   q "INSERT INTO profiles (email) SELECT 'cpu' || g || '@example.com' FROM generate_series(1, $CPU_N) g" >/dev/null
@@ -373,6 +375,7 @@ for lat in 0 50; do
   done
 done
 conf "evoq.qr_refresh_interval_ms = 20000"
+mockcfg '{"qr_on_create": false}'
 echo
 echo "CPU of the backend per creation: $CPU_N creations per run, evoq.concurrency 16, batch_size 200, $REPEAT runs each"
 echo "(user + sys of the whole process, its HTTP threads included, and of its main thread alone; min / median of the runs; 2 shared cores: noisy)"

@@ -380,6 +380,11 @@ impl<T: Send + 'static, R: Send + 'static> Pool<T, R> {
         self.in_flight
     }
 
+    /// How many items may be in flight at once.
+    pub fn concurrency(&self) -> usize {
+        self.concurrency
+    }
+
     /// Free slots: how many more items can be submitted without queueing behind others.
     pub fn room(&self) -> usize {
         self.concurrency.saturating_sub(self.in_flight)

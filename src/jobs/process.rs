@@ -6,7 +6,7 @@ use super::run::{
 };
 use crate::evolution::{ApiError, ApiVersion, ErrorClass, Provisioned, Webhook};
 use crate::names::{instance_name, is_ours};
-use crate::pipeline::{run_to_end, Flow, Grouping, Pipeline, Source};
+use crate::pipeline::{run_to_end, Claimed, Flow, Grouping, Pipeline, Source};
 use crate::policy::{circuit_verdict, random_unit, Decision, RetryPolicy};
 use pgrx::prelude::*;
 use serde::Deserialize;
@@ -220,7 +220,7 @@ impl QueueJob {
         self.run.finish(summary)
     }
 
-    fn release(&mut self, rows: &[QueueRow]) {
+    fn give_back(&mut self, rows: &[QueueRow]) {
         let claims: Vec<Value> = rows
             .iter()
             .map(|r| {
@@ -246,25 +246,39 @@ impl Source for QueueJob {
     type Call = Call;
     type Answer = Result<Done, ApiError>;
 
-    fn claim(&mut self, room: usize, _busy: &[&QueueRow]) -> Vec<(QueueRow, Call)> {
+    /// Claims ahead too: a claimed row is held by its lease (4 request timeouts and 10 s, far
+    /// beyond the wait in the reserve, about one call), and `_release_queue` gives it back as
+    /// it was.
+    fn claim(&mut self, room: usize, ahead: usize, _busy: &[&QueueRow]) -> Claimed<Self> {
         if self.run.settings_replaced() {
-            return Vec::new();
+            return Claimed::of(Vec::new(), 1);
         }
+        let asked = room + ahead;
         // A claimed row's lease puts it out of reach of later claims, this run's included.
         let rows: Vec<ClaimedRow> = in_batch_context(|| {
             call_json(
                 "SELECT evoq._claim_queue($1, $2)",
-                &[(room as i32).into(), self.lease_ms.into()],
+                &[(asked as i32).into(), self.lease_ms.into()],
             )
         });
         self.tally.claimed += rows.len() as u64;
-        rows.into_iter()
+        let rows = rows
+            .into_iter()
             .map(|row| {
                 let (call, name) =
                     call_for(&row, self.version, &self.namespace, self.owns_legacy_names);
                 (QueueRow { row, name }, call)
             })
-            .collect()
+            .collect();
+        Claimed::of(rows, asked)
+    }
+
+    /// Rows claimed ahead and never called: given back as they were, and not counted as
+    /// claimed (the summary's `claimed` and `released` count rows that were called).
+    fn release(&mut self, rows: Vec<QueueRow>) {
+        in_batch_context(|| self.give_back(&rows));
+        self.tally.released -= rows.len() as u64;
+        self.tally.claimed -= rows.len() as u64;
     }
 
     fn record(&mut self, done: Vec<(QueueRow, Option<Result<Done, ApiError>>)>) -> Flow {
@@ -305,11 +319,11 @@ impl QueueJob {
         // still in flight when the circuit opened are released too when they come back: they
         // went to the same server (one that answered after all is asked again, and adopted).
         if self.tripped {
-            self.release(&rows);
+            self.give_back(&rows);
             return Flow::Stop("circuit_open");
         }
         if let Some(cause) = verdict {
-            self.release(&rows);
+            self.give_back(&rows);
             self.run.trip(&cause);
             self.tripped = true;
             return Flow::Stop("circuit_open");
@@ -409,7 +423,8 @@ pub fn evoq_process_queue() -> pgrx::JsonB {
         Some(reason) => (reason, 0),
         None => {
             let grouping = sql_grouping(&job.run);
-            let mut pipe = Pipeline::new(job.run.pool(job.work()), grouping);
+            let ahead = job.run.tunables.concurrency.max(1);
+            let mut pipe = Pipeline::new(job.run.pool(job.work()), grouping).claiming_ahead(ahead);
             let deadline = job.run.deadline;
             let why = run_to_end(&mut pipe, &mut job, deadline, || {
                 pgrx::check_for_interrupts!();

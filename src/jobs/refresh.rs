@@ -13,7 +13,7 @@
 
 use super::run::{apply_requeue_requests, call_json, in_batch_context, record, Run};
 use crate::evolution::{ApiError, ApiVersion, ConnectOutcome, LiveState, Webhook};
-use crate::pipeline::{run_to_end, Flow, Pipeline, Source};
+use crate::pipeline::{run_to_end, Claimed, Flow, Pipeline, Source};
 use crate::policy::circuit_verdict;
 use pgrx::prelude::*;
 use serde::Deserialize;
@@ -303,13 +303,12 @@ impl Source for RefreshJob {
     type Call = RefreshCall;
     type Answer = Result<Answer, ApiError>;
 
-    fn claim(
-        &mut self,
-        room: usize,
-        busy: &[&ClaimedInstance],
-    ) -> Vec<(ClaimedInstance, RefreshCall)> {
+    /// Never claims ahead (`ahead` is ignored): a claim pushes the instance's due time
+    /// (last_refresh_at, ...), which a release could not put back, so every row it claims is
+    /// called at once.
+    fn claim(&mut self, room: usize, _ahead: usize, busy: &[&ClaimedInstance]) -> Claimed<Self> {
         if self.run.settings_replaced() {
-            return Vec::new();
+            return Claimed::of(Vec::new(), 1);
         }
         let t = self.run.tunables;
         let busy: Vec<pgrx::Uuid> = busy
@@ -343,12 +342,20 @@ impl Source for RefreshJob {
         } else {
             None
         };
-        rows.into_iter()
+        let rows = rows
+            .into_iter()
             .map(|r| {
                 let call = (r.task, r.instance_name.clone(), version);
                 (r, call)
             })
-            .collect()
+            .collect();
+        Claimed::of(rows, room)
+    }
+
+    /// Nothing to give back: it never claims ahead, so the pipeline never holds its rows
+    /// uncalled.
+    fn release(&mut self, rows: Vec<ClaimedInstance>) {
+        debug_assert!(rows.is_empty(), "a QR refresh row was held uncalled");
     }
 
     fn record(&mut self, done: Vec<(ClaimedInstance, Option<Result<Answer, ApiError>>)>) -> Flow {
@@ -364,7 +371,11 @@ pub fn evoq_refresh_qr() -> pgrx::JsonB {
         Some(reason) => (reason, 0),
         None => {
             let grouping = super::process::sql_grouping(&job.run);
-            let mut pipe = Pipeline::new(job.run.pool(job.work()), grouping);
+            // A refresh claim sorts every due instance whatever it takes: a quarter of the
+            // slots at a time, not one per finished call.
+            let quarter = (job.run.tunables.concurrency / 4).max(1);
+            let mut pipe =
+                Pipeline::new(job.run.pool(job.work()), grouping).claiming_at_least(quarter);
             let deadline = job.run.deadline;
             let why = run_to_end(&mut pipe, &mut job, deadline, || {
                 pgrx::check_for_interrupts!();

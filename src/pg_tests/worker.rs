@@ -227,7 +227,7 @@ mod tests {
 
     /// With the QR delivered by webhook, a new instance whose create answered {"count":0} is
     /// polled on the cadence, not at once (0.4.0 sent a connect right after every such create);
-    /// without deliveries it is asked at once, as before.
+    /// without deliveries it is asked at once, as before, unless its create brought the QR.
     #[pg_test]
     fn a_new_instance_is_polled_on_the_cadence_when_webhooks_deliver_its_qr() {
         use evolution_mock::Flavor;
@@ -251,6 +251,22 @@ mod tests {
         assert_eq!(json("SELECT evoq_process_queue()")["created"], 1);
         assert!(instance_row(&second)["last_refresh_at"].is_null());
         json("SELECT evoq_refresh_qr()");
-        assert!(mock.count_calls("GET", "/instance/connect") > connects);
+        let connects = mock.count_calls("GET", "/instance/connect");
+        assert!(connects > 0);
+
+        // No webhook, but the create's reply carried the QR (as a real server's does: it waits
+        // for one): that QR is as fresh as a poll's, so the first poll waits its interval.
+        mock.set_qr_on_create(true);
+        let third = sign_up(1).remove(0);
+        assert_eq!(json("SELECT evoq_process_queue()")["created"], 1);
+        let row = instance_row(&third);
+        assert!(row["qr_code"].is_string(), "{row}");
+        assert!(row["last_refresh_at"].is_string(), "{row}");
+        json("SELECT evoq_refresh_qr()");
+        assert_eq!(
+            mock.count_calls("GET", "/instance/connect"),
+            connects,
+            "a connect right after a create that brought its QR"
+        );
     }
 }

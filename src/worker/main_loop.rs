@@ -485,7 +485,13 @@ impl Worker {
                 age: commit_every,
             };
             Ok(Ok(Cycle {
-                pipe: Pipeline::new(pool, grouping),
+                // Sign-ups are claimed ahead, a reserve as large as the concurrency: one claim
+                // transaction per half of it instead of one per finished call (see `pipeline`).
+                // QR refreshes, which cannot be reserved, are claimed a quarter of the slots at
+                // a time: their claim sorts every due instance whatever it takes.
+                pipe: Pipeline::new(pool, grouping)
+                    .claiming_ahead(t.concurrency.max(1))
+                    .claiming_at_least((t.concurrency / 4).max(1)),
                 jobs: Both {
                     first: queue,
                     second: refresh,
@@ -538,17 +544,14 @@ impl Worker {
         if cycle.pipe.wants_rows() {
             let Cycle { pipe, jobs, .. } = &mut cycle;
             // The claims commit before any call leaves: a call is never made for a claim that
-            // rolled back.
-            match in_transaction(|| pipe.claim(jobs)) {
-                Ok(claimed) => {
-                    pipe.launch(claimed);
-                }
-                Err(message) => {
-                    self.cycle = Some(cycle);
-                    return self.failed("claiming rows", message);
-                }
+            // rolled back. (After a stop, this gives the reserve back.)
+            if let Err(message) = in_transaction(|| pipe.claim(jobs)) {
+                self.cycle = Some(cycle);
+                return self.failed("claiming rows", message);
             }
         }
+        // Claimed rows (now, or earlier into the reserve) go out as slots free.
+        cycle.pipe.launch();
         cycle.pipe.gather(Duration::ZERO);
         if cycle.pipe.group_due() {
             let Cycle { pipe, jobs, .. } = &mut cycle;
