@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs what evoq needs to build and test on Debian bookworm, as root: Debian's PostgreSQL 15
 # with its server headers and pg_cron, libclang for pgrx's bindings, sudo (the tests run the
-# server as the unprivileged `postgres` user), and cargo-pgrx 0.18.1. Idempotent: each step is
+# server as the unprivileged `postgres` user), dpkg-dev (scripts/package.sh's dpkg-shlibdeps),
+# and cargo-pgrx 0.18.1. Idempotent: each step is
 # skipped when already done, so CI and later runs pay only for what is missing.
 set -euo pipefail
 
-packages=(postgresql-15 postgresql-server-dev-15 postgresql-15-cron libclang-dev sudo curl)
+packages=(postgresql-15 postgresql-server-dev-15 postgresql-15-cron libclang-dev sudo curl dpkg-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

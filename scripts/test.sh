@@ -14,6 +14,10 @@
 #      the key file, restores, the worker as postgres)
 #   7. the upgrades from 0.1.0 ... 0.4.0             scripts/upgrade-check.sh
 #      UPDATE: equal to a fresh install, every row kept
+#   8. the Debian package, installed as a DBA would  scripts/package.sh, scripts/package-check.sh
+#      (apt-get install ./postgresql-15-evoq_*.deb on a PostgreSQL without evoq's files, what
+#      evoq.so links, the quickstart, the worker preloaded, the upgrades with the package's files,
+#      apt-get remove). Last, because it removes evoq from the system PostgreSQL and leaves it so.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -51,3 +55,6 @@ scripts/supabase-check.sh
 
 echo "== upgrades from 0.1.0, 0.2.0, 0.3.0 and 0.4.0 (ALTER EXTENSION evoq UPDATE)"
 scripts/upgrade-check.sh
+
+echo "== the Debian package (scripts/package.sh: a release build), installed and removed with apt-get"
+scripts/package-check.sh

@@ -8,8 +8,14 @@
 # the system PostgreSQL: 0.1.0 for a while, and this tree's build again before it exits, whatever
 # happens (the integration tests and the demo use the system install).
 #
+# UPGRADE_CHECK_INSTALLED=1  checks the evoq $NEW already installed there (scripts/package-check.sh:
+#   the Debian package's files) instead of building this tree: those files are copied aside before
+#   the older versions are installed over them and put back in their place for the upgrade (and
+#   at exit, whatever happens), and what the older versions added is removed at exit.
 # UPGRADE_CHECK_SELFTEST=schema  gives the fresh install an extra column the upgrade lacks;
 # UPGRADE_CHECK_SELFTEST=rows    loses a row after the upgrade. Either way the check must fail.
+# UC_DIR, UC_PG_PORT, UC_MOCK_PORT move the cluster, its port and the mock's, so two runs on one
+# machine do not collide.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 ROOT=$PWD
@@ -22,7 +28,11 @@ PREV=0.4.0 PREV_COMMIT=1e2e89ebdca84b3cd3dd8f9fed60d66d10c9edc2
 NEW=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n1)
 PG_CONFIG=$PGBIN/pg_config
 EXTDIR=$("$PG_CONFIG" --sharedir)/extension
-OLD_SRC=/tmp/evoq-upgrade-src-$OLD
+LIBDIR=$("$PG_CONFIG" --pkglibdir)
+UC_DIR=${UC_DIR:-/tmp/evoq-upgrade}
+UC_PG_PORT=${UC_PG_PORT:-55435} UC_MOCK_PORT=${UC_MOCK_PORT:-18095}
+OLD_SRC=$UC_DIR-src-$OLD
+INSTALLED=${UPGRADE_CHECK_INSTALLED:-}
 KEY=sk-evoq-upgrade-check
 A=evoq_upgraded B=evoq_fresh C=evoq_from_020 D=evoq_from_030 E=evoq_from_040
 SELFTEST=${UPGRADE_CHECK_SELFTEST:-}
@@ -49,7 +59,7 @@ install_from() { # install_from SOURCE_DIR VERSION
   # Both versions link target/debug/deps/libevoq.so, a name without a hash: left in place, cargo
   # would take the other version's library for fresh and install it under this version's name.
   rm -f "$CARGO_TARGET_DIR"/debug/libevoq.so "$CARGO_TARGET_DIR"/debug/deps/libevoq.so
-  local sudo=() log=/tmp/evoq-upgrade-install-$2.log start=$SECONDS
+  local sudo=() log=$UC_DIR-install-$2.log start=$SECONDS
   [ "$(id -u)" = 0 ] || sudo=(--sudo)
   if ! (cd "$1" && cargo pgrx install "${sudo[@]}" --pg-config "$PG_CONFIG") >"$log" 2>&1; then
     tail -n 30 "$log" >&2
@@ -59,12 +69,42 @@ install_from() { # install_from SOURCE_DIR VERSION
   echo "     installed evoq $2 from $1 in $((SECONDS - start)) s"
 }
 
+# UPGRADE_CHECK_INSTALLED: evoq's files as found, kept in $SAVED (their paths in $SAVED/list).
+SAVED=$UC_DIR-installed-files
+evoq_files() { find "$LIBDIR" "$EXTDIR" -maxdepth 1 -type f -name 'evoq*' | sort; }
+put_back_installed() {
+  local f
+  while read -r f; do
+    # A new file, not the old one overwritten: a backend still running the older library
+    # has it mapped (dpkg and cargo pgrx install replace files the same way).
+    cp -p --remove-destination "$SAVED/files$f" "$f" || return 1
+  done <"$SAVED/list"
+  installed=$NEW
+  echo "     put the installed evoq $NEW back in place"
+}
+if [ -n "$INSTALLED" ]; then
+  rm -rf "$SAVED" && mkdir -p "$SAVED/files"
+  evoq_files >"$SAVED/list"
+  [ -s "$SAVED/list" ] || die "UPGRADE_CHECK_INSTALLED: no evoq files in $LIBDIR or $EXTDIR"
+  [ "$(control_version)" = "$NEW" ] || die "UPGRADE_CHECK_INSTALLED: the installed evoq is '$(control_version)', this tree is $NEW"
+  while read -r f; do install -D -p -m "$(stat -c %a "$f")" "$f" "$SAVED/files$f"; done <"$SAVED/list"
+  installed=$NEW
+fi
+install_new() {
+  if [ -n "$INSTALLED" ]; then put_back_installed; else install_from "$ROOT" "$NEW"; fi
+}
+
 cleanup() {
   mock_stop
   cluster_stop immediate
   if [ -n "$installed" ] && [ "$installed" != "$NEW" ]; then
-    echo "upgrade-check: putting this tree's build back in place" >&2
-    install_from "$ROOT" "$NEW" || echo "upgrade-check: could not; run cargo pgrx install" >&2
+    echo "upgrade-check: putting evoq $NEW back in place" >&2
+    install_new || echo "upgrade-check: could not; run cargo pgrx install" >&2
+  fi
+  if [ -n "$INSTALLED" ] && [ -s "$SAVED/list" ]; then
+    # The older versions' install scripts (evoq--0.1.0.sql, ...) are this check's, not the install's.
+    evoq_files | grep -vxF -f "$SAVED/list" | xargs -r rm -f
+    rm -rf "$SAVED"
   fi
 }
 trap cleanup EXIT
@@ -89,9 +129,9 @@ install_from "$OLD_SRC" "$OLD" || die "evoq $OLD does not build or install"
 check "the installed control file defaults to $OLD" "$(control_version)" "$OLD"
 
 # --- database A: 0.1.0 with rows in every state -----------------------------------------------------
-cluster_init /tmp/evoq-upgrade 55435 "$A"
-cluster_start || die "the cluster does not start; see /tmp/evoq-upgrade/server.log"
-mock_start 18095 --api-key "$KEY" || die "the mock does not start"
+cluster_init "$UC_DIR" "$UC_PG_PORT" "$A"
+cluster_start || die "the cluster does not start; see $UC_DIR/server.log"
+mock_start "$UC_MOCK_PORT" --api-key "$KEY" || die "the mock does not start"
 cluster_psql -d postgres -c "CREATE DATABASE $A" -c "CREATE DATABASE $B"
 # A partitioned profiles table: Postgres clones its triggers onto each partition under the same
 # name, which an upgrade that adds triggers to attached tables must not trip over.
@@ -174,7 +214,7 @@ expected_migration="UPDATE upgrade_check.evolution_instance_creation_queue
 # database_made_by VERSION COMMIT DB: DB created by evoq VERSION built from COMMIT, configured against
 # the mock, with a profiles table and a partitioned one attached.
 database_made_by() {
-  local src=/tmp/evoq-upgrade-src-$1
+  local src=$UC_DIR-src-$1
   source_of "$2" "$1" "$src"
   install_from "$src" "$1" || die "evoq $1 does not build or install"
   cluster_psql -d postgres -c "CREATE DATABASE $3" >/dev/null
@@ -234,8 +274,14 @@ copy_aside "$E" "$PREV"
 compare_rows_e=$compare_rows
 check "0.4.0 rows copied aside" "$copied" "9 tables, 15 rows"
 
-# --- this tree's build, then ALTER EXTENSION evoq UPDATE ---------------------------------------------
-install_from "$ROOT" "$NEW" || die "this tree (evoq $NEW) does not build or install"
+# --- this tree's build (or the installed evoq), then ALTER EXTENSION evoq UPDATE ----------------------
+if [ -n "$INSTALLED" ]; then
+  put_back_installed || die "the installed evoq $NEW could not be put back"
+  check "the files installed at the start are back, byte for byte" \
+    "$(while read -r f; do cmp "$SAVED/files$f" "$f" || echo differs; done <"$SAVED/list")" ""
+else
+  install_from "$ROOT" "$NEW" || die "this tree (evoq $NEW) does not build or install"
+fi
 check "the installed control file defaults to $NEW" "$(control_version)" "$NEW"
 check "$OLD's, $MID's, $LAST's and $PREV's install scripts are still installed" \
   "$([ -f "$EXTDIR/evoq--$OLD.sql" ] && [ -f "$EXTDIR/evoq--$MID.sql" ] && [ -f "$EXTDIR/evoq--$LAST.sql" ] && [ -f "$EXTDIR/evoq--$PREV.sql" ] && echo yes)" "yes"
@@ -327,29 +373,29 @@ schema() { # schema DB
                    WHERE refclassid = 'pg_extension'::regclass AND deptype = 'e'
                      AND refobjid = (SELECT oid FROM pg_extension WHERE extname = 'evoq') ORDER BY 1) m"
 }
-schema "$A" >/tmp/evoq-upgrade/schema-upgraded.sql && schema "$B" >/tmp/evoq-upgrade/schema-fresh.sql &&
-  schema "$C" >/tmp/evoq-upgrade/schema-from-020.sql && schema "$D" >/tmp/evoq-upgrade/schema-from-030.sql &&
-  schema "$E" >/tmp/evoq-upgrade/schema-from-040.sql
+schema "$A" >"$UC_DIR"/schema-upgraded.sql && schema "$B" >"$UC_DIR"/schema-fresh.sql &&
+  schema "$C" >"$UC_DIR"/schema-from-020.sql && schema "$D" >"$UC_DIR"/schema-from-030.sql &&
+  schema "$E" >"$UC_DIR"/schema-from-040.sql
 ntables=$(q "$B" "SELECT count(*) FROM pg_class WHERE relkind IN ('r', 'p') AND relnamespace::regnamespace::text IN ('public', 'evoq')")
-check "both dumps show every table" "$(cat /tmp/evoq-upgrade/schema-{upgraded,fresh}.sql | grep -c '^CREATE TABLE')" "$((2 * ntables))"
-if diff -u --label "upgraded from $OLD" --label "fresh $NEW" /tmp/evoq-upgrade/schema-{upgraded,fresh}.sql; then
+check "both dumps show every table" "$(cat "$UC_DIR"/schema-{upgraded,fresh}.sql | grep -c '^CREATE TABLE')" "$((2 * ntables))"
+if diff -u --label "upgraded from $OLD" --label "fresh $NEW" "$UC_DIR"/schema-{upgraded,fresh}.sql; then
   check "the upgraded schema equals a fresh install" same same
 else
   check "the upgraded schema equals a fresh install (diff above)" differs same
 fi
-if diff -u --label "upgraded from $MID" --label "fresh $NEW" /tmp/evoq-upgrade/schema-{from-020,fresh}.sql; then
+if diff -u --label "upgraded from $MID" --label "fresh $NEW" "$UC_DIR"/schema-{from-020,fresh}.sql; then
   check "the schema upgraded from $MID equals a fresh install" same same
 else
   check "the schema upgraded from $MID equals a fresh install (diff above)" differs same
 fi
 
-if diff -u --label "upgraded from $LAST" --label "fresh $NEW" /tmp/evoq-upgrade/schema-{from-030,fresh}.sql; then
+if diff -u --label "upgraded from $LAST" --label "fresh $NEW" "$UC_DIR"/schema-{from-030,fresh}.sql; then
   check "the schema upgraded from $LAST equals a fresh install" same same
 else
   check "the schema upgraded from $LAST equals a fresh install (diff above)" differs same
 fi
 
-if diff -u --label "upgraded from $PREV" --label "fresh $NEW" /tmp/evoq-upgrade/schema-{from-040,fresh}.sql; then
+if diff -u --label "upgraded from $PREV" --label "fresh $NEW" "$UC_DIR"/schema-{from-040,fresh}.sql; then
   check "the schema upgraded from $PREV equals a fresh install" same same
 else
   check "the schema upgraded from $PREV equals a fresh install (diff above)" differs same
