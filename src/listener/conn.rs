@@ -151,10 +151,10 @@ fn serve(stream: &TcpStream, peer: SocketAddr, accepted_at: Instant, slot: &Slot
     // The first head is due within the head timeout of the accept, not of its first byte:
     // a connection that sends nothing holds its slot no longer than one that trickles.
     let mut since = Some(accepted_at);
+    // No check of `stopping` before the next head: a request that arrives after the stop
+    // gets its 503 from `handle`. A thread that had not yet come back here when the stop came
+    // would close instead, and a keep-alive client's next request would go unanswered.
     loop {
-        if shared.stopping.load(Ordering::SeqCst) {
-            break;
-        }
         let next = match conn.read_head(crate::evolution::SECRET_HEADER, since.take()) {
             Ok(head) => {
                 shared.requests.fetch_add(1, Ordering::Relaxed);
