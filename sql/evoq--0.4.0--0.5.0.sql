@@ -7,8 +7,10 @@
 -- * evoq_apply_policies: Supabase-like by its roles; postgres is Supabase's operator; trigger
 --   functions executable by PUBLIC (restores); a hint for callers who are not the owner.
 -- * evoq.settings.api_key may be NULL (evoq.api_key_file holds the key).
--- * A new instance whose QR comes by webhook is polled on the cadence; _next_due_ms copes with
---   rows never asked.
+-- * A new instance whose QR comes by webhook, or whose create brought one, is polled on the
+--   cadence; _next_due_ms copes with rows never asked. The record functions are PL/pgSQL.
+-- * Link with phone number: evoq.phone_links, evoq_link_with_phone, creates and connects that
+--   carry the number.
 -- No row changes; what a fresh 0.5.0 install has, this makes.
 \echo Use "ALTER EXTENSION evoq UPDATE TO '0.5.0'" to load this file. \quit
 
@@ -69,6 +71,19 @@ COMMENT ON FUNCTION evoq_webhook(jsonb) IS
 
 
 ALTER TABLE evoq.settings ALTER COLUMN api_key DROP NOT NULL;
+
+-- 0.5.0: "link with phone number" (a pairing code instead of a QR scan). The number a user gave,
+-- digits with the country code, kept only until the server has it: until the call that carries it
+-- (the create, or a connect after a logout) is answered, the instance opens, expires or is deleted,
+-- or evoq.qr_window_ms passes (each QR refresh claim deletes what is due to go). Personal data:
+-- readable by the extension's owner only, never in a message or a log, and left out of pg_dump
+-- on purpose (a restore loses at most a pending link; the user asks again).
+CREATE TABLE evoq.phone_links (
+    user_id      uuid PRIMARY KEY,
+    phone        text NOT NULL CHECK (phone ~ '^[1-9][0-9]{7,14}$'),
+    requested_at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+
 
 -- Instances the server still reconnects after their logout or delete.
 ALTER TABLE evolution_instances
@@ -138,6 +153,8 @@ BEGIN
         'id', c.id, 'user_id', c.user_id, 'request_id', c.request_id, 'attempts', c.attempts,
         'instance_name', c.instance_name, 'action', c.action,
         'instance_row_name', (SELECT i.instance_name FROM evolution_instances i WHERE i.user_id = c.user_id),
+        -- 0.5.0: a create carries the number the user gave for a pairing code
+        'number', (SELECT p.phone FROM evoq.phone_links p WHERE p.user_id = c.user_id AND c.action = 'create'),
         'prev_status', c.prev_status, 'prev_updated_at', c.prev_updated_at,
         'prev_next_attempt_at', c.prev_next_attempt_at, 'claimed_at', c.updated_at)), '[]')
     INTO result
@@ -164,7 +181,8 @@ BEGIN
         SELECT * FROM jsonb_to_recordset(results) AS x(
             id uuid, instance_name text, ok boolean, action text, instance_id text, token text, instance_status text,
             qr_code text, qr_text text, pairing_code text, qr_count integer, webhook_version timestamptz,
-            error text, http_status integer, error_kind text, retry_in_ms bigint, claimed_at timestamptz)
+            error text, http_status integer, error_kind text, retry_in_ms bigint, claimed_at timestamptz,
+            paired boolean)
     ), r AS (
         -- 0.4.0: only rows still held by the claim that made the call (a worker's lease that
         -- ran out may have let another run take the row, or a deprovisioning re-queued it)
@@ -236,6 +254,13 @@ BEGIN
         RETURNING i.instance_name
     ), forgotten AS (
         DELETE FROM evoq.instance_tokens t USING removed WHERE t.instance_name = removed.instance_name
+    ), unlinked AS (
+        -- 0.5.0: a create that carried a phone number was answered (the server holds it now; an
+        -- adopted instance did not get it, and is paired by the QR refresh), or the user's
+        -- instance was deleted: the number is not kept any longer
+        DELETE FROM evoq.phone_links p USING r JOIN evolution_instance_creation_queue q ON q.id = r.id
+        WHERE r.ok AND (r.paired OR r.action = 'delete') AND p.user_id = q.user_id
+          AND (r.claimed_at IS NULL OR p.requested_at <= r.claimed_at)
     )
     UPDATE evolution_instance_creation_queue q SET
         status = CASE WHEN r.ok THEN 'completed' WHEN r.retry_in_ms IS NULL THEN 'failed' ELSE 'pending' END,
@@ -279,16 +304,28 @@ DECLARE
 BEGIN
     SELECT namespace, owns_legacy_names, webhook_url, webhook_changed_at INTO s FROM evoq.settings;
 
+    -- 0.5.0: a phone number is kept no longer than the QR window, nor once its instance opened,
+    -- expired or was deleted (rows evoq_link_with_phone holds are left for the next claim).
+    DELETE FROM evoq.phone_links p WHERE p.user_id IN (
+        SELECT l.user_id FROM evoq.phone_links l
+        WHERE l.requested_at <= now() - window_ms * interval '1 millisecond'
+           OR EXISTS (SELECT 1 FROM evolution_instances i WHERE i.user_id = l.user_id
+                      AND i.instance_status IN ('open', 'expired', 'deleted'))
+        FOR UPDATE SKIP LOCKED);
+
     -- Connecting instances not asked within min_interval_ms: past their window first (expire),
-    -- then the rest (connect). One statement, so a row is claimed for one of the two.
+    -- then those whose user gave a phone number (pair: a logout, then a connect with the
+    -- number), then the rest (connect). One statement, so a row is claimed for one task.
     WITH due AS (
-        SELECT id, coalesce(connecting_since, created_at) <= now() - window_ms * interval '1 millisecond' AS past
+        SELECT id, coalesce(connecting_since, created_at) <= now() - window_ms * interval '1 millisecond' AS past,
+               user_id
         FROM evolution_instances
         WHERE instance_status = 'connecting'
           AND (last_refresh_at IS NULL OR last_refresh_at <= paced)
           AND (qr_fresh_ms <= 0 OR last_qr_update IS NULL
                OR last_qr_update <= now() - qr_fresh_ms * interval '1 millisecond'
-               OR coalesce(connecting_since, created_at) <= now() - window_ms * interval '1 millisecond')
+               OR coalesce(connecting_since, created_at) <= now() - window_ms * interval '1 millisecond'
+               OR EXISTS (SELECT 1 FROM evoq.phone_links p WHERE p.user_id = evolution_instances.user_id))
           AND id <> ALL (busy)
           AND evoq._is_ours(instance_name, s.namespace, s.owns_legacy_names)
           -- a user being deprovisioned: only the deletion touches the instance
@@ -300,11 +337,13 @@ BEGIN
     ), upd AS (
         UPDATE evolution_instances i SET last_refresh_at = clock_timestamp()
         FROM due WHERE i.id = due.id
-        RETURNING i.id, i.instance_name, i.qr_text, due.past, i.updated_at
+        RETURNING i.id, i.instance_name, i.qr_text, due.past, i.updated_at,
+                  CASE WHEN NOT due.past THEN (SELECT p.phone FROM evoq.phone_links p WHERE p.user_id = due.user_id) END AS number
     )
     SELECT coalesce(jsonb_agg(jsonb_build_object('id', id, 'instance_name', instance_name, 'qr_text', qr_text,
-                                                 'status', 'connecting', 'claimed_at', updated_at,
-                                                 'task', CASE WHEN past THEN 'expire' ELSE 'connect' END)), '[]')
+                                                 'status', 'connecting', 'claimed_at', updated_at, 'number', number,
+                                                 'task', CASE WHEN past THEN 'expire' WHEN number IS NOT NULL THEN 'pair'
+                                                              ELSE 'connect' END)), '[]')
     INTO part FROM upd;
     claimed := claimed || part;
 
@@ -405,7 +444,12 @@ BEGIN
     WITH r AS (
         SELECT * FROM jsonb_to_recordset(results) AS x(
             id uuid, outcome text, qr_code text, qr_text text, pairing_code text, qr_count integer, error text,
-            webhook_version timestamptz, claimed_status text, claimed_at timestamptz)
+            webhook_version timestamptz, claimed_status text, claimed_at timestamptz, paired boolean)
+    ), unlinked AS (
+        -- 0.5.0: the connect that carried a phone number was answered: the server holds it now
+        DELETE FROM evoq.phone_links p USING r JOIN evolution_instances i ON i.id = r.id
+        WHERE r.paired AND p.user_id = i.user_id
+          AND (r.claimed_at IS NULL OR p.requested_at <= r.claimed_at)
     ), free AS (
         -- 0.5.0: a row another session holds (a pg_cron run, an operator) keeps its state: its
         -- result is dropped, and the next refresh asks again. Waiting for it froze the worker's
@@ -702,8 +746,9 @@ BEGIN
                         FOR ALL TO service_role USING (true) WITH CHECK (true)', app_events);
         EXECUTE format('GRANT SELECT, DELETE ON %s TO service_role', app_events);
         -- Each checks that the signed-in user acts on their own instance.
-        EXECUTE format('GRANT EXECUTE ON FUNCTION %I.evoq_reconnect(uuid), %I.evoq_deprovision(uuid)
-                        TO authenticated, service_role', ext_schema, ext_schema);
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %I.evoq_reconnect(uuid), %I.evoq_deprovision(uuid),
+                        %I.evoq_link_with_phone(text), %I.evoq_link_with_phone(uuid, text)
+                        TO authenticated, service_role', ext_schema, ext_schema, ext_schema, ext_schema);
         IF operator IS NOT NULL THEN
             FOR member IN
                 SELECT p.oid::regprocedure::text AS target FROM pg_depend d JOIN pg_proc p ON p.oid = d.objid
@@ -738,5 +783,46 @@ BEGIN
     RETURN 'postgres';
 END
 $$;
+
+-- Link with phone number (pgrx's definitions, as a fresh install makes them).
+CREATE  FUNCTION "evoq_link_with_phone"(
+	"user_id" uuid, /* pgrx :: Uuid */
+	"phone" TEXT /* & str */
+) RETURNS TEXT /* String */
+STRICT SECURITY DEFINER 
+SET search_path TO pg_catalog, @extschema@, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'evoq_link_with_phone_for_wrapper';
+CREATE  FUNCTION "evoq_link_with_phone"(
+	"phone" TEXT /* & str */
+) RETURNS TEXT /* String */
+STRICT SECURITY DEFINER 
+SET search_path TO pg_catalog, @extschema@, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'evoq_link_with_phone_self_wrapper';
+COMMENT ON FUNCTION evoq_link_with_phone(text) IS
+    'Link with phone number for the signed-in user: asks for a pairing code (the user types it into WhatsApp) instead of a QR. The number is kept only until the Evolution API has it.';
+COMMENT ON FUNCTION evoq_link_with_phone(uuid, text) IS
+    'Link with phone number for a user (the operator''s form; a signed-in user may call it for their own id).';
+
+-- evoq_attach gains phone_column: its signature changes, so it is made again. A GRANT made on
+-- evoq_attach(regclass, name) is to be made again on evoq_attach(regclass, name, name).
+CREATE  FUNCTION evoq."attach_trigger_with_phone"(
+	"table" oid, /* pg_sys :: Oid */
+	"user_id_column" TEXT, /* & str */
+	"phone_column" TEXT /* Option < & str > */
+) RETURNS TEXT /* String */
+SET search_path TO pg_catalog, @extschema@, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'attach_trigger_with_phone_wrapper';
+DROP FUNCTION evoq_attach(regclass, name);
+-- 0.5.0: phone_column, the profiles table's column with the user's WhatsApp number: the create
+-- carries it, so the first pairing code comes with the instance.
+CREATE FUNCTION evoq_attach(tbl regclass, user_id_column name DEFAULT 'id', phone_column name DEFAULT NULL) RETURNS text
+LANGUAGE sql SECURITY DEFINER
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$ SELECT evoq.attach_trigger_with_phone(tbl::oid, user_id_column::text, phone_column::text) $$;
+COMMENT ON FUNCTION evoq_attach(regclass, name, name) IS
+    'Creates the triggers on_profile_created_create_evolution_instance (AFTER INSERT: queue the user, with the number of phone_column if given) and on_profile_deleted_delete_evolution_instance (AFTER DELETE: deprovision) on the profiles table.';
 
 SELECT evoq_apply_policies();

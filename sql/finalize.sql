@@ -8,12 +8,14 @@ ALTER FUNCTION handle_profile_evolution_instance_delete() SECURITY DEFINER SET s
 -- evoq_attach takes a regclass, so a missing table is reported by Postgres itself. SECURITY
 -- DEFINER so that GRANT EXECUTE on it is all a role needs; attach_trigger checks that the calling
 -- role may create triggers on that table itself.
-CREATE FUNCTION evoq_attach(tbl regclass, user_id_column name DEFAULT 'id') RETURNS text
+-- 0.5.0: phone_column, the profiles table's column with the user's WhatsApp number: the create
+-- carries it, so the first pairing code comes with the instance.
+CREATE FUNCTION evoq_attach(tbl regclass, user_id_column name DEFAULT 'id', phone_column name DEFAULT NULL) RETURNS text
 LANGUAGE sql SECURITY DEFINER
 SET search_path = pg_catalog, @extschema@, pg_temp
-AS $$ SELECT evoq.attach_trigger(tbl::oid, user_id_column::text) $$;
-COMMENT ON FUNCTION evoq_attach(regclass, name) IS
-    'Creates the triggers on_profile_created_create_evolution_instance (AFTER INSERT: queue the user) and on_profile_deleted_delete_evolution_instance (AFTER DELETE: deprovision) on the profiles table.';
+AS $$ SELECT evoq.attach_trigger_with_phone(tbl::oid, user_id_column::text, phone_column::text) $$;
+COMMENT ON FUNCTION evoq_attach(regclass, name, name) IS
+    'Creates the triggers on_profile_created_create_evolution_instance (AFTER INSERT: queue the user, with the number of phone_column if given) and on_profile_deleted_delete_evolution_instance (AFTER DELETE: deprovision) on the profiles table.';
 
 CREATE FUNCTION evoq_detach(tbl regclass) RETURNS text
 LANGUAGE sql SECURITY DEFINER
@@ -41,6 +43,10 @@ COMMENT ON FUNCTION evoq_reconnect(uuid) IS
     'Re-arms a user''s instance (close, refused, expired or connecting): a new QR window. Callable by that user for their own instance.';
 COMMENT ON FUNCTION evoq_deprovision(uuid) IS
     'Deletes a user''s instance at the Evolution API (log out, then delete), or cancels its creation if never tried.';
+COMMENT ON FUNCTION evoq_link_with_phone(text) IS
+    'Link with phone number for the signed-in user: asks for a pairing code (the user types it into WhatsApp) instead of a QR. The number is kept only until the Evolution API has it.';
+COMMENT ON FUNCTION evoq_link_with_phone(uuid, text) IS
+    'Link with phone number for a user (the operator''s form; a signed-in user may call it for their own id).';
 
 -- 0.4.0: the view moved here from the schema part: it reads the worker's state from shared
 -- memory through a Rust function, which exists only once the schema part has run.

@@ -126,3 +126,131 @@ fn evoq_deprovision(user_id: pgrx::Uuid) -> String {
     }
     .into()
 }
+
+/// "Link with phone number" for the signed-in user (`evoq_current_user_id()`): a pairing code
+/// instead of a QR. See [`link_with_phone`].
+#[pg_extern(security_definer, name = "evoq_link_with_phone")]
+#[search_path(pg_catalog, @extschema@, pg_temp)]
+fn evoq_link_with_phone_self(phone: &str) -> String {
+    let me = Spi::get_one::<pgrx::Uuid>("SELECT evoq_current_user_id()")
+        .or_internal("reading the signed-in user");
+    let Some(user_id) = me else {
+        EvoqError::PermissionDenied {
+            message: "evoq_link_with_phone: no signed-in user".into(),
+            hint: "Call it as the signed-in user (PostgREST with their JWT), or as an operator with evoq_link_with_phone(user_id, phone).".into(),
+        }
+        .raise()
+    };
+    link_with_phone(user_id, phone)
+}
+
+/// The operator's form (and the user's, for their own id): see [`link_with_phone`].
+#[pg_extern(security_definer, name = "evoq_link_with_phone")]
+#[search_path(pg_catalog, @extschema@, pg_temp)]
+fn evoq_link_with_phone_for(user_id: pgrx::Uuid, phone: &str) -> String {
+    link_with_phone(user_id, phone)
+}
+
+/// Asks for a pairing code for the user's instance: the number (normalised; see `phone`) is kept
+/// in `evoq.phone_links` until the server has it, and the next QR refresh logs the instance out
+/// and connects it with the number (the Evolution API ignores a number while `connecting`). The
+/// code lands in `pairing_code` with the QR it came with (`last_qr_update`), NOTIFY included.
+/// From `connecting`, `close`, `refused` or `expired`: a new QR window, returns `connecting`.
+/// Before the instance exists (its creation queued), or while it is being created again: the
+/// create carries the number, returns `queued`. Refused: an open or deprovisioned instance, a
+/// user evoq never queued, a failed creation; nothing changes then.
+fn link_with_phone(user_id: pgrx::Uuid, input: &str) -> String {
+    const WHAT: &str = "evoq_link_with_phone";
+    require_owner_or_manager(user_id, WHAT).or_raise();
+    let phone = crate::phone::Phone::parse(input).unwrap_or_else(|e| {
+        EvoqError::invalid(
+            format!("{WHAT}: {e}"),
+            "Give the number with its country code: digits, optionally a leading + and spaces, e.g. '+1 415 555 0100'.",
+        )
+        .raise()
+    });
+    let not_ready = |message: &str, hint: &str| -> ! {
+        EvoqError::NotReady {
+            message: format!("{WHAT}: {message}"),
+            hint: hint.into(),
+        }
+        .raise()
+    };
+    // Locked, so a refresh recording a result for it meanwhile drops its result (SKIP LOCKED)
+    // instead of overwriting the new window.
+    let status = Spi::get_one_with_args::<String>(
+        "SELECT instance_status FROM public.evolution_instances WHERE user_id = $1 FOR UPDATE",
+        &[user_id.into()],
+    )
+    .or_internal("reading an instance");
+    let queued = Spi::get_two_with_args::<String, String>(
+        "SELECT q.action, q.status FROM (SELECT 1) one
+         LEFT JOIN public.evolution_instance_creation_queue q ON q.user_id = $1",
+        &[user_id.into()],
+    )
+    .or_internal("reading the queue");
+    let (action, qstatus) = queued;
+    let (action, qstatus) = (action.unwrap_or_default(), qstatus.unwrap_or_default());
+    if status.as_deref() == Some("open") {
+        not_ready(
+            "the instance is linked already",
+            "Nothing to link: the user's phone is connected.",
+        );
+    }
+    if status.as_deref() == Some("deleted") || action == "delete" {
+        not_ready(
+            "the user's instance was deprovisioned",
+            "A new profile row for the user creates a new instance.",
+        );
+    }
+    // Kept before the instance row is re-armed: a result recorded for a call claimed before
+    // this link lets the link go only if it is older than the row's claim (see
+    // _record_refresh_results), and the row's updated_at is that claim's mark.
+    Spi::run_with_args(
+        "INSERT INTO evoq.phone_links AS p (user_id, phone) VALUES ($1, $2)
+         ON CONFLICT (user_id) DO UPDATE SET phone = excluded.phone, requested_at = clock_timestamp()",
+        &[user_id.into(), phone.digits().into()],
+    )
+    .or_internal("keeping the phone number");
+    let outcome = match status.as_deref() {
+        Some("connecting" | "close" | "refused" | "expired") => {
+            Spi::run_with_args(
+                "UPDATE public.evolution_instances i SET
+                     instance_status = 'connecting', connecting_since = clock_timestamp(), last_refresh_at = NULL,
+                     qr_code = NULL, qr_text = NULL, pairing_code = NULL, no_qr_rounds = 0,
+                     disconnected_at = NULL, disconnect_reason = NULL,
+                     server_loop_deliveries = 0, server_loop_seen_at = NULL, server_loop_logouts = 0,
+                     server_loop_logout_at = NULL,
+                     last_error = NULL, last_error_at = NULL, updated_at = clock_timestamp()
+                 WHERE i.user_id = $1",
+                &[user_id.into()],
+            )
+            .or_internal("re-arming an instance");
+            "connecting"
+        }
+        // The server lost it: created again, and the create carries the number.
+        Some("lost") => {
+            if action == "create" && (qstatus == "completed" || qstatus == "failed") {
+                crate::queue::request_requeue(user_id, "lost").unwrap_or_else(|e| {
+                    EvoqError::internal("could not queue the instance again", e).raise()
+                });
+            }
+            "queued"
+        }
+        Some(other) => not_ready(
+            &format!("the instance is {other}"),
+            "Only an unlinked instance (connecting, close, refused, expired, lost) can be linked.",
+        ),
+        None if action == "create" && (qstatus == "pending" || qstatus == "processing") => "queued",
+        None if qstatus == "failed" => not_ready(
+            "the user's instance could not be created",
+            "Its creation failed for good (see evolution_instance_creation_queue.error_message); evoq_retry(user_id) tries again, then link.",
+        ),
+        None => not_ready(
+            "the user has no instance and none is queued",
+            "evoq queues a user when their profile row is inserted into the table given to evoq_attach.",
+        ),
+    };
+    crate::worker::wake_at_commit();
+    outcome.into()
+}

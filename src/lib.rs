@@ -7,6 +7,7 @@ pub mod fd_budget;
 pub mod lifecycle;
 pub mod listener;
 pub mod names;
+pub mod phone;
 pub mod pipeline;
 pub mod policy;
 pub mod pool;

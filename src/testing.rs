@@ -184,6 +184,60 @@ pub fn committed(sql: &str) {
     .unwrap_or_else(|e| panic!("committed {sql}: {e}"));
 }
 
+/// A connecting instance whose webhook points at a closed port: the mock's deliveries fail
+/// (and are logged with their envelopes) instead of going anywhere. (user id, instance name)
+pub fn connecting_instance_with_webhook(mock: &MockServer) -> (String, String) {
+    configure_with(
+        &mock.url(),
+        API_KEY,
+        ", webhook_url => 'http://127.0.0.1:9/rest/v1/rpc/evoq_webhook'",
+    );
+    profiles();
+    let user = sign_up(1).remove(0);
+    assert_eq!(json("SELECT evoq_process_queue()")["created"], 1);
+    let name = s(&instance_row(&user)["instance_name"]).to_string();
+    (user, name)
+}
+
+/// A second session, `evoq_listener`, that LISTENs to `evoq_instances` as an app would.
+pub fn listen_for_instance_changes() {
+    run("CREATE EXTENSION IF NOT EXISTS dblink");
+    Spi::run_with_args(
+        "SELECT dblink_connect('evoq_listener', $1)",
+        &[self_conninfo().into()],
+    )
+    .unwrap();
+    run("SELECT dblink_exec('evoq_listener', 'LISTEN evoq_instances')");
+}
+
+/// The payloads `listen_for_instance_changes`' session received (committed changes only), and
+/// the session closed. A notification reaches the listening session a moment after the commit
+/// that sent it: this waits up to 10 s for `expected` of them, then 200 ms more for any beyond.
+pub fn instance_changes_heard(expected: usize) -> Vec<String> {
+    let read = || -> Vec<String> {
+        Spi::connect(|c| {
+            c.select(
+                "SELECT extra FROM dblink_get_notify('evoq_listener') WHERE notify_name = 'evoq_instances'",
+                None,
+                &[],
+            )
+            .unwrap()
+            .map(|row| row.get::<String>(1).unwrap().unwrap())
+            .collect()
+        })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut got = read();
+    while got.len() < expected && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        got.extend(read());
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    got.extend(read());
+    let _ = error_of("SELECT dblink_disconnect('evoq_listener')");
+    got
+}
+
 /// Removes everything tests commit through dblink.
 pub fn clean_committed() {
     committed(
@@ -191,7 +245,7 @@ pub fn clean_committed() {
             DELETE FROM evoq.instance_tokens; DELETE FROM evolution_instances;
             DELETE FROM evoq.requeue_requests; DELETE FROM evoq.circuit; DELETE FROM evoq.skipped_profiles;
             DELETE FROM evolution_instance_creation_queue; DELETE FROM evoq.settings; DELETE FROM evoq.job_runs;
-            DELETE FROM evolution_instance_events;
+            DELETE FROM evolution_instance_events; DELETE FROM evoq.phone_links;
             DROP TABLE IF EXISTS public.committed_profiles;
          END $$",
     );

@@ -24,6 +24,11 @@ const ENQUEUE_NEW: &str = "
 
 const RECORD_SKIP: &str = "INSERT INTO evoq.skipped_profiles (table_name, reason) VALUES ($1, $2)";
 
+/// 0.5.0: the number from the profile's phone column (evoq_attach's `phone_column`), kept for
+/// the create. A user who asked for a link meanwhile keeps theirs.
+const KEEP_PHONE: &str = "INSERT INTO evoq.phone_links (user_id, phone) VALUES ($1, $2)
+    ON CONFLICT (user_id) DO NOTHING";
+
 thread_local! {
     // Postgres backends are single-threaded; the plan lives as long as the backend and is
     // revalidated by the plan cache if the table changes.
@@ -74,15 +79,60 @@ fn skip(trigger: &pgrx::PgTrigger, why: String) {
 /// The user id column named in CREATE TRIGGER (TG_ARGV[0]), read in place: this runs for
 /// every inserted profile, so nothing is allocated or looked up unless a row must be skipped.
 fn user_id_column<'a>(trigger: &'a pgrx::PgTrigger<'a>) -> &'a str {
+    trigger_arg(trigger, 0).unwrap_or("id")
+}
+
+/// TG_ARGV[i], if the trigger has it.
+fn trigger_arg<'a>(trigger: &'a pgrx::PgTrigger<'a>, i: usize) -> Option<&'a str> {
     let t = trigger.trigger();
-    if t.tgnargs < 1 || t.tgargs.is_null() {
-        return "id";
+    if (t.tgnargs as usize) <= i || t.tgargs.is_null() {
+        return None;
     }
     // SAFETY: Postgres hands the trigger tgnargs valid NUL-terminated argument strings that live
-    // as long as the trigger data.
-    unsafe { std::ffi::CStr::from_ptr(*t.tgargs) }
+    // as long as the trigger data; i < tgnargs.
+    unsafe { std::ffi::CStr::from_ptr(*t.tgargs.add(i)) }
         .to_str()
-        .unwrap_or("id")
+        .ok()
+}
+
+/// 0.5.0: the profile's phone number (TG_ARGV[1], evoq_attach's `phone_column`), kept so the
+/// create carries it and the user's first pairing code comes with it. A NULL or empty column is
+/// no number; one that is not a phone number is skipped with a WARNING that does not quote it
+/// (the profile is queued all the same). In a subtransaction: never fails the insert.
+fn keep_phone(
+    trigger: &pgrx::PgTrigger,
+    new: &PgHeapTuple<AllocatedByPostgres>,
+    user_id: pgrx::Uuid,
+) {
+    let Some(column) = trigger_arg(trigger, 1) else {
+        return;
+    };
+    let value = match new.get_by_name::<String>(column) {
+        Ok(Some(v)) if !v.trim().is_empty() => v,
+        Ok(_) => return,
+        Err(e) => {
+            pgrx::warning!("evoq: phone column {column} cannot be read as text ({e}); the user is queued without it");
+            return;
+        }
+    };
+    match crate::phone::Phone::parse(&value) {
+        Ok(phone) => {
+            let kept = crate::subxact::attempt(|| {
+                Spi::run_with_args(KEEP_PHONE, &[user_id.into(), phone.digits().into()])
+            });
+            let failed = match kept {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(e) => Some(e),
+            };
+            if let Some(e) = failed {
+                pgrx::warning!("evoq: the phone number of a new profile could not be kept: {e}");
+            }
+        }
+        Err(e) => pgrx::warning!(
+            "evoq: column {column} of a new profile is not a phone number evoq can use ({e}); the user is queued without it"
+        ),
+    }
 }
 
 #[pg_trigger]
@@ -94,7 +144,10 @@ fn handle_profile_evolution_instance<'a>(
         return Ok(None);
     };
     match new.get_by_name::<pgrx::Uuid>(column) {
-        Ok(Some(user_id)) => enqueue(user_id)?,
+        Ok(Some(user_id)) => {
+            enqueue(user_id)?;
+            keep_phone(trigger, &new, user_id);
+        }
         Ok(None) => skip(trigger, format!("column {column} is NULL")),
         Err(e) => skip(
             trigger,
@@ -144,6 +197,31 @@ fn extension_schema() -> String {
     .unwrap_or_else(|| "public".into())
 }
 
+/// The type of `table`'s column `column`, if it has one.
+fn column_type(table: pg_sys::Oid, column: &str) -> Option<String> {
+    Spi::get_one_with_args::<String>(
+        "SELECT format_type(atttypid, atttypmod) FROM pg_attribute
+         WHERE attrelid = $1 AND attname = $2 AND attnum > 0 AND NOT attisdropped",
+        &[table.into(), column.into()],
+    )
+    .or_internal("reading the catalog")
+}
+
+/// 0.5.0: the phone column given to evoq_attach must exist and hold text.
+fn check_phone_column(table: pg_sys::Oid, name: &str, column: &str) -> Result<(), EvoqError> {
+    match column_type(table, column).as_deref() {
+        None => Err(EvoqError::BadTarget {
+            message: format!("table {name} has no column {column:?}"),
+            hint: "Pass the column that holds the user's WhatsApp number: evoq_attach('profiles', phone_column => 'phone').".into(),
+        }),
+        Some(t) if t == "text" || t.starts_with("character varying") || t.starts_with("character(") => Ok(()),
+        Some(other) => Err(EvoqError::BadTarget {
+            message: format!("column {column:?} of {name} is {other}, not text"),
+            hint: "A phone number is text (digits with the country code, e.g. '+55 11 98765 4321').".into(),
+        }),
+    }
+}
+
 fn check_target(table: pg_sys::Oid, column: &str) -> Result<String, EvoqError> {
     let (name, relkind) = Spi::get_two_with_args::<String, String>(
         "SELECT c.oid::regclass::text, c.relkind::text FROM pg_class c WHERE c.oid = $1",
@@ -160,13 +238,7 @@ fn check_target(table: pg_sys::Oid, column: &str) -> Result<String, EvoqError> {
             hint: "evoq_attach needs the table that receives one row per new user.".into(),
         });
     }
-    let column_type = Spi::get_one_with_args::<String>(
-        "SELECT format_type(atttypid, atttypmod) FROM pg_attribute
-         WHERE attrelid = $1 AND attname = $2 AND attnum > 0 AND NOT attisdropped",
-        &[table.into(), column.into()],
-    )
-    .or_internal("reading the catalog");
-    match column_type.as_deref() {
+    match column_type(table, column).as_deref() {
         None => Err(EvoqError::BadTarget {
             message: format!("table {name} has no column {column:?}"),
             hint: "Pass the column that holds the user id: evoq_attach('profiles', user_id_column => 'user_id').".into(),
@@ -218,7 +290,27 @@ mod evoq {
     #[pg_extern]
     #[search_path(pg_catalog, @extschema@, pg_temp)]
     fn attach_trigger(table: pg_sys::Oid, user_id_column: &str) -> String {
+        attach(table, user_id_column, None)
+    }
+
+    /// 0.5.0: with the column that holds the user's phone number (NULL: none), whose number
+    /// the create then carries for a pairing code. Called by `evoq_attach(regclass, name,
+    /// name)`; the two-argument form stays for the SQL of earlier versions.
+    #[pg_extern]
+    #[search_path(pg_catalog, @extschema@, pg_temp)]
+    fn attach_trigger_with_phone(
+        table: pg_sys::Oid,
+        user_id_column: &str,
+        phone_column: Option<&str>,
+    ) -> String {
+        attach(table, user_id_column, phone_column)
+    }
+
+    fn attach(table: pg_sys::Oid, user_id_column: &str, phone_column: Option<&str>) -> String {
         let name = check_target(table, user_id_column).or_raise();
+        if let Some(phone) = phone_column {
+            check_phone_column(table, &name, phone).or_raise();
+        }
         require_trigger_privilege(table).or_raise();
         let schema = extension_schema();
         for (trigger, event, function) in [
@@ -242,17 +334,24 @@ mod evoq {
                         .raise()
                 });
             }
+            // The insert trigger gets the phone column as its second argument.
+            let mut args = pgrx::spi::quote_literal(user_id_column);
+            if let (Some(phone), "INSERT") = (phone_column, event) {
+                args = format!("{args}, {}", pgrx::spi::quote_literal(phone));
+            }
             Spi::run(&format!(
                 "CREATE TRIGGER {trigger} AFTER {event} ON {name}
-                     FOR EACH ROW EXECUTE FUNCTION {schema}.{function}({})",
-                pgrx::spi::quote_literal(user_id_column)
+                     FOR EACH ROW EXECUTE FUNCTION {schema}.{function}({args})"
             ))
             .unwrap_or_else(|e| {
                 EvoqError::internal(&format!("could not create the trigger on {name}"), e).raise()
             });
         }
+        let phone = phone_column
+            .map(|p| format!(", phone column {p}"))
+            .unwrap_or_default();
         format!(
-            "triggers {TRIGGER_NAME} and {DELETE_TRIGGER_NAME} created on {name} (user id column {user_id_column})"
+            "triggers {TRIGGER_NAME} and {DELETE_TRIGGER_NAME} created on {name} (user id column {user_id_column}{phone})"
         )
     }
 

@@ -13,9 +13,13 @@ use super::reply::{
     parse_connect_reply, parse_connection_state, parse_create_reply, parse_fetch_instance,
     parse_version, LiveState, Removal,
 };
-use super::request::{connect_path, create_body, instance_path, path_segment, webhook_set_body};
+use super::request::{
+    connect_path, connect_path_with_number, create_body_with_number, instance_path, path_segment,
+    webhook_set_body,
+};
 use super::resolver::InlineResolver;
 use super::{ApiError, ApiVersion, ConnectOutcome, CreatedInstance, ErrorClass, Webhook};
+use crate::phone::{redact_numbers, Phone};
 use std::fmt;
 use std::time::Duration;
 use ureq::http::Response;
@@ -330,14 +334,23 @@ impl Client {
         name: &str,
         webhook: Option<&Webhook>,
     ) -> Result<Provisioned, ApiError> {
+        self.provision_with_number(version, name, webhook, None)
+    }
+
+    /// [`Client::provision`], with the user's phone number for a pairing code when there is
+    /// one. An adopted instance (our own earlier create) is not given the number: the caller
+    /// pairs it later, from `Provisioned::adopted`.
+    pub fn provision_with_number(
+        &self,
+        version: ApiVersion,
+        name: &str,
+        webhook: Option<&Webhook>,
+        number: Option<&Phone>,
+    ) -> Result<Provisioned, ApiError> {
         const WHAT: &str = "POST /instance/create";
-        self.scrubbed(|seen| {
-            let reply = self.call(
-                "POST",
-                "/instance/create",
-                WHAT,
-                Some(&create_body(version, name, webhook)),
-            )?;
+        let body = create_body_with_number(version, name, webhook, number.map(Phone::digits));
+        let result = self.scrubbed(|seen| {
+            let reply = self.call("POST", "/instance/create", WHAT, Some(&body))?;
             if reply.status == 403 {
                 let envelope = envelope_message(&reply.body);
                 if envelope.as_deref().is_some_and(is_name_in_use) {
@@ -361,7 +374,8 @@ impl Client {
                 instance: parse_create_reply(&reply.body, name)?,
                 adopted: false,
             })
-        })
+        });
+        without_numbers(result, number.is_some())
     }
 
     fn adopt(
@@ -404,9 +418,22 @@ impl Client {
     /// does not exist (a wrong api_url prefix) is an error, not a reason to create the
     /// instance again.
     pub fn connect(&self, name: &str) -> Result<ConnectOutcome, ApiError> {
+        self.connect_at(&connect_path(name))
+    }
+
+    /// "Link with phone number": a logout (a `connecting` instance ignores the number; a
+    /// `close` one has nothing to log out: 400 "not connected" is fine), then a connect with
+    /// the number. The reply's QR object carries the pairing code once WhatsApp gave one.
+    pub fn pair(&self, name: &str, number: &Phone) -> Result<ConnectOutcome, ApiError> {
+        self.logout(name)?;
+        let result = self.connect_at(&connect_path_with_number(name, number.digits()));
+        without_numbers(result, true)
+    }
+
+    fn connect_at(&self, path: &str) -> Result<ConnectOutcome, ApiError> {
         const WHAT: &str = "GET /instance/connect";
         self.scrubbed(|_| {
-            let reply = self.call("GET", &connect_path(name), WHAT, None)?;
+            let reply = self.call("GET", path, WHAT, None)?;
             if reply.status == 404 {
                 if envelope_message(&reply.body)
                     .as_deref()
@@ -424,6 +451,17 @@ impl Client {
             parse_connect_reply(&reply.body)
         })
     }
+}
+
+/// A call that carried a phone number: the server's words in an error may quote it back, and
+/// error messages are stored and logged.
+fn without_numbers<T>(result: Result<T, ApiError>, sent_a_number: bool) -> Result<T, ApiError> {
+    result.map_err(|mut e| {
+        if sent_a_number {
+            e.message = redact_numbers(&e.message);
+        }
+        e
+    })
 }
 
 impl Client {
@@ -1046,6 +1084,72 @@ mod tests {
             );
             assert_eq!(e.class(), "malformed");
         }
+    }
+
+    /// Pairing: a logout first (a `connecting` instance ignores the number; "not connected"
+    /// is fine), then a connect with `?number=`; the reply's pairing code is read.
+    #[test]
+    fn a_pairing_logs_out_then_connects_with_the_number() {
+        let server = TestServer::start(|r| {
+            if r.method == "DELETE" {
+                Canned::json(400, &envelope(400, "The \"p\" instance is not connected"))
+            } else {
+                Canned::json(
+                    200,
+                    r#"{"pairingCode":"WZYEH1YY","code":"2@x","base64":"data:x","count":1}"#,
+                )
+            }
+        });
+        let phone = Phone::parse("+55 11 98765-4321").unwrap();
+        match client(&server).pair("p", &phone).unwrap() {
+            ConnectOutcome::Qr(qr) => assert_eq!(qr.pairing_code.as_deref(), Some("WZYEH1YY")),
+            other => panic!("{other:?}"),
+        }
+        let seen: Vec<(String, String)> = server
+            .requests()
+            .into_iter()
+            .map(|r| (r.method, r.path))
+            .collect();
+        assert_eq!(
+            seen,
+            vec![
+                ("DELETE".to_string(), "/instance/logout/p".to_string()),
+                (
+                    "GET".to_string(),
+                    "/instance/connect/p?number=5511987654321".to_string()
+                ),
+            ]
+        );
+    }
+
+    /// A server error quoting the number back never carries it into the message evoq stores.
+    #[test]
+    fn an_error_quoting_the_number_is_redacted() {
+        let server = TestServer::start(|r| {
+            if r.method == "DELETE" {
+                Canned::json(200, r#"{"status":"SUCCESS"}"#)
+            } else if r.method == "POST" {
+                Canned::json(400, &envelope(400, "invalid number 5511987654321"))
+            } else {
+                Canned::json(500, &envelope(500, "cannot pair 5511987654321"))
+            }
+        });
+        let phone = Phone::parse("5511987654321").unwrap();
+        let c = client(&server);
+        let e = c.pair("p", &phone).unwrap_err();
+        assert!(!e.message.contains("987654"), "{}", e.message);
+        assert!(e.message.contains("[number]"), "{}", e.message);
+        let e = c
+            .provision_with_number(ApiVersion::V2, "p", None, Some(&phone))
+            .unwrap_err();
+        assert!(!e.message.contains("987654"), "{}", e.message);
+        let sent = server
+            .requests()
+            .into_iter()
+            .find(|r| r.method == "POST")
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_str(&sent.body).unwrap();
+        assert_eq!(body["number"], "5511987654321");
     }
 
     #[test]

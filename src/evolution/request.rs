@@ -91,6 +91,30 @@ pub fn create_body(version: ApiVersion, instance_name: &str, webhook: Option<&We
     body
 }
 
+/// The create body with the user's phone number: the server then asks WhatsApp for a pairing
+/// code, which comes in `qrcode.pairingCode` of the reply and of every `qrcode.updated` delivery
+/// (contract 3.1, 12). Both dialects name it `number`: digits with the country code.
+pub fn create_body_with_number(
+    version: ApiVersion,
+    instance_name: &str,
+    webhook: Option<&Webhook>,
+    number: Option<&str>,
+) -> Value {
+    let mut body = create_body(version, instance_name, webhook);
+    if let Some(number) = number {
+        body["number"] = Value::String(number.to_string());
+    }
+    body
+}
+
+/// `GET /instance/connect/{name}?number=...`: on a `close` instance the server connects with
+/// the number and answers the QR object with a pairing code; while `connecting` it ignores the
+/// number (contract 3.2, 12), so the caller logs the instance out first. `number` is digits
+/// only (a validated `Phone`), nothing to escape.
+pub fn connect_path_with_number(instance_name: &str, number: &str) -> String {
+    format!("{}?number={number}", connect_path(instance_name))
+}
+
 /// `POST /webhook/set/{name}`: v2 wraps the settings in a `webhook` object, v1.8 is flat.
 pub fn webhook_set_body(version: ApiVersion, hook: &Webhook) -> Value {
     match version {
@@ -226,6 +250,18 @@ mod tests {
     #[test]
     fn path_segments_cannot_escape() {
         assert_eq!(connect_path("evoq_ab-1"), "/instance/connect/evoq_ab-1");
+        assert_eq!(
+            connect_path_with_number("evoq_ab-1", "5511987654321"),
+            "/instance/connect/evoq_ab-1?number=5511987654321"
+        );
+        let b = create_body_with_number(ApiVersion::V2, "evoq_1", None, Some("5511987654321"));
+        assert_eq!(b["number"], "5511987654321");
+        assert_eq!(b["qrcode"], true);
+        assert!(
+            create_body_with_number(ApiVersion::V1, "evoq_1", None, None)
+                .get("number")
+                .is_none()
+        );
         assert_eq!(
             connect_path("../delete/x?y"),
             "/instance/connect/..%2Fdelete%2Fx%3Fy"

@@ -6,6 +6,7 @@ use super::run::{
 };
 use crate::evolution::{ApiError, ApiVersion, ErrorClass, Provisioned, Webhook};
 use crate::names::{instance_name, is_ours};
+use crate::phone::Phone;
 use crate::pipeline::{run_to_end, Claimed, Flow, Grouping, Pipeline, Source};
 use crate::policy::{circuit_verdict, random_unit, Decision, RetryPolicy};
 use pgrx::prelude::*;
@@ -35,6 +36,9 @@ struct ClaimedRow {
     /// held by this claim (a lease that ran out may have let another run take it).
     #[serde(default)]
     claimed_at: Value,
+    /// 0.5.0: the number the user gave for a pairing code, which the create carries.
+    #[serde(default)]
+    number: Option<Phone>,
 }
 
 fn create_action() -> String {
@@ -43,7 +47,8 @@ fn create_action() -> String {
 
 /// One row's call.
 pub enum Call {
-    Create(ApiVersion, String),
+    /// With the user's phone number for a pairing code, if they gave one.
+    Create(ApiVersion, String, Option<Phone>),
     /// Log out, then delete.
     Remove(String),
 }
@@ -67,10 +72,18 @@ struct Tally {
     deleted: u64,
 }
 
-fn success_record(id: uuid::Uuid, name: &str, p: &Provisioned, webhook_version: &Value) -> Value {
+/// `sent_number`: the create carried a phone number (an adopted instance did not get it).
+fn success_record(
+    id: uuid::Uuid,
+    name: &str,
+    p: &Provisioned,
+    webhook_version: &Value,
+    sent_number: bool,
+) -> Value {
     let qr = p.instance.qr.clone().unwrap_or_default();
     json!({
         "id": id, "instance_name": name, "ok": true, "action": "create",
+        "paired": sent_number && !p.adopted,
         "instance_id": p.instance.instance_id, "token": p.instance.token,
         "instance_status": p.instance.status,
         "qr_code": qr.base64, "qr_text": qr.code, "pairing_code": qr.pairing_code, "qr_count": qr.count,
@@ -102,7 +115,10 @@ fn call_for(
         Some(stored) if is_ours(stored, namespace, owns_legacy) => stored.clone(),
         _ => instance_name(namespace, row.user_id),
     };
-    (Call::Create(version, name.clone()), Some(name))
+    (
+        Call::Create(version, name.clone(), row.number.clone()),
+        Some(name),
+    )
 }
 
 fn failure_record(
@@ -179,8 +195,8 @@ impl QueueJob {
         let client = self.run.client.clone();
         let webhook = self.webhook.clone();
         move |call: Call| match call {
-            Call::Create(version, name) => client
-                .provision(version, &name, webhook.as_ref())
+            Call::Create(version, name, number) => client
+                .provision_with_number(version, &name, webhook.as_ref(), number.as_ref())
                 .map(Done::Created),
             Call::Remove(name) => client.remove(&name).map(|_| Done::Removed),
         }
@@ -342,7 +358,7 @@ impl QueueJob {
                         tally.created += 1
                     }
                     let name = name.as_deref().unwrap_or_default();
-                    success_record(row.id, name, p, &self.webhook_version)
+                    success_record(row.id, name, p, &self.webhook_version, row.number.is_some())
                 }
                 Ok(Done::Removed) => {
                     tally.deleted += 1;

@@ -13,6 +13,7 @@
 
 use super::run::{apply_requeue_requests, call_json, in_batch_context, record, Run};
 use crate::evolution::{ApiError, ApiVersion, ConnectOutcome, LiveState, Webhook};
+use crate::phone::Phone;
 use crate::pipeline::{run_to_end, Claimed, Flow, Pipeline, Source};
 use crate::policy::circuit_verdict;
 use pgrx::prelude::*;
@@ -28,6 +29,9 @@ pub enum Task {
     Repoint,
     /// 0.5.0: log out again an expired or deleted instance the server still reconnects.
     Relogout,
+    /// 0.5.0: link with phone number: a logout, then a connect with the user's number (a
+    /// `connecting` instance ignores a number), whose reply brings the pairing code.
+    Pair,
 }
 
 #[derive(Debug, Deserialize)]
@@ -42,6 +46,9 @@ pub struct ClaimedInstance {
     #[serde(default)]
     claimed_at: Value,
     task: Task,
+    /// For `pair`: the number the user gave.
+    #[serde(default)]
+    number: Option<Phone>,
 }
 
 /// What a call answered.
@@ -74,6 +81,7 @@ struct Tally {
     still_open: u64,
     repointed: u64,
     relogged: u64,
+    paired: u64,
 }
 
 fn outcome_record(
@@ -146,11 +154,12 @@ fn route(task: Task) -> &'static str {
         Task::Check => "GET /instance/connectionState",
         Task::Repoint => "POST /webhook/set",
         Task::Relogout => "DELETE /instance/logout",
+        Task::Pair => "DELETE /instance/logout, GET /instance/connect",
     }
 }
 
 /// What a pool thread calls for one instance.
-pub type RefreshCall = (Task, String, Option<ApiVersion>);
+pub type RefreshCall = (Task, String, Option<ApiVersion>, Option<Phone>);
 
 /// The instances with something to do, as a pipeline source. Owns the run it belongs to.
 pub struct RefreshJob {
@@ -184,8 +193,12 @@ impl RefreshJob {
     pub fn work(&self) -> impl Fn(RefreshCall) -> Result<Answer, ApiError> + Send + Sync + 'static {
         let client = self.run.client.clone();
         let webhook = self.webhook.clone();
-        move |(task, name, version): RefreshCall| match task {
+        move |(task, name, version, number): RefreshCall| match task {
             Task::Connect => client.connect(&name).map(Answer::Connect),
+            Task::Pair => match &number {
+                Some(number) => client.pair(&name, number).map(Answer::Connect),
+                None => client.connect(&name).map(Answer::Connect),
+            },
             // A scan since the last look must not be logged out: ask first (connectionState
             // never starts a socket).
             Task::Expire => match client.connection_state(&name) {
@@ -234,7 +247,7 @@ impl RefreshJob {
             "opened": t.opened, "lost": t.lost, "errors": t.errors, "batches": groups,
             "unrecordable": t.unrecordable, "requeued": t.requeued, "expired": t.expired,
             "closed": t.closed, "still_open": t.still_open, "repointed": t.repointed,
-            "relogged": t.relogged, "stopped": stopped,
+            "relogged": t.relogged, "paired": t.paired, "stopped": stopped,
         });
         self.run.finish(summary)
     }
@@ -279,6 +292,21 @@ impl RefreshJob {
                 }
             }
             let mut rec = outcome_record(row, outcome, &self.webhook_version, &mut self.tally);
+            // The connect that carried the number was answered: the server holds it, evoq lets
+            // it go. (A lost instance keeps it: its creation carries it.)
+            if row.task == Task::Pair
+                && matches!(
+                    outcome,
+                    Ok(Answer::Connect(
+                        ConnectOutcome::Qr(_)
+                            | ConnectOutcome::NoQrYet { .. }
+                            | ConnectOutcome::Open
+                    ))
+                )
+            {
+                rec["paired"] = json!(true);
+                self.tally.paired += 1;
+            }
             // Written only while the row is as claimed: a webhook delivery may have moved it on
             // while the call was in flight (the worker does not hold the row).
             rec["claimed_status"] = json!(row.status);
@@ -345,7 +373,7 @@ impl Source for RefreshJob {
         let rows = rows
             .into_iter()
             .map(|r| {
-                let call = (r.task, r.instance_name.clone(), version);
+                let call = (r.task, r.instance_name.clone(), version, r.number.clone());
                 (r, call)
             })
             .collect();

@@ -115,7 +115,7 @@ mod tests {
     #[pg_test]
     fn a_granted_role_can_attach_to_its_own_table_only() {
         run("CREATE ROLE evoq_app_owner");
-        run("GRANT EXECUTE ON FUNCTION evoq_attach(regclass, name), evoq_detach(regclass) TO evoq_app_owner");
+        run("GRANT EXECUTE ON FUNCTION evoq_attach(regclass, name, name), evoq_detach(regclass) TO evoq_app_owner");
         run("GRANT CREATE, USAGE ON SCHEMA public TO evoq_app_owner");
         run("CREATE TABLE public.not_theirs (id uuid)");
         run("SET LOCAL ROLE evoq_app_owner");

@@ -457,13 +457,7 @@ mod tests {
         let mock = mock();
         committed_configure(&mock, "");
         let user = "00000000-0000-4000-8000-00000000beef";
-        run("CREATE EXTENSION IF NOT EXISTS dblink");
-        Spi::run_with_args(
-            "SELECT dblink_connect('evoq_listener', $1)",
-            &[self_conninfo().into()],
-        )
-        .unwrap();
-        run("SELECT dblink_exec('evoq_listener', 'LISTEN evoq_instances')");
+        listen_for_instance_changes();
         committed(&format!(
             "INSERT INTO evolution_instance_creation_queue (user_id) VALUES ('{user}')"
         ));
@@ -472,17 +466,10 @@ mod tests {
         committed("DO $$ BEGIN PERFORM evoq_refresh_qr(); END $$");
         // Not a status or QR change: no notification.
         committed("UPDATE evolution_instances SET last_refresh_at = NULL");
-        let got: Vec<Value> = Spi::connect(|c| {
-            c.select(
-                "SELECT extra FROM dblink_get_notify('evoq_listener') WHERE notify_name = 'evoq_instances'",
-                None,
-                &[],
-            )
-            .unwrap()
-            .map(|row| serde_json::from_str(&row.get::<String>(1).unwrap().unwrap()).unwrap())
-            .collect()
-        });
-        let _ = error_of("SELECT dblink_disconnect('evoq_listener')");
+        let got: Vec<Value> = instance_changes_heard(2)
+            .iter()
+            .map(|n| serde_json::from_str(n).unwrap())
+            .collect();
         clean_committed();
         assert_eq!(got.len(), 2, "created, then a new QR: {got:?}");
         assert_eq!(got[0]["user_id"], user);

@@ -6,6 +6,7 @@ mod concurrency;
 mod configuration;
 mod hardening;
 mod lifecycle;
+mod phone;
 mod process;
 mod refresh;
 mod security;

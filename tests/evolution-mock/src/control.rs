@@ -24,6 +24,13 @@ struct ConfigPatch {
     qr_never: Option<bool>,
 }
 
+/// `POST /__mock/instances/{name}/pair` body: the code the user typed into WhatsApp.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PairBody {
+    code: String,
+}
+
 /// `POST /__mock/instances/{name}/scan` body (optional).
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -82,8 +89,32 @@ fn instance_action(shared: &Shared, name: &str, action: &str, body: &Value) -> R
     } else {
         ScanBody::default()
     };
+    let pair_code = if action == "pair" {
+        match serde_json::from_value::<PairBody>(body.clone()) {
+            Ok(b) => Some(b.code),
+            Err(e) => return bad(format!("body must be {{\"code\": \"...\"}}: {e}")),
+        }
+    } else {
+        None
+    };
     let r = shared.with_instance(name, |s, i| match (action, i.state) {
-        ("scan", ConnState::Open) => conflict(format!("instance {name:?} is already open")),
+        ("scan" | "pair", ConnState::Open) => {
+            conflict(format!("instance {name:?} is already open"))
+        }
+        // The user typed the pairing code into WhatsApp: it links the phone only if it is the
+        // code the server shows now (each new QR brings a new one).
+        ("pair", _) => {
+            let current = i.qr.as_ref().and_then(|q| q.pairing_code.clone());
+            match current {
+                Some(code) if Some(&code) == pair_code.as_ref() => {
+                    let number = i.number.clone();
+                    lifecycle::scan(s, i, number.as_deref(), None);
+                    ok_instance(i)
+                }
+                Some(_) => conflict(format!("that is not the current pairing code of {name:?}")),
+                None => conflict(format!("instance {name:?} shows no pairing code")),
+            }
+        }
         ("scan", _) => {
             lifecycle::scan(
                 s,
@@ -193,9 +224,10 @@ pub fn handle(shared: &Shared, req: &Req) -> Reply {
                 no_instance(name)
             }
         }
-        ("POST", ["instances", name, action @ ("scan" | "unlink" | "qr" | "qr-limit")]) => {
-            instance_action(shared, name, action, &req.body)
-        }
+        (
+            "POST",
+            ["instances", name, action @ ("scan" | "pair" | "unlink" | "qr" | "qr-limit")],
+        ) => instance_action(shared, name, action, &req.body),
         ("DELETE", ["instances", name]) => {
             if shared.remove_instance(name) {
                 ok()

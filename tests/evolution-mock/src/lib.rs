@@ -274,6 +274,33 @@ impl MockServer {
             .unwrap_or(false)
     }
 
+    /// The user types `code` into WhatsApp ("link with phone number"): the instance opens if
+    /// `code` is the pairing code it shows now; false otherwise (or if it is open already).
+    pub fn pair(&self, name: &str, code: &str) -> bool {
+        self.shared
+            .with_instance(name, |s, i| {
+                let current = i.qr.as_ref().and_then(|q| q.pairing_code.as_deref());
+                if i.state == state::ConnState::Open || current != Some(code) {
+                    return false;
+                }
+                let number = i.number.clone();
+                lifecycle::scan(s, i, number.as_deref(), None);
+                true
+            })
+            .unwrap_or(false)
+    }
+
+    /// The number the server holds for an instance (given on create or on a connect while
+    /// `close`), and the pairing code it shows now.
+    pub fn pairing(&self, name: &str) -> Option<(Option<String>, Option<String>)> {
+        self.shared.with_instance(name, |_, i| {
+            (
+                i.number.clone(),
+                i.qr.as_ref().and_then(|q| q.pairing_code.clone()),
+            )
+        })
+    }
+
     /// The phone unlinks the device: `close` 401 (+ `logout.instance` on v2), sockets 0.
     /// False if there is no such instance or it is `close`.
     pub fn unlink(&self, name: &str) -> bool {

@@ -169,14 +169,19 @@ impl<'a> Check<'a> {
         self
     }
 
-    /// `number` must look like digits followed by more `[.@\w-]` characters.
+    /// `number` must match the schema's `^\d+[\.@\w-]+`. A JSON-schema pattern is not anchored
+    /// at the end, and `\d+` backtracks (a digit is a `\w` too), so this holds exactly when the
+    /// first character is a digit and a second one is in `[.@\w-]`: `5511987654321` matches,
+    /// as on the real server. (The mock once required a non-digit after the digits, and refused
+    /// every plain phone number a real 2.3.6 takes.)
     pub fn number_pattern(&mut self, field: &str) -> &mut Self {
         if let Some(Value::String(s)) = self.obj.get(field) {
-            let digits = s.chars().take_while(char::is_ascii_digit).count();
-            let ok = digits >= 1
-                && s.len() > digits
-                && s.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "._@-".contains(c));
+            let mut chars = s.chars();
+            let first_is_digit = chars.next().is_some_and(|c| c.is_ascii_digit());
+            let ok = first_is_digit
+                && chars
+                    .next()
+                    .is_some_and(|c| c.is_ascii_alphanumeric() || "._@-".contains(c));
             if !ok {
                 let p = self.field_path(field);
                 self.errors.push(format!(

@@ -448,9 +448,34 @@ fn connect_qr_cadence() {
     assert_eq!(q["count"], 1);
     assert_eq!(mock.instance("closed").unwrap()["state"], "connecting");
 
-    // ?number= asks for a pairing code.
+    // ?number= while connecting: 2.3.6 answers the cached QR and ignores the number (contract
+    // 12, evolution-api #2197).
     let (_, q) = c.get("/instance/connect/closed?number=5511999999999", Some(KEY));
-    assert_eq!(q["pairingCode"].as_str().unwrap().len(), 8);
+    assert_eq!(q["pairingCode"], Value::Null);
+    assert_eq!(mock.pairing("closed").unwrap().0, None);
+    // After a logout (close), the connect takes the number and asks for a pairing code.
+    let (s, _) = c.req("DELETE", "/instance/logout/closed", Some(KEY), None);
+    assert_eq!(s, 200);
+    let (_, q) = c.get("/instance/connect/closed?number=5511999999999", Some(KEY));
+    let code = q["pairingCode"].as_str().unwrap().to_string();
+    assert_eq!(code.len(), 8);
+    assert_eq!(
+        mock.pairing("closed").unwrap(),
+        (Some("5511999999999".into()), Some(code.clone()))
+    );
+    // The user types the code into WhatsApp: only the current code links.
+    let (s, _) = c.post(
+        "/__mock/instances/closed/pair",
+        None,
+        json!({"code": "NOTTHIS1"}),
+    );
+    assert_eq!(s, 409);
+    let (s, b) = c.post("/__mock/instances/closed/pair", None, json!({"code": code}));
+    assert_eq!(
+        (s, b["instance"]["state"].as_str()),
+        (200, Some("open")),
+        "{b}"
+    );
 
     // Scanned: open, and connect answers with the state shape.
     assert!(mock.set_state("q", "open"));
@@ -463,6 +488,36 @@ fn connect_qr_cadence() {
     assert_eq!(b, json!({"instance":{"instanceName":"q","state":"open"}}));
     assert!(!mock.set_state("q", "weird"));
     assert!(!mock.set_state("ghost", "open"));
+}
+
+/// A create with a phone number (all digits, as the schema's unanchored `^\d+[\.@\w-]+`
+/// takes it) and qrcode: the reply's QR carries a pairing code, and so does every later QR.
+#[test]
+fn create_with_a_number_brings_a_pairing_code() {
+    let mock = v2();
+    mock.set_qr_on_create(true);
+    let c = Client::new(&mock);
+    let (s, b) = c.post(
+        "/instance/create",
+        Some(KEY),
+        json!({"instanceName": "p", "integration": "WHATSAPP-BAILEYS", "qrcode": true,
+               "number": "5511987654321"}),
+    );
+    assert_eq!(s, 201, "{b}");
+    assert_eq!(
+        b["qrcode"]["pairingCode"].as_str().map(str::len),
+        Some(8),
+        "{b}"
+    );
+    for bad in ["", "x5511", "5", "5 511"] {
+        let (s, b) = c.post(
+            "/instance/create",
+            Some(KEY),
+            json!({"instanceName": format!("bad{}", bad.len()), "integration": "WHATSAPP-BAILEYS",
+                   "number": bad}),
+        );
+        assert_eq!(s, 400, "{bad:?}: {b}");
+    }
 }
 
 #[test]
