@@ -120,7 +120,10 @@ CREATE TABLE evolution_instances (
     server_loop_deliveries integer NOT NULL DEFAULT 0,
     server_loop_seen_at    timestamptz,
     server_loop_logouts    integer NOT NULL DEFAULT 0,
-    server_loop_logout_at  timestamptz
+    server_loop_logout_at  timestamptz,
+    -- 0.5.0: when a pairing (a logout, then a connect with the user's number) was last sent:
+    -- evoq_link_with_phone keeps its pace from it (each pairing is a new socket at the server)
+    pairing_requested_at   timestamptz
 );
 COMMENT ON TABLE evolution_instances IS
     'One row per user instance on the Evolution API server. instance_status: connecting (waiting for a QR scan), open (connected), close (disconnected; disconnect_reason says why), refused (the server''s QR limit), expired (not scanned within evoq.qr_window_ms; logged out), lost (the server no longer knows it; re-queued), deleted (deprovisioned).';
@@ -649,7 +652,7 @@ BEGIN
             id uuid, instance_name text, ok boolean, action text, instance_id text, token text, instance_status text,
             qr_code text, qr_text text, pairing_code text, qr_count integer, webhook_version timestamptz,
             error text, http_status integer, error_kind text, retry_in_ms bigint, claimed_at timestamptz,
-            paired boolean)
+            paired boolean, number text)
     ), r AS (
         -- 0.4.0: only rows still held by the claim that made the call (a worker's lease that
         -- ran out may have let another run take the row, or a deprovisioning re-queued it)
@@ -726,8 +729,9 @@ BEGIN
         -- adopted instance did not get it, and is paired by the QR refresh), or the user's
         -- instance was deleted: the number is not kept any longer
         DELETE FROM evoq.phone_links p USING r JOIN evolution_instance_creation_queue q ON q.id = r.id
-        WHERE r.ok AND (r.paired OR r.action = 'delete') AND p.user_id = q.user_id
-          AND (r.claimed_at IS NULL OR p.requested_at <= r.claimed_at)
+        WHERE r.ok AND p.user_id = q.user_id
+          -- only the number the create carried: a newer one given meanwhile stays
+          AND (r.action = 'delete' OR r.paired AND p.phone = r.number)
     )
     UPDATE evolution_instance_creation_queue q SET
         status = CASE WHEN r.ok THEN 'completed' WHEN r.retry_in_ms IS NULL THEN 'failed' ELSE 'pending' END,
@@ -789,6 +793,10 @@ BEGIN
         WHERE l.requested_at <= now() - window_ms * interval '1 millisecond'
            OR EXISTS (SELECT 1 FROM evolution_instances i WHERE i.user_id = l.user_id
                       AND i.instance_status IN ('open', 'expired', 'deleted'))
+              -- a creation queued again (a new sign-up after a deprovisioning) still needs it
+              AND NOT EXISTS (SELECT 1 FROM evolution_instance_creation_queue q
+                              WHERE q.user_id = l.user_id AND q.action = 'create'
+                                AND q.status IN ('pending', 'processing'))
         FOR UPDATE SKIP LOCKED);
 
     -- Connecting instances not asked within min_interval_ms: past their window first (expire),
@@ -796,7 +804,8 @@ BEGIN
     -- number), then the rest (connect). One statement, so a row is claimed for one task.
     WITH due AS (
         SELECT id, coalesce(connecting_since, created_at) <= now() - window_ms * interval '1 millisecond' AS past,
-               user_id
+               user_id,
+               EXISTS (SELECT 1 FROM evoq.phone_links p WHERE p.user_id = evolution_instances.user_id) AS pair
         FROM evolution_instances
         WHERE instance_status = 'connecting'
           AND (last_refresh_at IS NULL OR last_refresh_at <= paced)
@@ -813,7 +822,9 @@ BEGIN
         LIMIT batch_size
         FOR UPDATE SKIP LOCKED
     ), upd AS (
-        UPDATE evolution_instances i SET last_refresh_at = clock_timestamp()
+        UPDATE evolution_instances i SET last_refresh_at = clock_timestamp(),
+            pairing_requested_at = CASE WHEN due.pair AND NOT due.past THEN clock_timestamp()
+                                        ELSE i.pairing_requested_at END
         FROM due WHERE i.id = due.id
         RETURNING i.id, i.instance_name, i.qr_text, due.past, i.updated_at,
                   CASE WHEN NOT due.past THEN (SELECT p.phone FROM evoq.phone_links p WHERE p.user_id = due.user_id) END AS number
@@ -975,12 +986,8 @@ BEGIN
     WITH r AS (
         SELECT * FROM jsonb_to_recordset(results) AS x(
             id uuid, outcome text, qr_code text, qr_text text, pairing_code text, qr_count integer, error text,
-            webhook_version timestamptz, claimed_status text, claimed_at timestamptz, paired boolean)
-    ), unlinked AS (
-        -- 0.5.0: the connect that carried a phone number was answered: the server holds it now
-        DELETE FROM evoq.phone_links p USING r JOIN evolution_instances i ON i.id = r.id
-        WHERE r.paired AND p.user_id = i.user_id
-          AND (r.claimed_at IS NULL OR p.requested_at <= r.claimed_at)
+            webhook_version timestamptz, claimed_status text, claimed_at timestamptz, paired boolean,
+            number text)
     ), free AS (
         -- 0.5.0: a row another session holds (a pg_cron run, an operator) keeps its state: its
         -- result is dropped, and the next refresh asks again. Waiting for it froze the worker's
@@ -988,9 +995,12 @@ BEGIN
         SELECT i.id FROM evolution_instances i JOIN r ON r.id = i.id FOR UPDATE OF i SKIP LOCKED
     ), updated AS (
         UPDATE evolution_instances i SET
-            instance_status = CASE r.outcome WHEN 'open' THEN 'open' WHEN 'lost' THEN 'lost' WHEN 'gone' THEN 'lost'
+            -- 0.5.0: a pairing's reply (a code: the server took the number) leaves the row
+            -- connecting, also when the pairing's own logout was delivered first and closed it
+            instance_status = CASE WHEN r.paired THEN 'connecting' ELSE
+                              CASE r.outcome WHEN 'open' THEN 'open' WHEN 'lost' THEN 'lost' WHEN 'gone' THEN 'lost'
                                              WHEN 'expired' THEN 'expired' WHEN 'closed' THEN 'close'
-                                             ELSE i.instance_status END,
+                                             ELSE i.instance_status END END,
             qr_code = CASE WHEN r.outcome IN ('open', 'lost', 'gone', 'expired', 'closed') THEN NULL WHEN r.outcome = 'qr' THEN r.qr_code ELSE i.qr_code END,
             qr_text = CASE WHEN r.outcome IN ('open', 'lost', 'gone', 'expired', 'closed') THEN NULL WHEN r.outcome = 'qr' THEN r.qr_text ELSE i.qr_text END,
             pairing_code = CASE WHEN r.outcome IN ('open', 'lost', 'gone', 'expired', 'closed') THEN NULL WHEN r.outcome = 'qr' THEN r.pairing_code ELSE i.pairing_code END,
@@ -1001,12 +1011,17 @@ BEGIN
                                   THEN clock_timestamp() ELSE i.last_qr_update END,
             connected_at = CASE WHEN r.outcome = 'open' THEN clock_timestamp() ELSE i.connected_at END,
             last_state_check_at = CASE WHEN r.outcome = 'open' THEN clock_timestamp() ELSE i.last_state_check_at END,
-            disconnected_at = CASE WHEN r.outcome IN ('expired', 'closed') THEN clock_timestamp()
+            disconnected_at = CASE WHEN r.paired THEN NULL
+                                   WHEN r.outcome IN ('expired', 'closed') THEN clock_timestamp()
                                    WHEN r.outcome = 'open' THEN NULL ELSE i.disconnected_at END,
-            disconnect_reason = CASE r.outcome
+            disconnect_reason = CASE WHEN r.paired THEN NULL ELSE CASE r.outcome
                 WHEN 'expired' THEN 'not scanned within the QR window (evoq.qr_window_ms); logged out at the server'
                 WHEN 'closed' THEN 'the Evolution API reports the session closed (connectionState)'
-                WHEN 'open' THEN NULL ELSE i.disconnect_reason END,
+                WHEN 'open' THEN NULL ELSE i.disconnect_reason END END,
+            -- 0.5.0: deliveries older than the pairing's answer (its own logout's close among
+            -- them) no longer move the row
+            last_event_at = CASE WHEN r.paired THEN greatest(i.last_event_at, clock_timestamp())
+                                 ELSE i.last_event_at END,
             webhook_set_at = CASE WHEN r.outcome = 'repointed' THEN r.webhook_version
                                   WHEN r.outcome = 'gone' THEN clock_timestamp() ELSE i.webhook_set_at END,
             last_error = CASE WHEN r.outcome = 'error' THEN evoq._redact(r.error, i.instance_name)
@@ -1018,10 +1033,16 @@ BEGIN
             updated_at = clock_timestamp()
         FROM r WHERE i.id = r.id AND i.id IN (SELECT id FROM free)
           -- 0.4.0: the worker does not hold the row during the call; a delivery that moved it
-          -- on meanwhile wins
-          AND (r.claimed_status IS NULL OR i.instance_status = r.claimed_status)
-          AND (r.claimed_at IS NULL OR i.updated_at = r.claimed_at)
-        RETURNING i.user_id, i.instance_name, r.outcome
+          -- on meanwhile wins (0.5.0: except the close of a pairing's own logout)
+          AND ((r.claimed_status IS NULL OR i.instance_status = r.claimed_status)
+               AND (r.claimed_at IS NULL OR i.updated_at = r.claimed_at)
+               OR r.paired AND i.instance_status = 'close' AND i.disconnected_at >= r.claimed_at)
+        RETURNING i.user_id, i.instance_name, r.outcome, r.paired, r.number
+    ), unlinked AS (
+        -- 0.5.0: the pairing's connect was answered with a code and recorded: the server holds
+        -- the number, evoq lets it go (only that number: a newer one given meanwhile stays)
+        DELETE FROM evoq.phone_links p USING updated u
+        WHERE u.paired AND p.user_id = u.user_id AND p.phone = u.number
     )
     -- A lost instance is created again: a requeue request, applied by the queue's next run (or at
     -- the end of this one) to a row no run holds. Updating the queue row here would lock it while

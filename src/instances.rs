@@ -203,9 +203,16 @@ fn link_with_phone(user_id: pgrx::Uuid, input: &str) -> String {
             "A new profile row for the user creates a new instance.",
         );
     }
-    // Kept before the instance row is re-armed: a result recorded for a call claimed before
-    // this link lets the link go only if it is older than the row's claim (see
-    // _record_refresh_results), and the row's updated_at is that claim's mark.
+    // The same number asked again while its pairing is pending: nothing to do (each pairing is
+    // a logout and a new socket at the server; a user must not be able to make them at will).
+    let pending = Spi::get_one_with_args::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM evoq.phone_links WHERE user_id = $1 AND phone = $2)",
+        &[user_id.into(), phone.digits().into()],
+    )
+    .or_internal("reading the phone links");
+    if pending == Some(true) && status.as_deref() == Some("connecting") {
+        return "connecting".into();
+    }
     Spi::run_with_args(
         "INSERT INTO evoq.phone_links AS p (user_id, phone) VALUES ($1, $2)
          ON CONFLICT (user_id) DO UPDATE SET phone = excluded.phone, requested_at = clock_timestamp()",
@@ -214,23 +221,31 @@ fn link_with_phone(user_id: pgrx::Uuid, input: &str) -> String {
     .or_internal("keeping the phone number");
     let outcome = match status.as_deref() {
         Some("connecting" | "close" | "refused" | "expired") => {
+            // Paired at once, unless a pairing was sent within evoq.qr_refresh_interval_ms: a
+            // new number then waits at most that long, and calls in a row cannot make the
+            // server log out and connect again and again.
             Spi::run_with_args(
                 "UPDATE public.evolution_instances i SET
-                     instance_status = 'connecting', connecting_since = clock_timestamp(), last_refresh_at = NULL,
+                     instance_status = 'connecting', connecting_since = clock_timestamp(),
+                     last_refresh_at = CASE WHEN i.pairing_requested_at > clock_timestamp() - $2 * interval '1 millisecond'
+                                            THEN i.last_refresh_at END,
                      qr_code = NULL, qr_text = NULL, pairing_code = NULL, no_qr_rounds = 0,
                      disconnected_at = NULL, disconnect_reason = NULL,
                      server_loop_deliveries = 0, server_loop_seen_at = NULL, server_loop_logouts = 0,
                      server_loop_logout_at = NULL,
                      last_error = NULL, last_error_at = NULL, updated_at = clock_timestamp()
                  WHERE i.user_id = $1",
-                &[user_id.into()],
+                &[
+                    user_id.into(),
+                    crate::settings::tunables().qr_refresh_interval_ms.into(),
+                ],
             )
             .or_internal("re-arming an instance");
             "connecting"
         }
         // The server lost it: created again, and the create carries the number.
         Some("lost") => {
-            if action == "create" && (qstatus == "completed" || qstatus == "failed") {
+            if !(action == "create" && (qstatus == "pending" || qstatus == "processing")) {
                 crate::queue::request_requeue(user_id, "lost").unwrap_or_else(|e| {
                     EvoqError::internal("could not queue the instance again", e).raise()
                 });

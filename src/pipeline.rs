@@ -65,6 +65,9 @@ pub struct Claimed<S: Source + ?Sized> {
     /// The source that fills the reserve had fewer than asked: topping the reserve up finds
     /// nothing until new rows are announced.
     pub ahead_drained: bool,
+    /// No call may leave any more (the settings were replaced): the reserve goes back
+    /// uncalled, and nothing more is claimed; calls in flight are still recorded.
+    pub hold: bool,
 }
 
 impl<S: Source + ?Sized> Claimed<S> {
@@ -75,6 +78,17 @@ impl<S: Source + ?Sized> Claimed<S> {
             rows,
             drained,
             ahead_drained: drained,
+            hold: false,
+        }
+    }
+
+    /// Nothing, and no call may leave any more: see `hold`.
+    pub fn hold() -> Claimed<S> {
+        Claimed {
+            rows: Vec::new(),
+            drained: true,
+            ahead_drained: true,
+            hold: true,
         }
     }
 }
@@ -268,6 +282,13 @@ impl<S: Source> Pipeline<S> {
             .chain(self.done.iter().map(|(r, _)| r))
             .collect();
         let claimed = source.claim(now, ahead, &busy);
+        if claimed.hold {
+            self.drained = true;
+            self.reserve_dry = true;
+            self.last_claim = 0;
+            self.release_reserve(source);
+            return 0;
+        }
         let n = claimed.rows.len();
         self.drained = claimed.drained;
         self.reserve_dry = claimed.ahead_drained;
@@ -456,10 +477,11 @@ impl<A: Source, B: Source> Source for Both<A, B> {
             .collect();
         let left = room - rows.len().min(room);
         // Unasked, the second may have more due: not drained.
-        let mut second_drained = false;
-        if left > 0 {
+        let (mut second_drained, mut second_hold) = (false, false);
+        if left > 0 && !first.hold {
             let second = self.second.claim(left, 0, &busy_b);
             second_drained = second.drained;
+            second_hold = second.hold;
             rows.extend(
                 second
                     .rows
@@ -471,6 +493,7 @@ impl<A: Source, B: Source> Source for Both<A, B> {
             rows,
             drained: first.drained && second_drained,
             ahead_drained: first.drained,
+            hold: first.hold || second_hold,
         }
     }
 
@@ -533,6 +556,8 @@ mod tests {
         /// Whether it takes rows ahead.
         takes_ahead: bool,
         released: Vec<u64>,
+        /// From this claim on (counted from 1), it holds: nothing may be called any more.
+        hold_from: Option<usize>,
     }
 
     impl Rows {
@@ -546,6 +571,7 @@ mod tests {
                 aheads: Vec::new(),
                 takes_ahead: true,
                 released: Vec::new(),
+                hold_from: None,
             }
         }
     }
@@ -558,6 +584,9 @@ mod tests {
         fn claim(&mut self, room: usize, ahead: usize, busy: &[&u64]) -> Claimed<Self> {
             self.claims.push(room);
             self.aheads.push(ahead);
+            if self.hold_from.is_some_and(|n| self.claims.len() >= n) {
+                return Claimed::hold();
+            }
             assert!(busy.len() + room <= 64, "busy rows are reported");
             let asked = room + if self.takes_ahead { ahead } else { 0 };
             let rows = (0..asked)
@@ -931,5 +960,25 @@ mod tests {
         pipe.rearm();
         assert_eq!(pipe.fill(&mut rows), 2);
         assert_eq!(rows.claims.len(), 2);
+    }
+
+    /// The settings were replaced mid-run: the claim says hold, the reserve goes back uncalled
+    /// at once (not called on the old server while the calls in flight finish), and every
+    /// called row is still recorded.
+    #[test]
+    fn a_hold_gives_the_reserve_back_and_calls_nothing_more() {
+        let mut rows = Rows::new(100);
+        rows.hold_from = Some(3);
+        let grouping = Grouping {
+            size: 50,
+            age: Duration::from_millis(1),
+        };
+        let mut pipe = pipeline(2, grouping, |_| 5).claiming_ahead(4);
+        assert_eq!(run_to_end(&mut pipe, &mut rows, far(), || {}), "drained");
+        assert!(!rows.released.is_empty(), "the reserve was given back");
+        assert_eq!(pipe.reserved(), 0);
+        let called = rows.recorded.len() + rows.released.len();
+        assert_eq!(called as u64, pipe.claimed);
+        assert_eq!(rows.claims.len(), 3, "nothing asked after the hold");
     }
 }

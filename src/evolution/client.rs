@@ -424,8 +424,23 @@ impl Client {
     /// "Link with phone number": a logout (a `connecting` instance ignores the number; a
     /// `close` one has nothing to log out: 400 "not connected" is fine), then a connect with
     /// the number. The reply's QR object carries the pairing code once WhatsApp gave one.
+    /// Asked first: an instance linked since the last look is never logged out (`Open`), and a
+    /// gone one is `Lost`. 2.3.6 logs out in the background (contract 3.7): the connect waits
+    /// until the server no longer reads `connecting`, at most `PAIR_LOGOUT_WAIT`, or it would
+    /// answer the cached QR and ignore the number.
     pub fn pair(&self, name: &str, number: &Phone) -> Result<ConnectOutcome, ApiError> {
+        match self.connection_state(name)? {
+            LiveState::Open => return Ok(ConnectOutcome::Open),
+            LiveState::Lost => return Ok(ConnectOutcome::Lost),
+            _ => {}
+        }
         self.logout(name)?;
+        let waited = std::time::Instant::now();
+        while self.connection_state(name)? == LiveState::Connecting
+            && waited.elapsed() < PAIR_LOGOUT_WAIT
+        {
+            std::thread::sleep(Duration::from_millis(250));
+        }
         let result = self.connect_at(&connect_path_with_number(name, number.digits()));
         without_numbers(result, true)
     }
@@ -452,6 +467,9 @@ impl Client {
         })
     }
 }
+
+/// How long a pairing waits for the server to finish its logout before the connect.
+const PAIR_LOGOUT_WAIT: Duration = Duration::from_secs(3);
 
 /// A call that carried a phone number: the server's words in an error may quote it back, and
 /// error messages are stored and logged.
@@ -1091,7 +1109,9 @@ mod tests {
     #[test]
     fn a_pairing_logs_out_then_connects_with_the_number() {
         let server = TestServer::start(|r| {
-            if r.method == "DELETE" {
+            if r.path.starts_with("/instance/connectionState/") {
+                Canned::json(200, r#"{"instance":{"instanceName":"p","state":"close"}}"#)
+            } else if r.method == "DELETE" {
                 Canned::json(400, &envelope(400, "The \"p\" instance is not connected"))
             } else {
                 Canned::json(
@@ -1113,7 +1133,9 @@ mod tests {
         assert_eq!(
             seen,
             vec![
+                ("GET".to_string(), "/instance/connectionState/p".to_string()),
                 ("DELETE".to_string(), "/instance/logout/p".to_string()),
+                ("GET".to_string(), "/instance/connectionState/p".to_string()),
                 (
                     "GET".to_string(),
                     "/instance/connect/p?number=5511987654321".to_string()
@@ -1122,11 +1144,69 @@ mod tests {
         );
     }
 
+    /// Linked since the last look (the user scanned the QR meanwhile): never logged out.
+    #[test]
+    fn a_pairing_never_logs_out_an_open_instance() {
+        let server = TestServer::start(|_| {
+            Canned::json(200, r#"{"instance":{"instanceName":"p","state":"open"}}"#)
+        });
+        let phone = Phone::parse("5511987654321").unwrap();
+        assert_eq!(
+            client(&server).pair("p", &phone).unwrap(),
+            ConnectOutcome::Open
+        );
+        assert!(server
+            .requests()
+            .iter()
+            .all(|r| r.method == "GET" && r.path.starts_with("/instance/connectionState/")));
+    }
+
+    /// 2.3.6 logs out in the background: the connect waits while the server still reads
+    /// `connecting`, so the number is not ignored.
+    #[test]
+    fn a_pairing_waits_for_the_logout_to_take() {
+        let states = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = states.clone();
+        let server = TestServer::start(move |r| {
+            if r.path.starts_with("/instance/connectionState/") {
+                // connecting before the logout, and for two more looks after it
+                let n = seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let state = if n < 3 { "connecting" } else { "close" };
+                Canned::json(
+                    200,
+                    &format!(r#"{{"instance":{{"instanceName":"p","state":"{state}"}}}}"#),
+                )
+            } else if r.method == "DELETE" {
+                Canned::json(200, r#"{"status":"SUCCESS"}"#)
+            } else {
+                Canned::json(200, r#"{"pairingCode":"ABCD1234","code":"2@x","count":1}"#)
+            }
+        });
+        let phone = Phone::parse("5511987654321").unwrap();
+        assert!(matches!(
+            client(&server).pair("p", &phone).unwrap(),
+            ConnectOutcome::Qr(_)
+        ));
+        let paths: Vec<String> = server.requests().into_iter().map(|r| r.path).collect();
+        let connect = paths
+            .iter()
+            .position(|p| p.starts_with("/instance/connect/"))
+            .unwrap();
+        assert_eq!(
+            states.load(std::sync::atomic::Ordering::SeqCst),
+            4,
+            "{paths:?}"
+        );
+        assert_eq!(connect, paths.len() - 1, "{paths:?}");
+    }
+
     /// A server error quoting the number back never carries it into the message evoq stores.
     #[test]
     fn an_error_quoting_the_number_is_redacted() {
         let server = TestServer::start(|r| {
-            if r.method == "DELETE" {
+            if r.path.starts_with("/instance/connectionState/") {
+                Canned::json(200, r#"{"instance":{"instanceName":"p","state":"close"}}"#)
+            } else if r.method == "DELETE" {
                 Canned::json(200, r#"{"status":"SUCCESS"}"#)
             } else if r.method == "POST" {
                 Canned::json(400, &envelope(400, "invalid number 5511987654321"))

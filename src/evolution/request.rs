@@ -93,7 +93,7 @@ pub fn create_body(version: ApiVersion, instance_name: &str, webhook: Option<&We
 
 /// The create body with the user's phone number: the server then asks WhatsApp for a pairing
 /// code, which comes in `qrcode.pairingCode` of the reply and of every `qrcode.updated` delivery
-/// (contract 3.1, 12). Both dialects name it `number`: digits with the country code.
+/// (contract 3.1, 6). Both dialects name it `number`: digits with the country code.
 pub fn create_body_with_number(
     version: ApiVersion,
     instance_name: &str,
@@ -109,7 +109,7 @@ pub fn create_body_with_number(
 
 /// `GET /instance/connect/{name}?number=...`: on a `close` instance the server connects with
 /// the number and answers the QR object with a pairing code; while `connecting` it ignores the
-/// number (contract 3.2, 12), so the caller logs the instance out first. `number` is digits
+/// number (contract 3.2, 6), so the caller logs the instance out first. `number` is digits
 /// only (a validated `Phone`), nothing to escape.
 pub fn connect_path_with_number(instance_name: &str, number: &str) -> String {
     format!("{}?number={number}", connect_path(instance_name))

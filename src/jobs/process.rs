@@ -267,7 +267,7 @@ impl Source for QueueJob {
     /// it was.
     fn claim(&mut self, room: usize, ahead: usize, _busy: &[&QueueRow]) -> Claimed<Self> {
         if self.run.settings_replaced() {
-            return Claimed::of(Vec::new(), 1);
+            return Claimed::hold();
         }
         let asked = room + ahead;
         // A claimed row's lease puts it out of reach of later claims, this run's included.
@@ -358,7 +358,16 @@ impl QueueJob {
                         tally.created += 1
                     }
                     let name = name.as_deref().unwrap_or_default();
-                    success_record(row.id, name, p, &self.webhook_version, row.number.is_some())
+                    let mut rec = success_record(
+                        row.id,
+                        name,
+                        p,
+                        &self.webhook_version,
+                        row.number.is_some(),
+                    );
+                    // Which number went out: only that one is let go (a newer one stays).
+                    rec["number"] = json!(row.number.as_ref().map(|p| p.digits()));
+                    rec
                 }
                 Ok(Done::Removed) => {
                     tally.deleted += 1;

@@ -292,19 +292,18 @@ impl RefreshJob {
                 }
             }
             let mut rec = outcome_record(row, outcome, &self.webhook_version, &mut self.tally);
-            // The connect that carried the number was answered: the server holds it, evoq lets
-            // it go. (A lost instance keeps it: its creation carries it.)
-            if row.task == Task::Pair
-                && matches!(
-                    outcome,
-                    Ok(Answer::Connect(
-                        ConnectOutcome::Qr(_)
-                            | ConnectOutcome::NoQrYet { .. }
-                            | ConnectOutcome::Open
-                    ))
-                )
-            {
+            // The server took the number: its reply carries a pairing code. evoq lets the
+            // number go then (and the row is connecting again even if the logout's own close
+            // delivery came first: _record_refresh_results). Without a code (no QR yet, or the
+            // server still connecting ignored the number) the number stays for the next
+            // refresh; a lost instance keeps it for its creation.
+            let took_number = matches!(
+                outcome,
+                Ok(Answer::Connect(ConnectOutcome::Qr(qr))) if qr.pairing_code.is_some()
+            );
+            if row.task == Task::Pair && took_number {
                 rec["paired"] = json!(true);
+                rec["number"] = json!(row.number.as_ref().map(|p| p.digits()));
                 self.tally.paired += 1;
             }
             // Written only while the row is as claimed: a webhook delivery may have moved it on
@@ -336,7 +335,7 @@ impl Source for RefreshJob {
     /// called at once.
     fn claim(&mut self, room: usize, _ahead: usize, busy: &[&ClaimedInstance]) -> Claimed<Self> {
         if self.run.settings_replaced() {
-            return Claimed::of(Vec::new(), 1);
+            return Claimed::hold();
         }
         let t = self.run.tunables;
         let busy: Vec<pgrx::Uuid> = busy

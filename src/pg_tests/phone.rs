@@ -227,14 +227,43 @@ mod tests {
             "no pairing for a stale number"
         );
 
-        json(&format!(
-            "SELECT to_jsonb(evoq_link_with_phone('{user}', '{DIGITS}'))"
-        ));
-        run(&format!(
-            "UPDATE evolution_instances SET instance_status = 'open' WHERE user_id = '{user}'"
-        ));
-        json("SELECT evoq_refresh_qr()");
-        assert_eq!(links(), 0);
+        for state in ["open", "expired", "deleted"] {
+            run(&format!(
+                "UPDATE evolution_instances SET instance_status = 'connecting' WHERE user_id = '{user}'"
+            ));
+            json(&format!(
+                "SELECT to_jsonb(evoq_link_with_phone('{user}', '{DIGITS}'))"
+            ));
+            run(&format!(
+                "UPDATE evolution_instances SET instance_status = '{state}' WHERE user_id = '{user}'"
+            ));
+            json("SELECT evoq_refresh_qr()");
+            assert_eq!(links(), 0, "{state}");
+        }
+    }
+
+    /// From close and refused too: a new window, and the pairing.
+    #[pg_test]
+    fn a_close_or_refused_instance_is_paired() {
+        let mock = mock();
+        let (user, name) = created_instance(&mock);
+        for state in ["close", "refused"] {
+            run(&format!(
+                "UPDATE evolution_instances SET instance_status = '{state}', pairing_requested_at = NULL
+                 WHERE user_id = '{user}'"
+            ));
+            assert_eq!(
+                one::<String>(&format!(
+                    "SELECT evoq_link_with_phone('{user}', '{DIGITS}')"
+                ))
+                .as_deref(),
+                Some("connecting"),
+                "{state}"
+            );
+            assert_eq!(json("SELECT evoq_refresh_qr()")["paired"], 1, "{state}");
+            assert_eq!(mock.pairing(&name).unwrap().0.as_deref(), Some(DIGITS));
+            assert_eq!(status(&user), "connecting");
+        }
     }
 
     /// A lost instance (the server deleted it) is created again, and the create carries the
@@ -399,5 +428,139 @@ mod tests {
         assert_eq!(links(), 0);
         // The attachment check reads the user id column only: the phone column is no problem.
         assert_eq!(one::<String>("SELECT evoq._attachment_problems()"), None);
+    }
+
+    fn deliver_as_the_server(envelope: &Value) -> Value {
+        let secret = one::<String>("SELECT webhook_secret FROM evoq.settings").unwrap();
+        Spi::run_with_args(
+            "SELECT set_config('request.headers', $1, true)",
+            &[json!({"x-evoq-secret": secret}).to_string().into()],
+        )
+        .unwrap();
+        json(&format!(
+            "SELECT evoq_webhook({}::jsonb)",
+            pgrx::spi::quote_literal(envelope.to_string())
+        ))
+    }
+
+    /// The pairing's own logout makes the server deliver a close (401) (and, on v2,
+    /// logout.instance where subscribed). Applied after the pairing was recorded, they no longer move the row: it
+    /// stays connecting with its code, and the next QR's code still lands.
+    #[pg_test]
+    fn the_pairings_own_logout_deliveries_do_not_close_the_instance() {
+        let mock = mock();
+        let (user, name) = connecting_instance_with_webhook(&mock);
+        json(&format!(
+            "SELECT to_jsonb(evoq_link_with_phone('{user}', '{DIGITS}'))"
+        ));
+        let before = mock.deliveries().len();
+        assert_eq!(json("SELECT evoq_refresh_qr()")["paired"], 1);
+        let code = s(&instance_row(&user)["pairing_code"]).to_string();
+        // Every delivery the pairing caused, in the order the server sent them.
+        let sent: Vec<Value> = mock.deliveries().into_iter().skip(before).collect();
+        let events: Vec<&str> = sent
+            .iter()
+            .map(|d| d["event"].as_str().unwrap_or(""))
+            .collect();
+        // (logout.instance too, when subscribed; evoq's default events are QRCODE_UPDATED and
+        // CONNECTION_UPDATE)
+        assert!(
+            sent.iter()
+                .any(|d| d["envelope"]["data"]["state"] == "close"
+                    && d["envelope"]["data"]["statusReason"] == 401),
+            "{events:?}"
+        );
+        for d in &sent {
+            deliver_as_the_server(&d["envelope"]);
+        }
+        let row = instance_row(&user);
+        assert_eq!(s(&row["instance_status"]), "connecting", "{row}");
+        assert!(row["pairing_code"].is_string(), "{row}");
+        // The next QR (and its code) is applied as usual.
+        mock.rotate_qr(&name);
+        let next = wait_for_delivery(&mock, |d| {
+            d["event"] == "qrcode.updated"
+                && d["envelope"]["data"]["qrcode"]["pairingCode"].is_string()
+                && d["envelope"]["data"]["qrcode"]["pairingCode"] != code.as_str()
+        });
+        assert_eq!(
+            deliver_as_the_server(&next["envelope"])["result"],
+            "applied"
+        );
+        assert_ne!(s(&instance_row(&user)["pairing_code"]), code);
+    }
+
+    /// The other order (the usual one: a connect on a close instance waits 2 s): the logout's
+    /// close is applied first, then the pairing's answer is recorded. The row is connecting
+    /// again with the code, and the number is let go.
+    #[pg_test]
+    fn a_pairing_answer_recorded_after_its_logouts_close_reopens_the_row() {
+        let mock = mock();
+        let (user, name) = connecting_instance_with_webhook(&mock);
+        json(&format!(
+            "SELECT to_jsonb(evoq_link_with_phone('{user}', '{DIGITS}'))"
+        ));
+        let row = instance_row(&user);
+        let (id, claimed_at) = (row["id"].clone(), row["updated_at"].clone());
+        let close = json!({"event": "connection.update", "instance": name,
+                           "data": {"instance": name, "state": "close", "statusReason": 401},
+                           "destination": "http://127.0.0.1:9/rest/v1/rpc/evoq_webhook",
+                           "date_time": "2026-12-02T10:00:00.000Z",
+                           "server_url": "http://evolution:8080", "apikey": null});
+        assert_eq!(deliver_as_the_server(&close)["result"], "applied");
+        assert_eq!(status(&user), "close");
+        let answer = json!([{"id": id, "outcome": "qr", "qr_code": "data:image/png;base64,AA",
+                             "qr_text": "2@paired", "pairing_code": "PAIR1234", "qr_count": 1,
+                             "claimed_status": "connecting", "claimed_at": claimed_at,
+                             "paired": true, "number": DIGITS}]);
+        run(&format!(
+            "SELECT evoq._record_refresh_results({}::jsonb)",
+            pgrx::spi::quote_literal(answer.to_string())
+        ));
+        let row = instance_row(&user);
+        assert_eq!(s(&row["instance_status"]), "connecting", "{row}");
+        assert_eq!(s(&row["pairing_code"]), "PAIR1234");
+        assert!(row["disconnect_reason"].is_null(), "{row}");
+        assert_eq!(links(), 0);
+    }
+
+    /// Asking again with the same number while its pairing is pending changes nothing; a new
+    /// number for an instance asked recently waits for its pace: calls in a row cannot make the
+    /// server log out and connect again and again.
+    #[pg_test]
+    fn calls_in_a_row_do_not_make_logouts_in_a_row() {
+        let mock = mock();
+        let (user, _) = created_instance(&mock);
+        let logouts = || mock.count_calls("DELETE", "/instance/logout/");
+        json(&format!(
+            "SELECT to_jsonb(evoq_link_with_phone('{user}', '{DIGITS}'))"
+        ));
+        let rearmed = instance_row(&user);
+        json(&format!(
+            "SELECT to_jsonb(evoq_link_with_phone('{user}', '{TYPED}'))"
+        ));
+        assert_eq!(
+            instance_row(&user),
+            rearmed,
+            "the same number again changed the row"
+        );
+        assert_eq!(json("SELECT evoq_refresh_qr()")["paired"], 1);
+        assert_eq!(logouts(), 1);
+        // A new number right after: kept, but paired only once the pace allows.
+        json(&format!(
+            "SELECT to_jsonb(evoq_link_with_phone('{user}', '+1 415 555 0100'))"
+        ));
+        assert_eq!(json("SELECT evoq_refresh_qr()")["paired"], 0);
+        assert_eq!(logouts(), 1);
+        assert_eq!(
+            one::<String>("SELECT phone FROM evoq.phone_links").as_deref(),
+            Some("14155550100")
+        );
+        run(&format!(
+            "UPDATE evolution_instances SET last_refresh_at = now() - interval '1 minute' WHERE user_id = '{user}'"
+        ));
+        assert_eq!(json("SELECT evoq_refresh_qr()")["paired"], 1);
+        assert_eq!(logouts(), 2);
+        assert_eq!(links(), 0);
     }
 }

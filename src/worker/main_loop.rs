@@ -226,9 +226,23 @@ impl Worker {
         shared::set_error(&message);
         // The cycle is given up: its calls in flight are abandoned with its pool, and the rows it
         // claimed and committed come due when their lease runs out.
-        self.cycle = None;
+        self.give_up_cycle("failed");
         let pause = Duration::from_secs(1u64 << self.failures.min(5));
         self.next_due = Instant::now() + pause;
+    }
+
+    /// Drops the cycle, giving back (best effort, in a transaction of its own) the rows it had
+    /// claimed ahead and never called: they were charged an attempt by their claim, and would
+    /// otherwise wait for their lease.
+    fn give_up_cycle(&mut self, why: &'static str) {
+        let Some(mut cycle) = self.cycle.take() else {
+            return;
+        };
+        if cycle.pipe.reserved() > 0 {
+            cycle.pipe.stop(why);
+            let Cycle { pipe, jobs, .. } = &mut cycle;
+            let _ = in_transaction(|| pipe.claim(jobs));
+        }
     }
 
     fn open_listener(&mut self) {
@@ -306,7 +320,7 @@ impl Worker {
             self.open_listener();
         }
         if !self.settings.enabled {
-            self.cycle = None;
+            self.give_up_cycle("disabled");
             return;
         }
         match self.cycle.as_mut() {

@@ -176,7 +176,7 @@ pub fn qr_shape(i: &Instance) -> Value {
 fn connect(shared: &Shared, i: &mut Instance, req: &Req) -> Reply {
     // 2.3.6 takes `?number=` only on a `close` instance, whose connect starts a socket with it
     // (controller lines 295-330): while `connecting` it answers the cached QR and ignores the
-    // number (contract 12; evolution-api #2197). Switching to a pairing code takes a logout.
+    // number (contract 3.2, 6; evolution-api #2197). Switching to a pairing code takes a logout.
     if i.state == ConnState::Close {
         if let Some(n) = req.query_param("number").filter(|n| !n.is_empty()) {
             i.number = Some(n.to_string());
