@@ -214,7 +214,9 @@ fn check_phone_column(table: pg_sys::Oid, name: &str, column: &str) -> Result<()
             message: format!("table {name} has no column {column:?}"),
             hint: "Pass the column that holds the user's WhatsApp number: evoq_attach('profiles', phone_column => 'phone').".into(),
         }),
-        Some(t) if t == "text" || t.starts_with("character varying") || t.starts_with("character(") => Ok(()),
+        // text and varchar only: a character(n) value is blank-padded, and is not read as text
+        // without a cast the trigger does not make.
+        Some(t) if t == "text" || t.starts_with("character varying") => Ok(()),
         Some(other) => Err(EvoqError::BadTarget {
             message: format!("column {column:?} of {name} is {other}, not text"),
             hint: "A phone number is text (digits with the country code, e.g. '+55 11 98765 4321').".into(),

@@ -378,7 +378,12 @@ mod tests {
         let mock = mock();
         mock.set_qr_on_create(true);
         configure(&mock);
-        run("CREATE TABLE public.profiles (id uuid NOT NULL, phone text, age integer)");
+        run("CREATE TABLE public.profiles (id uuid NOT NULL, phone text, age integer, fixed character(15))");
+        let e = error_of("SELECT evoq_attach('public.profiles', phone_column => 'fixed')").unwrap();
+        assert!(
+            e.starts_with("22023: column \"fixed\" of profiles is character(15), not text"),
+            "{e}"
+        );
         let e =
             error_of("SELECT evoq_attach('public.profiles', phone_column => 'mobile')").unwrap();
         assert!(
