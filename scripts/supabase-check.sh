@@ -267,12 +267,19 @@ adm "SELECT j.jobname, d.status, d.return_message FROM cron.job_run_details d JO
 check "no look-alike ran (the jobs' commands are schema-qualified)" "$(adm "SELECT count(*) FROM public.hijack_log")" "0"
 check "postgres unschedules its own two jobs" "$(pg "SELECT evoq_unschedule()")" "2"
 check "none left" "$(adm "SELECT count(*) FROM cron.job")" "0"
-# Unscheduling does not stop a run already started: the fingerprint below must not be taken while
-# a last tick's job is still writing (CI saw a refresh run finish between the fingerprint and the
-# dump: every restore then "lost" rows that had only changed).
+# The original must hold still from its fingerprint to its dump (CI saw both restores "lose" rows
+# that had only changed in between): a run a last tick started goes on after the unschedule, and
+# the mock's QR clock (1 s here) sends a new QR of every connecting instance each second until its
+# QR limit. So: no job run going, the clock stopped, and every delivery sent and answered.
 check "no job run is still going" \
   "$(wait_for "SELECT count(*) FROM cron.job_run_details WHERE status IN ('starting', 'running')
                OR EXISTS (SELECT 1 FROM pg_stat_activity WHERE backend_type = 'pg_cron' AND state = 'active')" 0 60)" "0"
+curl -fsS -X POST "$MOCK_URL/__mock/config" -d '{"qr_ttl_ms": 0}' >/dev/null
+deliveries_pending() {
+  curl -fsS "$MOCK_URL/__mock/deliveries" | python3 -c "import json,sys; print(sum(1 for d in json.load(sys.stdin) if d.get('pending')))"
+}
+for _ in $(seq 100); do [ "$(deliveries_pending)" = 0 ] && break; sleep 0.2; done
+check "the mock's QR clock is stopped and no delivery is pending" "$(deliveries_pending)" "0"
 
 # --- f. pg_dump restored as postgres into a database supautils prepared -------------------------------------
 fingerprint="SELECT md5(string_agg(x, '|' ORDER BY x)) FROM (
