@@ -10,11 +10,7 @@ cd "$(dirname "$0")/.."
 source scripts/lib/cluster.sh
 
 KEY="sk-evoq-integration-5b2e-NEVER-PRINT"
-passed=0 failed=0
-check() { # check NAME ACTUAL EXPECTED
-  if [ "$2" = "$3" ]; then passed=$((passed + 1)); echo "ok   $1"
-  else failed=$((failed + 1)); echo "FAIL $1: got '$2', expected '$3'"; fi
-}
+source scripts/lib/checks.sh
 q() { cluster_psql -d "${DB:-evoq_it}" -tA -c "$1"; }
 mock_count() { # mock_count calls|instances [path]
   curl -fsS "$MOCK_URL/__mock/$1" | python3 -c "import json,sys; d=json.load(sys.stdin); p=sys.argv[1]; print(sum(1 for c in d if not p or c.get('path')==p))" "${2:-}"

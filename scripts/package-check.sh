@@ -34,11 +34,7 @@ LIBDIR=$("$PGBIN/pg_config" --pkglibdir) EXTDIR=$("$PGBIN/pg_config" --sharedir)
 CARGO_TARGET_DIR=$(realpath -m "${CARGO_TARGET_DIR:-target}")
 export CARGO_TARGET_DIR MOCK_BIN=$CARGO_TARGET_DIR/release/evolution-mock
 
-passed=0 failed=0
-check() { # check NAME ACTUAL EXPECTED
-  if [ "$2" = "$3" ]; then passed=$((passed + 1)); echo "ok   $1"
-  else failed=$((failed + 1)); echo "FAIL $1: got '$2', expected '$3'"; fi
-}
+source scripts/lib/checks.sh
 die() { echo "package-check: $*" >&2; echo "$passed passed, $((failed + 1)) failed"; exit 1; }
 q() { cluster_psql -d "$DB" -tA -c "$1"; }
 wait_for() { # wait_for SQL EXPECTED SECONDS: polls until SQL returns EXPECTED; prints the last value

@@ -26,11 +26,7 @@ DIR=/tmp/evoq-supabase PORT=23432 DB=evoq_supa
 MOCK_PORT=23091 STANDIN_PORT=23093 LISTEN=127.0.0.1:23787
 STANDIN="http://127.0.0.1:$STANDIN_PORT"
 HOOK_URL="$STANDIN/rest/v1/rpc/evoq_webhook"
-passed=0 failed=0
-check() { # check NAME ACTUAL EXPECTED
-  if [ "$2" = "$3" ]; then passed=$((passed + 1)); echo "ok   $1"
-  else failed=$((failed + 1)); echo "FAIL $1: got '$2', expected '$3'"; fi
-}
+source scripts/lib/checks.sh
 # sq ROLE DB SQL: one psql call as ROLE (errors with their SQLSTATE, on stderr)
 sq() { as_postgres "$PGBIN/psql" -X -q -v ON_ERROR_STOP=1 -v VERBOSITY=verbose -h "$DIR" -p "$PORT" -U "$1" -d "$2" -tA -c "$3"; }
 adm() { sq supabase_admin "${QDB:-$DB}" "$1"; }  # the bootstrap superuser

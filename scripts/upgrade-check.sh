@@ -41,11 +41,7 @@ SELFTEST=${UPGRADE_CHECK_SELFTEST:-}
 CARGO_TARGET_DIR=$(realpath -m "${CARGO_TARGET_DIR:-target}")
 export CARGO_TARGET_DIR MOCK_BIN=$CARGO_TARGET_DIR/release/evolution-mock
 
-passed=0 failed=0
-check() { # check NAME ACTUAL EXPECTED
-  if [ "$2" = "$3" ]; then passed=$((passed + 1)); echo "ok   $1"
-  else failed=$((failed + 1)); echo "FAIL $1: got '$2', expected '$3'"; fi
-}
+source scripts/lib/checks.sh
 die() { echo "upgrade-check: $*" >&2; echo "$passed passed, $((failed + 1)) failed"; exit 1; }
 q() { cluster_psql -d "$1" -tA -c "$2"; } # q DB SQL
 mock() { curl -fsS -X "$1" "$MOCK_URL/__mock/$2" ${3:+-d "$3"} >/dev/null; }

@@ -26,11 +26,7 @@ PG_PORT=${WC_PG_PORT:-55434}
 LISTEN=127.0.0.1:${WC_LISTEN_PORT:-18787} LISTEN2=127.0.0.1:${WC_LISTEN2_PORT:-18788}
 MOCK_PORT=${WC_MOCK_PORT:-18094} MOCK2_PORT=${WC_MOCK2_PORT:-18097}
 WC_DIR=${WC_DIR:-/tmp/evoq-worker}
-passed=0 failed=0
-check() { # check NAME ACTUAL EXPECTED
-  if [ "$2" = "$3" ]; then passed=$((passed + 1)); echo "ok   $1"
-  else failed=$((failed + 1)); echo "FAIL $1: got '$2', expected '$3'"; fi
-}
+source scripts/lib/checks.sh
 q() { cluster_psql -d "$DB" -tA -c "$1"; }
 wait_for() { # wait_for SQL EXPECTED SECONDS: polls until SQL returns EXPECTED; prints the last value
   local v="" end=$((SECONDS + $3))

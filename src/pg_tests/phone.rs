@@ -19,6 +19,15 @@ mod tests {
         count("SELECT count(*) FROM evoq.phone_links")
     }
 
+    /// evoq_link_with_phone(user, phone), as the operator.
+    fn link(user: &str, phone: &str) -> Option<String> {
+        Spi::get_one_with_args::<String>(
+            "SELECT evoq_link_with_phone($1::uuid, $2)",
+            &[user.into(), phone.into()],
+        )
+        .unwrap_or_else(|e| panic!("evoq_link_with_phone: {e}"))
+    }
+
     /// The mock's call log: the query strings of its connects.
     fn connect_queries(mock: &evolution_mock::MockServer) -> Vec<String> {
         mock.calls()
@@ -40,10 +49,7 @@ mod tests {
         assert_eq!(status(&user), "connecting");
         let logouts = mock.count_calls("DELETE", "/instance/logout/");
 
-        assert_eq!(
-            one::<String>(&format!("SELECT evoq_link_with_phone('{user}', '{TYPED}')")).as_deref(),
-            Some("connecting")
-        );
+        assert_eq!(link(&user, TYPED).as_deref(), Some("connecting"));
         assert_eq!(
             one::<String>("SELECT phone FROM evoq.phone_links").as_deref(),
             Some(DIGITS)
@@ -82,13 +88,7 @@ mod tests {
         configure(&mock);
         profiles();
         let user = sign_up(1).remove(0);
-        assert_eq!(
-            one::<String>(&format!(
-                "SELECT evoq_link_with_phone('{user}', '{DIGITS}')"
-            ))
-            .as_deref(),
-            Some("queued")
-        );
+        assert_eq!(link(&user, DIGITS).as_deref(), Some("queued"));
         let summary = json("SELECT evoq_process_queue()");
         assert_eq!(summary["created"], 1, "{summary}");
         let name = s(&instance_row(&user)["instance_name"]).to_string();
@@ -117,13 +117,7 @@ mod tests {
         ));
         json("SELECT evoq_refresh_qr()");
         assert_eq!(status(&user), "expired");
-        assert_eq!(
-            one::<String>(&format!(
-                "SELECT evoq_link_with_phone('{user}', '{DIGITS}')"
-            ))
-            .as_deref(),
-            Some("connecting")
-        );
+        assert_eq!(link(&user, DIGITS).as_deref(), Some("connecting"));
         assert_eq!(json("SELECT evoq_refresh_qr()")["paired"], 1);
         assert_eq!(mock.pairing(&name).unwrap().0.as_deref(), Some(DIGITS));
         assert!(instance_row(&user)["pairing_code"].is_string());
@@ -215,9 +209,7 @@ mod tests {
     fn a_number_is_not_kept_past_the_window_or_an_open_instance() {
         let mock = mock();
         let (user, _) = created_instance(&mock);
-        json(&format!(
-            "SELECT to_jsonb(evoq_link_with_phone('{user}', '{DIGITS}'))"
-        ));
+        link(&user, DIGITS);
         run("UPDATE evoq.phone_links SET requested_at = now() - interval '11 minutes'");
         json("SELECT evoq_refresh_qr()");
         assert_eq!(links(), 0);
@@ -231,9 +223,7 @@ mod tests {
             run(&format!(
                 "UPDATE evolution_instances SET instance_status = 'connecting' WHERE user_id = '{user}'"
             ));
-            json(&format!(
-                "SELECT to_jsonb(evoq_link_with_phone('{user}', '{DIGITS}'))"
-            ));
+            link(&user, DIGITS);
             run(&format!(
                 "UPDATE evolution_instances SET instance_status = '{state}' WHERE user_id = '{user}'"
             ));
@@ -253,10 +243,7 @@ mod tests {
                  WHERE user_id = '{user}'"
             ));
             assert_eq!(
-                one::<String>(&format!(
-                    "SELECT evoq_link_with_phone('{user}', '{DIGITS}')"
-                ))
-                .as_deref(),
+                link(&user, DIGITS).as_deref(),
                 Some("connecting"),
                 "{state}"
             );
@@ -276,13 +263,7 @@ mod tests {
         run(&format!(
             "UPDATE evolution_instances SET instance_status = 'lost' WHERE user_id = '{user}'"
         ));
-        assert_eq!(
-            one::<String>(&format!(
-                "SELECT evoq_link_with_phone('{user}', '{DIGITS}')"
-            ))
-            .as_deref(),
-            Some("queued")
-        );
+        assert_eq!(link(&user, DIGITS).as_deref(), Some("queued"));
         let summary = json("SELECT evoq_process_queue()");
         assert_eq!(summary["created"], 1, "{summary}");
         assert_eq!(mock.pairing(&name).unwrap().0.as_deref(), Some(DIGITS));
@@ -295,9 +276,7 @@ mod tests {
     fn a_delivery_brings_the_next_code() {
         let mock = mock();
         let (user, name) = connecting_instance_with_webhook(&mock);
-        json(&format!(
-            "SELECT to_jsonb(evoq_link_with_phone('{user}', '{DIGITS}'))"
-        ));
+        link(&user, DIGITS);
         assert_eq!(json("SELECT evoq_refresh_qr()")["paired"], 1);
         let first = s(&instance_row(&user)["pairing_code"]).to_string();
         mock.rotate_qr(&name);
@@ -455,9 +434,7 @@ mod tests {
     fn the_pairings_own_logout_deliveries_do_not_close_the_instance() {
         let mock = mock();
         let (user, name) = connecting_instance_with_webhook(&mock);
-        json(&format!(
-            "SELECT to_jsonb(evoq_link_with_phone('{user}', '{DIGITS}'))"
-        ));
+        link(&user, DIGITS);
         let before = mock.deliveries().len();
         assert_eq!(json("SELECT evoq_refresh_qr()")["paired"], 1);
         let code = s(&instance_row(&user)["pairing_code"]).to_string();
@@ -502,9 +479,7 @@ mod tests {
     fn a_pairing_answer_recorded_after_its_logouts_close_reopens_the_row() {
         let mock = mock();
         let (user, name) = connecting_instance_with_webhook(&mock);
-        json(&format!(
-            "SELECT to_jsonb(evoq_link_with_phone('{user}', '{DIGITS}'))"
-        ));
+        link(&user, DIGITS);
         let row = instance_row(&user);
         let (id, claimed_at) = (row["id"].clone(), row["updated_at"].clone());
         let close = json!({"event": "connection.update", "instance": name,
@@ -537,13 +512,9 @@ mod tests {
         let mock = mock();
         let (user, _) = created_instance(&mock);
         let logouts = || mock.count_calls("DELETE", "/instance/logout/");
-        json(&format!(
-            "SELECT to_jsonb(evoq_link_with_phone('{user}', '{DIGITS}'))"
-        ));
+        link(&user, DIGITS);
         let rearmed = instance_row(&user);
-        json(&format!(
-            "SELECT to_jsonb(evoq_link_with_phone('{user}', '{TYPED}'))"
-        ));
+        link(&user, TYPED);
         assert_eq!(
             instance_row(&user),
             rearmed,
@@ -552,9 +523,7 @@ mod tests {
         assert_eq!(json("SELECT evoq_refresh_qr()")["paired"], 1);
         assert_eq!(logouts(), 1);
         // A new number right after: kept, but paired only once the pace allows.
-        json(&format!(
-            "SELECT to_jsonb(evoq_link_with_phone('{user}', '+1 415 555 0100'))"
-        ));
+        link(&user, "+1 415 555 0100");
         assert_eq!(json("SELECT evoq_refresh_qr()")["paired"], 0);
         assert_eq!(logouts(), 1);
         assert_eq!(
