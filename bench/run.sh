@@ -5,7 +5,8 @@
 #   BENCH_ROWS (10000)     queue size for the concurrency-64 and memory runs
 #   BENCH_BIG_ROWS (100000) queue size for the big memory drain
 #   BENCH_PGBENCH_SECONDS (10)
-#   BENCH_ONLY             comma list of sections to run: calls,trigger,memory,qr,worker (default: all)
+#   BENCH_ONLY             comma list of sections to run: calls,trigger,memory,reconcile,qr,cpu,rss,worker (default: all)
+#   BENCH_RECONCILE_INSTANCES (5000) instances at the server (and rows) for the reconcile section
 #   BENCH_IDLE_SECONDS (30) how long the idle worker's CPU is sampled
 #   BENCH_QR_SECONDS (45)  sampling time of each QR validity run
 #   BENCH_CPU_ROWS (2000)  creations per run of the CPU section; BENCH_REPEAT (3) runs of each of its figures
@@ -177,6 +178,44 @@ print('%-22s %14s %14s %20s' % ('run', 'peak private', 'over idle', 'VmHWM (incl
 print('%-22s %11.1f MB %14s %17.1f MB' % ('idle (empty queue)', ia / 1024, '', it / 1024))
 print('%-22s %11.1f MB %11.1f MB %17.1f MB' % ('drain $ROWS rows', aa / 1024, (aa - ia) / 1024, at / 1024))
 print('%-22s %11.1f MB %11.1f MB %17.1f MB' % ('drain $BIG rows', ba / 1024, (ba - ia) / 1024, bt / 1024))"
+fi
+
+if only reconcile; then
+echo
+N_REC=${BENCH_RECONCILE_INSTANCES:-5000}
+echo "reconcile: one server with $N_REC instances, all of them rows (evoq_reconcile, SQL function), mock latency 0 ms"
+curl -fsS -X POST "$MOCK_URL/__mock/config" -d '{"latency_ms": 0}' >/dev/null
+reset_all
+q "INSERT INTO evolution_instances (user_id, instance_name, instance_status)
+   SELECT u, evoq_instance_name(u), 'open' FROM (SELECT gen_random_uuid() AS u FROM generate_series(1, $N_REC)) s" >/dev/null
+q "SELECT json_build_object('names', json_agg(instance_name), 'state', 'open') FROM evolution_instances" >"$CLUSTER_DIR/seed.json"
+curl -fsS -X POST "$MOCK_URL/__mock/instances" --data-binary @"$CLUSTER_DIR/seed.json" >/dev/null
+# The baseline: the listing alone, fetched and thrown away by curl.
+read -r list_bytes list_s < <(curl -fsS -o /dev/null -w '%{size_download} %{time_total}\n' -H 'apikey: bench-key' "$MOCK_URL/instance/fetchInstances")
+cluster_psql -d "dbname=evoq_bench application_name=evoq_reconcile" -tA -c "SELECT pg_sleep(0.5)" \
+  -c "SELECT evoq_reconcile()" -c "SELECT pg_sleep(0.3)" >"$CLUSTER_DIR/reconcile.out" &
+rec_psql=$!
+rec_pid="" idle_kb="" peak_kb=0
+while kill -0 "$rec_psql" 2>/dev/null; do
+  [ -z "$rec_pid" ] && rec_pid=$(q "SELECT pid FROM pg_stat_activity WHERE application_name = 'evoq_reconcile'")
+  if [ -n "$rec_pid" ]; then
+    rss=$(awk '/^RssAnon/ {print $2}' "/proc/$rec_pid/status" 2>/dev/null || true)
+    [ -n "$rss" ] && [ -z "$idle_kb" ] && idle_kb=$rss
+    [ -n "$rss" ] && [ "$rss" -gt "$peak_kb" ] && peak_kb=$rss
+  fi
+  sleep 0.02
+done
+grep '^{' "$CLUSTER_DIR/reconcile.out" | tail -n 1 >"$CLUSTER_DIR/reconcile.json"
+python3 - "$CLUSTER_DIR/reconcile.json" "$list_s" "$list_bytes" "$peak_kb" "${idle_kb:-0}" <<'PY'
+import json, sys
+s = json.load(open(sys.argv[1]))
+list_s, list_bytes, peak, idle = float(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+print('%-36s %10s %12s' % ('', 'time', 'memory'))
+print('%-36s %7.0f ms %9.1f MB   (the reply)' % ('the listing alone (curl, baseline)', list_s * 1000, list_bytes / 1048576))
+print('%-36s %7d ms %9.1f MB   peak private over the idle session (%.1f MB)' % ('evoq_reconcile()', s['elapsed_ms'], (peak - idle) / 1024, idle / 1024))
+print('    listed %s, missing %s, drift checked %s, orphans %s' % (s['listed'], s['missing'], s['drift_checked'], s['orphans']))
+PY
+reset_all
 fi
 
 # --- QR validity and webhook delivery -> row --------------------------------------------------------

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Upgrade check: databases created by evoq 0.1.0, 0.2.0, 0.3.0 and 0.4.0, each built from the commit that
+# Upgrade check: databases created by evoq 0.1.0, 0.2.0, 0.3.0, 0.4.0 and 0.5.0, each built from the commit that
 # shipped it, filled with rows in every state and then brought forward with ALTER EXTENSION evoq
 # UPDATE (0.1.0 through every script in between), must equal a fresh install of this tree, object
 # for object, and keep every row.
@@ -25,6 +25,7 @@ OLD=0.1.0 OLD_COMMIT=2519dd4872fdd462eb4d1dee86e032a52cd20bf1
 MID=0.2.0 MID_COMMIT=6c1a042c83255abfde00339aa5dc809ce7932dbe
 LAST=0.3.0 LAST_COMMIT=75abd16c3d496136d848fb0ccee0084bc02c007f
 PREV=0.4.0 PREV_COMMIT=1e2e89ebdca84b3cd3dd8f9fed60d66d10c9edc2
+LATEST=0.5.0 LATEST_COMMIT=d15f3ae7e93ede7b994476df03a4bdaf00647209
 NEW=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n1)
 PG_CONFIG=$PGBIN/pg_config
 EXTDIR=$("$PG_CONFIG" --sharedir)/extension
@@ -34,7 +35,7 @@ UC_PG_PORT=${UC_PG_PORT:-55435} UC_MOCK_PORT=${UC_MOCK_PORT:-18095}
 OLD_SRC=$UC_DIR-src-$OLD
 INSTALLED=${UPGRADE_CHECK_INSTALLED:-}
 KEY=sk-evoq-upgrade-check
-A=evoq_upgraded B=evoq_fresh C=evoq_from_020 D=evoq_from_030 E=evoq_from_040
+A=evoq_upgraded B=evoq_fresh C=evoq_from_020 D=evoq_from_030 E=evoq_from_040 F=evoq_from_050
 SELFTEST=${UPGRADE_CHECK_SELFTEST:-}
 # Both builds share this tree's target directory: the dependencies scripts/test.sh compiled for
 # cargo pgrx test are reused, not compiled again.
@@ -270,6 +271,20 @@ copy_aside "$E" "$PREV"
 compare_rows_e=$compare_rows
 check "0.4.0 rows copied aside" "$copied" "9 tables, 15 rows"
 
+# --- database F: evoq 0.5.0 as it shipped, with rows in every state, a phone link waiting -----------
+database_made_by "$LATEST" "$LATEST_COMMIT" "$F"
+fill_in_every_state "$F" yul zed abe bea cal dov
+# 0.5.0's own rows: a number waiting in evoq.phone_links (the never-tried sign-up's create carries it).
+q "$F" "SELECT evoq_link_with_phone(id, '+55 11 99999-0001') FROM profiles WHERE email = 'dov@example.com'" >/dev/null
+check "0.5.0 rows in every state" \
+  "$(q "$F" "SELECT concat_ws(',', (SELECT string_agg(status || '=' || n, ',' ORDER BY status) FROM (SELECT status, count(*) n FROM evolution_instance_creation_queue GROUP BY 1) s),
+       (SELECT string_agg(instance_status || '=' || n, ',' ORDER BY instance_status) FROM (SELECT instance_status, count(*) n FROM evolution_instances GROUP BY 1) s),
+       (SELECT count(*) FROM evoq.phone_links))")" \
+  "completed=3,failed=1,pending=2,connecting=3,1"
+copy_aside "$F" "$LATEST"
+compare_rows_f=$compare_rows
+check "0.5.0 rows copied aside" "$copied" "10 tables, 16 rows"
+
 # --- this tree's build (or the installed evoq), then ALTER EXTENSION evoq UPDATE ----------------------
 if [ -n "$INSTALLED" ]; then
   put_back_installed || die "the installed evoq $NEW could not be put back"
@@ -279,8 +294,8 @@ else
   install_from "$ROOT" "$NEW" || die "this tree (evoq $NEW) does not build or install"
 fi
 check "the installed control file defaults to $NEW" "$(control_version)" "$NEW"
-check "$OLD's, $MID's, $LAST's and $PREV's install scripts are still installed" \
-  "$([ -f "$EXTDIR/evoq--$OLD.sql" ] && [ -f "$EXTDIR/evoq--$MID.sql" ] && [ -f "$EXTDIR/evoq--$LAST.sql" ] && [ -f "$EXTDIR/evoq--$PREV.sql" ] && echo yes)" "yes"
+check "$OLD's, $MID's, $LAST's, $PREV's and $LATEST's install scripts are still installed" \
+  "$([ -f "$EXTDIR/evoq--$OLD.sql" ] && [ -f "$EXTDIR/evoq--$MID.sql" ] && [ -f "$EXTDIR/evoq--$LAST.sql" ] && [ -f "$EXTDIR/evoq--$PREV.sql" ] && [ -f "$EXTDIR/evoq--$LATEST.sql" ] && echo yes)" "yes"
 # cargo pgrx install copies sql/evoq--*--*.sql itself, with @CARGO_VERSION@ filled in. ALTER
 # EXTENSION UPDATE chains them: $OLD -> ... -> $NEW.
 for script in sql/evoq--*--*.sql; do
@@ -333,6 +348,13 @@ row_changes=$(q "$E" "$compare_rows_e" 2>&1)
 check "every row and value survives the upgrade from $PREV" "$(grep -c . <<<"$row_changes")" "0"
 q "$E" "SET client_min_messages = warning; DROP SCHEMA upgrade_check CASCADE"
 
+q "$F" "ALTER EXTENSION evoq UPDATE"
+check "ALTER EXTENSION evoq UPDATE from $LATEST reaches $NEW" "$(q "$F" "SELECT extversion FROM pg_extension WHERE extname = 'evoq'")" "$NEW"
+row_changes=$(q "$F" "$compare_rows_f" 2>&1)
+[ -z "$row_changes" ] || echo "$row_changes"
+check "every row and value survives the upgrade from $LATEST" "$(grep -c . <<<"$row_changes")" "0"
+q "$F" "SET client_min_messages = warning; DROP SCHEMA upgrade_check CASCADE"
+
 # --- database B: a fresh install; both must be the same, object for object -------------------------
 q "$B" "CREATE EXTENSION evoq"
 check "a fresh install is $NEW" "$(q "$B" "SELECT extversion FROM pg_extension WHERE extname = 'evoq'")" "$NEW"
@@ -371,7 +393,7 @@ schema() { # schema DB
 }
 schema "$A" >"$UC_DIR"/schema-upgraded.sql && schema "$B" >"$UC_DIR"/schema-fresh.sql &&
   schema "$C" >"$UC_DIR"/schema-from-020.sql && schema "$D" >"$UC_DIR"/schema-from-030.sql &&
-  schema "$E" >"$UC_DIR"/schema-from-040.sql
+  schema "$E" >"$UC_DIR"/schema-from-040.sql && schema "$F" >"$UC_DIR"/schema-from-050.sql
 ntables=$(q "$B" "SELECT count(*) FROM pg_class WHERE relkind IN ('r', 'p') AND relnamespace::regnamespace::text IN ('public', 'evoq')")
 check "both dumps show every table" "$(cat "$UC_DIR"/schema-{upgraded,fresh}.sql | grep -c '^CREATE TABLE')" "$((2 * ntables))"
 if diff -u --label "upgraded from $OLD" --label "fresh $NEW" "$UC_DIR"/schema-{upgraded,fresh}.sql; then
@@ -395,6 +417,12 @@ if diff -u --label "upgraded from $PREV" --label "fresh $NEW" "$UC_DIR"/schema-{
   check "the schema upgraded from $PREV equals a fresh install" same same
 else
   check "the schema upgraded from $PREV equals a fresh install (diff above)" differs same
+fi
+
+if diff -u --label "upgraded from $LATEST" --label "fresh $NEW" "$UC_DIR"/schema-{from-050,fresh}.sql; then
+  check "the schema upgraded from $LATEST equals a fresh install" same same
+else
+  check "the schema upgraded from $LATEST equals a fresh install (diff above)" differs same
 fi
 
 # --- the upgraded database works ----------------------------------------------------------------

@@ -475,6 +475,45 @@ check "a sign-up committed by COMMIT PREPARED completes within 3 s (${ms} ms)" "
 q "ALTER SYSTEM RESET evoq.qr_refresh_interval_ms" >/dev/null
 q "SELECT pg_reload_conf()" >/dev/null
 
+# --- the reconciler: every evoq.reconcile_interval_ms, its calls off the main loop ------------------
+# fetchInstances compared with the rows: an instance the server lost without a word is created
+# again, orphans of the namespace wait out evoq.orphan_grace_ms and are then deleted, names outside
+# the namespace are never touched. The listing runs on a thread: deliveries go on meanwhile.
+rc=$(signup rc)
+rc_name=$(name_of "$rc")
+wait_for "SELECT status FROM evolution_instance_creation_queue WHERE user_id = '$rc'" completed 10 >/dev/null
+orphan=$(q "SELECT evoq_instance_name(gen_random_uuid())")
+mock POST instances "{\"names\": [\"shop_support\", \"$orphan\"], \"state\": \"open\"}" >/dev/null
+mock DELETE "instances/$rc_name" >/dev/null
+deletes_before=$(calls_count "$MOCK_PORT" "c['path'].startswith('/instance/delete/')")
+mock POST faults '{"method":"GET","path_contains":"/instance/fetchInstances","kind":"delay","ms":3000,"times":1}' >/dev/null
+q "ALTER SYSTEM SET evoq.reconcile_interval_ms = 2000" >/dev/null
+q "SELECT pg_reload_conf()" >/dev/null
+wait_for "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'evoq worker'" 1 5 >/dev/null
+sleep 0.5
+r=$(deliver "$rc_name" open)
+check "while the reconcile's listing hangs (3 s), a delivery gets its answer within a second (${r#* } ms)" \
+  "$([ "${r#* }" -lt 1000 ] && echo yes)" "yes"
+end=$((SECONDS + 20))
+while [ "$(creates_for "$rc_name")" != 2 ] && [ $SECONDS -lt $end ]; do sleep 0.5; done
+check "an instance the server lost without a word is created again by the worker's reconcile" \
+  "$(creates_for "$rc_name") $(wait_for "SELECT instance_status FROM evolution_instances WHERE user_id = '$rc'" connecting 5)" "2 connecting"
+check "the reconcile's summary is in evoq_status" \
+  "$(q "SELECT last_reconcile_summary->>'stopped', (last_reconcile_summary->>'foreign')::int >= 1 FROM evoq_status" | tr '|' ' ')" "done t"
+check "within the grace period (1 h) no orphan is deleted, and the orphan is waiting" \
+  "$(( $(calls_count "$MOCK_PORT" "c['path'].startswith('/instance/delete/')") - deletes_before )) $(q "SELECT count(*) FROM evoq.reconcile_orphans WHERE instance_name = '$orphan'")" "0 1"
+q "ALTER SYSTEM SET evoq.orphan_grace_ms = 0" >/dev/null
+q "SELECT pg_reload_conf()" >/dev/null
+check "with the grace at 0 every orphan is logged out and deleted" "$(wait_for "SELECT orphans_waiting FROM evoq_status" 0 30)" "0"
+check "the orphan is gone from the server, the other app's instance and the user's are not" \
+  "$(mock GET instances | python3 -c "import json,sys; n={i['name'] for i in json.load(sys.stdin)}; print('$orphan' in n, 'shop_support' in n, '$rc_name' in n)")" "False True True"
+check "no name outside the namespace was ever called" \
+  "$(calls_count "$MOCK_PORT" "'shop_support' in c['path']")" "0"
+check "the reconciles logged no failure" "$(grep -c 'evoq worker: reconciling' "$CLUSTER_DIR/server.log")" "0"
+q "ALTER SYSTEM RESET evoq.reconcile_interval_ms" >/dev/null
+q "ALTER SYSTEM RESET evoq.orphan_grace_ms" >/dev/null
+q "SELECT pg_reload_conf()" >/dev/null
+
 # --- SIGHUP: the listener moves ---------------------------------------------------------------
 q "ALTER SYSTEM SET evoq.listen_address = '$LISTEN2'" >/dev/null
 q "SELECT pg_reload_conf()" >/dev/null

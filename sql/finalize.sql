@@ -122,7 +122,11 @@ SELECT
                       WHERE instance_status IN ('expired', 'deleted') AND server_loop_seen_at > now() - interval '1 hour')
          THEN 'the Evolution server is still reconnecting these expired or deleted instances (their deliveries keep '
               'coming, each reconnect a new socket): evoq logs them out again, up to 5 times; a restart of the '
-              'Evolution server ends such loops' END AS instances_still_looping_hint
+              'Evolution server ends such loops' END AS instances_still_looping_hint,
+    -- 0.6.0: the reconciler (fetchInstances compared with the rows), of the one server there is
+    (SELECT finished_at FROM evoq.reconciles WHERE server = 'default' AND summary IS NOT NULL) AS last_reconcile_at,
+    (SELECT summary FROM evoq.reconciles WHERE server = 'default') AS last_reconcile_summary,
+    (SELECT count(*) FROM evoq.reconcile_orphans) AS orphans_waiting
 FROM evolution_instance_creation_queue q;
 REVOKE ALL ON evoq_status FROM PUBLIC;
 COMMENT ON VIEW evoq_status IS 'Queue counts per state, oldest pending age, last runs and last error. Grant it to your operators.';

@@ -200,6 +200,35 @@ CREATE TABLE evoq.phone_links (
     requested_at timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 
+-- 0.6.0: the reconciler (evoq_reconcile, and every evoq.reconcile_interval_ms in the QR refresh
+-- and the worker): GET /instance/fetchInstances compared with the rows, so that rows stay true to
+-- what the server holds when no webhook says so. One row per Evolution server (`default` until
+-- several servers are data): the last reconcile's findings, and a lease a reconcile in progress
+-- holds (two at once would only do the same work twice; the lease also outlives a crash).
+CREATE TABLE evoq.reconciles (
+    server        text PRIMARY KEY,
+    started_at    timestamptz,
+    lease_until   timestamptz,
+    finished_at   timestamptz,
+    summary       jsonb,
+    last_error    text,
+    last_error_at timestamptz,
+    created_at    timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+-- 0.6.0: instances of this deployment's namespace that a server holds and no row owns (a create
+-- that timed out but succeeded and was never retried, a deleted user's leftover). Each costs its
+-- server a socket. Deleted (logged out, then deleted) only when seen unowned for
+-- evoq.orphan_grace_ms: first_seen_at is when a reconcile first found it so.
+CREATE TABLE evoq.reconcile_orphans (
+    server        text NOT NULL,
+    instance_name text NOT NULL,
+    first_seen_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    last_seen_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
+    removals      integer NOT NULL DEFAULT 0,
+    last_error    text,
+    PRIMARY KEY (server, instance_name)
+);
+
 -- 0.2.0: the circuit breaker. When every call of a batch fails the same way (server down, key
 -- rejected, wrong URL) the fault is the server's or the configuration's, not the rows': the batch
 -- is released unchanged and runs stop calling until next_probe_at, when one GET / decides.
@@ -252,6 +281,8 @@ SELECT pg_catalog.pg_extension_config_dump('evoq.webhooks_applied', '');
 SELECT pg_catalog.pg_extension_config_dump('evoq.webhooks_ignored', '');
 SELECT pg_catalog.pg_extension_config_dump('evoq.webhooks_rejected', '');
 SELECT pg_catalog.pg_extension_config_dump('evoq.webhooks_relayed', '');
+SELECT pg_catalog.pg_extension_config_dump('evoq.reconciles', '');
+SELECT pg_catalog.pg_extension_config_dump('evoq.reconcile_orphans', '');
 
 -- This database's identity: a copy restored elsewhere (or into another database) differs.
 CREATE FUNCTION evoq._deployment_identity() RETURNS text
@@ -665,7 +696,7 @@ BEGIN
         INSERT INTO evolution_instances AS i (user_id, instance_name, instance_id, instance_status,
                                               qr_code, qr_text, pairing_code, qr_count, last_qr_update,
                                               connected_at, connecting_since, webhook_set_at,
-                                              last_state_check_at, last_refresh_at)
+                                              last_state_check_at, last_refresh_at, updated_at)
         SELECT user_id, instance_name, instance_id, instance_status, qr_code, qr_text, pairing_code, qr_count,
                CASE WHEN qr_code IS NOT NULL OR qr_text IS NOT NULL THEN clock_timestamp() END,
                CASE WHEN instance_status = 'open' THEN clock_timestamp() END,
@@ -684,7 +715,11 @@ BEGIN
                           AND (SELECT s.webhook_events = '{}' OR 'QRCODE_UPDATED' = ANY (s.webhook_events)
                                FROM evoq.settings s))
                          OR qr_code IS NOT NULL OR qr_text IS NOT NULL
-                    THEN clock_timestamp() END
+                    THEN clock_timestamp() END,
+               -- 0.6.0: when the answer was recorded, not when the transaction began: the
+               -- reconciler judges only rows written before its listing was asked for, and the SQL
+               -- function's transaction may have begun before the server made the instance
+               clock_timestamp()
         FROM ok
         ON CONFLICT (user_id) DO UPDATE SET
             instance_name = excluded.instance_name,
@@ -983,11 +1018,18 @@ AS $$
 -- 0.5.0: PL/pgSQL, so the statement is planned once per session: as an SQL function it was
 -- planned at every call, about 2 ms of each group's record in the worker (measured).
 BEGIN
-    WITH r AS (
+    WITH given AS (
         SELECT * FROM jsonb_to_recordset(results) AS x(
             id uuid, outcome text, qr_code text, qr_text text, pairing_code text, qr_count integer, error text,
             webhook_version timestamptz, claimed_status text, claimed_at timestamptz, paired boolean,
             number text)
+    ), r AS (
+        -- 0.6.0: the reconciler's findings: a live instance the server does not list is lost
+        -- (created again), an idle one gone (created again when its user asks), as on a 404
+        SELECT id, CASE outcome WHEN 'unlisted' THEN 'lost' WHEN 'unlisted_idle' THEN 'gone' ELSE outcome END AS outcome,
+               outcome IN ('unlisted', 'unlisted_idle') AS unlisted, qr_code, qr_text, pairing_code, qr_count, error,
+               webhook_version, claimed_status, claimed_at, paired, number
+        FROM given
     ), free AS (
         -- 0.5.0: a row another session holds (a pg_cron run, an operator) keeps its state: its
         -- result is dropped, and the next refresh asks again. Waiting for it froze the worker's
@@ -1025,6 +1067,8 @@ BEGIN
             webhook_set_at = CASE WHEN r.outcome = 'repointed' THEN r.webhook_version
                                   WHEN r.outcome = 'gone' THEN clock_timestamp() ELSE i.webhook_set_at END,
             last_error = CASE WHEN r.outcome = 'error' THEN evoq._redact(r.error, i.instance_name)
+                              WHEN r.unlisted AND r.outcome = 'lost' THEN 'the Evolution API does not list this instance (fetchInstances, evoq''s reconcile); its creation was queued again'
+                              WHEN r.unlisted THEN 'the Evolution API does not list this instance (fetchInstances, evoq''s reconcile); evoq_reconnect creates it again'
                               WHEN r.outcome = 'lost' THEN 'the Evolution API no longer knows this instance (404); its creation was queued again'
                               WHEN r.outcome = 'gone' THEN 'the Evolution API no longer knows this instance (404); evoq_reconnect creates it again'
                               WHEN r.outcome IN ('checked', 'repointed', 'relogged') THEN i.last_error
@@ -1049,6 +1093,168 @@ BEGIN
     -- this run holds the instance row, the opposite order of evoq_process_queue: a deadlock.
     INSERT INTO evoq.requeue_requests (user_id, reason)
     SELECT user_id, 'lost' FROM updated WHERE outcome = 'lost';
+END
+$$;
+
+-- 0.6.0: the reconciler. How long until the server's next reconcile is due (0: now), from the
+-- end of the last one; the first is due one interval after the server is first seen here, not at
+-- once (a new deployment has nothing to reconcile yet). NULL: turned off (interval 0).
+CREATE FUNCTION evoq._reconcile_due_ms(server text, interval_ms bigint) RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    last timestamptz;
+BEGIN
+    IF interval_ms <= 0 THEN
+        RETURN NULL;
+    END IF;
+    SELECT coalesce(r.finished_at, r.created_at) INTO last FROM evoq.reconciles r WHERE r.server = _reconcile_due_ms.server;
+    IF NOT FOUND THEN
+        INSERT INTO evoq.reconciles (server) VALUES (_reconcile_due_ms.server) ON CONFLICT DO NOTHING;
+        RETURN interval_ms;
+    END IF;
+    RETURN greatest(0, ceil(extract(epoch FROM last + interval_ms * interval '1 millisecond' - clock_timestamp()) * 1000))::bigint;
+END
+$$;
+
+-- Takes the server's lease for one reconcile; returns when it did (the moment the listing is
+-- asked for: rows changed after it are not judged by that listing), or NULL when another
+-- reconcile holds it (its lease not run out, or its transaction still open).
+CREATE FUNCTION evoq._reconcile_begin(server text, lease_ms bigint) RETURNS timestamptz
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    began timestamptz;
+BEGIN
+    INSERT INTO evoq.reconciles (server) VALUES (_reconcile_begin.server) ON CONFLICT DO NOTHING;
+    UPDATE evoq.reconciles r SET started_at = clock_timestamp(),
+                                 lease_until = clock_timestamp() + lease_ms * interval '1 millisecond'
+    WHERE r.server = (SELECT x.server FROM evoq.reconciles x
+                      WHERE x.server = _reconcile_begin.server
+                        AND (x.lease_until IS NULL OR x.lease_until < clock_timestamp())
+                      FOR UPDATE SKIP LOCKED)
+    RETURNING r.started_at INTO began;
+    RETURN began;
+END
+$$;
+
+-- Compares what the server listed at listed_at (only the names of this deployment's namespace:
+-- [{"n": name, "s": state or null, "u": user id}]) with the rows, and applies what needs no call:
+-- * missing: a row the server does not list. connecting/open: lost, and created again (as a 404
+--   does); close/refused/expired: lost, created again when its user asks (evoq_reconnect).
+--   Rows changed after listed_at are not judged: the listing may predate them. When the server
+--   lists none of many rows (more than 10, and more than half of the live ones) nothing is
+--   applied: that is more likely a server that lost its database for a moment than a real loss,
+--   and every instance's own 404 still tells (reported as missing_held_back).
+-- * drift: a listed state that contradicts the row's (open there, connecting or idle here; close
+--   there, open here). A listing has no server time, so it ranks below every delivery and call:
+--   it is not applied as such, the instance is asked connectionState (the live truth; the
+--   listing's state is the server's database, which lags), and that answer is written only to a
+--   row nothing changed since this function read it. Up to max_calls, returned as "checks".
+-- * orphans: listed names no row owns (no instance row but a deleted one, no queued creation).
+--   Tracked in evoq.reconcile_orphans; those unowned for grace_ms are returned as "remove" (up to
+--   max_calls), the caller logs them out and deletes them. Names outside the namespace never
+--   reach this function.
+CREATE FUNCTION evoq._reconcile_apply(server text, listed jsonb, listed_at timestamptz, grace_ms bigint,
+                                      max_calls integer) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+DECLARE
+    cfg evoq.settings;
+    names text[];
+    live_rows integer;
+    missing_live integer;
+    missing_records jsonb;
+    checks jsonb;
+    unowned text[];
+    remove jsonb;
+    held_back boolean;
+BEGIN
+    SELECT * INTO cfg FROM evoq.settings;
+    SELECT coalesce(array_agg(DISTINCT x.n), '{}') INTO names
+    FROM jsonb_to_recordset(listed) AS x(n text) WHERE x.n IS NOT NULL;
+
+    SELECT count(*), count(*) FILTER (WHERE NOT EXISTS (SELECT 1 FROM unnest(names) AS l(n) WHERE l.n = i.instance_name))
+      INTO live_rows, missing_live
+      FROM evolution_instances i
+     WHERE i.instance_status IN ('connecting', 'open') AND i.updated_at < listed_at
+       AND evoq._is_ours(i.instance_name, cfg.namespace, cfg.owns_legacy_names);
+    held_back := missing_live > 10 AND missing_live * 2 > live_rows;
+
+    SELECT coalesce(jsonb_agg(jsonb_build_object(
+               'id', i.id,
+               'outcome', CASE WHEN i.instance_status IN ('connecting', 'open') THEN 'unlisted' ELSE 'unlisted_idle' END,
+               'claimed_status', i.instance_status, 'claimed_at', i.updated_at)), '[]')
+      INTO missing_records
+      FROM evolution_instances i
+     WHERE NOT held_back
+       AND i.instance_status IN ('connecting', 'open', 'close', 'refused', 'expired')
+       AND i.updated_at < listed_at
+       AND evoq._is_ours(i.instance_name, cfg.namespace, cfg.owns_legacy_names)
+       AND NOT EXISTS (SELECT 1 FROM unnest(names) AS l(n) WHERE l.n = i.instance_name);
+    IF jsonb_array_length(missing_records) > 0 THEN
+        PERFORM evoq._record_refresh_results(missing_records);
+    END IF;
+
+    WITH l AS (SELECT DISTINCT ON (x.n) x.n, x.s FROM jsonb_to_recordset(listed) AS x(n text, s text))
+    SELECT coalesce(jsonb_agg(d.c), '[]') INTO checks FROM (
+        SELECT jsonb_build_object('id', i.id, 'instance_name', i.instance_name, 'status', i.instance_status,
+                                  'claimed_at', i.updated_at) AS c
+        FROM evolution_instances i JOIN l ON l.n = i.instance_name
+        WHERE i.updated_at < listed_at
+          AND ((l.s = 'open' AND i.instance_status IN ('connecting', 'close', 'refused', 'expired'))
+               OR (l.s = 'close' AND i.instance_status = 'open'))
+        ORDER BY i.updated_at
+        LIMIT max_calls) d;
+
+    -- Orphans: owned by nothing. A queued creation (pending or processing) owns its user's
+    -- name, whatever the rows say yet: its create may be in flight, or have timed out and be
+    -- about to be retried (and adopt the instance).
+    WITH l AS (SELECT DISTINCT ON (x.n) x.n, x.u FROM jsonb_to_recordset(listed) AS x(n text, u uuid) WHERE x.n IS NOT NULL)
+    SELECT coalesce(array_agg(l.n), '{}') INTO unowned FROM l
+    WHERE NOT EXISTS (SELECT 1 FROM evolution_instances i WHERE i.instance_name = l.n AND i.instance_status <> 'deleted')
+      AND NOT EXISTS (SELECT 1 FROM evolution_instance_creation_queue q
+                      WHERE q.status IN ('pending', 'processing') AND q.action = 'create'
+                        AND (q.user_id = l.u OR q.instance_name = l.n));
+    DELETE FROM evoq.reconcile_orphans o
+    WHERE o.server = _reconcile_apply.server AND NOT EXISTS (SELECT 1 FROM unnest(unowned) AS u(n) WHERE u.n = o.instance_name);
+    INSERT INTO evoq.reconcile_orphans (server, instance_name)
+    SELECT _reconcile_apply.server, u FROM unnest(unowned) u
+    ON CONFLICT ON CONSTRAINT reconcile_orphans_pkey DO UPDATE SET last_seen_at = clock_timestamp();
+    SELECT coalesce(jsonb_agg(d.instance_name), '[]') INTO remove FROM (
+        SELECT o.instance_name FROM evoq.reconcile_orphans o
+        WHERE o.server = _reconcile_apply.server
+          AND o.first_seen_at <= clock_timestamp() - grace_ms * interval '1 millisecond'
+        ORDER BY o.first_seen_at, o.instance_name
+        LIMIT max_calls) d;
+
+    RETURN jsonb_build_object(
+        'missing', jsonb_array_length(missing_records),
+        'missing_held_back', CASE WHEN held_back THEN missing_live ELSE 0 END,
+        'checks', checks, 'orphans', cardinality(unowned), 'remove', remove,
+        'orphans_waiting', cardinality(unowned) - jsonb_array_length(remove));
+END
+$$;
+
+-- Ends a reconcile: its summary (findings and counts), the orphans it removed (their tracking
+-- goes) and those it could not (tried again next time), and the lease given back.
+CREATE FUNCTION evoq._reconcile_finish(server text, summary jsonb, last_error text, removals jsonb) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    DELETE FROM evoq.reconcile_orphans o USING jsonb_to_recordset(_reconcile_finish.removals) AS x(n text, error text)
+    WHERE o.server = _reconcile_finish.server AND o.instance_name = x.n AND x.error IS NULL;
+    UPDATE evoq.reconcile_orphans o SET removals = o.removals + 1, last_error = x.error
+    FROM jsonb_to_recordset(_reconcile_finish.removals) AS x(n text, error text)
+    WHERE o.server = _reconcile_finish.server AND o.instance_name = x.n AND x.error IS NOT NULL;
+    UPDATE evoq.reconciles r SET finished_at = clock_timestamp(), lease_until = NULL, summary = _reconcile_finish.summary,
+        last_error = coalesce(_reconcile_finish.last_error, r.last_error),
+        last_error_at = CASE WHEN _reconcile_finish.last_error IS NOT NULL THEN clock_timestamp() ELSE r.last_error_at END
+    WHERE r.server = _reconcile_finish.server;
 END
 $$;
 

@@ -11,6 +11,7 @@ pub mod phone;
 pub mod pipeline;
 pub mod policy;
 pub mod pool;
+pub mod reconcile;
 pub mod summary;
 
 // Postgres-facing: SQL functions, SPI, GUCs.

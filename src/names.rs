@@ -35,6 +35,27 @@ pub fn is_ours(name: &str, namespace: &str, owns_legacy_names: bool) -> bool {
     }
 }
 
+/// The user whose instance `name` is, when it is exactly a name this deployment makes:
+/// `evoq_<namespace>_<32 hex digits>`, or the 0.1.0 `evoq_<32 hex digits>` where this database
+/// owns those. Anything else (another namespace, another app's instance, a name evoq never
+/// makes) is None: the reconciler never touches it.
+pub fn user_of(name: &str, namespace: &str, owns_legacy_names: bool) -> Option<Uuid> {
+    let rest = name.strip_prefix(PREFIX)?;
+    let hex = match rest
+        .strip_prefix(namespace)
+        .and_then(|r| r.strip_prefix('_'))
+    {
+        Some(hex) => hex,
+        None if owns_legacy_names => rest,
+        None => return None,
+    };
+    let valid = hex.len() == 32
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    valid.then(|| Uuid::parse_str(hex).ok()).flatten()
+}
+
 /// A namespace is 1 to 12 lower-case letters or digits.
 pub fn valid_namespace(namespace: &str) -> bool {
     (1..=12).contains(&namespace.len())
@@ -49,6 +70,27 @@ mod tests {
 
     fn id() -> Uuid {
         Uuid::parse_str("0f8fad5b-d9cb-469f-a165-70867728950e").unwrap()
+    }
+
+    #[test]
+    fn user_of_takes_only_names_this_deployment_makes() {
+        let u = id();
+        assert_eq!(user_of(&instance_name("ns1", u), "ns1", false), Some(u));
+        assert_eq!(user_of(&legacy_instance_name(u), "ns1", true), Some(u));
+        assert_eq!(user_of(&legacy_instance_name(u), "ns1", false), None);
+        assert_eq!(user_of(&instance_name("ns2", u), "ns1", false), None);
+        assert_eq!(user_of(&instance_name("ns2", u), "ns1", true), None);
+        assert_eq!(user_of(&instance_name("ns1", u), "ns", false), None);
+        for other in [
+            "evoq_ns1_",
+            "evoq_ns1_xyz",
+            "evoq_ns1_0F8FAD5BD9CB469FA16570867728950E",
+            "myapp_user_1",
+            "evoq_ns1_0f8fad5bd9cb469fa16570867728950e0",
+            "evoq_ns1_0f8fad5b-d9cb-469f-a165-70867728950e",
+        ] {
+            assert_eq!(user_of(other, "ns1", true), None, "{other}");
+        }
     }
 
     #[test]

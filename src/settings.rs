@@ -53,6 +53,10 @@ gucs! {
         c"A connecting instance not scanned within this many ms is logged out and becomes expired (the server itself gives up after about 22 minutes); evoq_reconnect re-arms it.";
     STATE_CHECK_INTERVAL_MS = c"evoq.state_check_interval_ms", 300_000, 1_000, 86_400_000,
         c"Each open instance is checked with connectionState at most once per this many ms, to notice a phone that unlinked the device when no webhook says so.";
+    RECONCILE_INTERVAL_MS = c"evoq.reconcile_interval_ms", 600_000, 0, 86_400_000,
+        c"Every this many ms the Evolution server's instances (fetchInstances) are compared with evoq's rows: lost ones are created again, orphans deleted, drifted states checked. 0 turns it off; evoq_reconcile() runs one at once.";
+    ORPHAN_GRACE_MS = c"evoq.orphan_grace_ms", 3_600_000, 0, 604_800_000,
+        c"An instance of this deployment's namespace that no row owns is logged out and deleted only after the reconciler has seen it unowned for this many ms.";
 }
 
 /// `evoq.api_key_file`: a file holding the API key, so that no table, dump or role holds it.

@@ -8,6 +8,9 @@
 //! that echoes request headers once put the key into an error message.
 
 use super::config::mask_credentials;
+use super::listing::{
+    read_listing, ListedInstance, ListingError, MAX_LISTING_BYTES, MAX_LISTING_LABEL,
+};
 use super::reply::{
     envelope_message, error_words, is_instance_missing, is_name_in_use, is_not_connected,
     parse_connect_reply, parse_connection_state, parse_create_reply, parse_fetch_instance,
@@ -321,6 +324,54 @@ impl Client {
                 )),
                 s => Err(ApiError::wrong_api_url(s, error_words(&reply.body))),
             }
+        })
+    }
+
+    /// `GET /instance/fetchInstances` unfiltered: every instance the server holds (the global
+    /// key lists them all), for the reconciler. The reply is read as a stream and only names and
+    /// states are kept (`listing`), up to its own bound `MAX_LISTING_BYTES` rather than
+    /// `MAX_REPLY_BYTES`: a server with 5 000 instances answers about 4.7 MB.
+    pub fn list_instances(&self) -> Result<Vec<ListedInstance>, ApiError> {
+        const WHAT: &str = "GET /instance/fetchInstances";
+        self.scrubbed(|_| {
+            let url = format!("{}/instance/fetchInstances", self.base_url);
+            let mut response = self
+                .agent
+                .get(&url)
+                .header("apikey", &self.api_key)
+                .call()
+                .map_err(|e| self.transport_error(WHAT, e))?;
+            let status = response.status().as_u16();
+            if (300..400).contains(&status) {
+                let location = response
+                    .headers()
+                    .get("location")
+                    .and_then(|v| v.to_str().ok())
+                    .map(mask_credentials);
+                return Err(ApiError::redirect(status, WHAT, location.as_deref()));
+            }
+            if !(200..300).contains(&status) {
+                let bytes = response
+                    .body_mut()
+                    .with_config()
+                    .limit(MAX_REPLY_BYTES)
+                    .read_to_vec()
+                    .unwrap_or_default();
+                return Err(ApiError::http(
+                    status,
+                    WHAT,
+                    error_words(&String::from_utf8_lossy(&bytes)),
+                ));
+            }
+            let reader = response
+                .body_mut()
+                .with_config()
+                .limit(MAX_LISTING_BYTES + 1)
+                .reader();
+            read_listing(reader).map_err(|e| match e {
+                ListingError::TooLarge => ApiError::too_large(WHAT, MAX_LISTING_LABEL),
+                ListingError::Malformed(m) => ApiError::malformed(WHAT, m),
+            })
         })
     }
 
@@ -1008,6 +1059,38 @@ mod tests {
                 .iter()
                 .all(|r| r.path == "/instance/create"),
             "no adoption was attempted"
+        );
+    }
+
+    /// The reconciler's listing: unfiltered fetchInstances with the global key, a reply over
+    /// `MAX_REPLY_BYTES` still read (its own bound), an error status an error with the server's
+    /// words, and the tokens in the rows never in what comes back.
+    #[test]
+    fn the_listing_is_read_beyond_the_reply_cap_and_keeps_no_token() {
+        let row = |i: usize| {
+            format!(
+                r#"{{"name":"evoq_ns_{i:032x}","connectionStatus":"open","token":"TOKEN-{i}","pad":"{}"}}"#,
+                "x".repeat(900)
+            )
+        };
+        let body = format!("[{}]", (0..2000).map(row).collect::<Vec<_>>().join(","));
+        assert!(body.len() as u64 > MAX_REPLY_BYTES);
+        let server = TestServer::start(move |_| Canned::json(200, &body));
+        let listed = client(&server).list_instances().unwrap();
+        assert_eq!(listed.len(), 2000);
+        assert!(!format!("{listed:?}").contains("TOKEN"));
+        let asked = server.requests();
+        assert_eq!(asked[0].path, "/instance/fetchInstances");
+        assert_eq!(asked[0].header("apikey").as_deref(), Some(KEY));
+        let server = TestServer::start(|_| Canned::json(401, &envelope(401, "Unauthorized")));
+        assert_eq!(
+            client(&server).list_instances().unwrap_err().class(),
+            "http_401"
+        );
+        let server = TestServer::start(|_| Canned::json(200, r#"{"status":"ok"}"#));
+        assert_eq!(
+            client(&server).list_instances().unwrap_err().class(),
+            "malformed"
         );
     }
 

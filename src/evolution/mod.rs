@@ -9,6 +9,7 @@ mod client;
 mod config;
 mod delivery;
 mod error;
+mod listing;
 mod reply;
 mod request;
 mod resolver;
@@ -24,6 +25,7 @@ pub use delivery::{
     DeliveryError, MAX_DELIVERY_BYTES,
 };
 pub use error::{ApiError, ErrorClass, ErrorKind, MAX_MESSAGE_CHARS, REDACTED};
+pub use listing::{ListedInstance, MAX_LISTING_BYTES};
 pub use reply::{
     envelope_message, parse_connect_reply, parse_create_reply, parse_fetch_instance, parse_version,
 };

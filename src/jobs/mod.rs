@@ -4,5 +4,6 @@
 //! or the time budget is spent. The worker drives the same sources across many transactions.
 
 pub mod process;
+pub mod reconcile;
 pub mod refresh;
 pub mod run;

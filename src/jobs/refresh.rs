@@ -410,5 +410,10 @@ pub fn evoq_refresh_qr() -> pgrx::JsonB {
             (if why == "drained" { "done" } else { why }, pipe.groups)
         }
     };
-    job.finish(stopped, groups)
+    let mut summary = job.finish(stopped, groups);
+    // 0.6.0: every evoq.reconcile_interval_ms, the server's listing compared with the rows
+    if let Some(reconciled) = super::reconcile::reconcile_if_due(crate::reconcile::DEFAULT_SERVER) {
+        summary.0["reconcile"] = reconciled;
+    }
+    summary
 }

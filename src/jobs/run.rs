@@ -138,7 +138,7 @@ impl Run {
     /// One call on a thread of its own, waited for like a batch: cancel and statement_timeout
     /// are honoured, and it gives up at the run's deadline. Nothing talks to the network from
     /// the backend thread itself.
-    fn call_one<R: Send + 'static>(
+    pub fn call_one<R: Send + 'static>(
         &self,
         work: impl Fn(&Client) -> R + Send + Sync + 'static,
     ) -> Option<R> {

@@ -8,6 +8,7 @@ mod hardening;
 mod lifecycle;
 mod phone;
 mod process;
+mod reconcile;
 mod refresh;
 mod security;
 mod trigger;

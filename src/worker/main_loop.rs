@@ -13,6 +13,7 @@
 //! and the loop goes on after a short pause.
 
 use super::probe::{Findings, Probe, ProbeKind};
+use super::reconcile::{self, Reconciling};
 use super::{connection_target, deliveries, shared, worker_settings, WorkerSettings, WORKER_TYPE};
 use crate::jobs::process::QueueJob;
 use crate::jobs::refresh::RefreshJob;
@@ -80,6 +81,10 @@ struct Worker {
     secrets_read: Option<Instant>,
     /// The main loop's heartbeat, for the listener's `GET /health`.
     heartbeat: Heartbeat,
+    /// 0.6.0: the reconcile in progress (its calls on a thread of their own), and when the next
+    /// one is due to be looked at.
+    reconcile: Option<Box<Reconciling>>,
+    reconcile_due: Instant,
 }
 
 /// How often the accepted secrets are read again while the listener is open (an
@@ -209,6 +214,8 @@ impl Worker {
             secrets: Secrets::new(),
             secrets_read: None,
             heartbeat: Heartbeat::new(),
+            reconcile: None,
+            reconcile_due: Instant::now(),
         };
         w.open_listener();
         w
@@ -286,6 +293,7 @@ impl Worker {
             cycle.pipe.stop("reload");
         }
         self.next_due = Instant::now();
+        self.reconcile_due = Instant::now();
         let settings = worker_settings();
         if settings == self.settings {
             return;
@@ -323,6 +331,7 @@ impl Worker {
             self.give_up_cycle("disabled");
             return;
         }
+        self.step_reconcile();
         match self.cycle.as_mut() {
             Some(cycle) if woken => cycle.pipe.rearm(),
             Some(_) => {}
@@ -412,6 +421,45 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// The reconcile (see `reconcile`): a step when its thread answered, a start when it is
+    /// due. Each step is a transaction of its own; the server is never waited on here.
+    fn step_reconcile(&mut self) {
+        let notify = signaller(self.signalled.clone());
+        if let Some(mut r) = self.reconcile.take() {
+            if !r.poll() {
+                self.reconcile = Some(r);
+                return;
+            }
+            match in_transaction(|| (*r).step(notify)) {
+                Ok(reconcile::Step::Waiting(r)) => self.reconcile = Some(r),
+                Ok(reconcile::Step::Next(wait)) => self.reconcile_due = Instant::now() + wait,
+                Err(message) => self.reconcile_failed(message),
+            }
+            return;
+        }
+        if Instant::now() < self.reconcile_due {
+            return;
+        }
+        let started = in_transaction(|| match cannot_work_here() {
+            Some(_) => Err(reconcile::RETRY_PAUSE),
+            None => reconcile::start(notify),
+        });
+        match started {
+            Ok(Ok(r)) => self.reconcile = Some(Box::new(r)),
+            Ok(Err(wait)) => self.reconcile_due = Instant::now() + wait,
+            Err(message) => self.reconcile_failed(message),
+        }
+    }
+
+    /// A reconcile step failed: logged, and tried again later (its lease, if it took one, runs
+    /// out first). The cycles go on.
+    fn reconcile_failed(&mut self, message: String) {
+        let message = format!("reconciling: {message}");
+        pgrx::warning!("evoq worker: {message}");
+        shared::set_error(&message);
+        self.reconcile_due = Instant::now() + reconcile::RETRY_PAUSE;
     }
 
     /// A probe's answer came back: kept for the next cycle, which starts at once.
@@ -631,6 +679,16 @@ impl Worker {
 
     /// How long the latch wait may last.
     fn wait(&self) -> Duration {
+        let cycle = self.cycle_wait();
+        // A reconcile in progress wakes the loop when its thread answers.
+        if self.settings.enabled && self.reconcile.is_none() {
+            cycle.min(self.reconcile_due.saturating_duration_since(Instant::now()))
+        } else {
+            cycle
+        }
+    }
+
+    fn cycle_wait(&self) -> Duration {
         match &self.cycle {
             Some(c) if c.pipe.in_flight() > 0 => c
                 .pipe

@@ -18,6 +18,7 @@
 mod deliveries;
 mod main_loop;
 mod probe;
+mod reconcile;
 pub mod shared;
 
 use pgrx::bgworkers::{BackgroundWorkerBuilder, BgWorkerStartTime};

@@ -211,6 +211,30 @@ pub fn handle(shared: &Shared, req: &Req) -> Reply {
             shared.faults.clear();
             ok()
         }
+        // Instances the server holds from before (another app's, a leftover): made as they
+        // are, with no call, socket or delivery. {"names": [...], "state": "open"}
+        ("POST", ["instances"]) => {
+            let names: Vec<String> = match req
+                .body
+                .get("names")
+                .cloned()
+                .map(serde_json::from_value)
+            {
+                Some(Ok(names)) => names,
+                _ => return bad(
+                    "body must be {\"names\":[...], \"state\":\"open\"|\"close\"|\"connecting\"}",
+                ),
+            };
+            let state = req
+                .body
+                .get("state")
+                .and_then(Value::as_str)
+                .unwrap_or("close");
+            match shared.seed_instances(&names, state) {
+                Some(n) => Reply::json(200, json!({"ok": true, "added": n})),
+                None => bad(format!("unknown state {state:?}")),
+            }
+        }
         ("POST", ["instances", name, "state"]) => {
             let Some(state) = req.body.get("state").and_then(Value::as_str) else {
                 return bad("body must be {\"state\":\"open\"|\"close\"|\"connecting\"}");
@@ -218,7 +242,18 @@ pub fn handle(shared: &Shared, req: &Req) -> Reply {
             if !["open", "close", "connecting"].contains(&state) {
                 return bad(format!("unknown state {state:?}"));
             }
-            if shared.set_instance_state(name, state) {
+            // "silent": the state changes with no delivery (webhooks that stopped, #2401)
+            let silent = req
+                .body
+                .get("silent")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            let changed = if silent {
+                shared.set_instance_state_silently(name, state)
+            } else {
+                shared.set_instance_state(name, state)
+            };
+            if changed {
                 ok()
             } else {
                 no_instance(name)

@@ -356,6 +356,16 @@ impl MockServer {
     }
 
     /// The server "loses" the instance. False if it did not exist.
+    /// Instances the server holds from before (see `POST /__mock/instances`).
+    pub fn seed_instances(&self, names: &[String], state: &str) -> usize {
+        self.shared.seed_instances(names, state).unwrap_or(0)
+    }
+
+    /// A state change no webhook tells of.
+    pub fn set_state_silently(&self, name: &str, state: &str) -> bool {
+        self.shared.set_instance_state_silently(name, state)
+    }
+
     pub fn remove_instance(&self, name: &str) -> bool {
         self.shared.remove_instance(name)
     }

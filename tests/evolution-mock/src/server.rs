@@ -105,6 +105,41 @@ impl Shared {
         true
     }
 
+    /// The state changes and nothing else happens: no socket, no QR, no delivery (a server
+    /// whose webhooks stopped). Its database row (fetchInstances) shows it too.
+    pub fn set_instance_state_silently(&self, name: &str, state: &str) -> bool {
+        let Some(state) = ConnState::parse(state) else {
+            return false;
+        };
+        match lock(&self.store).get_mut(name) {
+            Some(i) => {
+                i.set_state(state);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Adds instances as a server holds them from before, with no call, socket or delivery;
+    /// names already there are left alone. How many were added, or None for an unknown state.
+    pub fn seed_instances(&self, names: &[String], state: &str) -> Option<usize> {
+        let state = ConnState::parse(state)?;
+        let mut store = lock(&self.store);
+        let known: std::collections::HashSet<String> =
+            store.instances.iter().map(|i| i.name.clone()).collect();
+        let mut added = 0;
+        for name in names {
+            if known.contains(name) {
+                continue;
+            }
+            let mut i = crate::state::Instance::new(name, None, "WHATSAPP-BAILEYS");
+            i.set_state(state);
+            store.instances.push(i);
+            added += 1;
+        }
+        Some(added)
+    }
+
     /// Runs `f` on the named instance under the state lock; None if there is no such instance.
     pub fn with_instance<T>(
         &self,
