@@ -252,6 +252,7 @@ BEGIN
     END IF;
     SELECT coalesce(r.finished_at, r.created_at) INTO last FROM evoq.reconciles r WHERE r.server = _reconcile_due_ms.server;
     IF NOT FOUND THEN
+        -- (only when there is none: ON CONFLICT would wait for a reconcile in progress to commit)
         INSERT INTO evoq.reconciles (server) VALUES (_reconcile_due_ms.server) ON CONFLICT DO NOTHING;
         RETURN interval_ms;
     END IF;
@@ -266,7 +267,11 @@ AS $$
 DECLARE
     began timestamptz;
 BEGIN
-    INSERT INTO evoq.reconciles (server) VALUES (_reconcile_begin.server) ON CONFLICT DO NOTHING;
+    -- Only when there is none: ON CONFLICT would wait for a reconcile in progress to commit,
+    -- where this must say "busy" at once.
+    IF NOT EXISTS (SELECT 1 FROM evoq.reconciles x WHERE x.server = _reconcile_begin.server) THEN
+        INSERT INTO evoq.reconciles (server) VALUES (_reconcile_begin.server) ON CONFLICT DO NOTHING;
+    END IF;
     UPDATE evoq.reconciles r SET started_at = clock_timestamp(),
                                  lease_until = clock_timestamp() + lease_ms * interval '1 millisecond'
     WHERE r.server = (SELECT x.server FROM evoq.reconciles x
@@ -301,7 +306,7 @@ BEGIN
     SELECT count(*), count(*) FILTER (WHERE NOT EXISTS (SELECT 1 FROM unnest(names) AS l(n) WHERE l.n = i.instance_name))
       INTO live_rows, missing_live
       FROM evolution_instances i
-     WHERE i.instance_status IN ('connecting', 'open') AND i.updated_at < listed_at
+     WHERE i.instance_status IN ('connecting', 'open', 'close', 'refused', 'expired') AND i.updated_at < listed_at
        AND evoq._is_ours(i.instance_name, cfg.namespace, cfg.owns_legacy_names);
     held_back := missing_live > 10 AND missing_live * 2 > live_rows;
 
@@ -333,13 +338,17 @@ BEGIN
 
     -- Orphans: owned by nothing. A queued creation (pending or processing) owns its user's
     -- name, whatever the rows say yet: its create may be in flight, or have timed out and be
-    -- about to be retried (and adopt the instance).
-    WITH l AS (SELECT DISTINCT ON (x.n) x.n, x.u FROM jsonb_to_recordset(listed) AS x(n text, u uuid) WHERE x.n IS NOT NULL)
+    -- about to be retried (and adopt the instance). Only names of this deployment's namespace:
+    -- a 0.1.0 name (evoq_<hex>) carries none, so another database that also owns such names
+    -- could hold it; those are never taken for orphans.
+    WITH l AS (SELECT DISTINCT ON (x.n) x.n, x.u FROM jsonb_to_recordset(listed) AS x(n text, u uuid)
+               WHERE x.n LIKE 'evoq\_' || cfg.namespace || '\_%')
     SELECT coalesce(array_agg(l.n), '{}') INTO unowned FROM l
     WHERE NOT EXISTS (SELECT 1 FROM evolution_instances i WHERE i.instance_name = l.n AND i.instance_status <> 'deleted')
       AND NOT EXISTS (SELECT 1 FROM evolution_instance_creation_queue q
-                      WHERE q.status IN ('pending', 'processing') AND q.action = 'create'
-                        AND (q.user_id = l.u OR q.instance_name = l.n));
+                      WHERE q.user_id = l.u AND q.status IN ('pending', 'processing') AND q.action = 'create')
+      AND NOT EXISTS (SELECT 1 FROM evolution_instance_creation_queue q
+                      WHERE q.instance_name = l.n AND q.status IN ('pending', 'processing') AND q.action = 'create');
     DELETE FROM evoq.reconcile_orphans o
     WHERE o.server = _reconcile_apply.server AND NOT EXISTS (SELECT 1 FROM unnest(unowned) AS u(n) WHERE u.n = o.instance_name);
     INSERT INTO evoq.reconcile_orphans (server, instance_name)
@@ -350,7 +359,8 @@ BEGIN
         WHERE o.server = _reconcile_apply.server
           AND o.first_seen_at <= clock_timestamp() - grace_ms * interval '1 millisecond'
         ORDER BY o.first_seen_at, o.instance_name
-        LIMIT max_calls) d;
+        -- one budget for the checks and the removals (the reconcile's lease is sized for it)
+        LIMIT greatest(0, max_calls - jsonb_array_length(checks))) d;
 
     RETURN jsonb_build_object(
         'missing', jsonb_array_length(missing_records),
@@ -360,20 +370,32 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION evoq._reconcile_finish(server text, summary jsonb, last_error text, removals jsonb) RETURNS void
+CREATE FUNCTION evoq._reconcile_finish(server text, began timestamptz, summary jsonb, last_error text,
+                                       removals jsonb) RETURNS void
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
+SET search_path = pg_catalog, @extschema@, pg_temp
 AS $$
+DECLARE
+    retaken jsonb;
 BEGIN
     DELETE FROM evoq.reconcile_orphans o USING jsonb_to_recordset(_reconcile_finish.removals) AS x(n text, error text)
     WHERE o.server = _reconcile_finish.server AND o.instance_name = x.n AND x.error IS NULL;
     UPDATE evoq.reconcile_orphans o SET removals = o.removals + 1, last_error = x.error
     FROM jsonb_to_recordset(_reconcile_finish.removals) AS x(n text, error text)
     WHERE o.server = _reconcile_finish.server AND o.instance_name = x.n AND x.error IS NOT NULL;
+    SELECT coalesce(jsonb_agg(jsonb_build_object('id', i.id, 'outcome', 'unlisted', 'claimed_status', i.instance_status,
+                                                 'claimed_at', i.updated_at)), '[]')
+      INTO retaken
+      FROM evolution_instances i JOIN jsonb_to_recordset(_reconcile_finish.removals) AS x(n text, error text)
+           ON x.n = i.instance_name AND x.error IS NULL
+     WHERE i.instance_status IN ('connecting', 'open');
+    IF jsonb_array_length(retaken) > 0 THEN
+        PERFORM evoq._record_refresh_results(retaken);
+    END IF;
     UPDATE evoq.reconciles r SET finished_at = clock_timestamp(), lease_until = NULL, summary = _reconcile_finish.summary,
         last_error = coalesce(_reconcile_finish.last_error, r.last_error),
         last_error_at = CASE WHEN _reconcile_finish.last_error IS NOT NULL THEN clock_timestamp() ELSE r.last_error_at END
-    WHERE r.server = _reconcile_finish.server;
+    WHERE r.server = _reconcile_finish.server AND r.started_at = _reconcile_finish.began;
 END
 $$;
 

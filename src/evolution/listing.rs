@@ -106,7 +106,19 @@ fn read_listing_capped(reader: impl Read, cap: u64) -> Result<Vec<ListedInstance
         return Err(ListingError::TooLarge);
     }
     match items {
-        Ok(items) => Ok(items.into_iter().filter_map(Item::listed).collect()),
+        // An item that names no instance is no server's: a reply of another shape would
+        // otherwise read as a server that holds nothing, and every row would look lost.
+        Ok(items) => {
+            let total = items.len();
+            let listed: Vec<ListedInstance> = items.into_iter().filter_map(Item::listed).collect();
+            if listed.len() < total {
+                return Err(ListingError::Malformed(format!(
+                    "{} of {total} items name no instance",
+                    total - listed.len()
+                )));
+            }
+            Ok(listed)
+        }
         Err(e) => Err(ListingError::Malformed(format!(
             "{} at line {} column {}",
             match e.classify() {
@@ -161,7 +173,7 @@ mod tests {
     #[test]
     fn a_v1_listing_gives_names_and_states() {
         let body = r#"[{"instance":{"instanceName":"a","instanceId":"1","status":"open","owner":"x@s.whatsapp.net"}},
-                       {"instance":{"instanceName":"b","status":"weird"}},{"instance":{}},{"other":1}]"#;
+                       {"instance":{"instanceName":"b","status":"weird"}}]"#;
         let listed = read_listing(body.as_bytes()).unwrap();
         assert_eq!(
             listed,
@@ -176,6 +188,24 @@ mod tests {
                 },
             ]
         );
+    }
+
+    /// A reply of another shape must not read as a server that holds nothing.
+    #[test]
+    fn items_that_name_no_instance_make_the_listing_malformed() {
+        for body in [
+            r#"[{"instance":{"instanceName":"a"}},{"instance":{}}]"#,
+            r#"[{"other":1}]"#,
+            r#"[{"instanceName":"a","state":"open"}]"#,
+        ] {
+            assert!(
+                matches!(
+                    read_listing(body.as_bytes()),
+                    Err(ListingError::Malformed(_))
+                ),
+                "{body}"
+            );
+        }
     }
 
     #[test]

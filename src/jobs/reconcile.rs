@@ -81,6 +81,7 @@ pub fn apply(
 /// Writes the answers of the plan's calls and ends the reconcile (its summary, its lease).
 pub fn finish(
     server: &str,
+    began: pgrx::datum::TimestampWithTimeZone,
     plan: Option<&Plan>,
     answers: &FollowUps,
     mut tally: Tally,
@@ -114,9 +115,10 @@ pub fn finish(
         "done"
     });
     Spi::run_with_args(
-        "SELECT evoq._reconcile_finish($1, $2, $3, $4)",
+        "SELECT evoq._reconcile_finish($1, $2, $3, $4, $5)",
         &[
             server.into(),
+            began.into(),
             pgrx::JsonB(summary.clone()).into(),
             last_error.into(),
             pgrx::JsonB(removals).into(),
@@ -142,6 +144,7 @@ pub fn reconcile_now(run: &mut Run, server: &str) -> Value {
         Err(e) => {
             return finish(
                 server,
+                listed_at,
                 None,
                 &FollowUps::default(),
                 tally,
@@ -155,6 +158,7 @@ pub fn reconcile_now(run: &mut Run, server: &str) -> Value {
         let e = ApiError::transient("evoq_configure changed the settings during the reconcile; the next one uses the new ones");
         return finish(
             server,
+            listed_at,
             None,
             &FollowUps::default(),
             tally,
@@ -172,17 +176,26 @@ pub fn reconcile_now(run: &mut Run, server: &str) -> Value {
         })
         .unwrap_or_default()
     };
-    finish(server, Some(&plan), &answers, tally, None, started)
+    finish(
+        server,
+        listed_at,
+        Some(&plan),
+        &answers,
+        tally,
+        None,
+        started,
+    )
 }
 
-/// Reconciles the server when its interval has passed (the QR refresh calls this at its end);
-/// the summary, or None when not due.
-pub fn reconcile_if_due(server: &str) -> Option<Value> {
+/// Reconciles the server when its interval has passed (the QR refresh calls this at its end,
+/// within what is left of its own time budget, `deadline`); the summary, or None when not due.
+pub fn reconcile_if_due(server: &str, deadline: Instant) -> Option<Value> {
     let due = due_in_ms(server)?;
-    if due > 0 {
+    if due > 0 || Instant::now() >= deadline {
         return None;
     }
     let mut run = Run::start("refresh_qr");
+    run.deadline = run.deadline.min(deadline);
     // An open circuit waits for the refresh's own probe (none is made twice in one run).
     if run.circuit_state() != super::run::CircuitState::Closed {
         return None;

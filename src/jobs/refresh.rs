@@ -410,9 +410,13 @@ pub fn evoq_refresh_qr() -> pgrx::JsonB {
             (if why == "drained" { "done" } else { why }, pipe.groups)
         }
     };
+    let deadline = job.run.deadline;
     let mut summary = job.finish(stopped, groups);
-    // 0.6.0: every evoq.reconcile_interval_ms, the server's listing compared with the rows
-    if let Some(reconciled) = super::reconcile::reconcile_if_due(crate::reconcile::DEFAULT_SERVER) {
+    // 0.6.0: every evoq.reconcile_interval_ms, the server's listing compared with the rows,
+    // within this run's time budget (a cron slot is not held longer than before)
+    if let Some(reconciled) =
+        super::reconcile::reconcile_if_due(crate::reconcile::DEFAULT_SERVER, deadline)
+    {
         summary.0["reconcile"] = reconciled;
     }
     summary

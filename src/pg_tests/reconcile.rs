@@ -200,9 +200,13 @@ mod tests {
         configure(&mock);
         profiles();
         sign_up(12);
+        // A listing asked for after this transaction began, before the instances were made
+        // (what a SQL function's run that began earlier meets): it lists none of them.
+        let listed_at = one::<String>("SELECT clock_timestamp()::text").unwrap();
         assert_eq!(json("SELECT evoq_process_queue()")["created"], 12);
-        let plan =
-            json("SELECT evoq._reconcile_apply('default', '[]', now() - interval '1 hour', 0, 64)");
+        let plan = json(&format!(
+            "SELECT evoq._reconcile_apply('default', '[]', '{listed_at}', 0, 64)"
+        ));
         assert_eq!(
             (plan["missing"].clone(), plan["missing_held_back"].clone()),
             (0.into(), 0.into()),
@@ -221,6 +225,65 @@ mod tests {
         assert_eq!(
             count("SELECT count(*) FROM evolution_instances WHERE instance_status = 'connecting'"),
             12
+        );
+    }
+
+    /// A reconcile in progress (its lease not run out) keeps another from starting; one whose
+    /// lease ran out no longer does, and the first one's end then leaves the second's alone.
+    #[pg_test]
+    fn a_reconcile_holds_its_server_and_a_late_end_changes_nothing() {
+        let mock = mock();
+        configure(&mock);
+        reconcile();
+        run("UPDATE evoq.reconciles SET started_at = clock_timestamp(), lease_until = clock_timestamp() + interval '1 hour', summary = NULL");
+        let busy = reconcile();
+        assert_eq!(busy["stopped"], "busy", "{busy}");
+        assert_eq!(mock.count_calls("GET", "/instance/fetchInstances"), 1);
+        run("UPDATE evoq.reconciles SET lease_until = clock_timestamp() - interval '1 second'");
+        let old_start = one::<String>("SELECT started_at::text FROM evoq.reconciles").unwrap();
+        assert_eq!(reconcile()["stopped"], "done");
+        run(&format!(
+            "SELECT evoq._reconcile_finish('default', '{old_start}', '{{\"stopped\": \"late\"}}', NULL, '[]')"
+        ));
+        assert_eq!(
+            one::<String>("SELECT summary->>'stopped' FROM evoq.reconciles").as_deref(),
+            Some("done")
+        );
+    }
+
+    /// A 0.1.0 name carries no namespace (another database that owns such names may hold it):
+    /// never taken for an orphan. A removed name that a row took meanwhile is lost again.
+    #[pg_test]
+    fn legacy_names_are_never_orphans_and_a_name_taken_meanwhile_is_lost_again() {
+        let mock = mock();
+        configure(&mock);
+        run("UPDATE evoq.settings SET owns_legacy_names = true");
+        run("SET LOCAL evoq.orphan_grace_ms = 0");
+        let legacy = format!("evoq_{}", uuid::Uuid::new_v4().simple());
+        mock.seed_instances(std::slice::from_ref(&legacy), "open");
+        let summary = reconcile();
+        assert_eq!(
+            (summary["orphans"].clone(), summary["foreign"].clone()),
+            (0.into(), 0.into()),
+            "{summary}"
+        );
+        assert!(mock.instance(&legacy).is_some());
+        // A create adopted the instance after the comparison, just before its removal.
+        profiles();
+        let user = sign_up(1).remove(0);
+        assert_eq!(json("SELECT evoq_process_queue()")["created"], 1);
+        let name = s(&instance_row(&user)["instance_name"]).to_string();
+        let started = one::<String>("SELECT started_at::text FROM evoq.reconciles").unwrap();
+        run(&format!(
+            "SELECT evoq._reconcile_finish('default', '{started}', '{{}}', NULL, '[{{\"n\": \"{name}\", \"error\": null}}]')"
+        ));
+        let row = instance_row(&user);
+        assert_eq!(row["instance_status"], "lost", "{row}");
+        assert_eq!(
+            count(&format!(
+                "SELECT count(*) FROM evoq.requeue_requests WHERE user_id = '{user}'"
+            )),
+            1
         );
     }
 

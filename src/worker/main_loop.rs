@@ -85,6 +85,8 @@ struct Worker {
     /// one is due to be looked at.
     reconcile: Option<Box<Reconciling>>,
     reconcile_due: Instant,
+    /// The last reconcile failure logged (logged once, not every minute).
+    reconcile_error: Option<String>,
 }
 
 /// How often the accepted secrets are read again while the listener is open (an
@@ -216,6 +218,7 @@ impl Worker {
             heartbeat: Heartbeat::new(),
             reconcile: None,
             reconcile_due: Instant::now(),
+            reconcile_error: None,
         };
         w.open_listener();
         w
@@ -434,7 +437,10 @@ impl Worker {
             }
             match in_transaction(|| (*r).step(notify)) {
                 Ok(reconcile::Step::Waiting(r)) => self.reconcile = Some(r),
-                Ok(reconcile::Step::Next(wait)) => self.reconcile_due = Instant::now() + wait,
+                Ok(reconcile::Step::Next(wait)) => {
+                    self.reconcile_error = None;
+                    self.reconcile_due = Instant::now() + wait;
+                }
                 Err(message) => self.reconcile_failed(message),
             }
             return;
@@ -457,8 +463,12 @@ impl Worker {
     /// out first). The cycles go on.
     fn reconcile_failed(&mut self, message: String) {
         let message = format!("reconciling: {message}");
-        pgrx::warning!("evoq worker: {message}");
-        shared::set_error(&message);
+        // Said once, like the cycles' reasons not to work (a copied database, say).
+        if self.reconcile_error.as_deref() != Some(message.as_str()) {
+            pgrx::warning!("evoq worker: {message}");
+            shared::set_error(&message);
+            self.reconcile_error = Some(message);
+        }
         self.reconcile_due = Instant::now() + reconcile::RETRY_PAUSE;
     }
 

@@ -179,6 +179,7 @@ impl Reconciling {
     fn end(self, plan: Option<&Plan>, answers: &FollowUps, failure: Option<&ApiError>) -> Step {
         finish(
             DEFAULT_SERVER,
+            self.listed_at,
             plan,
             answers,
             self.tally,
