@@ -227,6 +227,32 @@ impl Client {
         what: &str,
         body: Option<&serde_json::Value>,
     ) -> Result<Reply, ApiError> {
+        let mut response = self.send(method, path, what, body)?;
+        let status = response.status().as_u16();
+        // One byte over the limit is enough to know the reply is too large.
+        let bytes = response
+            .body_mut()
+            .with_config()
+            .limit(MAX_REPLY_BYTES + 1)
+            .read_to_vec()
+            .map_err(|e| self.transport_error(what, e))?;
+        if bytes.len() as u64 > MAX_REPLY_BYTES {
+            return Err(ApiError::too_large(what, MAX_REPLY_LABEL));
+        }
+        let body = String::from_utf8(bytes)
+            .map_err(|_| ApiError::malformed(what, "the body is not UTF-8 text"))?;
+        Ok(Reply { status, body })
+    }
+
+    /// Sends one request with the key and returns the response, its body unread; a 3xx is an
+    /// error (`call` reads the body; the listing streams it).
+    fn send(
+        &self,
+        method: &str,
+        path: &str,
+        what: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<Response<Body>, ApiError> {
         let url = format!("{}{}", self.base_url, path);
         let result: Result<Response<Body>, ureq::Error> = match (method, body) {
             ("GET", _) => self.agent.get(&url).header("apikey", &self.api_key).call(),
@@ -246,7 +272,7 @@ impl Client {
                 .header("apikey", &self.api_key)
                 .send_empty(),
         };
-        let mut response = result.map_err(|e| self.transport_error(what, e))?;
+        let response = result.map_err(|e| self.transport_error(what, e))?;
         let status = response.status().as_u16();
         if (300..400).contains(&status) {
             let location = response
@@ -256,19 +282,7 @@ impl Client {
                 .map(mask_credentials);
             return Err(ApiError::redirect(status, what, location.as_deref()));
         }
-        // One byte over the limit is enough to know the reply is too large.
-        let bytes = response
-            .body_mut()
-            .with_config()
-            .limit(MAX_REPLY_BYTES + 1)
-            .read_to_vec()
-            .map_err(|e| self.transport_error(what, e))?;
-        if bytes.len() as u64 > MAX_REPLY_BYTES {
-            return Err(ApiError::too_large(what, MAX_REPLY_LABEL));
-        }
-        let body = String::from_utf8(bytes)
-            .map_err(|_| ApiError::malformed(what, "the body is not UTF-8 text"))?;
-        Ok(Reply { status, body })
+        Ok(response)
     }
 
     fn expect_success(reply: &Reply, what: &str) -> Result<(), ApiError> {
@@ -334,22 +348,8 @@ impl Client {
     pub fn list_instances(&self) -> Result<Vec<ListedInstance>, ApiError> {
         const WHAT: &str = "GET /instance/fetchInstances";
         self.scrubbed(|_| {
-            let url = format!("{}/instance/fetchInstances", self.base_url);
-            let mut response = self
-                .agent
-                .get(&url)
-                .header("apikey", &self.api_key)
-                .call()
-                .map_err(|e| self.transport_error(WHAT, e))?;
+            let mut response = self.send("GET", "/instance/fetchInstances", WHAT, None)?;
             let status = response.status().as_u16();
-            if (300..400).contains(&status) {
-                let location = response
-                    .headers()
-                    .get("location")
-                    .and_then(|v| v.to_str().ok())
-                    .map(mask_credentials);
-                return Err(ApiError::redirect(status, WHAT, location.as_deref()));
-            }
             if !(200..300).contains(&status) {
                 let bytes = response
                     .body_mut()

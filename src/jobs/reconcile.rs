@@ -128,6 +128,13 @@ pub fn finish(
     summary
 }
 
+/// Why a reconcile stopped when evoq_configure committed new settings during it.
+pub fn settings_replaced() -> ApiError {
+    ApiError::transient(
+        "evoq_configure changed the settings during the reconcile; the next one uses the new ones",
+    )
+}
+
 /// One reconcile of the server, now, in this backend (its calls on threads, waited for).
 pub fn reconcile_now(run: &mut Run, server: &str) -> Value {
     let started = Instant::now();
@@ -138,34 +145,19 @@ pub fn reconcile_now(run: &mut Run, server: &str) -> Value {
     let mut tally = Tally::default();
     let listing = run
         .call_one(|client| client.list_instances())
-        .unwrap_or_else(|| Err(run.budget_error(WHAT)));
+        .unwrap_or_else(|| Err(run.budget_error(WHAT)))
+        // evoq_configure pointed evoq at another server meanwhile: this listing is not that one's.
+        .and_then(|listed| match run.settings_replaced() {
+            true => Err(settings_replaced()),
+            false => Ok(listed),
+        });
     let listed = match listing {
         Ok(listed) => listed,
         Err(e) => {
-            return finish(
-                server,
-                listed_at,
-                None,
-                &FollowUps::default(),
-                tally,
-                Some(&e),
-                started,
-            )
+            let none = FollowUps::default();
+            return finish(server, listed_at, None, &none, tally, Some(&e), started);
         }
     };
-    // evoq_configure pointed evoq at another server meanwhile: this listing is not that one's.
-    if run.settings_replaced() {
-        let e = ApiError::transient("evoq_configure changed the settings during the reconcile; the next one uses the new ones");
-        return finish(
-            server,
-            listed_at,
-            None,
-            &FollowUps::default(),
-            tally,
-            Some(&e),
-            started,
-        );
-    }
     let plan = apply(server, listed, listed_at, &run.connection, &mut tally);
     let (checks, remove) = (plan.checks.clone(), plan.remove.clone());
     let answers = if checks.is_empty() && remove.is_empty() {

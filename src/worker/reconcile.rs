@@ -4,7 +4,7 @@
 //! is a transaction of the main loop's, between which deliveries keep being applied.
 
 use crate::evolution::{ApiError, Client, ListedInstance};
-use crate::jobs::reconcile::{apply, begin, due_in_ms, finish};
+use crate::jobs::reconcile::{apply, begin, due_in_ms, finish, settings_replaced};
 use crate::jobs::run::{CircuitState, Run};
 use crate::reconcile::{follow_up, FollowUps, Plan, Tally, DEFAULT_SERVER, FOLLOW_UP_THREADS};
 use crate::settings::Connection;
@@ -130,9 +130,7 @@ impl Reconciling {
                     Err(e) => return self.end(None, &FollowUps::default(), Some(&e)),
                 };
                 if crate::settings::changed_since(&self.connection.stamp) {
-                    let e = ApiError::transient(
-                        "evoq_configure changed the settings during the reconcile; the next one uses the new ones",
-                    );
+                    let e = settings_replaced();
                     return self.end(None, &FollowUps::default(), Some(&e));
                 }
                 let plan = apply(
@@ -161,9 +159,7 @@ impl Reconciling {
                 // Settings replaced meanwhile: the answers are still the server's truth about
                 // those instances, but the rows may now point elsewhere; let the next one judge.
                 if crate::settings::changed_since(&self.connection.stamp) {
-                    let e = ApiError::transient(
-                        "evoq_configure changed the settings during the reconcile; the next one uses the new ones",
-                    );
+                    let e = settings_replaced();
                     return self.end(None, &FollowUps::default(), Some(&e));
                 }
                 self.end(Some(&plan), &answers, None)
