@@ -87,6 +87,9 @@ struct Worker {
     reconcile_due: Instant,
     /// The last reconcile failure logged (logged once, not every minute).
     reconcile_error: Option<String>,
+    /// The last turn left deliveries queued (its share of time or groups ran out): the next
+    /// turn comes at once. Their arrival signalled the latch once, and that wake was spent.
+    deliveries_left: bool,
 }
 
 /// How often the accepted secrets are read again while the listener is open (an
@@ -219,6 +222,7 @@ impl Worker {
             reconcile: None,
             reconcile_due: Instant::now(),
             reconcile_error: None,
+            deliveries_left: false,
         };
         w.open_listener();
         w
@@ -392,14 +396,16 @@ impl Worker {
     /// Applies what the listener received, a group per transaction, and answers each delivery
     /// once its group committed.
     fn take_deliveries(&mut self) {
+        self.deliveries_left = false;
         let Some(listener) = self.listener.as_ref() else {
             return;
         };
         let started = Instant::now();
         for _ in 0..DELIVERY_GROUPS_PER_TURN {
-            // What is still queued waits for the next turn (a few ms away): the cycle's claims
-            // (a sign-up) get their turn however many deliveries arrive.
+            // What is still queued waits for the next turn, which comes at once (see `wait`):
+            // the cycle's claims (a sign-up) get their turn however many deliveries arrive.
             if started.elapsed() >= DELIVERY_TIME_PER_TURN {
+                self.deliveries_left = true;
                 return;
             }
             let group: Vec<_> = std::iter::from_fn(|| listener.try_recv())
@@ -408,6 +414,8 @@ impl Worker {
             if group.is_empty() {
                 return;
             }
+            // A full group may have more behind it; a short one emptied the queue.
+            self.deliveries_left = group.len() == deliveries::GROUP;
             match in_transaction(|| deliveries::apply(group)) {
                 Ok(answers) => {
                     for (delivery, verdict) in answers {
@@ -420,6 +428,9 @@ impl Worker {
                     let message = format!("applying webhook deliveries: {message}");
                     pgrx::warning!("evoq worker: {message}");
                     shared::set_error(&message);
+                    // The rest waits for the next wake, not a turn at once: an error that
+                    // repeats (the schema being dropped) would otherwise spin the loop.
+                    self.deliveries_left = false;
                     return;
                 }
             }
@@ -689,6 +700,9 @@ impl Worker {
 
     /// How long the latch wait may last.
     fn wait(&self) -> Duration {
+        if self.deliveries_left {
+            return Duration::ZERO;
+        }
         let cycle = self.cycle_wait();
         // A reconcile in progress wakes the loop when its thread answers.
         if self.settings.enabled && self.reconcile.is_none() {
