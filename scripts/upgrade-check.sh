@@ -353,6 +353,13 @@ check "ALTER EXTENSION evoq UPDATE from $LATEST reaches $NEW" "$(q "$F" "SELECT 
 row_changes=$(q "$F" "$compare_rows_f" 2>&1)
 [ -z "$row_changes" ] || echo "$row_changes"
 check "every row and value survives the upgrade from $LATEST" "$(grep -c . <<<"$row_changes")" "0"
+# 0.6.0: the server is data: `default` made, every instance on it, every queue row ever tried on
+# it (its server may hold the instance), the never-tried sign-up unplaced (placed at its claim).
+check "the upgrade from $LATEST makes the server default and places every row ever tried on it" \
+  "$(q "$F" "SELECT concat_ws(',', (SELECT string_agg(name, '+') FROM evoq.servers),
+       (SELECT count(*) FILTER (WHERE server = 'default') || '/' || count(*) FROM evolution_instances),
+       (SELECT string_agg(coalesce(server, 'unplaced'), '+' ORDER BY coalesce(server, 'unplaced')) FROM evolution_instance_creation_queue))")" \
+  "default,3/3,default+default+default+default+default+unplaced"
 q "$F" "SET client_min_messages = warning; DROP SCHEMA upgrade_check CASCADE"
 
 # --- database B: a fresh install; both must be the same, object for object -------------------------

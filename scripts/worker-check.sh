@@ -517,6 +517,33 @@ q "ALTER SYSTEM RESET evoq.reconcile_interval_ms" >/dev/null
 q "ALTER SYSTEM RESET evoq.orphan_grace_ms" >/dev/null
 q "SELECT pg_reload_conf()" >/dev/null
 
+# --- a server that takes no new instance: the sign-up waits, and room wakes the worker ------------
+# A draining server and a full one are the same to the worker (evoq.server_load.full_reason): an
+# unplaced sign-up is not due while it must wait (src/pg_tests/servers.rs checks the due time), and
+# evoq_server_drain(false) or evoq_server_set (room) wakes the worker. Draining here, since a
+# capacity would be freed by any instance expiring meanwhile.
+# Nothing else is due meanwhile (polls and state checks ten minutes apart), so only the wake can
+# bring the sign-up in within 3 s: otherwise the worker sleeps up to a minute.
+q "ALTER SYSTEM SET evoq.qr_refresh_interval_ms = 3600000" >/dev/null
+q "ALTER SYSTEM SET evoq.state_check_interval_ms = 600000" >/dev/null
+q "SELECT pg_reload_conf()" >/dev/null
+q "SELECT evoq_server_drain('default')" >/dev/null
+dr=$(signup dr)
+sleep 2
+check "a sign-up while the server drains waits pending, unplaced and untried" \
+  "$(q "SELECT status, attempts, server IS NULL FROM evolution_instance_creation_queue WHERE user_id = '$dr'" | tr '|' ' ')" "pending 0 t"
+check "evoq_status says why" \
+  "$(q "SELECT waiting_for_room, waiting_for_room_reason LIKE '%draining%' FROM evoq_status" | tr '|' ' ')" "1 t"
+start=$(date +%s%N)
+q "SELECT evoq_server_drain('default', false)" >/dev/null
+st=$(wait_for "SELECT status FROM evolution_instance_creation_queue WHERE user_id = '$dr'" completed 5)
+ms=$(ms_since "$start")
+check "evoq_server_drain(false) wakes the worker: the sign-up completes within 3 s (${ms} ms)" \
+  "$([ "$st" = completed ] && [ "$ms" -le 3000 ] && echo yes)" "yes"
+q "ALTER SYSTEM RESET evoq.qr_refresh_interval_ms" >/dev/null
+q "ALTER SYSTEM RESET evoq.state_check_interval_ms" >/dev/null
+q "SELECT pg_reload_conf()" >/dev/null
+
 # --- SIGHUP: the listener moves ---------------------------------------------------------------
 q "ALTER SYSTEM SET evoq.listen_address = '$LISTEN2'" >/dev/null
 q "SELECT pg_reload_conf()" >/dev/null

@@ -1,12 +1,21 @@
--- evoq 0.5.0 -> 0.6.0: the reconciler (GET /instance/fetchInstances compared with the rows).
+-- evoq 0.5.0 -> 0.6.0: the reconciler (GET /instance/fetchInstances compared with the rows), and
+-- the Evolution server as data.
 -- * evoq.reconciles (per server: the last reconcile, its lease) and evoq.reconcile_orphans
 --   (instances of the namespace no row owns, and since when).
 -- * evoq._reconcile_due_ms, _reconcile_begin, _reconcile_apply, _reconcile_finish; evoq_reconcile().
 -- * _record_refresh_results takes the reconciler's findings (unlisted, unlisted_idle).
 -- * _record_queue_results stamps a new instance row's updated_at with the time of the record,
---   not of the transaction's start (the reconciler judges rows older than its listing).
--- * evoq_status: last_reconcile_at, last_reconcile_summary, orphans_waiting.
--- No row changes.
+--   not of the transaction's start (the reconciler judges rows older than its listing), and
+--   writes the instance's server.
+-- * evoq.servers (one row, `default`, made here when evoq is configured), evoq.server_load,
+--   evoq_servers, evoq_server_set, evoq_server_drain; a `server` column on the queue and the
+--   instances (every instance and every queue row already tried is on `default`; an untried
+--   one is placed at its first claim, within the server's capacity).
+-- * _claim_queue places creations within the server's room; _apply_requeue_requests places a
+--   re-creation afresh once its server answered for the old instance; _next_due_ms does not
+--   count creations that wait for room.
+-- * evoq_status: last_reconcile_at, last_reconcile_summary, orphans_waiting, waiting_for_room,
+--   waiting_for_room_reason. evoq_apply_policies grants evoq_servers like evoq_status.
 \echo Use "ALTER EXTENSION evoq UPDATE TO '0.6.0'" to load this file. \quit
 
 -- 0.6.0: the reconciler (evoq_reconcile, and every evoq.reconcile_interval_ms in the QR refresh
@@ -42,6 +51,49 @@ CREATE TABLE evoq.reconcile_orphans (
 SELECT pg_catalog.pg_extension_config_dump('evoq.reconciles', '');
 SELECT pg_catalog.pg_extension_config_dump('evoq.reconcile_orphans', '');
 
+-- 0.6.0: the Evolution servers, as data.
+CREATE TABLE evoq.servers (
+    name          text PRIMARY KEY CHECK (name ~ '^[a-z0-9][a-z0-9_-]{0,39}$'),
+    -- live instances it may hold (evoq.server_load says which count); NULL: no bound
+    capacity      integer CHECK (capacity > 0),
+    -- calls sent to it at once; NULL: evoq.concurrency
+    max_in_flight integer CHECK (max_in_flight > 0),
+    -- takes no new instance (its own go on: retries, refreshes, deletions)
+    draining      boolean NOT NULL DEFAULT false,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    updated_at    timestamptz NOT NULL DEFAULT now()
+);
+SELECT pg_catalog.pg_extension_config_dump('evoq.servers', '');
+
+-- The server of a queue row (NULL: not placed yet) and of an instance.
+ALTER TABLE evolution_instance_creation_queue ADD COLUMN server text;
+ALTER TABLE evolution_instances ADD COLUMN server text NOT NULL DEFAULT 'default';
+
+-- The one server there is, when evoq is configured (evoq_configure makes it otherwise). Every
+-- queue row whose create (or delete) was ever sent is on it: the server may hold its instance.
+-- An untried creation stays unplaced: its first claim places it, within the server's capacity.
+INSERT INTO evoq.servers (name) SELECT 'default' FROM evoq.settings;
+UPDATE evolution_instance_creation_queue SET server = 'default'
+WHERE status <> 'pending' OR attempts > 0 OR action = 'delete';
+
+CREATE VIEW evoq.server_load AS
+SELECT s.name, s.capacity, s.max_in_flight, s.draining, c.live,
+       CASE WHEN s.draining THEN format('server %s is draining (evoq_server_drain)', s.name)
+            WHEN s.capacity <= c.live THEN format('server %s is full: %s live instances, capacity %s',
+                                                  s.name, c.live, s.capacity)
+       END AS full_reason
+FROM evoq.servers s
+CROSS JOIN LATERAL (
+    SELECT count(*) AS live FROM (
+        SELECT i.user_id FROM evolution_instances i
+        WHERE i.server = s.name AND i.instance_status IN ('connecting', 'open', 'close', 'refused')
+        UNION
+        SELECT q.user_id FROM evolution_instance_creation_queue q
+        WHERE q.server = s.name AND q.status IN ('pending', 'processing') AND q.action = 'create'
+          AND q.attempts > 0
+    ) u
+) c;
+
 CREATE OR REPLACE FUNCTION evoq._record_queue_results(results jsonb) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, @extschema@, pg_temp
@@ -61,13 +113,13 @@ BEGIN
         SELECT given.* FROM given JOIN evolution_instance_creation_queue q ON q.id = given.id
         WHERE q.status = 'processing' AND (given.claimed_at IS NULL OR q.updated_at = given.claimed_at)
     ), ok AS (
-        SELECT r.*, q.user_id FROM r JOIN evolution_instance_creation_queue q ON q.id = r.id
+        SELECT r.*, q.user_id, q.server FROM r JOIN evolution_instance_creation_queue q ON q.id = r.id
         WHERE r.ok AND coalesce(r.action, 'create') = 'create'
     ), instances AS (
         INSERT INTO evolution_instances AS i (user_id, instance_name, instance_id, instance_status,
                                               qr_code, qr_text, pairing_code, qr_count, last_qr_update,
                                               connected_at, connecting_since, webhook_set_at,
-                                              last_state_check_at, last_refresh_at, updated_at)
+                                              last_state_check_at, last_refresh_at, updated_at, server)
         SELECT user_id, instance_name, instance_id, instance_status, qr_code, qr_text, pairing_code, qr_count,
                CASE WHEN qr_code IS NOT NULL OR qr_text IS NOT NULL THEN clock_timestamp() END,
                CASE WHEN instance_status = 'open' THEN clock_timestamp() END,
@@ -90,7 +142,8 @@ BEGIN
                -- 0.6.0: when the answer was recorded, not when the transaction began: the
                -- reconciler judges only rows written before its listing was asked for, and the SQL
                -- function's transaction may have begun before the server made the instance
-               clock_timestamp()
+               clock_timestamp(),
+               coalesce(server, 'default')
         FROM ok
         ON CONFLICT (user_id) DO UPDATE SET
             instance_name = excluded.instance_name,
@@ -111,6 +164,8 @@ BEGIN
             server_loop_deliveries = 0, server_loop_seen_at = NULL, server_loop_logouts = 0,
             server_loop_logout_at = NULL,
             webhook_set_at = coalesce(excluded.webhook_set_at, i.webhook_set_at),
+            -- 0.6.0: a re-creation may have been placed on another server
+            server = excluded.server,
             updated_at = clock_timestamp()
         RETURNING i.instance_name
     ), tokens AS (
@@ -238,6 +293,393 @@ BEGIN
     INSERT INTO evoq.requeue_requests (user_id, reason)
     SELECT user_id, 'lost' FROM updated WHERE outcome = 'lost';
 END
+$$;
+
+CREATE OR REPLACE FUNCTION evoq._claim_queue(batch_size integer, lease_ms bigint) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+DECLARE
+    -- 0.6.0: how many untried creations this claim may take (each takes room at the server)
+    room integer := batch_size;
+    -- the rows to claim when the server has less room than the claim may take
+    ids uuid[];
+BEGIN
+    -- Without a capacity or a drain the server always has room: one read, no lock, no count.
+    IF EXISTS (SELECT 1 FROM evoq.servers s WHERE s.name = 'default' AND (s.capacity IS NOT NULL OR s.draining)) THEN
+        room := evoq._server_room('default', batch_size);
+    END IF;
+    IF room < batch_size THEN
+        -- A full or draining server: first the rows that need no room (deletions, and creations
+        -- already tried, which it counts), then as many untried creations as there is room for.
+        -- The rest stay pending, untried and uncharged, until room appears.
+        ids := ARRAY(SELECT id FROM evolution_instance_creation_queue
+                     WHERE status IN ('pending', 'processing') AND next_attempt_at <= now()
+                       AND (action = 'delete' OR attempts > 0)
+                     ORDER BY next_attempt_at, created_at
+                     LIMIT batch_size
+                     FOR UPDATE SKIP LOCKED);
+        IF room > 0 AND cardinality(ids) < batch_size THEN
+            ids := ids || ARRAY(SELECT id FROM evolution_instance_creation_queue
+                                WHERE status IN ('pending', 'processing') AND next_attempt_at <= now()
+                                  AND action = 'create' AND attempts = 0
+                                ORDER BY next_attempt_at, created_at
+                                LIMIT least(room, batch_size - cardinality(ids))
+                                FOR UPDATE SKIP LOCKED);
+        END IF;
+    END IF;
+    RETURN evoq._claim_rows(ids, batch_size, lease_ms);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION evoq._apply_requeue_requests(only_user uuid DEFAULT NULL) RETURNS integer
+LANGUAGE sql
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+    WITH req AS (
+        SELECT id, user_id, reason, requested_at FROM evoq.requeue_requests
+        WHERE only_user IS NULL OR user_id = only_user
+        FOR UPDATE SKIP LOCKED
+    ), per_user AS (
+        -- n: re-inserts and losses, which retry_count counts (as the original setup did); a
+        -- deprovisioning is not a retry.
+        SELECT user_id, count(*) FILTER (WHERE reason <> 'deprovision') AS n,
+               coalesce((array_agg(reason ORDER BY requested_at DESC, id DESC)
+                         FILTER (WHERE reason <> 'lost'))[1], 'lost') AS reason
+        FROM req GROUP BY user_id
+    ), free AS (
+        -- 0.4.0: a row the background worker claimed is held by its lease, not by a lock
+        SELECT q.id, q.user_id, q.action, q.status FROM evolution_instance_creation_queue q
+        WHERE q.user_id IN (SELECT user_id FROM per_user)
+          AND NOT (q.status = 'processing' AND q.next_attempt_at > clock_timestamp())
+        FOR UPDATE SKIP LOCKED
+    ), decided AS (
+        SELECT free.id, free.user_id, p.n, p.reason,
+               (p.reason = 'lost' AND free.action = 'delete')
+               OR (p.reason = 'deprovision' AND free.action = 'delete' AND free.status = 'completed'
+                   AND NOT EXISTS (SELECT 1 FROM evolution_instances i
+                                   WHERE i.user_id = free.user_id AND i.instance_status <> 'deleted')) AS moot
+        FROM free JOIN per_user p USING (user_id)
+    ), requeued AS (
+        UPDATE evolution_instance_creation_queue q SET
+            action = CASE d.reason WHEN 'deprovision' THEN 'delete' ELSE 'create' END,
+            status = 'pending', request_id = gen_random_uuid(), retry_count = q.retry_count + d.n,
+            attempts = 0, next_attempt_at = now(), processed_at = NULL, error_kind = NULL,
+            error_message = CASE d.reason WHEN 'lost'
+                THEN 'the Evolution API no longer knows this instance (404); creating it again' END,
+            last_http_status = CASE d.reason WHEN 'lost' THEN 404 END,
+            -- 0.6.0: a creation is placed afresh once its server answered for the old instance
+            -- (lost: 404; or deleted); otherwise it stays where the server may still hold it
+            server = CASE WHEN d.reason <> 'deprovision' AND EXISTS (
+                              SELECT 1 FROM evolution_instances i WHERE i.user_id = q.user_id
+                              AND i.instance_status IN ('lost', 'deleted'))
+                          THEN NULL ELSE q.server END,
+            updated_at = clock_timestamp()
+        FROM decided d
+        WHERE q.id = d.id AND NOT d.moot
+        RETURNING q.user_id
+    ), added AS (
+        -- A lost or deprovisioned instance whose queue row is gone (deleted by hand) is queued
+        -- afresh. Not for a re-inserted profile: its own insert queued it.
+        INSERT INTO evolution_instance_creation_queue (user_id, instance_name, action, server)
+        SELECT p.user_id, i.instance_name, CASE p.reason WHEN 'deprovision' THEN 'delete' ELSE 'create' END,
+               CASE p.reason WHEN 'deprovision' THEN i.server END
+        FROM per_user p
+        LEFT JOIN evolution_instances i ON i.user_id = p.user_id
+        WHERE (p.reason = 'lost' OR (p.reason = 'deprovision' AND i.instance_status <> 'deleted'))
+          AND NOT EXISTS (SELECT 1 FROM evolution_instance_creation_queue q WHERE q.user_id = p.user_id)
+        ON CONFLICT (user_id) DO NOTHING
+        RETURNING user_id
+    ), applied AS (
+        DELETE FROM evoq.requeue_requests r USING req
+        WHERE r.id = req.id
+          AND (req.user_id IN (SELECT user_id FROM requeued) OR req.user_id IN (SELECT user_id FROM added)
+               OR req.user_id IN (SELECT user_id FROM decided WHERE moot)
+               -- nothing to do: a deprovisioned user evoq never queued
+               OR (req.reason = 'deprovision'
+                   AND NOT EXISTS (SELECT 1 FROM evolution_instance_creation_queue q WHERE q.user_id = req.user_id)
+                   AND NOT EXISTS (SELECT 1 FROM evolution_instances i WHERE i.user_id = req.user_id
+                                   AND i.instance_status <> 'deleted')))
+        RETURNING 1
+    )
+    SELECT count(*)::integer FROM applied
+$$;
+
+CREATE OR REPLACE FUNCTION evoq._next_due_ms(min_interval_ms bigint, window_ms bigint, check_interval_ms bigint,
+                                  qr_fresh_ms bigint, repoint boolean, max_ms bigint) RETURNS double precision
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+    WITH s AS (SELECT namespace, owns_legacy_names, webhook_url, webhook_changed_at FROM evoq.settings),
+    mine AS (
+        SELECT i.* FROM evolution_instances i, s
+        WHERE evoq._is_ours(i.instance_name, s.namespace, s.owns_legacy_names)
+          AND NOT EXISTS (SELECT 1 FROM evolution_instance_creation_queue q
+                          WHERE q.user_id = i.user_id AND q.action = 'delete')
+    ), due AS (
+        -- 0.6.0: an untried creation is due only while its server takes new instances (a full
+        -- one would have the worker claim nothing every second; room wakes it: evoq_server_set,
+        -- evoq_server_drain, or its own deletions and expiries; otherwise it looks again within
+        -- a minute). Each branch's test of the server is a one-time filter: one branch is read.
+        SELECT min(next_attempt_at) AS at FROM evolution_instance_creation_queue
+        WHERE status IN ('pending', 'processing') AND evoq._server_full('default') IS NULL
+        UNION ALL
+        SELECT min(next_attempt_at) FROM evolution_instance_creation_queue
+        WHERE status IN ('pending', 'processing') AND (action = 'delete' OR attempts > 0)
+          AND evoq._server_full('default') IS NOT NULL
+        UNION ALL
+        -- connecting: once asked min_interval_ms ago, and its QR is older than qr_fresh_ms (or
+        -- its window is over)
+        SELECT min(greatest(coalesce(last_refresh_at, '-infinity') + min_interval_ms * interval '1 millisecond',
+                            CASE WHEN qr_fresh_ms <= 0 THEN '-infinity'
+                                 ELSE least(coalesce(last_qr_update, '-infinity') + qr_fresh_ms * interval '1 millisecond',
+                                            coalesce(connecting_since, created_at) + window_ms * interval '1 millisecond')
+                            END))
+        FROM mine WHERE instance_status = 'connecting'
+        UNION ALL
+        SELECT min(coalesce(last_state_check_at, '-infinity') + check_interval_ms * interval '1 millisecond')
+        FROM mine WHERE instance_status = 'open'
+        UNION ALL
+        -- 0.5.0: a logout tried again for an instance the server still reconnects
+        SELECT min(coalesce(server_loop_logout_at, '-infinity')
+                   + (60000 * 2 ^ server_loop_logouts) * interval '1 millisecond')
+        FROM evolution_instances i, s
+        WHERE i.instance_status IN ('expired', 'deleted') AND i.server_loop_seen_at IS NOT NULL
+          AND i.server_loop_seen_at > coalesce(i.server_loop_logout_at, '-infinity')
+          AND i.server_loop_logouts < 5
+          AND evoq._is_ours(i.instance_name, s.namespace, s.owns_legacy_names)
+        UNION ALL
+        SELECT now() FROM mine, s
+        WHERE repoint AND s.webhook_url IS NOT NULL AND s.webhook_changed_at IS NOT NULL
+          AND mine.instance_status IN ('connecting', 'open', 'close', 'refused', 'expired')
+          AND (mine.webhook_set_at IS NULL OR mine.webhook_set_at < s.webhook_changed_at)
+    )
+    -- 0.5.0: a row never asked or checked is due since '-infinity', and PostgreSQL cannot
+    -- subtract an infinite timestamp: clamp it first (anything in the past is due now).
+    SELECT greatest(0, least(max_ms::double precision,
+                             CASE WHEN min(at) <= clock_timestamp() THEN 0
+                                  ELSE extract(epoch FROM (min(at) - clock_timestamp())) * 1000 END))
+    FROM due
+$$;
+
+CREATE OR REPLACE FUNCTION evoq_apply_policies() RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    ext_oid oid := (SELECT oid FROM pg_extension WHERE extname = 'evoq');
+    ext_owner name := (SELECT r.rolname FROM pg_extension e JOIN pg_roles r ON r.oid = e.extowner
+                       WHERE e.extname = 'evoq');
+    ext_schema text := (SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
+                        WHERE e.extname = 'evoq');
+    supabase boolean := to_regrole('anon') IS NOT NULL AND to_regrole('authenticated') IS NOT NULL
+                        AND to_regrole('service_role') IS NOT NULL;
+    operator text := CASE WHEN supabase AND EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'postgres'
+                                                    AND NOT rolsuper AND rolname <> ext_owner)
+                          THEN 'postgres' END;
+    api_roles text[] := ARRAY(SELECT r FROM unnest(ARRAY['anon', 'authenticated', 'service_role']) r
+                              WHERE to_regrole(r) IS NOT NULL);
+    queue text := format('%I.evolution_instance_creation_queue', ext_schema);
+    inst text := format('%I.evolution_instances', ext_schema);
+    status_view text := format('%I.evoq_status', ext_schema);
+    servers_view text := format('%I.evoq_servers', ext_schema);
+    app_events text := format('%I.evolution_instance_events', ext_schema);
+    me text := format('(SELECT %I.evoq_current_user_id())', ext_schema);
+    member record;
+    pol record;
+BEGIN
+    IF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+       AND NOT pg_has_role(current_user, ext_owner, 'USAGE') THEN
+        RAISE EXCEPTION 'evoq_apply_policies() must be run by the owner of extension evoq (%) or a superuser, not by %',
+                        ext_owner, current_user
+            USING ERRCODE = '42501',
+                  HINT = format('It changes the grants and policies of evoq''s own tables, which only their owner may do. '
+                                'It runs by itself at CREATE EXTENSION and ALTER EXTENSION evoq UPDATE; to run it again '
+                                '(the Supabase roles appeared later, say), connect as %s (on Supabase: supabase_admin).',
+                                ext_owner);
+    END IF;
+    FOR member IN
+        SELECT CASE c.relkind WHEN 'S' THEN 'SEQUENCE ' ELSE 'TABLE ' END || c.oid::regclass::text AS target,
+               a.grantee, a.privilege_type
+        FROM pg_depend d JOIN pg_class c ON c.oid = d.objid, aclexplode(c.relacl) a
+        WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_extension'::regclass
+          AND d.refobjid = ext_oid AND d.deptype = 'e' AND a.grantee <> c.relowner
+        UNION ALL
+        SELECT 'FUNCTION ' || p.oid::regprocedure::text, a.grantee, a.privilege_type
+        FROM pg_depend d JOIN pg_proc p ON p.oid = d.objid,
+             aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a
+        WHERE d.classid = 'pg_proc'::regclass AND d.refclassid = 'pg_extension'::regclass
+          AND d.refobjid = ext_oid AND d.deptype = 'e' AND a.grantee <> p.proowner
+    LOOP
+        IF member.grantee = 0 OR member.privilege_type IN ('TRUNCATE', 'REFERENCES', 'TRIGGER')
+           OR (SELECT rolname FROM pg_roles WHERE oid = member.grantee) = ANY (api_roles) THEN
+            EXECUTE format('REVOKE %s ON %s FROM %s', member.privilege_type, member.target,
+                           CASE WHEN member.grantee = 0 THEN 'PUBLIC'
+                                ELSE quote_ident((SELECT rolname FROM pg_roles WHERE oid = member.grantee)) END);
+        END IF;
+    END LOOP;
+    -- The two functions that reveal nothing: row level security calls the first as the querying
+    -- role, and the second names a user's instance.
+    EXECUTE format('GRANT EXECUTE ON FUNCTION %I.evoq_current_user_id(), %I.evoq_instance_name(uuid) TO PUBLIC',
+                   ext_schema, ext_schema);
+    -- A trigger function cannot be called except as a trigger, and CREATE TRIGGER requires
+    -- EXECUTE on it: a dump of the profiles table restored by its owner (not evoq's) recreates the
+    -- triggers with it.
+    EXECUTE format('GRANT EXECUTE ON FUNCTION %I.handle_profile_evolution_instance(),
+                    %I.handle_profile_evolution_instance_delete() TO PUBLIC', ext_schema, ext_schema);
+    -- The webhook endpoint is for PostgREST's anonymous role: the Evolution server has no JWT.
+    -- It checks the webhook secret before it reads anything else.
+    IF to_regrole('anon') IS NOT NULL THEN
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %I.evoq_webhook(jsonb) TO anon', ext_schema);
+    END IF;
+
+    FOR pol IN SELECT policyname, tablename FROM pg_policies
+               WHERE schemaname = ext_schema
+                 AND tablename IN ('evolution_instance_creation_queue', 'evolution_instances',
+                                   'evolution_instance_events') LOOP
+        EXECUTE format('DROP POLICY %I ON %I.%I', pol.policyname, ext_schema, pol.tablename);
+    END LOOP;
+
+    IF supabase THEN
+        -- (SELECT ...): evaluated once per statement, not once per row (Supabase lint 0003).
+        EXECUTE format('CREATE POLICY "Service role can manage evolution instance queue" ON %s
+                        FOR ALL TO service_role USING (true) WITH CHECK (true)', queue);
+        EXECUTE format('CREATE POLICY "Users can view their own queue status" ON %s
+                        FOR SELECT TO authenticated USING (%s = user_id)', queue, me);
+        EXECUTE format('CREATE POLICY "Service role can manage evolution instances" ON %s
+                        FOR ALL TO service_role USING (true) WITH CHECK (true)', inst);
+        EXECUTE format('CREATE POLICY "Users can view their own evolution instance" ON %s
+                        FOR SELECT TO authenticated USING (%s = user_id)', inst, me);
+        EXECUTE format('GRANT SELECT ON %s, %s TO authenticated', queue, inst);
+        EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON %s, %s TO service_role', queue, inst);
+        EXECUTE format('GRANT SELECT ON %s, %s TO service_role', status_view, servers_view);
+        -- The view calls these as the reading role: PostgreSQL checks a function's EXECUTE
+        -- against whoever queries the view, not its owner.
+        EXECUTE 'GRANT EXECUTE ON FUNCTION evoq._worker_state(), evoq._is_ours(text, text, boolean) TO service_role';
+        EXECUTE format('CREATE POLICY "Service role can manage instance events" ON %s
+                        FOR ALL TO service_role USING (true) WITH CHECK (true)', app_events);
+        EXECUTE format('GRANT SELECT, DELETE ON %s TO service_role', app_events);
+        -- Each checks that the signed-in user acts on their own instance.
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %I.evoq_reconnect(uuid), %I.evoq_deprovision(uuid),
+                        %I.evoq_link_with_phone(text), %I.evoq_link_with_phone(uuid, text)
+                        TO authenticated, service_role', ext_schema, ext_schema, ext_schema, ext_schema);
+        IF operator IS NOT NULL THEN
+            FOR member IN
+                SELECT p.oid::regprocedure::text AS target FROM pg_depend d JOIN pg_proc p ON p.oid = d.objid
+                WHERE d.classid = 'pg_proc'::regclass AND d.refobjid = ext_oid AND d.deptype = 'e'
+                  AND p.pronamespace = ext_schema::regnamespace AND p.proname LIKE 'evoq\_%'
+                  AND p.proname <> 'evoq_apply_policies'
+            LOOP
+                EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %I', member.target, operator);
+            END LOOP;
+            EXECUTE format('GRANT SELECT ON %s, %s TO %I', status_view, servers_view, operator);
+            EXECUTE format('GRANT EXECUTE ON FUNCTION evoq._worker_state(), evoq._is_ours(text, text, boolean) TO %I', operator);
+            -- What restoring a dump writes: evoq's rows (COPY), its sequences (setval).
+            EXECUTE format('GRANT USAGE ON SCHEMA evoq TO %I', operator);
+            FOR member IN
+                SELECT c.oid::regclass::text AS target, c.relkind FROM pg_depend d JOIN pg_class c ON c.oid = d.objid
+                WHERE d.classid = 'pg_class'::regclass AND d.refobjid = ext_oid AND d.deptype = 'e'
+                  AND c.relkind IN ('r', 'p', 'S')
+            LOOP
+                EXECUTE format('GRANT %s ON %s %s TO %I',
+                               CASE WHEN member.relkind = 'S' THEN 'UPDATE' ELSE 'INSERT' END,
+                               CASE WHEN member.relkind = 'S' THEN 'SEQUENCE' ELSE 'TABLE' END,
+                               member.target, operator);
+            END LOOP;
+        END IF;
+        RETURN 'supabase';
+    END IF;
+
+    EXECUTE format('CREATE POLICY "Users can view their own queue status" ON %s
+                    FOR SELECT USING (user_id = %s)', queue, me);
+    EXECUTE format('CREATE POLICY "Users can view their own evolution instance" ON %s
+                    FOR SELECT USING (user_id = %s)', inst, me);
+    RETURN 'postgres';
+END
+$$;
+
+CREATE FUNCTION evoq._claim_rows(ids uuid[], batch_size integer, lease_ms bigint) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+DECLARE
+    result jsonb;
+BEGIN
+    WITH due AS (
+        SELECT id, status, updated_at, next_attempt_at FROM evolution_instance_creation_queue
+        WHERE status IN ('pending', 'processing') AND next_attempt_at <= now()
+          AND (ids IS NULL OR id = ANY (ids))
+        ORDER BY next_attempt_at, created_at
+        LIMIT batch_size
+        FOR UPDATE SKIP LOCKED
+    ), claimed AS (
+        UPDATE evolution_instance_creation_queue q
+        SET status = 'processing', attempts = q.attempts + 1, updated_at = clock_timestamp(),
+            next_attempt_at = clock_timestamp() + lease_ms * interval '1 millisecond',
+            server = coalesce(q.server, 'default')
+        FROM due WHERE q.id = due.id
+        RETURNING q.id, q.user_id, q.request_id, q.attempts, q.instance_name, q.action, q.updated_at,
+                  due.status AS prev_status, due.updated_at AS prev_updated_at,
+                  due.next_attempt_at AS prev_next_attempt_at
+    )
+    SELECT coalesce(jsonb_agg(jsonb_build_object(
+        'id', c.id, 'user_id', c.user_id, 'request_id', c.request_id, 'attempts', c.attempts,
+        'instance_name', c.instance_name, 'action', c.action,
+        'instance_row_name', (SELECT i.instance_name FROM evolution_instances i WHERE i.user_id = c.user_id),
+        -- 0.5.0: a create carries the number the user gave for a pairing code
+        'number', (SELECT p.phone FROM evoq.phone_links p WHERE p.user_id = c.user_id AND c.action = 'create'),
+        'prev_status', c.prev_status, 'prev_updated_at', c.prev_updated_at,
+        'prev_next_attempt_at', c.prev_next_attempt_at, 'claimed_at', c.updated_at)), '[]')
+    INTO result
+    FROM claimed c;
+    RETURN result;
+END
+$$;
+
+CREATE FUNCTION evoq._server_room(server text, wanted integer) RETURNS integer
+LANGUAGE plpgsql
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+DECLARE
+    s record;
+BEGIN
+    SELECT l.name, l.capacity, l.draining INTO s FROM evoq.servers l WHERE l.name = _server_room.server;
+    IF NOT FOUND OR (s.capacity IS NULL AND NOT s.draining) THEN
+        RETURN wanted;
+    ELSIF s.draining OR current_setting('transaction_isolation') <> 'read committed'
+          OR NOT pg_try_advisory_xact_lock(hashtext('evoq placement'), hashtext(s.name)) THEN
+        RETURN 0;
+    END IF;
+    RETURN (SELECT least(wanted, greatest(l.capacity - l.live, 0))::integer
+            FROM evoq.server_load l WHERE l.name = s.name);
+END
+$$;
+
+CREATE FUNCTION evoq._no_such_server(name text) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM evoq.servers) THEN
+        RAISE EXCEPTION 'there is no Evolution server named %: evoq is not configured yet',
+                        coalesce(quote_literal(name), 'NULL')
+            USING ERRCODE = '55000',
+                  HINT = 'evoq_configure(api_url => ..., api_key => ...) makes the server named ''default''.';
+    END IF;
+    RAISE EXCEPTION 'there is no Evolution server named %', coalesce(quote_literal(name), 'NULL')
+        USING ERRCODE = '22023',
+              HINT = format('evoq_servers lists them: %s.',
+                            (SELECT string_agg(quote_literal(s.name), ', ' ORDER BY s.name) FROM evoq.servers s));
+END
+$$;
+
+CREATE FUNCTION evoq._server_full(server text) RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+    SELECT CASE WHEN s.draining OR s.capacity IS NOT NULL
+                THEN (SELECT l.full_reason FROM evoq.server_load l WHERE l.name = s.name) END
+    FROM evoq.servers s WHERE s.name = _server_full.server
 $$;
 
 CREATE FUNCTION evoq._reconcile_due_ms(server text, interval_ms bigint) RETURNS bigint
@@ -407,6 +849,123 @@ SET search_path TO pg_catalog, @extschema@, pg_temp
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'evoq_reconcile_wrapper';
 
+CREATE  FUNCTION evoq."_wake_worker_at_commit"() RETURNS void
+STRICT
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_wake_worker_at_commit_wrapper';
+
+CREATE VIEW evoq_servers AS
+SELECT
+    l.name,
+    CASE WHEN l.name = 'default'
+         -- everything up to the last '@' masked: a password with an unescaped '/' or '@' too
+         THEN (SELECT regexp_replace(s.api_url, '^([a-z][a-z0-9+.-]*://)?.*@', '\1***@', 'i') FROM evoq.settings s)
+    END AS api_url,
+    CASE WHEN EXISTS (SELECT 1 FROM evoq.circuit) AND l.name = 'default' THEN 'circuit_open'
+         WHEN l.draining THEN 'draining'
+         ELSE 'ok' END AS state,
+    CASE WHEN l.name = 'default'
+         THEN (SELECT coalesce(nullif(s.api_version, 'auto'), s.detected_version) FROM evoq.settings s)
+    END AS api_version,
+    l.capacity,
+    l.max_in_flight,
+    l.draining,
+    l.live AS live_instances,
+    l.capacity - l.live AS free_slots,
+    (SELECT count(*) FROM evolution_instance_creation_queue q
+     WHERE q.server = l.name AND q.status = 'processing' AND q.next_attempt_at > now()) AS claimed,
+    l.full_reason,
+    (SELECT j.last_error FROM evoq.job_runs j WHERE j.last_error_at IS NOT NULL
+     ORDER BY j.last_error_at DESC LIMIT 1) AS last_error,
+    (SELECT c.opened_at FROM evoq.circuit c WHERE l.name = 'default')     AS circuit_opened_at,
+    (SELECT c.cause FROM evoq.circuit c WHERE l.name = 'default')         AS circuit_cause,
+    (SELECT c.trips FROM evoq.circuit c WHERE l.name = 'default')         AS circuit_trips,
+    (SELECT c.next_probe_at FROM evoq.circuit c WHERE l.name = 'default') AS circuit_next_probe_at,
+    (SELECT r.finished_at FROM evoq.reconciles r WHERE r.server = l.name AND r.summary IS NOT NULL) AS last_reconcile_at,
+    (SELECT r.summary FROM evoq.reconciles r WHERE r.server = l.name) AS last_reconcile_summary,
+    (SELECT count(*) FROM evoq.reconcile_orphans o WHERE o.server = l.name) AS orphans_waiting
+FROM evoq.server_load l;
+REVOKE ALL ON evoq_servers FROM PUBLIC;
+COMMENT ON VIEW evoq_servers IS
+    'One row per Evolution API server: state (ok, circuit_open, draining), capacity, live instances, free slots, circuit and last reconcile. Never the key.';
+
+CREATE FUNCTION evoq._server_changed(srv evoq.servers, name text) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+BEGIN
+    IF srv.name IS NULL THEN
+        PERFORM evoq._no_such_server(_server_changed.name);
+    END IF;
+    PERFORM evoq._wake_worker_at_commit();
+    RETURN jsonb_build_object('name', srv.name, 'capacity', srv.capacity, 'max_in_flight', srv.max_in_flight,
+                              'draining', srv.draining);
+END
+$$;
+
+CREATE FUNCTION evoq_server_set(name text, capacity integer DEFAULT NULL, max_in_flight integer DEFAULT NULL,
+                                clear text[] DEFAULT '{}') RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+DECLARE
+    srv evoq.servers;
+    unknown text := (SELECT string_agg(coalesce(quote_literal(f), 'NULL'), ', ') FROM unnest(clear) f
+                     WHERE f IS NULL OR f NOT IN ('capacity', 'max_in_flight'));
+BEGIN
+    IF unknown IS NOT NULL THEN
+        RAISE EXCEPTION 'evoq_server_set: clear names no setting evoq_server_set can reset: %', unknown
+            USING ERRCODE = '22023', HINT = 'clear takes ''capacity'' (no bound on instances) and ''max_in_flight'' (evoq.concurrency).';
+    END IF;
+    IF evoq_server_set.capacity IS NOT NULL AND evoq_server_set.capacity < 1 THEN
+        RAISE EXCEPTION 'evoq_server_set: capacity must be at least 1, not %', evoq_server_set.capacity
+            USING ERRCODE = '22023',
+                  HINT = 'capacity is how many live instances the server may hold; clear => ''{capacity}'' removes the bound.';
+    END IF;
+    IF evoq_server_set.max_in_flight IS NOT NULL AND evoq_server_set.max_in_flight < 1 THEN
+        RAISE EXCEPTION 'evoq_server_set: max_in_flight must be at least 1, not %', evoq_server_set.max_in_flight
+            USING ERRCODE = '22023',
+                  HINT = 'max_in_flight is how many calls the server is sent at once; clear => ''{max_in_flight}'' makes it evoq.concurrency.';
+    END IF;
+    IF (evoq_server_set.capacity IS NOT NULL AND 'capacity' = ANY (clear))
+       OR (evoq_server_set.max_in_flight IS NOT NULL AND 'max_in_flight' = ANY (clear)) THEN
+        RAISE EXCEPTION 'evoq_server_set: a setting is both given and cleared'
+            USING ERRCODE = '22023', HINT = 'Give a value, or name it in clear, not both.';
+    END IF;
+    UPDATE evoq.servers s SET
+        capacity = CASE WHEN 'capacity' = ANY (clear) THEN NULL ELSE coalesce(evoq_server_set.capacity, s.capacity) END,
+        max_in_flight = CASE WHEN 'max_in_flight' = ANY (clear) THEN NULL
+                             ELSE coalesce(evoq_server_set.max_in_flight, s.max_in_flight) END,
+        updated_at = now()
+    WHERE s.name = evoq_server_set.name
+    RETURNING s.* INTO srv;
+    RETURN evoq._server_changed(srv, evoq_server_set.name);
+END
+$$;
+COMMENT ON FUNCTION evoq_server_set(text, integer, integer, text[]) IS
+    'Sets an Evolution server''s capacity (live instances it may hold) and max_in_flight (calls at once); clear resets them.';
+
+CREATE FUNCTION evoq_server_drain(name text, draining boolean DEFAULT true) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+DECLARE
+    srv evoq.servers;
+BEGIN
+    IF evoq_server_drain.draining IS NULL THEN
+        RAISE EXCEPTION 'evoq_server_drain: draining must be true or false, not NULL'
+            USING ERRCODE = '22023', HINT = 'evoq_server_drain(name) drains; evoq_server_drain(name, false) ends it.';
+    END IF;
+    UPDATE evoq.servers s SET draining = evoq_server_drain.draining, updated_at = now()
+    WHERE s.name = evoq_server_drain.name
+    RETURNING s.* INTO srv;
+    RETURN evoq._server_changed(srv, evoq_server_drain.name);
+END
+$$;
+COMMENT ON FUNCTION evoq_server_drain(text, boolean) IS
+    'Stops (or, with false, resumes) new instances on an Evolution server; its own instances go on.';
+
 CREATE OR REPLACE VIEW evoq_status AS
 SELECT
     count(*) FILTER (WHERE q.status = 'pending')                               AS pending,
@@ -481,7 +1040,13 @@ SELECT
     -- 0.6.0: the reconciler (fetchInstances compared with the rows), of the one server there is
     (SELECT finished_at FROM evoq.reconciles WHERE server = 'default' AND summary IS NOT NULL) AS last_reconcile_at,
     (SELECT summary FROM evoq.reconciles WHERE server = 'default') AS last_reconcile_summary,
-    (SELECT count(*) FROM evoq.reconcile_orphans) AS orphans_waiting
+    (SELECT count(*) FROM evoq.reconcile_orphans) AS orphans_waiting,
+    -- 0.6.0: creations waiting for room at the server (untried, no attempt charged),
+    -- and why (evoq_servers shows each server's load)
+    count(*) FILTER (WHERE q.status = 'pending' AND q.action = 'create' AND q.attempts = 0
+                     AND (SELECT l.full_reason FROM evoq.server_load l WHERE l.name = 'default') IS NOT NULL)
+        AS waiting_for_room,
+    (SELECT l.full_reason FROM evoq.server_load l WHERE l.name = 'default') AS waiting_for_room_reason
 FROM evolution_instance_creation_queue q;
 
 SELECT evoq_apply_policies();

@@ -126,10 +126,137 @@ SELECT
     -- 0.6.0: the reconciler (fetchInstances compared with the rows), of the one server there is
     (SELECT finished_at FROM evoq.reconciles WHERE server = 'default' AND summary IS NOT NULL) AS last_reconcile_at,
     (SELECT summary FROM evoq.reconciles WHERE server = 'default') AS last_reconcile_summary,
-    (SELECT count(*) FROM evoq.reconcile_orphans) AS orphans_waiting
+    (SELECT count(*) FROM evoq.reconcile_orphans) AS orphans_waiting,
+    -- 0.6.0: creations waiting for room at the server (untried, no attempt charged),
+    -- and why (evoq_servers shows each server's load)
+    count(*) FILTER (WHERE q.status = 'pending' AND q.action = 'create' AND q.attempts = 0
+                     AND (SELECT l.full_reason FROM evoq.server_load l WHERE l.name = 'default') IS NOT NULL)
+        AS waiting_for_room,
+    (SELECT l.full_reason FROM evoq.server_load l WHERE l.name = 'default') AS waiting_for_room_reason
 FROM evolution_instance_creation_queue q;
 REVOKE ALL ON evoq_status FROM PUBLIC;
 COMMENT ON VIEW evoq_status IS 'Queue counts per state, oldest pending age, last runs and last error. Grant it to your operators.';
+
+-- 0.6.0: one row per Evolution server, for operators (revoked from PUBLIC and granted like
+-- evoq_status). The URL with any credentials in it masked; never the key.
+CREATE VIEW evoq_servers AS
+SELECT
+    l.name,
+    CASE WHEN l.name = 'default'
+         -- everything up to the last '@' masked: a password with an unescaped '/' or '@' too
+         THEN (SELECT regexp_replace(s.api_url, '^([a-z][a-z0-9+.-]*://)?.*@', '\1***@', 'i') FROM evoq.settings s)
+    END AS api_url,
+    CASE WHEN EXISTS (SELECT 1 FROM evoq.circuit) AND l.name = 'default' THEN 'circuit_open'
+         WHEN l.draining THEN 'draining'
+         ELSE 'ok' END AS state,
+    CASE WHEN l.name = 'default'
+         THEN (SELECT coalesce(nullif(s.api_version, 'auto'), s.detected_version) FROM evoq.settings s)
+    END AS api_version,
+    l.capacity,
+    l.max_in_flight,
+    l.draining,
+    l.live AS live_instances,
+    l.capacity - l.live AS free_slots,
+    (SELECT count(*) FROM evolution_instance_creation_queue q
+     WHERE q.server = l.name AND q.status = 'processing' AND q.next_attempt_at > now()) AS claimed,
+    l.full_reason,
+    (SELECT j.last_error FROM evoq.job_runs j WHERE j.last_error_at IS NOT NULL
+     ORDER BY j.last_error_at DESC LIMIT 1) AS last_error,
+    (SELECT c.opened_at FROM evoq.circuit c WHERE l.name = 'default')     AS circuit_opened_at,
+    (SELECT c.cause FROM evoq.circuit c WHERE l.name = 'default')         AS circuit_cause,
+    (SELECT c.trips FROM evoq.circuit c WHERE l.name = 'default')         AS circuit_trips,
+    (SELECT c.next_probe_at FROM evoq.circuit c WHERE l.name = 'default') AS circuit_next_probe_at,
+    (SELECT r.finished_at FROM evoq.reconciles r WHERE r.server = l.name AND r.summary IS NOT NULL) AS last_reconcile_at,
+    (SELECT r.summary FROM evoq.reconciles r WHERE r.server = l.name) AS last_reconcile_summary,
+    (SELECT count(*) FROM evoq.reconcile_orphans o WHERE o.server = l.name) AS orphans_waiting
+FROM evoq.server_load l;
+REVOKE ALL ON evoq_servers FROM PUBLIC;
+COMMENT ON VIEW evoq_servers IS
+    'One row per Evolution API server: state (ok, circuit_open, draining), capacity, live instances, free slots, circuit and last reconcile. Never the key.';
+
+-- 0.6.0: what evoq_server_set and evoq_server_drain end with: the error for a name no row has
+-- (srv is all NULL), else a wake for the worker (there may be room now) and the server's row.
+CREATE FUNCTION evoq._server_changed(srv evoq.servers, name text) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+BEGIN
+    IF srv.name IS NULL THEN
+        PERFORM evoq._no_such_server(_server_changed.name);
+    END IF;
+    PERFORM evoq._wake_worker_at_commit();
+    RETURN jsonb_build_object('name', srv.name, 'capacity', srv.capacity, 'max_in_flight', srv.max_in_flight,
+                              'draining', srv.draining);
+END
+$$;
+
+-- 0.6.0: a server's own settings. capacity: how many live instances it may hold (a sign-up beyond
+-- waits pending, untried); max_in_flight: calls it is sent at once (at most evoq.concurrency);
+-- clear: settings reset to none ('capacity', 'max_in_flight'). Wakes the background worker, which
+-- places the sign-ups that waited for room.
+CREATE FUNCTION evoq_server_set(name text, capacity integer DEFAULT NULL, max_in_flight integer DEFAULT NULL,
+                                clear text[] DEFAULT '{}') RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+DECLARE
+    srv evoq.servers;
+    unknown text := (SELECT string_agg(coalesce(quote_literal(f), 'NULL'), ', ') FROM unnest(clear) f
+                     WHERE f IS NULL OR f NOT IN ('capacity', 'max_in_flight'));
+BEGIN
+    IF unknown IS NOT NULL THEN
+        RAISE EXCEPTION 'evoq_server_set: clear names no setting evoq_server_set can reset: %', unknown
+            USING ERRCODE = '22023', HINT = 'clear takes ''capacity'' (no bound on instances) and ''max_in_flight'' (evoq.concurrency).';
+    END IF;
+    IF evoq_server_set.capacity IS NOT NULL AND evoq_server_set.capacity < 1 THEN
+        RAISE EXCEPTION 'evoq_server_set: capacity must be at least 1, not %', evoq_server_set.capacity
+            USING ERRCODE = '22023',
+                  HINT = 'capacity is how many live instances the server may hold; clear => ''{capacity}'' removes the bound.';
+    END IF;
+    IF evoq_server_set.max_in_flight IS NOT NULL AND evoq_server_set.max_in_flight < 1 THEN
+        RAISE EXCEPTION 'evoq_server_set: max_in_flight must be at least 1, not %', evoq_server_set.max_in_flight
+            USING ERRCODE = '22023',
+                  HINT = 'max_in_flight is how many calls the server is sent at once; clear => ''{max_in_flight}'' makes it evoq.concurrency.';
+    END IF;
+    IF (evoq_server_set.capacity IS NOT NULL AND 'capacity' = ANY (clear))
+       OR (evoq_server_set.max_in_flight IS NOT NULL AND 'max_in_flight' = ANY (clear)) THEN
+        RAISE EXCEPTION 'evoq_server_set: a setting is both given and cleared'
+            USING ERRCODE = '22023', HINT = 'Give a value, or name it in clear, not both.';
+    END IF;
+    UPDATE evoq.servers s SET
+        capacity = CASE WHEN 'capacity' = ANY (clear) THEN NULL ELSE coalesce(evoq_server_set.capacity, s.capacity) END,
+        max_in_flight = CASE WHEN 'max_in_flight' = ANY (clear) THEN NULL
+                             ELSE coalesce(evoq_server_set.max_in_flight, s.max_in_flight) END,
+        updated_at = now()
+    WHERE s.name = evoq_server_set.name
+    RETURNING s.* INTO srv;
+    RETURN evoq._server_changed(srv, evoq_server_set.name);
+END
+$$;
+COMMENT ON FUNCTION evoq_server_set(text, integer, integer, text[]) IS
+    'Sets an Evolution server''s capacity (live instances it may hold) and max_in_flight (calls at once); clear resets them.';
+
+-- 0.6.0: draining: the server takes no new instance; what it holds goes on (retries, QR
+-- refreshes, state checks, deletions). false takes new instances again, and wakes the worker.
+CREATE FUNCTION evoq_server_drain(name text, draining boolean DEFAULT true) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+DECLARE
+    srv evoq.servers;
+BEGIN
+    IF evoq_server_drain.draining IS NULL THEN
+        RAISE EXCEPTION 'evoq_server_drain: draining must be true or false, not NULL'
+            USING ERRCODE = '22023', HINT = 'evoq_server_drain(name) drains; evoq_server_drain(name, false) ends it.';
+    END IF;
+    UPDATE evoq.servers s SET draining = evoq_server_drain.draining, updated_at = now()
+    WHERE s.name = evoq_server_drain.name
+    RETURNING s.* INTO srv;
+    RETURN evoq._server_changed(srv, evoq_server_drain.name);
+END
+$$;
+COMMENT ON FUNCTION evoq_server_drain(text, boolean) IS
+    'Stops (or, with false, resumes) new instances on an Evolution server; its own instances go on.';
 
 -- Privileges and policies: nothing is executable by PUBLIC but evoq_current_user_id (RLS calls it)
 -- and evoq_instance_name (a user's instance name and the deployment's namespace),

@@ -63,7 +63,13 @@ CREATE TABLE evolution_instance_creation_queue (
     error_kind       text CHECK (error_kind IN ('transient', 'permanent')),
     -- 0.3.0: what the row's current request is: create the user's instance, or delete it
     -- (deprovisioning: the profile was deleted, or evoq_deprovision). Same claims, retries, backoff.
-    action           text NOT NULL DEFAULT 'create' CHECK (action IN ('create', 'delete'))
+    action           text NOT NULL DEFAULT 'create' CHECK (action IN ('create', 'delete')),
+    -- 0.6.0: the Evolution server (evoq.servers) the user's instance is placed on: set by the
+    -- claim that first takes the row, which commits before the create leaves (NULL until then).
+    -- Retries and adoption stay on it; a re-creation after the server lost the instance, or after
+    -- a deletion, is placed afresh. A creation takes room at its server once tried
+    -- (evoq.server_load), and needs room to be claimed untried.
+    server           text
 );
 COMMENT ON TABLE evolution_instance_creation_queue IS
     'One row per user whose Evolution instance evoq must create. Filled by the profile trigger, drained by evoq_process_queue().';
@@ -123,7 +129,9 @@ CREATE TABLE evolution_instances (
     server_loop_logout_at  timestamptz,
     -- 0.5.0: when a pairing (a logout, then a connect with the user's number) was last sent:
     -- evoq_link_with_phone keeps its pace from it (each pairing is a new socket at the server)
-    pairing_requested_at   timestamptz
+    pairing_requested_at   timestamptz,
+    -- 0.6.0: the Evolution server (evoq.servers) that holds the instance
+    server                 text NOT NULL DEFAULT 'default'
 );
 COMMENT ON TABLE evolution_instances IS
     'One row per user instance on the Evolution API server. instance_status: connecting (waiting for a QR scan), open (connected), close (disconnected; disconnect_reason says why), refused (the server''s QR limit), expired (not scanned within evoq.qr_window_ms; logged out), lost (the server no longer knows it; re-queued), deleted (deprovisioned).';
@@ -229,6 +237,24 @@ CREATE TABLE evoq.reconcile_orphans (
     PRIMARY KEY (server, instance_name)
 );
 
+-- 0.6.0: the Evolution servers, as data (the first part of several servers). One row for now,
+-- `default`, the server evoq_configure describes (its URL, key, version and webhook stay in
+-- evoq.settings), made by evoq_configure or by the upgrade. What is the server's own: how many
+-- instances it may hold (an Evolution server is one Node process with a WhatsApp socket per
+-- instance, and slows past about 80), how many calls it is sent at once, and whether it takes
+-- new instances. Written by evoq_server_set and evoq_server_drain; shown by evoq_servers.
+CREATE TABLE evoq.servers (
+    name          text PRIMARY KEY CHECK (name ~ '^[a-z0-9][a-z0-9_-]{0,39}$'),
+    -- live instances it may hold (evoq.server_load says which count); NULL: no bound
+    capacity      integer CHECK (capacity > 0),
+    -- calls sent to it at once; NULL: evoq.concurrency
+    max_in_flight integer CHECK (max_in_flight > 0),
+    -- takes no new instance (its own go on: retries, refreshes, deletions)
+    draining      boolean NOT NULL DEFAULT false,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    updated_at    timestamptz NOT NULL DEFAULT now()
+);
+
 -- 0.2.0: the circuit breaker. When every call of a batch fails the same way (server down, key
 -- rejected, wrong URL) the fault is the server's or the configuration's, not the rows': the batch
 -- is released unchanged and runs stop calling until next_probe_at, when one GET / decides.
@@ -283,6 +309,7 @@ SELECT pg_catalog.pg_extension_config_dump('evoq.webhooks_rejected', '');
 SELECT pg_catalog.pg_extension_config_dump('evoq.webhooks_relayed', '');
 SELECT pg_catalog.pg_extension_config_dump('evoq.reconciles', '');
 SELECT pg_catalog.pg_extension_config_dump('evoq.reconcile_orphans', '');
+SELECT pg_catalog.pg_extension_config_dump('evoq.servers', '');
 
 -- This database's identity: a copy restored elsewhere (or into another database) differs.
 CREATE FUNCTION evoq._deployment_identity() RETURNS text
@@ -367,6 +394,7 @@ DECLARE
     queue text := format('%I.evolution_instance_creation_queue', ext_schema);
     inst text := format('%I.evolution_instances', ext_schema);
     status_view text := format('%I.evoq_status', ext_schema);
+    servers_view text := format('%I.evoq_servers', ext_schema);
     app_events text := format('%I.evolution_instance_events', ext_schema);
     me text := format('(SELECT %I.evoq_current_user_id())', ext_schema);
     member record;
@@ -436,7 +464,7 @@ BEGIN
                         FOR SELECT TO authenticated USING (%s = user_id)', inst, me);
         EXECUTE format('GRANT SELECT ON %s, %s TO authenticated', queue, inst);
         EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON %s, %s TO service_role', queue, inst);
-        EXECUTE format('GRANT SELECT ON %s TO service_role', status_view);
+        EXECUTE format('GRANT SELECT ON %s, %s TO service_role', status_view, servers_view);
         -- The view calls these as the reading role: PostgreSQL checks a function's EXECUTE
         -- against whoever queries the view, not its owner.
         EXECUTE 'GRANT EXECUTE ON FUNCTION evoq._worker_state(), evoq._is_ours(text, text, boolean) TO service_role';
@@ -456,7 +484,7 @@ BEGIN
             LOOP
                 EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %I', member.target, operator);
             END LOOP;
-            EXECUTE format('GRANT SELECT ON %s TO %I', status_view, operator);
+            EXECUTE format('GRANT SELECT ON %s, %s TO %I', status_view, servers_view, operator);
             EXECUTE format('GRANT EXECUTE ON FUNCTION evoq._worker_state(), evoq._is_ours(text, text, boolean) TO %I', operator);
             -- What restoring a dump writes: evoq's rows (COPY), its sequences (setval).
             EXECUTE format('GRANT USAGE ON SCHEMA evoq TO %I', operator);
@@ -505,6 +533,36 @@ AS $$
         coalesce((SELECT nullif(webhook_secret_previous, '') FROM evoq.settings), ''), '[redacted]')
 $$;
 
+-- 0.6.0: each server's load: the instances it holds or is about to hold, which its capacity
+-- bounds. Counted ("live"):
+--   * instances connecting (a QR on screen), open, close (the server reconnects it by itself) and
+--     refused (the server keeps it for its user's reconnect): each is, or may become again, a
+--     WhatsApp socket at the server;
+--   * creations on it that were tried and are not finished (pending or processing, attempts > 0):
+--     the create may be in flight, or may have succeeded with its answer lost.
+-- Not counted: expired (logged out at the server), lost (the server does not hold it), deleted.
+-- A creation not tried in its current request (attempts = 0: a new sign-up, a re-creation after
+-- a loss, an evoq_retry, a claimed row given back untried) is not counted: it needs room to be
+-- claimed. A user is counted once. full_reason: why the server takes no new instance now (NULL when it
+-- does). Read by the claims (as the extension's owner), evoq_servers and evoq_status.
+CREATE VIEW evoq.server_load AS
+SELECT s.name, s.capacity, s.max_in_flight, s.draining, c.live,
+       CASE WHEN s.draining THEN format('server %s is draining (evoq_server_drain)', s.name)
+            WHEN s.capacity <= c.live THEN format('server %s is full: %s live instances, capacity %s',
+                                                  s.name, c.live, s.capacity)
+       END AS full_reason
+FROM evoq.servers s
+CROSS JOIN LATERAL (
+    SELECT count(*) AS live FROM (
+        SELECT i.user_id FROM evolution_instances i
+        WHERE i.server = s.name AND i.instance_status IN ('connecting', 'open', 'close', 'refused')
+        UNION
+        SELECT q.user_id FROM evolution_instance_creation_queue q
+        WHERE q.server = s.name AND q.status IN ('pending', 'processing') AND q.action = 'create'
+          AND q.attempts > 0
+    ) u
+) c;
+
 -- Claims up to batch_size due rows. SKIP LOCKED: an overlapping run takes other rows. 0.4.0: a
 -- claimed row carries a lease: its next_attempt_at moves lease_ms ahead, so it is due for nobody
 -- else (this run's later claims included) until its result is written or the lease runs out. A
@@ -521,18 +579,60 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, @extschema@, pg_temp
 AS $$
 DECLARE
+    -- 0.6.0: how many untried creations this claim may take (each takes room at the server)
+    room integer := batch_size;
+    -- the rows to claim when the server has less room than the claim may take
+    ids uuid[];
+BEGIN
+    -- Without a capacity or a drain the server always has room: one read, no lock, no count.
+    IF EXISTS (SELECT 1 FROM evoq.servers s WHERE s.name = 'default' AND (s.capacity IS NOT NULL OR s.draining)) THEN
+        room := evoq._server_room('default', batch_size);
+    END IF;
+    IF room < batch_size THEN
+        -- A full or draining server: first the rows that need no room (deletions, and creations
+        -- already tried, which it counts), then as many untried creations as there is room for.
+        -- The rest stay pending, untried and uncharged, until room appears.
+        ids := ARRAY(SELECT id FROM evolution_instance_creation_queue
+                     WHERE status IN ('pending', 'processing') AND next_attempt_at <= now()
+                       AND (action = 'delete' OR attempts > 0)
+                     ORDER BY next_attempt_at, created_at
+                     LIMIT batch_size
+                     FOR UPDATE SKIP LOCKED);
+        IF room > 0 AND cardinality(ids) < batch_size THEN
+            ids := ids || ARRAY(SELECT id FROM evolution_instance_creation_queue
+                                WHERE status IN ('pending', 'processing') AND next_attempt_at <= now()
+                                  AND action = 'create' AND attempts = 0
+                                ORDER BY next_attempt_at, created_at
+                                LIMIT least(room, batch_size - cardinality(ids))
+                                FOR UPDATE SKIP LOCKED);
+        END IF;
+    END IF;
+    RETURN evoq._claim_rows(ids, batch_size, lease_ms);
+END
+$$;
+
+-- The claim itself: the rows `ids` names, or (NULL) the first batch_size due rows in due order,
+-- each placed on the server if it was not yet (0.6.0: committed with the claim, before the create
+-- leaves), leased and returned with what its call needs. One statement, planned once.
+CREATE FUNCTION evoq._claim_rows(ids uuid[], batch_size integer, lease_ms bigint) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+DECLARE
     result jsonb;
 BEGIN
     WITH due AS (
         SELECT id, status, updated_at, next_attempt_at FROM evolution_instance_creation_queue
         WHERE status IN ('pending', 'processing') AND next_attempt_at <= now()
+          AND (ids IS NULL OR id = ANY (ids))
         ORDER BY next_attempt_at, created_at
         LIMIT batch_size
         FOR UPDATE SKIP LOCKED
     ), claimed AS (
         UPDATE evolution_instance_creation_queue q
         SET status = 'processing', attempts = q.attempts + 1, updated_at = clock_timestamp(),
-            next_attempt_at = clock_timestamp() + lease_ms * interval '1 millisecond'
+            next_attempt_at = clock_timestamp() + lease_ms * interval '1 millisecond',
+            server = coalesce(q.server, 'default')
         FROM due WHERE q.id = due.id
         RETURNING q.id, q.user_id, q.request_id, q.attempts, q.instance_name, q.action, q.updated_at,
                   due.status AS prev_status, due.updated_at AS prev_updated_at,
@@ -550,6 +650,61 @@ BEGIN
     FROM claimed c;
     RETURN result;
 END
+$$;
+
+-- 0.6.0: how many untried creations a claim may place on the server now, at most `wanted`:
+-- none while it drains, or while another transaction is placing on it (the count this one sees
+-- would miss what that one places until it commits: a pg_cron run's whole run; the lock is never
+-- waited for), or in a transaction whose snapshot predates the lock (REPEATABLE READ or
+-- SERIALIZABLE: its count would miss what others committed meanwhile); its free capacity
+-- otherwise, `wanted` when it has no capacity.
+CREATE FUNCTION evoq._server_room(server text, wanted integer) RETURNS integer
+LANGUAGE plpgsql
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+DECLARE
+    s record;
+BEGIN
+    SELECT l.name, l.capacity, l.draining INTO s FROM evoq.servers l WHERE l.name = _server_room.server;
+    IF NOT FOUND OR (s.capacity IS NULL AND NOT s.draining) THEN
+        RETURN wanted;
+    ELSIF s.draining OR current_setting('transaction_isolation') <> 'read committed'
+          OR NOT pg_try_advisory_xact_lock(hashtext('evoq placement'), hashtext(s.name)) THEN
+        RETURN 0;
+    END IF;
+    RETURN (SELECT least(wanted, greatest(l.capacity - l.live, 0))::integer
+            FROM evoq.server_load l WHERE l.name = s.name);
+END
+$$;
+
+-- 0.6.0: the error for a server name evoq does not know.
+CREATE FUNCTION evoq._no_such_server(name text) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM evoq.servers) THEN
+        RAISE EXCEPTION 'there is no Evolution server named %: evoq is not configured yet',
+                        coalesce(quote_literal(name), 'NULL')
+            USING ERRCODE = '55000',
+                  HINT = 'evoq_configure(api_url => ..., api_key => ...) makes the server named ''default''.';
+    END IF;
+    RAISE EXCEPTION 'there is no Evolution server named %', coalesce(quote_literal(name), 'NULL')
+        USING ERRCODE = '22023',
+              HINT = format('evoq_servers lists them: %s.',
+                            (SELECT string_agg(quote_literal(s.name), ', ' ORDER BY s.name) FROM evoq.servers s));
+END
+$$;
+
+-- 0.6.0: why a server takes no new instance now; NULL when it does. Its instances are counted
+-- only when it has a capacity or drains.
+CREATE FUNCTION evoq._server_full(server text) RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+    SELECT CASE WHEN s.draining OR s.capacity IS NOT NULL
+                THEN (SELECT l.full_reason FROM evoq.server_load l WHERE l.name = s.name) END
+    FROM evoq.servers s WHERE s.name = _server_full.server
 $$;
 
 -- Puts claimed rows back exactly as they were (the circuit breaker: a batch that failed because
@@ -616,6 +771,12 @@ AS $$
             error_message = CASE d.reason WHEN 'lost'
                 THEN 'the Evolution API no longer knows this instance (404); creating it again' END,
             last_http_status = CASE d.reason WHEN 'lost' THEN 404 END,
+            -- 0.6.0: a creation is placed afresh once its server answered for the old instance
+            -- (lost: 404; or deleted); otherwise it stays where the server may still hold it
+            server = CASE WHEN d.reason <> 'deprovision' AND EXISTS (
+                              SELECT 1 FROM evolution_instances i WHERE i.user_id = q.user_id
+                              AND i.instance_status IN ('lost', 'deleted'))
+                          THEN NULL ELSE q.server END,
             updated_at = clock_timestamp()
         FROM decided d
         WHERE q.id = d.id AND NOT d.moot
@@ -623,8 +784,9 @@ AS $$
     ), added AS (
         -- A lost or deprovisioned instance whose queue row is gone (deleted by hand) is queued
         -- afresh. Not for a re-inserted profile: its own insert queued it.
-        INSERT INTO evolution_instance_creation_queue (user_id, instance_name, action)
-        SELECT p.user_id, i.instance_name, CASE p.reason WHEN 'deprovision' THEN 'delete' ELSE 'create' END
+        INSERT INTO evolution_instance_creation_queue (user_id, instance_name, action, server)
+        SELECT p.user_id, i.instance_name, CASE p.reason WHEN 'deprovision' THEN 'delete' ELSE 'create' END,
+               CASE p.reason WHEN 'deprovision' THEN i.server END
         FROM per_user p
         LEFT JOIN evolution_instances i ON i.user_id = p.user_id
         WHERE (p.reason = 'lost' OR (p.reason = 'deprovision' AND i.instance_status <> 'deleted'))
@@ -690,13 +852,13 @@ BEGIN
         SELECT given.* FROM given JOIN evolution_instance_creation_queue q ON q.id = given.id
         WHERE q.status = 'processing' AND (given.claimed_at IS NULL OR q.updated_at = given.claimed_at)
     ), ok AS (
-        SELECT r.*, q.user_id FROM r JOIN evolution_instance_creation_queue q ON q.id = r.id
+        SELECT r.*, q.user_id, q.server FROM r JOIN evolution_instance_creation_queue q ON q.id = r.id
         WHERE r.ok AND coalesce(r.action, 'create') = 'create'
     ), instances AS (
         INSERT INTO evolution_instances AS i (user_id, instance_name, instance_id, instance_status,
                                               qr_code, qr_text, pairing_code, qr_count, last_qr_update,
                                               connected_at, connecting_since, webhook_set_at,
-                                              last_state_check_at, last_refresh_at, updated_at)
+                                              last_state_check_at, last_refresh_at, updated_at, server)
         SELECT user_id, instance_name, instance_id, instance_status, qr_code, qr_text, pairing_code, qr_count,
                CASE WHEN qr_code IS NOT NULL OR qr_text IS NOT NULL THEN clock_timestamp() END,
                CASE WHEN instance_status = 'open' THEN clock_timestamp() END,
@@ -719,7 +881,8 @@ BEGIN
                -- 0.6.0: when the answer was recorded, not when the transaction began: the
                -- reconciler judges only rows written before its listing was asked for, and the SQL
                -- function's transaction may have begun before the server made the instance
-               clock_timestamp()
+               clock_timestamp(),
+               coalesce(server, 'default')
         FROM ok
         ON CONFLICT (user_id) DO UPDATE SET
             instance_name = excluded.instance_name,
@@ -740,6 +903,8 @@ BEGIN
             server_loop_deliveries = 0, server_loop_seen_at = NULL, server_loop_logouts = 0,
             server_loop_logout_at = NULL,
             webhook_set_at = coalesce(excluded.webhook_set_at, i.webhook_set_at),
+            -- 0.6.0: a re-creation may have been placed on another server
+            server = excluded.server,
             updated_at = clock_timestamp()
         RETURNING i.instance_name
     ), tokens AS (
@@ -963,8 +1128,16 @@ AS $$
           AND NOT EXISTS (SELECT 1 FROM evolution_instance_creation_queue q
                           WHERE q.user_id = i.user_id AND q.action = 'delete')
     ), due AS (
+        -- 0.6.0: an untried creation is due only while its server takes new instances (a full
+        -- one would have the worker claim nothing every second; room wakes it: evoq_server_set,
+        -- evoq_server_drain, or its own deletions and expiries; otherwise it looks again within
+        -- a minute). Each branch's test of the server is a one-time filter: one branch is read.
         SELECT min(next_attempt_at) AS at FROM evolution_instance_creation_queue
-        WHERE status IN ('pending', 'processing')
+        WHERE status IN ('pending', 'processing') AND evoq._server_full('default') IS NULL
+        UNION ALL
+        SELECT min(next_attempt_at) FROM evolution_instance_creation_queue
+        WHERE status IN ('pending', 'processing') AND (action = 'delete' OR attempts > 0)
+          AND evoq._server_full('default') IS NOT NULL
         UNION ALL
         -- connecting: once asked min_interval_ms ago, and its QR is older than qr_fresh_ms (or
         -- its window is over)

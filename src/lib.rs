@@ -21,6 +21,7 @@ mod instances;
 mod jobs;
 mod queue;
 mod schedule;
+mod servers;
 mod settings;
 mod subxact;
 mod trigger;

@@ -506,6 +506,8 @@ fn evoq_configure(
         ],
     )
     .unwrap_or_else(|e| crate::errors::EvoqError::internal("could not store the settings", e).raise());
+    // 0.6.0: the server these settings describe, as data (its capacity and drain are its own).
+    crate::servers::ensure_default();
     // A new configuration deserves a fresh start: the circuit may have opened because of the old one.
     Spi::run("DELETE FROM evoq.circuit").unwrap_or_else(|e| {
         crate::errors::EvoqError::internal("could not reset the circuit", e).raise()

@@ -245,7 +245,7 @@ pub fn clean_committed() {
             DELETE FROM evoq.instance_tokens; DELETE FROM evolution_instances;
             DELETE FROM evoq.requeue_requests; DELETE FROM evoq.circuit; DELETE FROM evoq.skipped_profiles;
             DELETE FROM evolution_instance_creation_queue; DELETE FROM evoq.settings; DELETE FROM evoq.job_runs;
-            DELETE FROM evolution_instance_events; DELETE FROM evoq.phone_links;
+            DELETE FROM evolution_instance_events; DELETE FROM evoq.phone_links; DELETE FROM evoq.servers;
             DROP TABLE IF EXISTS public.committed_profiles;
          END $$",
     );

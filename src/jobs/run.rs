@@ -67,7 +67,11 @@ impl Run {
         // Calls in flight fit the file descriptors this process may open beside PostgreSQL's
         // own (see fd_budget); the worker's pool takes its size from here too.
         let (slots, fd_note) = crate::fd_budget::call_slots(tunables.concurrency);
-        tunables.concurrency = slots;
+        // 0.6.0: and the server's own bound (evoq_server_set(max_in_flight => ...)).
+        tunables.concurrency = match crate::servers::max_in_flight(crate::servers::DEFAULT_SERVER) {
+            Some(bound) => slots.min(bound),
+            None => slots,
+        };
         let client = Client::new(ClientConfig {
             base_url: connection.api_url.clone(),
             api_key: connection.api_key.clone(),
@@ -377,6 +381,9 @@ impl Run {
     /// Remembers the run for evoq_status and returns the summary.
     pub fn finish(self, mut summary: Value) -> JsonB {
         summary["elapsed_ms"] = json!(self.started.elapsed().as_millis() as u64);
+        // 0.6.0: the calls it sent at once at most (evoq.concurrency, the file descriptors, the
+        // server's max_in_flight)
+        summary["concurrency"] = json!(self.tunables.concurrency);
         if let Some(v) = self.version_name() {
             summary["api_version"] = json!(v);
         }

@@ -17,10 +17,11 @@ mod tests {
             ),
             Some(true)
         );
-        // pg_dump keeps the data of these tables (and sequences); 0.6.0: the reconciler's two.
+        // pg_dump keeps the data of these tables (and sequences); 0.6.0: the reconciler's two
+        // and evoq.servers.
         assert_eq!(
             count("SELECT cardinality(extconfig) FROM pg_extension WHERE extname = 'evoq'"),
-            18
+            19
         );
         assert!(error_of("INSERT INTO evolution_instance_creation_queue (user_id, status) VALUES (gen_random_uuid(), 'bogus')").unwrap().starts_with("23514"));
         assert_eq!(

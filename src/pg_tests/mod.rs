@@ -11,6 +11,7 @@ mod process;
 mod reconcile;
 mod refresh;
 mod security;
+mod servers;
 mod trigger;
 mod webhooks;
 mod worker;
