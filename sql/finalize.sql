@@ -160,6 +160,14 @@ SELECT
     (SELECT count(*) FROM evolution_instance_creation_queue q
      WHERE q.server = l.name AND q.status = 'processing' AND q.next_attempt_at > now()) AS claimed,
     l.full_reason,
+    -- the session placing on it now (a claim's transaction lock, see evoq._server_room): while one
+    -- holds it, no other run places (a pg_cron run holds it to its end; so would a transaction left
+    -- open after calling evoq_process_queue)
+    (SELECT k.pid FROM pg_locks k
+     WHERE k.locktype = 'advisory' AND k.granted AND k.objsubid = 2
+       AND k.database = (SELECT d.oid FROM pg_database d WHERE d.datname = current_database())
+       AND k.classid = hashtext('evoq placement')::oid AND k.objid = hashtext(l.name)::oid
+     LIMIT 1) AS placing_pid,
     (SELECT j.last_error FROM evoq.job_runs j WHERE j.last_error_at IS NOT NULL
      ORDER BY j.last_error_at DESC LIMIT 1) AS last_error,
     (SELECT c.opened_at FROM evoq.circuit c WHERE l.name = 'default')     AS circuit_opened_at,

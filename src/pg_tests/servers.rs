@@ -392,6 +392,15 @@ mod tests {
             "{row}"
         );
         assert_eq!(row["state"], "ok");
+        // Who is placing on it now: the claim's transaction lock (only taken under a capacity).
+        assert!(row["placing_pid"].is_null(), "{row}");
+        run("SELECT evoq_server_set('default', capacity => 5)");
+        run("SELECT evoq._claim_queue(1, 1000)");
+        assert_eq!(
+            one::<i32>("SELECT placing_pid FROM evoq_servers"),
+            one::<i32>("SELECT pg_backend_pid()")
+        );
+        run("SELECT evoq_server_set('default', clear => '{capacity}')");
         supabase_like();
         for role in ["anon", "authenticated", "service_role"] {
             run(&format!("SET LOCAL ROLE {role}"));
