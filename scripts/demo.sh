@@ -6,6 +6,8 @@
 # does for /rest/v1/rpc/evoq_webhook): QRs arrive as the server issues them and a scan is seen at once.
 #   --worker           run it with the background worker (shared_preload_libraries) instead: sign-ups
 #                      provisioned at once, webhooks delivered straight to the worker's listener
+#   --two-servers      two mock Evolution servers, two live instances each at most: the sign-ups are
+#                      placed by free capacity (with --worker too)
 #   EVOQ_DEMO_KEEP=1   leave the cluster and the mock running afterwards (psql line printed)
 #   EVOQ_API_URL/EVOQ_API_KEY   use a real Evolution API server instead of the mock
 set -euo pipefail
@@ -17,8 +19,14 @@ echo "== building the mock Evolution API and installing evoq (release build, a f
 cargo build -p evolution-mock --release --quiet
 cargo pgrx install --release --pg-config "$PGBIN/pg_config" >/dev/null
 
-WORKER=0
-[ "${1:-}" = --worker ] && WORKER=1
+WORKER=0 TWO=0
+for arg in "$@"; do
+  case $arg in
+    --worker) WORKER=1 ;;
+    --two-servers) TWO=1 ;;
+    *) echo "demo: unknown option $arg (--worker, --two-servers)" >&2; exit 2 ;;
+  esac
+done
 cluster_init /tmp/evoq-demo 55432 evoq_demo
 if [ "$WORKER" = 1 ]; then
   cat >>"$CLUSTER_DIR/data/postgresql.conf" <<CONF
@@ -28,8 +36,11 @@ evoq.listen_address = '127.0.0.1:18082'
 CONF
 fi
 cluster_start
-STANDIN_PID=
-stop_all() { mock_stop; [ -n "$STANDIN_PID" ] && kill "$STANDIN_PID" 2>/dev/null; cluster_stop; }
+STANDIN_PID= MOCK2_PID=
+stop_all() {
+  mock_stop; [ -n "$STANDIN_PID" ] && kill "$STANDIN_PID" 2>/dev/null
+  [ -n "$MOCK2_PID" ] && kill "$MOCK2_PID" 2>/dev/null; cluster_stop
+}
 if [ "${EVOQ_DEMO_KEEP:-0}" != 1 ]; then trap stop_all EXIT; fi
 if [ -n "${EVOQ_API_URL:-}" ]; then
   API_URL=$EVOQ_API_URL API_KEY=${EVOQ_API_KEY:?set EVOQ_API_KEY too}
@@ -39,6 +50,12 @@ else
   # QRs every 5 s instead of 45 s, so the demo shows a few.
   mock_start 18080 --api-key "$API_KEY" --qr-ttl-ms 5000 --webhook-retry-ms 500
   API_URL=$MOCK_URL
+  if [ "$TWO" = 1 ]; then
+    target/release/evolution-mock --port 18083 --api-key "$API_KEY" --qr-ttl-ms 5000 --webhook-retry-ms 500 \
+      >"$CLUSTER_DIR/mock2.log" 2>&1 &
+    MOCK2_PID=$! MOCK2_URL=http://127.0.0.1:18083
+    for _ in $(seq 100); do curl -fsS "$MOCK2_URL/" >/dev/null 2>&1 && break; sleep 0.1; done
+  fi
   target/release/postgrest-standin --port 18081 --role anon -- -h 127.0.0.1 -p "$CLUSTER_PORT" -U postgres -d evoq_demo -X \
     >"$CLUSTER_DIR/standin.log" 2>&1 &
   STANDIN_PID=$!
@@ -63,6 +80,11 @@ if [ "$WORKER" = 1 ]; then
 fi
 run "SELECT evoq_configure(api_url => '$API_URL', api_key => '$API_KEY', webhook_url => '$WEBHOOK_URL', webhook_headers => '{\"apikey\": \"<anon key>\"}')" \
   | sed "s/$API_KEY/***/g"
+if [ "$TWO" = 1 ] && [ -n "${MOCK2_URL:-}" ]; then
+  echo; echo "== a second Evolution server; each may hold two live instances"
+  run "SELECT evoq_server_set('default', capacity => 2)"
+  run "SELECT evoq_server_add('b', '$MOCK2_URL', '$API_KEY', capacity => 2)" | sed "s/$API_KEY/***/g"
+fi
 run "CREATE TABLE profiles (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), email text NOT NULL)"
 run "SELECT evoq_attach('profiles')"
 run "SELECT evoq_schedule()"
@@ -81,6 +103,11 @@ if [ "$WORKER" = 1 ]; then
 else
   echo; echo "== process-evolution-queue runs every 5 minutes; run its command now rather than wait"
   run "SELECT evoq_process_queue()"
+fi
+if [ "$TWO" = 1 ]; then
+  echo; echo "== placed by free capacity: each instance at one server, none past its capacity"
+  run "SELECT p.email, i.server, i.instance_status FROM evolution_instances i JOIN profiles p ON p.id = i.user_id ORDER BY p.email"
+  run "SELECT name, state, api_url, capacity, live_instances, free_slots FROM evoq_servers ORDER BY name"
 fi
 if [ -n "$STANDIN_PID" ]; then
   echo; echo "== the server pushes each new QR to evoq_webhook: no refresh has run, yet the QRs are there"
@@ -107,7 +134,9 @@ run "SELECT p.email, i.instance_status, left(i.qr_code, 40) || '...' AS qr_code,
 if [ -z "${EVOQ_API_URL:-}" ]; then
   echo; echo "== ana scans her QR code; the server's connection.update reaches the row at once, no refresh needed"
   ana=$(cluster_psql -d evoq_demo -tA -c "SELECT i.instance_name FROM evolution_instances i JOIN profiles p ON p.id = i.user_id WHERE p.email = 'ana@example.com'")
-  curl -fsS -X POST "$MOCK_URL/__mock/instances/$ana/scan" -d '{"number": "5511987654321", "profile_name": "Ana"}' >/dev/null
+  ana_url=$MOCK_URL
+  [ "$(cluster_psql -d evoq_demo -tA -c "SELECT server FROM evolution_instances WHERE instance_name = '$ana'")" = b ] && ana_url=$MOCK2_URL
+  curl -fsS -X POST "$ana_url/__mock/instances/$ana/scan" -d '{"number": "5511987654321", "profile_name": "Ana"}' >/dev/null
   start=$(date +%s%N)
   for _ in $(seq 50); do
     [ "$(cluster_psql -d evoq_demo -tA -c "SELECT instance_status FROM evolution_instances WHERE instance_name = '$ana'")" = open ] && break

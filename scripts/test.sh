@@ -12,7 +12,7 @@
 #   6b. a cluster built as self-hosted Supabase builds it  scripts/supabase-check.sh
 #      (postgres demoted, API roles, default privileges, cron hijack, PostgREST's rules,
 #      the key file, restores, the worker as postgres)
-#   7. the upgrades from 0.1.0 ... 0.5.0             scripts/upgrade-check.sh
+#   7. the upgrades from 0.1.0 ... 0.6.0             scripts/upgrade-check.sh
 #      UPDATE: equal to a fresh install, every row kept
 #   8. the Debian package, installed as a DBA would  scripts/package.sh, scripts/package-check.sh
 #      (apt-get install ./postgresql-15-evoq_*.deb on a PostgreSQL without evoq's files, what
@@ -53,7 +53,7 @@ scripts/worker-check.sh
 echo "== a Supabase-like cluster (postgres is not the superuser)"
 scripts/supabase-check.sh
 
-echo "== upgrades from 0.1.0, 0.2.0, 0.3.0, 0.4.0 and 0.5.0 (ALTER EXTENSION evoq UPDATE)"
+echo "== upgrades from 0.1.0, 0.2.0, 0.3.0, 0.4.0, 0.5.0 and 0.6.0 (ALTER EXTENSION evoq UPDATE)"
 scripts/upgrade-check.sh
 
 echo "== the Debian package (scripts/package.sh: a release build), installed and removed with apt-get"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Upgrade check: databases created by evoq 0.1.0, 0.2.0, 0.3.0, 0.4.0 and 0.5.0, each built from the commit that
+# Upgrade check: databases created by evoq 0.1.0, 0.2.0, 0.3.0, 0.4.0, 0.5.0 and 0.6.0, each built from the commit that
 # shipped it, filled with rows in every state and then brought forward with ALTER EXTENSION evoq
 # UPDATE (0.1.0 through every script in between), must equal a fresh install of this tree, object
 # for object, and keep every row.
@@ -26,6 +26,7 @@ MID=0.2.0 MID_COMMIT=6c1a042c83255abfde00339aa5dc809ce7932dbe
 LAST=0.3.0 LAST_COMMIT=75abd16c3d496136d848fb0ccee0084bc02c007f
 PREV=0.4.0 PREV_COMMIT=1e2e89ebdca84b3cd3dd8f9fed60d66d10c9edc2
 LATEST=0.5.0 LATEST_COMMIT=d15f3ae7e93ede7b994476df03a4bdaf00647209
+SIXTH=0.6.0 SIXTH_COMMIT=024f04064badca76471e44c7cfa87f1d7c6679c5
 NEW=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n1)
 PG_CONFIG=$PGBIN/pg_config
 EXTDIR=$("$PG_CONFIG" --sharedir)/extension
@@ -35,7 +36,7 @@ UC_PG_PORT=${UC_PG_PORT:-55435} UC_MOCK_PORT=${UC_MOCK_PORT:-18095}
 OLD_SRC=$UC_DIR-src-$OLD
 INSTALLED=${UPGRADE_CHECK_INSTALLED:-}
 KEY=sk-evoq-upgrade-check
-A=evoq_upgraded B=evoq_fresh C=evoq_from_020 D=evoq_from_030 E=evoq_from_040 F=evoq_from_050
+A=evoq_upgraded B=evoq_fresh C=evoq_from_020 D=evoq_from_030 E=evoq_from_040 F=evoq_from_050 G=evoq_from_060
 SELFTEST=${UPGRADE_CHECK_SELFTEST:-}
 # Both builds share this tree's target directory: the dependencies scripts/test.sh compiled for
 # cargo pgrx test are reused, not compiled again.
@@ -187,8 +188,10 @@ copy_aside() {
                      AND d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'evoq') ORDER BY 1")
   compare_rows=''
   for t in $tables; do
+    # (0.7.0 drops evoq.circuit.singleton on purpose: the circuit is keyed by its server now)
     cols=$(q "$db" "SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum) FROM pg_attribute
-                   WHERE attrelid = '$t'::regclass AND attnum > 0 AND NOT attisdropped")
+                   WHERE attrelid = '$t'::regclass AND attnum > 0 AND NOT attisdropped
+                     AND NOT ('$t' = 'evoq.circuit' AND attname = 'singleton')")
     q "$db" "CREATE TABLE upgrade_check.\"$t\" AS SELECT $cols FROM $t"
     n=$((n + $(q "$db" "SELECT count(*) FROM upgrade_check.\"$t\"")))
     compare_rows+="${compare_rows:+ UNION ALL }
@@ -285,6 +288,22 @@ copy_aside "$F" "$LATEST"
 compare_rows_f=$compare_rows
 check "0.5.0 rows copied aside" "$copied" "10 tables, 16 rows"
 
+# --- database G: evoq 0.6.0 as it shipped, with a capacity, an open circuit and a reconcile ----------
+database_made_by "$SIXTH" "$SIXTH_COMMIT" "$G"
+fill_in_every_state "$G" eli fio gia hob ike jo
+q "$G" "SELECT evoq_server_set('default', capacity => 50, max_in_flight => 8)" >/dev/null
+q "$G" "SELECT evoq_reconcile()" >/dev/null
+q "$G" "INSERT INTO evoq.circuit (opened_at, cause, trips, next_probe_at) VALUES (now(), 'a test', 2, now() + interval '1 hour')"
+check "0.6.0 rows in every state" \
+  "$(q "$G" "SELECT concat_ws(',', (SELECT string_agg(status || '=' || n, ',' ORDER BY status) FROM (SELECT status, count(*) n FROM evolution_instance_creation_queue GROUP BY 1) s),
+       (SELECT string_agg(instance_status || '=' || n, ',' ORDER BY instance_status) FROM (SELECT instance_status, count(*) n FROM evolution_instances GROUP BY 1) s),
+       (SELECT capacity || '/' || max_in_flight FROM evoq.servers), (SELECT count(*) FROM evoq.reconciles WHERE summary IS NOT NULL),
+       (SELECT count(*) FROM evoq.circuit))")" \
+  "completed=3,failed=1,pending=2,connecting=2,open=1,50/8,1,1"
+copy_aside "$G" "$SIXTH"
+compare_rows_g=$compare_rows
+check "0.6.0 rows copied aside" "$copied" "13 tables, 18 rows"
+
 # --- this tree's build (or the installed evoq), then ALTER EXTENSION evoq UPDATE ----------------------
 if [ -n "$INSTALLED" ]; then
   put_back_installed || die "the installed evoq $NEW could not be put back"
@@ -294,8 +313,8 @@ else
   install_from "$ROOT" "$NEW" || die "this tree (evoq $NEW) does not build or install"
 fi
 check "the installed control file defaults to $NEW" "$(control_version)" "$NEW"
-check "$OLD's, $MID's, $LAST's, $PREV's and $LATEST's install scripts are still installed" \
-  "$([ -f "$EXTDIR/evoq--$OLD.sql" ] && [ -f "$EXTDIR/evoq--$MID.sql" ] && [ -f "$EXTDIR/evoq--$LAST.sql" ] && [ -f "$EXTDIR/evoq--$PREV.sql" ] && [ -f "$EXTDIR/evoq--$LATEST.sql" ] && echo yes)" "yes"
+check "$OLD's, $MID's, $LAST's, $PREV's, $LATEST's and $SIXTH's install scripts are still installed" \
+  "$([ -f "$EXTDIR/evoq--$OLD.sql" ] && [ -f "$EXTDIR/evoq--$MID.sql" ] && [ -f "$EXTDIR/evoq--$LAST.sql" ] && [ -f "$EXTDIR/evoq--$PREV.sql" ] && [ -f "$EXTDIR/evoq--$LATEST.sql" ] && [ -f "$EXTDIR/evoq--$SIXTH.sql" ] && echo yes)" "yes"
 # cargo pgrx install copies sql/evoq--*--*.sql itself, with @CARGO_VERSION@ filled in. ALTER
 # EXTENSION UPDATE chains them: $OLD -> ... -> $NEW.
 for script in sql/evoq--*--*.sql; do
@@ -362,6 +381,22 @@ check "the upgrade from $LATEST makes the server default and places every row ev
   "default,3/3,default+default+default+default+default+unplaced"
 q "$F" "SET client_min_messages = warning; DROP SCHEMA upgrade_check CASCADE"
 
+q "$G" "ALTER EXTENSION evoq UPDATE"
+check "ALTER EXTENSION evoq UPDATE from $SIXTH reaches $NEW" "$(q "$G" "SELECT extversion FROM pg_extension WHERE extname = 'evoq'")" "$NEW"
+row_changes=$(q "$G" "$compare_rows_g" 2>&1)
+[ -z "$row_changes" ] || echo "$row_changes"
+check "every row and value survives the upgrade from $SIXTH" "$(grep -c . <<<"$row_changes")" "0"
+# 0.7.0: the open circuit is the server default's; default's connection stays evoq.settings'.
+check "the upgrade from $SIXTH keys the circuit by its server, and default keeps its settings" \
+  "$(q "$G" "SELECT concat_ws(',', (SELECT string_agg(server, '+') FROM evoq.circuit),
+       (SELECT state FROM evoq_servers WHERE name = 'default'),
+       (SELECT coalesce(api_url, 'none') || '/' || api_version FROM evoq.servers WHERE name = 'default'),
+       (SELECT api_url IS NOT NULL FROM evoq_servers WHERE name = 'default'))")" \
+  "default,circuit_open,none/auto,t"
+q "$G" "SET client_min_messages = warning; DROP SCHEMA upgrade_check CASCADE"
+check "the circuit 0.2.0 left open is the server default's after the upgrade" \
+  "$(q "$C" "SELECT string_agg(server, '+') FROM evoq.circuit")" "default"
+
 # --- database B: a fresh install; both must be the same, object for object -------------------------
 q "$B" "CREATE EXTENSION evoq"
 check "a fresh install is $NEW" "$(q "$B" "SELECT extversion FROM pg_extension WHERE extname = 'evoq'")" "$NEW"
@@ -400,7 +435,8 @@ schema() { # schema DB
 }
 schema "$A" >"$UC_DIR"/schema-upgraded.sql && schema "$B" >"$UC_DIR"/schema-fresh.sql &&
   schema "$C" >"$UC_DIR"/schema-from-020.sql && schema "$D" >"$UC_DIR"/schema-from-030.sql &&
-  schema "$E" >"$UC_DIR"/schema-from-040.sql && schema "$F" >"$UC_DIR"/schema-from-050.sql
+  schema "$E" >"$UC_DIR"/schema-from-040.sql && schema "$F" >"$UC_DIR"/schema-from-050.sql &&
+  schema "$G" >"$UC_DIR"/schema-from-060.sql
 ntables=$(q "$B" "SELECT count(*) FROM pg_class WHERE relkind IN ('r', 'p') AND relnamespace::regnamespace::text IN ('public', 'evoq')")
 check "both dumps show every table" "$(cat "$UC_DIR"/schema-{upgraded,fresh}.sql | grep -c '^CREATE TABLE')" "$((2 * ntables))"
 if diff -u --label "upgraded from $OLD" --label "fresh $NEW" "$UC_DIR"/schema-{upgraded,fresh}.sql; then
@@ -430,6 +466,12 @@ if diff -u --label "upgraded from $LATEST" --label "fresh $NEW" "$UC_DIR"/schema
   check "the schema upgraded from $LATEST equals a fresh install" same same
 else
   check "the schema upgraded from $LATEST equals a fresh install (diff above)" differs same
+fi
+
+if diff -u --label "upgraded from $SIXTH" --label "fresh $NEW" "$UC_DIR"/schema-{from-060,fresh}.sql; then
+  check "the schema upgraded from $SIXTH equals a fresh install" same same
+else
+  check "the schema upgraded from $SIXTH equals a fresh install (diff above)" differs same
 fi
 
 # --- the upgraded database works ----------------------------------------------------------------

@@ -370,7 +370,7 @@ for u in pw px; do signup $u >/dev/null; done
 wait_for "SELECT count(*) FROM evolution_instance_creation_queue WHERE status <> 'completed'" 0 10 >/dev/null
 check "GET / is not asked again once the version is known" "$(root_calls)" "$roots"
 probes=$(health_probes)
-q "INSERT INTO evoq.circuit (singleton, opened_at, cause, trips, next_probe_at) VALUES (true, now(), 'worker check', 1, now())" >/dev/null
+q "INSERT INTO evoq.circuit (server, opened_at, cause, trips, next_probe_at) VALUES ('default', now(), 'worker check', 1, now())" >/dev/null
 cb=$(signup cb)
 check "an open circuit due for its probe: the sign-up completes once the probe answered" \
   "$(wait_for "SELECT status FROM evolution_instance_creation_queue WHERE user_id = '$cb'" completed 10)" "completed"
@@ -543,6 +543,44 @@ check "evoq_server_drain(false) wakes the worker: the sign-up completes within 3
 q "ALTER SYSTEM RESET evoq.qr_refresh_interval_ms" >/dev/null
 q "ALTER SYSTEM RESET evoq.state_check_interval_ms" >/dev/null
 q "SELECT pg_reload_conf()" >/dev/null
+
+# --- several servers (0.7.0): a lane each; one server's circuit stops only its own calls ----------
+# The second mock becomes server b. With default draining, sign-ups go to b; once b refuses every
+# create (its circuit opens), default takes the next ones at once while b's row waits for b.
+q "SELECT evoq_server_add('b', 'http://127.0.0.1:$MOCK2_PORT', '$KEY')" >/dev/null
+q "SELECT evoq_server_drain('default')" >/dev/null
+q "INSERT INTO profiles (email) SELECT 'fleet' || g || '@example.com' FROM generate_series(1, 10) g" >/dev/null
+fleet="SELECT p.id FROM profiles p WHERE p.email LIKE 'fleet%'"
+check "default draining: the worker creates 10 sign-ups at server b" \
+  "$(wait_for "SELECT count(*) FROM evolution_instances WHERE server = 'b' AND user_id IN ($fleet)" 10 15)" "10"
+names=$(q "SELECT string_agg(evoq_instance_name(p.id), ' ') FROM profiles p WHERE p.email LIKE 'fleet%'")
+check "server b holds them, default none" "$(count_creates "$MOCK2_PORT") $(count_creates "$MOCK_PORT")" "10 0"
+mock2 POST faults '{"method":"POST","path_contains":"/instance/create","kind":"status","code":401}' >/dev/null
+fb1=$(signup fb1)
+check "b refuses its key: its circuit opens, default's stays closed" \
+  "$(wait_for "SELECT string_agg(name || '=' || state, ',' ORDER BY name) FROM evoq_servers" "b=circuit_open,default=draining" 10)" \
+  "b=circuit_open,default=draining"
+check "and the sign-up b was sent waits for b, uncharged" \
+  "$(q "SELECT status, attempts, server FROM evolution_instance_creation_queue WHERE user_id = '$fb1'" | tr '|' ' ')" "pending 0 b"
+q "SELECT evoq_server_drain('default', false)" >/dev/null
+start=$(date +%s%N)
+fb2=$(signup fb2)
+st=$(wait_for "SELECT status || ' ' || server FROM evolution_instance_creation_queue WHERE user_id = '$fb2'" "completed default" 5)
+ms=$(ms_since "$start")
+check "with b's circuit open, the next sign-up is created at default within 3 s (${ms} ms)" \
+  "$([ "$st" = "completed default" ] && [ "$ms" -le 3000 ] && echo yes)" "yes"
+mock2 DELETE faults >/dev/null
+q "UPDATE evoq.circuit SET next_probe_at = now() WHERE server = 'b'" >/dev/null
+signup fb3 >/dev/null # a wake
+check "b answers again: its probe closes the circuit and the waiting sign-up is created at b" \
+  "$(wait_for "SELECT status || ' ' || server FROM evolution_instance_creation_queue WHERE user_id = '$fb1'" "completed b" 10)" "completed b"
+ours=$(q "SELECT string_agg(evoq_instance_name(p.id), ' ') FROM profiles p WHERE p.email ~ '^(fleet[0-9]+|fb[1-3])@'")
+check "each of these 13 users has one instance in the fleet" \
+  "$(python3 -c "import json,sys,urllib.request as u
+ours=set(sys.argv[1].split())
+a={i['name'] for i in json.load(u.urlopen('http://127.0.0.1:$MOCK_PORT/__mock/instances'))} & ours
+b={i['name'] for i in json.load(u.urlopen('http://127.0.0.1:$MOCK2_PORT/__mock/instances'))} & ours
+print(len(a) + len(b), len(a & b))" "$ours")" "13 0"
 
 # --- SIGHUP: the listener moves ---------------------------------------------------------------
 q "ALTER SYSTEM SET evoq.listen_address = '$LISTEN2'" >/dev/null

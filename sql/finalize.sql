@@ -75,10 +75,11 @@ SELECT
     -- 0.2.0
     (SELECT namespace FROM evoq.settings) AS namespace,
     (SELECT coalesce(nullif(api_version, 'auto'), detected_version) FROM evoq.settings) AS api_version,
-    CASE WHEN EXISTS (SELECT 1 FROM evoq.circuit) THEN 'open' ELSE 'closed' END AS circuit,
-    (SELECT opened_at FROM evoq.circuit)     AS circuit_opened_at,
-    (SELECT cause FROM evoq.circuit)         AS circuit_cause,
-    (SELECT next_probe_at FROM evoq.circuit) AS circuit_next_probe_at,
+    -- 0.7.0: the circuit of the server `default` (evoq_servers shows every server's)
+    CASE WHEN EXISTS (SELECT 1 FROM evoq.circuit WHERE server = 'default') THEN 'open' ELSE 'closed' END AS circuit,
+    (SELECT opened_at FROM evoq.circuit WHERE server = 'default')     AS circuit_opened_at,
+    (SELECT cause FROM evoq.circuit WHERE server = 'default')         AS circuit_cause,
+    (SELECT next_probe_at FROM evoq.circuit WHERE server = 'default') AS circuit_next_probe_at,
     (SELECT count(*) FROM evoq.skipped_profiles) AS profiles_skipped,
     (SELECT format('%s at %s: %s', table_name, skipped_at, reason) FROM evoq.skipped_profiles
      ORDER BY id DESC LIMIT 1) AS last_profile_skip,
@@ -127,12 +128,17 @@ SELECT
     (SELECT finished_at FROM evoq.reconciles WHERE server = 'default' AND summary IS NOT NULL) AS last_reconcile_at,
     (SELECT summary FROM evoq.reconciles WHERE server = 'default') AS last_reconcile_summary,
     (SELECT count(*) FROM evoq.reconcile_orphans) AS orphans_waiting,
-    -- 0.6.0: creations waiting for room at the server (untried, no attempt charged),
-    -- and why (evoq_servers shows each server's load)
+    -- 0.6.0: creations waiting for room (untried, no attempt charged), and why (evoq_servers
+    -- shows each server's load). 0.7.0: an unplaced one waits while no server takes new
+    -- instances; one placed on a server, while that server is full or draining.
     count(*) FILTER (WHERE q.status = 'pending' AND q.action = 'create' AND q.attempts = 0
-                     AND (SELECT l.full_reason FROM evoq.server_load l WHERE l.name = 'default') IS NOT NULL)
+                     AND CASE WHEN q.server IS NULL
+                              THEN (SELECT bool_and(l.full_reason IS NOT NULL) FROM evoq.server_load l)
+                              ELSE (SELECT l.full_reason FROM evoq.server_load l WHERE l.name = q.server) IS NOT NULL END)
         AS waiting_for_room,
-    (SELECT l.full_reason FROM evoq.server_load l WHERE l.name = 'default') AS waiting_for_room_reason
+    -- (evoq._placement_blocked, inlined: a view's functions run with its reader's privileges)
+    (SELECT CASE WHEN bool_and(l.full_reason IS NOT NULL) THEN string_agg(l.full_reason, '; ' ORDER BY l.name) END
+     FROM evoq.server_load l) AS waiting_for_room_reason
 FROM evolution_instance_creation_queue q;
 REVOKE ALL ON evoq_status FROM PUBLIC;
 COMMENT ON VIEW evoq_status IS 'Queue counts per state, oldest pending age, last runs and last error. Grant it to your operators.';
@@ -142,15 +148,15 @@ COMMENT ON VIEW evoq_status IS 'Queue counts per state, oldest pending age, last
 CREATE VIEW evoq_servers AS
 SELECT
     l.name,
-    CASE WHEN l.name = 'default'
-         -- everything up to the last '@' masked: a password with an unescaped '/' or '@' too
-         THEN (SELECT regexp_replace(s.api_url, '^([a-z][a-z0-9+.-]*://)?.*@', '\1***@', 'i') FROM evoq.settings s)
-    END AS api_url,
-    CASE WHEN EXISTS (SELECT 1 FROM evoq.circuit) AND l.name = 'default' THEN 'circuit_open'
+    -- everything up to the last '@' masked: a password with an unescaped '/' or '@' too
+    regexp_replace(CASE WHEN l.name = 'default' THEN (SELECT s.api_url FROM evoq.settings s) ELSE v.api_url END,
+                   '^([a-z][a-z0-9+.-]*://)?.*@', '\1***@', 'i') AS api_url,
+    CASE WHEN EXISTS (SELECT 1 FROM evoq.circuit c WHERE c.server = l.name) THEN 'circuit_open'
          WHEN l.draining THEN 'draining'
          ELSE 'ok' END AS state,
     CASE WHEN l.name = 'default'
          THEN (SELECT coalesce(nullif(s.api_version, 'auto'), s.detected_version) FROM evoq.settings s)
+         ELSE coalesce(nullif(v.api_version, 'auto'), v.detected_version)
     END AS api_version,
     l.capacity,
     l.max_in_flight,
@@ -170,14 +176,14 @@ SELECT
      LIMIT 1) AS placing_pid,
     (SELECT j.last_error FROM evoq.job_runs j WHERE j.last_error_at IS NOT NULL
      ORDER BY j.last_error_at DESC LIMIT 1) AS last_error,
-    (SELECT c.opened_at FROM evoq.circuit c WHERE l.name = 'default')     AS circuit_opened_at,
-    (SELECT c.cause FROM evoq.circuit c WHERE l.name = 'default')         AS circuit_cause,
-    (SELECT c.trips FROM evoq.circuit c WHERE l.name = 'default')         AS circuit_trips,
-    (SELECT c.next_probe_at FROM evoq.circuit c WHERE l.name = 'default') AS circuit_next_probe_at,
+    (SELECT c.opened_at FROM evoq.circuit c WHERE c.server = l.name)     AS circuit_opened_at,
+    (SELECT c.cause FROM evoq.circuit c WHERE c.server = l.name)         AS circuit_cause,
+    (SELECT c.trips FROM evoq.circuit c WHERE c.server = l.name)         AS circuit_trips,
+    (SELECT c.next_probe_at FROM evoq.circuit c WHERE c.server = l.name) AS circuit_next_probe_at,
     (SELECT r.finished_at FROM evoq.reconciles r WHERE r.server = l.name AND r.summary IS NOT NULL) AS last_reconcile_at,
     (SELECT r.summary FROM evoq.reconciles r WHERE r.server = l.name) AS last_reconcile_summary,
     (SELECT count(*) FROM evoq.reconcile_orphans o WHERE o.server = l.name) AS orphans_waiting
-FROM evoq.server_load l;
+FROM evoq.server_load l JOIN evoq.servers v ON v.name = l.name;
 REVOKE ALL ON evoq_servers FROM PUBLIC;
 COMMENT ON VIEW evoq_servers IS
     'One row per Evolution API server: state (ok, circuit_open, draining), capacity, live instances, free slots, circuit and last reconcile. Never the key.';
@@ -201,9 +207,12 @@ $$;
 -- 0.6.0: a server's own settings. capacity: how many live instances it may hold (a sign-up beyond
 -- waits pending, untried); max_in_flight: calls it is sent at once (at most evoq.concurrency);
 -- clear: settings reset to none ('capacity', 'max_in_flight'). Wakes the background worker, which
--- places the sign-ups that waited for room.
+-- places the sign-ups that waited for room. 0.7.0: and a server's URL, key (a rotation) and
+-- version, for the servers evoq_server_add made (`default`'s are evoq_configure's); a run that
+-- read the old ones claims nothing more.
 CREATE FUNCTION evoq_server_set(name text, capacity integer DEFAULT NULL, max_in_flight integer DEFAULT NULL,
-                                clear text[] DEFAULT '{}') RETURNS jsonb
+                                clear text[] DEFAULT '{}', api_url text DEFAULT NULL, api_key text DEFAULT NULL,
+                                api_version text DEFAULT NULL) RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, @extschema@, pg_temp
 AS $$
@@ -211,38 +220,227 @@ DECLARE
     srv evoq.servers;
     unknown text := (SELECT string_agg(coalesce(quote_literal(f), 'NULL'), ', ') FROM unnest(clear) f
                      WHERE f IS NULL OR f NOT IN ('capacity', 'max_in_flight'));
+    url text := rtrim(btrim(evoq_server_set.api_url), '/');
+    connection boolean := evoq_server_set.api_url IS NOT NULL OR evoq_server_set.api_key IS NOT NULL
+                          OR evoq_server_set.api_version IS NOT NULL;
 BEGIN
+    -- the statement's text may hold a key: an error must not log it
+    PERFORM set_config('log_min_error_statement', 'panic', true);
     IF unknown IS NOT NULL THEN
         RAISE EXCEPTION 'evoq_server_set: clear names no setting evoq_server_set can reset: %', unknown
             USING ERRCODE = '22023', HINT = 'clear takes ''capacity'' (no bound on instances) and ''max_in_flight'' (evoq.concurrency).';
     END IF;
-    IF evoq_server_set.capacity IS NOT NULL AND evoq_server_set.capacity < 1 THEN
-        RAISE EXCEPTION 'evoq_server_set: capacity must be at least 1, not %', evoq_server_set.capacity
-            USING ERRCODE = '22023',
-                  HINT = 'capacity is how many live instances the server may hold; clear => ''{capacity}'' removes the bound.';
-    END IF;
-    IF evoq_server_set.max_in_flight IS NOT NULL AND evoq_server_set.max_in_flight < 1 THEN
-        RAISE EXCEPTION 'evoq_server_set: max_in_flight must be at least 1, not %', evoq_server_set.max_in_flight
-            USING ERRCODE = '22023',
-                  HINT = 'max_in_flight is how many calls the server is sent at once; clear => ''{max_in_flight}'' makes it evoq.concurrency.';
-    END IF;
+    PERFORM evoq._check_server_settings('evoq_server_set', evoq_server_set.capacity, evoq_server_set.max_in_flight);
     IF (evoq_server_set.capacity IS NOT NULL AND 'capacity' = ANY (clear))
        OR (evoq_server_set.max_in_flight IS NOT NULL AND 'max_in_flight' = ANY (clear)) THEN
         RAISE EXCEPTION 'evoq_server_set: a setting is both given and cleared'
             USING ERRCODE = '22023', HINT = 'Give a value, or name it in clear, not both.';
     END IF;
+    IF connection THEN
+        IF evoq_server_set.name = 'default' THEN
+            RAISE EXCEPTION 'evoq_server_set: the URL, key and version of the server ''default'' are evoq_configure''s'
+                USING ERRCODE = '22023', HINT = 'Call evoq_configure(api_url => ..., api_key => ..., api_version => ...) to change them.';
+        END IF;
+        PERFORM evoq._check_server_connection('evoq_server_set', evoq_server_set.name, url, evoq_server_set.api_key,
+                                              coalesce(evoq_server_set.api_version, 'auto'), url IS NOT NULL,
+                                              evoq_server_set.api_key IS NOT NULL);
+    END IF;
     UPDATE evoq.servers s SET
         capacity = CASE WHEN 'capacity' = ANY (clear) THEN NULL ELSE coalesce(evoq_server_set.capacity, s.capacity) END,
         max_in_flight = CASE WHEN 'max_in_flight' = ANY (clear) THEN NULL
                              ELSE coalesce(evoq_server_set.max_in_flight, s.max_in_flight) END,
+        api_url = coalesce(url, s.api_url),
+        api_key = coalesce(btrim(evoq_server_set.api_key), s.api_key),
+        api_version = coalesce(evoq_server_set.api_version, s.api_version),
+        -- another URL (or dialect) may be another server's: GET / is asked again
+        detected_version = CASE WHEN url IS NOT NULL OR evoq_server_set.api_version IS NOT NULL THEN NULL
+                                ELSE s.detected_version END,
+        detected_at = CASE WHEN url IS NOT NULL OR evoq_server_set.api_version IS NOT NULL THEN NULL
+                           ELSE s.detected_at END,
+        connection_changed_at = CASE WHEN connection THEN clock_timestamp() ELSE s.connection_changed_at END,
         updated_at = now()
     WHERE s.name = evoq_server_set.name
     RETURNING s.* INTO srv;
+    IF connection AND srv.name IS NOT NULL THEN
+        -- a new configuration deserves a fresh start: the circuit may have opened because of the old one
+        DELETE FROM evoq.circuit c WHERE c.server = srv.name;
+    END IF;
     RETURN evoq._server_changed(srv, evoq_server_set.name);
 END
 $$;
-COMMENT ON FUNCTION evoq_server_set(text, integer, integer, text[]) IS
-    'Sets an Evolution server''s capacity (live instances it may hold) and max_in_flight (calls at once); clear resets them.';
+COMMENT ON FUNCTION evoq_server_set(text, integer, integer, text[], text, text, text) IS
+    'Sets an Evolution server''s capacity (live instances it may hold) and max_in_flight (calls at once); clear resets them. For a server evoq_server_add made, also its URL, key and version.';
+
+-- 0.7.0: the checks evoq_server_add and evoq_server_set share, so both say the same.
+CREATE FUNCTION evoq._check_server_settings(caller text, capacity integer, max_in_flight integer) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+BEGIN
+    IF _check_server_settings.capacity IS NOT NULL AND _check_server_settings.capacity < 1 THEN
+        RAISE EXCEPTION '%: capacity must be at least 1, not %', caller, _check_server_settings.capacity
+            USING ERRCODE = '22023',
+                  HINT = 'capacity is how many live instances the server may hold; leave it NULL (or clear => ''{capacity}'') for no bound.';
+    END IF;
+    IF _check_server_settings.max_in_flight IS NOT NULL AND _check_server_settings.max_in_flight < 1 THEN
+        RAISE EXCEPTION '%: max_in_flight must be at least 1, not %', caller, _check_server_settings.max_in_flight
+            USING ERRCODE = '22023',
+                  HINT = 'max_in_flight is how many calls the server is sent at once; leave it NULL (or clear => ''{max_in_flight}'') for evoq.concurrency.';
+    END IF;
+END
+$$;
+
+-- 0.7.0: a server's URL (checked like evoq_configure's, and no other server's), key and version.
+CREATE FUNCTION evoq._check_server_connection(caller text, name text, url text, key text, version text,
+                                              url_given boolean, key_given boolean) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+BEGIN
+    IF url_given THEN
+        PERFORM evoq._check_url(caller || ': api_url', url);
+        IF EXISTS (SELECT 1 FROM evoq.servers s WHERE s.api_url = _check_server_connection.url
+                   AND s.name <> _check_server_connection.name)
+           OR EXISTS (SELECT 1 FROM evoq.settings s WHERE rtrim(s.api_url, '/') = _check_server_connection.url) THEN
+            RAISE EXCEPTION '%: another server already has this api_url', caller
+                USING ERRCODE = '23505',
+                      HINT = 'One Evolution server, one name: two names for it would place instances past its capacity (evoq_servers lists them).';
+        END IF;
+    END IF;
+    IF key_given AND coalesce(btrim(key), '') = '' THEN
+        RAISE EXCEPTION '%: api_key must not be empty', caller
+            USING ERRCODE = '22023', HINT = 'Pass the server''s global key (AUTHENTICATION_API_KEY).';
+    END IF;
+    IF version IS NULL OR version NOT IN ('auto', 'v1', 'v2') THEN
+        RAISE EXCEPTION '%: api_version must be ''auto'', ''v1'' or ''v2'', not %', caller, coalesce(quote_literal(version), 'NULL')
+            USING ERRCODE = '22023', HINT = 'Leave it at ''auto'' to ask the server once.';
+    END IF;
+END
+$$;
+
+-- 0.7.0: another Evolution server, with its own URL, key, capacity, bound on calls and dialect.
+-- New sign-ups are placed on it as soon as it has the most free capacity; nothing moves onto it.
+CREATE FUNCTION evoq_server_add(name text, api_url text, api_key text, capacity integer DEFAULT NULL,
+                                max_in_flight integer DEFAULT NULL, api_version text DEFAULT 'auto') RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+DECLARE
+    srv evoq.servers;
+    url text := rtrim(btrim(evoq_server_add.api_url), '/');
+BEGIN
+    -- the statement's text holds a key: an error must not log it
+    PERFORM set_config('log_min_error_statement', 'panic', true);
+    IF NOT EXISTS (SELECT 1 FROM evoq.settings) THEN
+        RAISE EXCEPTION 'evoq_server_add: evoq is not configured yet'
+            USING ERRCODE = '55000',
+                  HINT = 'evoq_configure(api_url => ..., api_key => ..., webhook_url => ...) first: it makes the server ''default'' and the webhook every server is given.';
+    END IF;
+    IF evoq_server_add.name IS NULL OR evoq_server_add.name !~ '^[a-z0-9][a-z0-9_-]{0,39}$' THEN
+        RAISE EXCEPTION 'evoq_server_add: % is not a server name', coalesce(quote_literal(evoq_server_add.name), 'NULL')
+            USING ERRCODE = '22023', HINT = 'A name is 1 to 40 lower-case letters, digits, ''-'' or ''_'', starting with a letter or digit.';
+    END IF;
+    IF EXISTS (SELECT 1 FROM evoq.servers s WHERE s.name = evoq_server_add.name) THEN
+        RAISE EXCEPTION 'evoq_server_add: there is already a server named %', quote_literal(evoq_server_add.name)
+            USING ERRCODE = '23505', HINT = 'evoq_server_set changes a server''s settings; evoq_servers lists them.';
+    END IF;
+    IF url IS NULL OR url = '' THEN
+        RAISE EXCEPTION 'evoq_server_add: api_url must not be empty or NULL'
+            USING ERRCODE = '22023', HINT = 'Pass api_url => ''http://your-evolution-host:8080''.';
+    END IF;
+    IF evoq_server_add.api_key IS NULL THEN
+        RAISE EXCEPTION 'evoq_server_add: api_key must not be NULL'
+            USING ERRCODE = '22023', HINT = 'Pass the server''s global key (AUTHENTICATION_API_KEY).';
+    END IF;
+    PERFORM evoq._check_server_settings('evoq_server_add', evoq_server_add.capacity, evoq_server_add.max_in_flight);
+    PERFORM evoq._check_server_connection('evoq_server_add', evoq_server_add.name, url, evoq_server_add.api_key,
+                                          evoq_server_add.api_version, true, true);
+    INSERT INTO evoq.servers (name, capacity, max_in_flight, api_url, api_key, api_version)
+    VALUES (evoq_server_add.name, evoq_server_add.capacity, evoq_server_add.max_in_flight, url,
+            btrim(evoq_server_add.api_key), evoq_server_add.api_version)
+    RETURNING * INTO srv;
+    RETURN evoq._server_changed(srv, evoq_server_add.name);
+END
+$$;
+COMMENT ON FUNCTION evoq_server_add(text, text, text, integer, integer, text) IS
+    'Adds an Evolution API server: new instances are placed on the server with the most free capacity. The key is readable by no ordinary role and never printed.';
+
+-- 0.7.0: removes a server evoq_server_add made. Refused while it holds live instances or queued
+-- work (drain it, and let them go); with force its instances are given up: they become lost
+-- (connecting and open ones are created again on another server, the others when their user
+-- asks: evoq_reconnect), its unfinished creations are placed afresh and its deletions are done.
+CREATE FUNCTION evoq_server_remove(name text, force boolean DEFAULT false) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+DECLARE
+    live bigint;
+    queued bigint;
+    lost jsonb;
+    replaced integer;
+    done integer;
+BEGIN
+    IF evoq_server_remove.force IS NULL THEN
+        RAISE EXCEPTION 'evoq_server_remove: force must be true or false, not NULL'
+            USING ERRCODE = '22023', HINT = 'Leave it out (false) to remove only a server that holds nothing.';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM evoq.servers s WHERE s.name = evoq_server_remove.name) THEN
+        PERFORM evoq._no_such_server(evoq_server_remove.name);
+    END IF;
+    IF evoq_server_remove.name = 'default' THEN
+        RAISE EXCEPTION 'evoq_server_remove: the server ''default'' is the one evoq_configure describes, and stays'
+            USING ERRCODE = '22023',
+                  HINT = 'evoq_server_drain(''default'') stops new instances on it; evoq_configure can point it at another server.';
+    END IF;
+    -- Its row first: a claim placing on it holds it (evoq._claim_queue), and this waits for it.
+    PERFORM 1 FROM evoq.servers s WHERE s.name = evoq_server_remove.name FOR UPDATE;
+    SELECT l.live INTO live FROM evoq.server_load l WHERE l.name = evoq_server_remove.name;
+    SELECT count(*) INTO queued FROM evolution_instance_creation_queue q
+    WHERE q.server = evoq_server_remove.name AND q.status IN ('pending', 'processing');
+    IF (live > 0 OR queued > 0) AND NOT evoq_server_remove.force THEN
+        RAISE EXCEPTION 'evoq_server_remove: server % still holds % live instances and % queued requests',
+                        quote_literal(evoq_server_remove.name), live, queued
+            USING ERRCODE = '55006',
+                  HINT = format('Drain it (evoq_server_drain(%L)) and remove it once evoq_servers shows nothing live; or pass force => true to give its instances up: they become lost, and their users get a new instance (and QR) on another server.', evoq_server_remove.name);
+    END IF;
+    -- Given up: its live instances are lost, as if the server had said 404.
+    SELECT coalesce(jsonb_agg(jsonb_build_object(
+               'id', i.id,
+               'outcome', CASE WHEN i.instance_status IN ('connecting', 'open') THEN 'unlisted' ELSE 'unlisted_idle' END,
+               'claimed_status', i.instance_status, 'claimed_at', i.updated_at)), '[]')
+      INTO lost
+      FROM evolution_instances i
+     WHERE i.server = evoq_server_remove.name
+       AND i.instance_status IN ('connecting', 'open', 'close', 'refused', 'expired');
+    IF jsonb_array_length(lost) > 0 THEN
+        PERFORM evoq._record_refresh_results(lost);
+    END IF;
+    -- Its deletions are done (nothing there to delete any more); its creations go elsewhere. A
+    -- call still in flight to it finds its claim gone (updated_at moved) and is not recorded.
+    UPDATE evolution_instance_creation_queue q
+    SET status = 'completed', processed_at = clock_timestamp(), updated_at = clock_timestamp(),
+        error_message = format('its server %s was removed (evoq_server_remove with force)', evoq_server_remove.name)
+    WHERE q.server = evoq_server_remove.name AND q.status IN ('pending', 'processing') AND q.action = 'delete';
+    GET DIAGNOSTICS done = ROW_COUNT;
+    UPDATE evolution_instances i SET instance_status = 'deleted', updated_at = clock_timestamp()
+    WHERE i.server = evoq_server_remove.name AND i.instance_status = 'lost'
+      AND EXISTS (SELECT 1 FROM evolution_instance_creation_queue q
+                  WHERE q.user_id = i.user_id AND q.action = 'delete' AND q.status = 'completed');
+    UPDATE evolution_instance_creation_queue q
+    SET server = NULL, status = 'pending', attempts = 0, next_attempt_at = now(), updated_at = clock_timestamp()
+    WHERE q.server = evoq_server_remove.name AND q.status IN ('pending', 'processing') AND q.action = 'create';
+    GET DIAGNOSTICS replaced = ROW_COUNT;
+    DELETE FROM evoq.reconcile_orphans o WHERE o.server = evoq_server_remove.name;
+    DELETE FROM evoq.reconciles r WHERE r.server = evoq_server_remove.name;
+    DELETE FROM evoq.servers s WHERE s.name = evoq_server_remove.name;
+    PERFORM evoq._apply_requeue_requests();
+    PERFORM evoq._wake_worker_at_commit();
+    RETURN jsonb_build_object('removed', evoq_server_remove.name, 'instances_lost', jsonb_array_length(lost),
+                              'creations_placed_again', replaced, 'deletions_done', done);
+END
+$$;
+COMMENT ON FUNCTION evoq_server_remove(text, boolean) IS
+    'Removes an Evolution API server that holds nothing; with force, its instances become lost and are created again elsewhere.';
 
 -- 0.6.0: draining: the server takes no new instance; what it holds goes on (retries, QR
 -- refreshes, state checks, deletions). false takes new instances again, and wakes the worker.

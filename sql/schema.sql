@@ -237,12 +237,13 @@ CREATE TABLE evoq.reconcile_orphans (
     PRIMARY KEY (server, instance_name)
 );
 
--- 0.6.0: the Evolution servers, as data (the first part of several servers). One row for now,
--- `default`, the server evoq_configure describes (its URL, key, version and webhook stay in
--- evoq.settings), made by evoq_configure or by the upgrade. What is the server's own: how many
--- instances it may hold (an Evolution server is one Node process with a WhatsApp socket per
--- instance, and slows past about 80), how many calls it is sent at once, and whether it takes
--- new instances. Written by evoq_server_set and evoq_server_drain; shown by evoq_servers.
+-- 0.6.0: the Evolution servers, as data. `default` is the server evoq_configure describes (its
+-- URL, key, version and webhook stay in evoq.settings), made by evoq_configure or by the upgrade;
+-- 0.7.0: the others are added by evoq_server_add, each with its own URL, key and version. What is
+-- the server's own: how many instances it may hold (an Evolution server is one Node process with a
+-- WhatsApp socket per instance, and slows past about 80), how many calls it is sent at once, and
+-- whether it takes new instances. Written by evoq_server_add, evoq_server_set and
+-- evoq_server_drain; shown by evoq_servers (never its key).
 CREATE TABLE evoq.servers (
     name          text PRIMARY KEY CHECK (name ~ '^[a-z0-9][a-z0-9_-]{0,39}$'),
     -- live instances it may hold (evoq.server_load says which count); NULL: no bound
@@ -252,18 +253,32 @@ CREATE TABLE evoq.servers (
     -- takes no new instance (its own go on: retries, refreshes, deletions)
     draining      boolean NOT NULL DEFAULT false,
     created_at    timestamptz NOT NULL DEFAULT now(),
-    updated_at    timestamptz NOT NULL DEFAULT now()
+    updated_at    timestamptz NOT NULL DEFAULT now(),
+    -- 0.7.0: a server other than `default`: its URL, its global key, its dialect (pinned, or what
+    -- GET / said), and when its URL, key or version last changed (a run that read them before
+    -- claims nothing more). `default` keeps these in evoq.settings: they are NULL here.
+    api_url               text,
+    api_key               text,
+    api_version           text NOT NULL DEFAULT 'auto' CHECK (api_version IN ('auto', 'v1', 'v2')),
+    detected_version      text CHECK (detected_version IN ('v1', 'v2')),
+    detected_at           timestamptz,
+    connection_changed_at timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT servers_connection_check CHECK (CASE WHEN name = 'default' THEN api_url IS NULL AND api_key IS NULL
+                                                    ELSE api_url IS NOT NULL AND api_key IS NOT NULL END)
 );
+-- 0.7.0: one URL, one server (two names for one server would place past its capacity).
+CREATE UNIQUE INDEX servers_api_url_key ON evoq.servers (api_url);
 
 -- 0.2.0: the circuit breaker. When every call of a batch fails the same way (server down, key
 -- rejected, wrong URL) the fault is the server's or the configuration's, not the rows': the batch
--- is released unchanged and runs stop calling until next_probe_at, when one GET / decides.
+-- is released unchanged and runs stop calling until next_probe_at, when one probe decides.
+-- 0.7.0: one per server (a dead server stops only its own calls); it goes with its server.
 CREATE TABLE evoq.circuit (
-    singleton     boolean PRIMARY KEY DEFAULT true CHECK (singleton),
     opened_at     timestamptz NOT NULL,
     cause         text NOT NULL,
     trips         integer NOT NULL DEFAULT 1,
-    next_probe_at timestamptz NOT NULL
+    next_probe_at timestamptz NOT NULL,
+    server        text PRIMARY KEY REFERENCES evoq.servers (name) ON DELETE CASCADE
 );
 
 -- 0.3.0: webhook deliveries evoq does not consume itself (messages.upsert and the rest the
@@ -574,47 +589,82 @@ CROSS JOIN LATERAL (
 -- 0.5.0: PL/pgSQL, so its plan is made once per session and kept (a SQL function with a SET
 -- clause is never inlined and was planned anew at every claim: the worker claims once per
 -- finished call).
-CREATE FUNCTION evoq._claim_queue(batch_size integer, lease_ms bigint) RETURNS jsonb
+-- 0.7.0: for one server: the rows placed on it, and the unplaced ones it is the place for.
+-- A row placed on a server stays there (its create may have reached it: one instance per user
+-- across the fleet); an unplaced creation goes to the server with the most free capacity
+-- (evoq._placement_share).
+CREATE FUNCTION evoq._claim_queue(server text, batch_size integer, lease_ms bigint) RETURNS jsonb
 LANGUAGE plpgsql
 SET search_path = pg_catalog, @extschema@, pg_temp
 AS $$
 DECLARE
-    -- 0.6.0: how many untried creations this claim may take (each takes room at the server)
+    -- 0.6.0: how many untried creations this claim may take onto the server (each takes room)
     room integer := batch_size;
-    -- the rows to claim when the server has less room than the claim may take
+    -- 0.7.0: how many of them may be unplaced ones (the server is their best place)
+    place integer;
+    -- the rows to claim when the claim may not take every due row it finds
     ids uuid[];
+    taken integer;
 BEGIN
     -- Without a capacity or a drain the server always has room: one read, no lock, no count.
-    IF EXISTS (SELECT 1 FROM evoq.servers s WHERE s.name = 'default' AND (s.capacity IS NOT NULL OR s.draining)) THEN
-        room := evoq._server_room('default', batch_size);
+    IF EXISTS (SELECT 1 FROM evoq.servers s WHERE s.name = _claim_queue.server AND (s.capacity IS NOT NULL OR s.draining)) THEN
+        room := evoq._server_room(_claim_queue.server, batch_size);
     END IF;
-    IF room < batch_size THEN
-        -- A full or draining server: first the rows that need no room (deletions, and creations
-        -- already tried, which it counts), then as many untried creations as there is room for.
-        -- The rest stay pending, untried and uncharged, until room appears.
-        ids := ARRAY(SELECT id FROM evolution_instance_creation_queue
-                     WHERE status IN ('pending', 'processing') AND next_attempt_at <= now()
-                       AND (action = 'delete' OR attempts > 0)
-                     ORDER BY next_attempt_at, created_at
+    place := room;
+    IF EXISTS (SELECT 1 FROM evoq.servers s WHERE s.name <> _claim_queue.server) THEN
+        -- Several servers: this one's row is held while the claim places on it, so that
+        -- evoq_server_remove waits for the claim (and a removed server places nothing).
+        PERFORM 1 FROM evoq.servers s WHERE s.name = _claim_queue.server FOR KEY SHARE;
+        IF NOT FOUND THEN
+            RETURN '[]';
+        END IF;
+        IF place > 0 THEN
+            place := evoq._placement_share(_claim_queue.server, place);
+        END IF;
+    END IF;
+    IF place < batch_size THEN
+        -- First the rows that need no room: deletions, and creations already tried here (which
+        -- it counts); a deletion never placed (its creation never left) is anyone's to send.
+        ids := ARRAY(SELECT q.id FROM evolution_instance_creation_queue q
+                     WHERE q.status IN ('pending', 'processing') AND q.next_attempt_at <= now()
+                       AND ((q.server = _claim_queue.server AND (q.action = 'delete' OR q.attempts > 0))
+                            OR (q.server IS NULL AND q.action = 'delete'))
+                     ORDER BY q.next_attempt_at, q.created_at
                      LIMIT batch_size
                      FOR UPDATE SKIP LOCKED);
+        -- Then untried creations placed here (an evoq_retry, a row given back untried): they
+        -- stay here, within its room.
         IF room > 0 AND cardinality(ids) < batch_size THEN
-            ids := ids || ARRAY(SELECT id FROM evolution_instance_creation_queue
-                                WHERE status IN ('pending', 'processing') AND next_attempt_at <= now()
-                                  AND action = 'create' AND attempts = 0
-                                ORDER BY next_attempt_at, created_at
-                                LIMIT least(room, batch_size - cardinality(ids))
+            taken := cardinality(ids);
+            ids := ids || ARRAY(SELECT q.id FROM evolution_instance_creation_queue q
+                                WHERE q.status IN ('pending', 'processing') AND q.next_attempt_at <= now()
+                                  AND q.server = _claim_queue.server AND q.action = 'create' AND q.attempts = 0
+                                ORDER BY q.next_attempt_at, q.created_at
+                                LIMIT least(room, batch_size - taken)
+                                FOR UPDATE SKIP LOCKED);
+            room := room - (cardinality(ids) - taken);
+            place := least(place, room);
+        END IF;
+        -- Then as many unplaced creations as this server is the place for. The rest stay
+        -- pending, untried and uncharged, until room appears here or elsewhere.
+        IF place > 0 AND cardinality(ids) < batch_size THEN
+            ids := ids || ARRAY(SELECT q.id FROM evolution_instance_creation_queue q
+                                WHERE q.status IN ('pending', 'processing') AND q.next_attempt_at <= now()
+                                  AND q.server IS NULL AND q.action = 'create'
+                                ORDER BY q.next_attempt_at, q.created_at
+                                LIMIT least(place, batch_size - cardinality(ids))
                                 FOR UPDATE SKIP LOCKED);
         END IF;
     END IF;
-    RETURN evoq._claim_rows(ids, batch_size, lease_ms);
+    RETURN evoq._claim_rows(ids, batch_size, lease_ms, _claim_queue.server);
 END
 $$;
 
--- The claim itself: the rows `ids` names, or (NULL) the first batch_size due rows in due order,
--- each placed on the server if it was not yet (0.6.0: committed with the claim, before the create
--- leaves), leased and returned with what its call needs. One statement, planned once.
-CREATE FUNCTION evoq._claim_rows(ids uuid[], batch_size integer, lease_ms bigint) RETURNS jsonb
+-- The claim itself: the rows `ids` names, or (NULL) the first batch_size due rows in due order
+-- of those placed on the server or on none, each placed on the server if it was not yet (0.6.0:
+-- committed with the claim, before the create leaves), leased and returned with what its call
+-- needs (0.7.0: and whether this claim placed it). One statement, planned once.
+CREATE FUNCTION evoq._claim_rows(ids uuid[], batch_size integer, lease_ms bigint, server text) RETURNS jsonb
 LANGUAGE plpgsql
 SET search_path = pg_catalog, @extschema@, pg_temp
 AS $$
@@ -622,21 +672,22 @@ DECLARE
     result jsonb;
 BEGIN
     WITH due AS (
-        SELECT id, status, updated_at, next_attempt_at FROM evolution_instance_creation_queue
-        WHERE status IN ('pending', 'processing') AND next_attempt_at <= now()
-          AND (ids IS NULL OR id = ANY (ids))
-        ORDER BY next_attempt_at, created_at
+        SELECT q.id, q.status, q.updated_at, q.next_attempt_at, q.server FROM evolution_instance_creation_queue q
+        WHERE q.status IN ('pending', 'processing') AND q.next_attempt_at <= now()
+          AND (ids IS NULL OR q.id = ANY (ids))
+          AND (q.server IS NULL OR q.server = _claim_rows.server)
+        ORDER BY q.next_attempt_at, q.created_at
         LIMIT batch_size
         FOR UPDATE SKIP LOCKED
     ), claimed AS (
         UPDATE evolution_instance_creation_queue q
         SET status = 'processing', attempts = q.attempts + 1, updated_at = clock_timestamp(),
             next_attempt_at = clock_timestamp() + lease_ms * interval '1 millisecond',
-            server = coalesce(q.server, 'default')
+            server = coalesce(q.server, _claim_rows.server)
         FROM due WHERE q.id = due.id
         RETURNING q.id, q.user_id, q.request_id, q.attempts, q.instance_name, q.action, q.updated_at,
                   due.status AS prev_status, due.updated_at AS prev_updated_at,
-                  due.next_attempt_at AS prev_next_attempt_at
+                  due.next_attempt_at AS prev_next_attempt_at, due.server IS NULL AS placed
     )
     SELECT coalesce(jsonb_agg(jsonb_build_object(
         'id', c.id, 'user_id', c.user_id, 'request_id', c.request_id, 'attempts', c.attempts,
@@ -645,10 +696,54 @@ BEGIN
         -- 0.5.0: a create carries the number the user gave for a pairing code
         'number', (SELECT p.phone FROM evoq.phone_links p WHERE p.user_id = c.user_id AND c.action = 'create'),
         'prev_status', c.prev_status, 'prev_updated_at', c.prev_updated_at,
-        'prev_next_attempt_at', c.prev_next_attempt_at, 'claimed_at', c.updated_at)), '[]')
+        'prev_next_attempt_at', c.prev_next_attempt_at, 'claimed_at', c.updated_at, 'placed', c.placed)), '[]')
     INTO result
     FROM claimed c;
     RETURN result;
+END
+$$;
+
+-- 0.7.0: how many unplaced creations the server may take now, at most `wanted` (its own room):
+-- none while another server that takes new instances is a better place for them: unbounded
+-- where this one has a capacity, more free slots, or as many and fewer calls in flight (rows
+-- claimed and leased). A server that drains, is full or has its circuit open is no place. With
+-- a capacity, no more than puts it one below the next best, so a burst is spread as the free
+-- slots are, not to one server until it is full. Its capacity is kept by its own room (the
+-- lock in evoq._server_room); what this reads of the others only decides where a row is best.
+CREATE FUNCTION evoq._placement_share(server text, wanted integer) RETURNS integer
+LANGUAGE plpgsql
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+DECLARE
+    mine record;
+BEGIN
+    WITH c AS (
+        SELECT s.name,
+               CASE WHEN s.capacity IS NOT NULL
+                    THEN s.capacity - (SELECT l.live FROM evoq.server_load l WHERE l.name = s.name) END AS free,
+               (SELECT count(*) FROM evolution_instance_creation_queue q
+                WHERE q.server = s.name AND q.status = 'processing' AND q.next_attempt_at > now()) AS busy
+        FROM evoq.servers s
+        WHERE s.name = _placement_share.server
+           OR (NOT s.draining AND NOT EXISTS (SELECT 1 FROM evoq.circuit k WHERE k.server = s.name))
+    ), e AS (
+        SELECT c.* FROM c WHERE c.name = _placement_share.server OR c.free IS NULL OR c.free > 0
+    )
+    SELECT m.free, m.busy,
+           EXISTS (SELECT 1 FROM e p
+                   WHERE p.name <> m.name
+                     AND ((p.free IS NULL AND m.free IS NOT NULL)
+                          OR p.free > m.free
+                          OR (p.free IS NOT DISTINCT FROM m.free AND p.busy < m.busy))) AS beaten,
+           (SELECT max(p.free) FROM e p WHERE p.name <> m.name) AS best_other
+    INTO mine
+    FROM e m WHERE m.name = _placement_share.server;
+    IF NOT FOUND OR mine.beaten THEN
+        RETURN 0;
+    ELSIF mine.free IS NULL OR mine.best_other IS NULL THEN
+        RETURN wanted;
+    END IF;
+    RETURN least(wanted, greatest(mine.free - mine.best_other + 1, 1))::integer;
 END
 $$;
 
@@ -707,17 +802,31 @@ AS $$
     FROM evoq.servers s WHERE s.name = _server_full.server
 $$;
 
+-- 0.7.0: why no server takes a new instance now (each one's reason); NULL when one does, or when
+-- there is no server yet.
+CREATE FUNCTION evoq._placement_blocked() RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+    SELECT CASE WHEN bool_and(f.reason IS NOT NULL) THEN string_agg(f.reason, '; ' ORDER BY f.name) END
+    FROM (SELECT s.name, evoq._server_full(s.name) AS reason FROM evoq.servers s) f
+$$;
+
 -- Puts claimed rows back exactly as they were (the circuit breaker: a batch that failed because
--- of the server or the configuration is not the rows' fault and costs them nothing).
+-- of the server or the configuration is not the rows' fault and costs them nothing). 0.7.0: a
+-- row the claim placed goes back unplaced when "unplace" says its call never left (claimed ahead
+-- and not called), so it may go to another server; a row whose call left stays where it went.
 CREATE FUNCTION evoq._release_queue(claims jsonb) RETURNS void
 LANGUAGE sql
 SET search_path = pg_catalog, @extschema@, pg_temp
 AS $$
     UPDATE evolution_instance_creation_queue q
     SET status = c.prev_status, attempts = greatest(q.attempts - 1, 0), updated_at = c.prev_updated_at,
-        next_attempt_at = coalesce(c.prev_next_attempt_at, q.next_attempt_at)
+        next_attempt_at = coalesce(c.prev_next_attempt_at, q.next_attempt_at),
+        server = CASE WHEN c.unplace THEN NULL ELSE q.server END
     FROM jsonb_to_recordset(claims) AS c(id uuid, prev_status text, prev_updated_at timestamptz,
-                                         prev_next_attempt_at timestamptz, claimed_at timestamptz)
+                                         prev_next_attempt_at timestamptz, claimed_at timestamptz,
+                                         unplace boolean)
     WHERE q.id = c.id AND q.status = 'processing'
       AND (c.claimed_at IS NULL OR q.updated_at = c.claimed_at)
 $$;
@@ -971,8 +1080,8 @@ $$;
 -- 0.4.0: busy are the instances the caller has in flight (its own transaction would otherwise
 -- claim them again: they are locked by itself); qr_fresh_ms > 0 also skips connecting instances
 -- whose QR (polled or delivered by webhook) is younger than that, so with webhooks arriving
--- polling stays a fallback.
-CREATE FUNCTION evoq._claim_refresh(batch_size integer, min_interval_ms bigint, window_ms bigint,
+-- polling stays a fallback. 0.7.0: the instances of one server.
+CREATE FUNCTION evoq._claim_refresh(server text, batch_size integer, min_interval_ms bigint, window_ms bigint,
                                     check_interval_ms bigint, repoint boolean, busy uuid[],
                                     qr_fresh_ms bigint) RETURNS jsonb
 LANGUAGE plpgsql
@@ -1014,6 +1123,7 @@ BEGIN
                OR coalesce(connecting_since, created_at) <= now() - window_ms * interval '1 millisecond'
                OR EXISTS (SELECT 1 FROM evoq.phone_links p WHERE p.user_id = evolution_instances.user_id))
           AND id <> ALL (busy)
+          AND evolution_instances.server = _claim_refresh.server
           AND evoq._is_ours(instance_name, s.namespace, s.owns_legacy_names)
           -- a user being deprovisioned: only the deletion touches the instance
           AND NOT EXISTS (SELECT 1 FROM evolution_instance_creation_queue q
@@ -1047,6 +1157,7 @@ BEGIN
                               WHERE q.user_id = evolution_instances.user_id AND q.action = 'delete')
               AND id NOT IN (SELECT (c->>'id')::uuid FROM jsonb_array_elements(claimed) c)
               AND id <> ALL (busy)
+          AND evolution_instances.server = _claim_refresh.server
             ORDER BY webhook_set_at NULLS FIRST
             LIMIT batch_size - jsonb_array_length(claimed)
             FOR UPDATE SKIP LOCKED
@@ -1071,6 +1182,7 @@ BEGIN
           AND evoq._is_ours(instance_name, s.namespace, s.owns_legacy_names)
           AND id NOT IN (SELECT (c->>'id')::uuid FROM jsonb_array_elements(claimed) c)
           AND id <> ALL (busy)
+          AND evolution_instances.server = _claim_refresh.server
         ORDER BY server_loop_seen_at
         LIMIT batch_size - jsonb_array_length(claimed)
         FOR UPDATE SKIP LOCKED
@@ -1097,6 +1209,7 @@ BEGIN
                           WHERE q.user_id = evolution_instances.user_id AND q.action = 'delete')
           AND id NOT IN (SELECT (c->>'id')::uuid FROM jsonb_array_elements(claimed) c)
           AND id <> ALL (busy)
+          AND evolution_instances.server = _claim_refresh.server
         ORDER BY last_state_check_at NULLS FIRST
         LIMIT batch_size - jsonb_array_length(claimed)
         FOR UPDATE SKIP LOCKED
@@ -1128,16 +1241,17 @@ AS $$
           AND NOT EXISTS (SELECT 1 FROM evolution_instance_creation_queue q
                           WHERE q.user_id = i.user_id AND q.action = 'delete')
     ), due AS (
-        -- 0.6.0: an untried creation is due only while its server takes new instances (a full
+        -- 0.6.0: an untried creation is due only while a server takes new instances (a full
         -- one would have the worker claim nothing every second; room wakes it: evoq_server_set,
         -- evoq_server_drain, or its own deletions and expiries; otherwise it looks again within
-        -- a minute). Each branch's test of the server is a one-time filter: one branch is read.
+        -- a minute). Each branch's test of the servers is a one-time filter: one branch is read.
+        -- 0.7.0: any server (evoq._placement_blocked).
         SELECT min(next_attempt_at) AS at FROM evolution_instance_creation_queue
-        WHERE status IN ('pending', 'processing') AND evoq._server_full('default') IS NULL
+        WHERE status IN ('pending', 'processing') AND evoq._placement_blocked() IS NULL
         UNION ALL
         SELECT min(next_attempt_at) FROM evolution_instance_creation_queue
         WHERE status IN ('pending', 'processing') AND (action = 'delete' OR attempts > 0)
-          AND evoq._server_full('default') IS NOT NULL
+          AND evoq._placement_blocked() IS NOT NULL
         UNION ALL
         -- connecting: once asked min_interval_ms ago, and its QR is older than qr_fresh_ms (or
         -- its window is over)
@@ -1335,6 +1449,9 @@ $$;
 --   Tracked in evoq.reconcile_orphans; those unowned for grace_ms are returned as "remove" (up to
 --   max_calls), the caller logs them out and deletes them. Names outside the namespace never
 --   reach this function.
+-- 0.7.0: only the rows placed on this server are judged, and a name is an orphan here when no
+-- live row of this server (nor a creation not placed elsewhere) owns it: a twin at another
+-- server than the user's is removed.
 CREATE FUNCTION evoq._reconcile_apply(server text, listed jsonb, listed_at timestamptz, grace_ms bigint,
                                       max_calls integer) RETURNS jsonb
 LANGUAGE plpgsql
@@ -1359,6 +1476,7 @@ BEGIN
       INTO live_rows, missing_live
       FROM evolution_instances i
      WHERE i.instance_status IN ('connecting', 'open', 'close', 'refused', 'expired') AND i.updated_at < listed_at
+       AND i.server = _reconcile_apply.server
        AND evoq._is_ours(i.instance_name, cfg.namespace, cfg.owns_legacy_names);
     held_back := missing_live > 10 AND missing_live * 2 > live_rows;
 
@@ -1371,6 +1489,7 @@ BEGIN
      WHERE NOT held_back
        AND i.instance_status IN ('connecting', 'open', 'close', 'refused', 'expired')
        AND i.updated_at < listed_at
+       AND i.server = _reconcile_apply.server
        AND evoq._is_ours(i.instance_name, cfg.namespace, cfg.owns_legacy_names)
        AND NOT EXISTS (SELECT 1 FROM unnest(names) AS l(n) WHERE l.n = i.instance_name);
     IF jsonb_array_length(missing_records) > 0 THEN
@@ -1382,7 +1501,7 @@ BEGIN
         SELECT jsonb_build_object('id', i.id, 'instance_name', i.instance_name, 'status', i.instance_status,
                                   'claimed_at', i.updated_at) AS c
         FROM evolution_instances i JOIN l ON l.n = i.instance_name
-        WHERE i.updated_at < listed_at
+        WHERE i.updated_at < listed_at AND i.server = _reconcile_apply.server
           AND ((l.s = 'open' AND i.instance_status IN ('connecting', 'close', 'refused', 'expired'))
                OR (l.s = 'close' AND i.instance_status = 'open'))
         ORDER BY i.updated_at
@@ -1396,11 +1515,14 @@ BEGIN
     WITH l AS (SELECT DISTINCT ON (x.n) x.n, x.u FROM jsonb_to_recordset(listed) AS x(n text, u uuid)
                WHERE x.n LIKE 'evoq\_' || cfg.namespace || '\_%')
     SELECT coalesce(array_agg(l.n), '{}') INTO unowned FROM l
-    WHERE NOT EXISTS (SELECT 1 FROM evolution_instances i WHERE i.instance_name = l.n AND i.instance_status <> 'deleted')
+    WHERE NOT EXISTS (SELECT 1 FROM evolution_instances i WHERE i.instance_name = l.n AND i.instance_status <> 'deleted'
+                      AND i.server = _reconcile_apply.server)
       AND NOT EXISTS (SELECT 1 FROM evolution_instance_creation_queue q
-                      WHERE q.user_id = l.u AND q.status IN ('pending', 'processing') AND q.action = 'create')
+                      WHERE q.user_id = l.u AND q.status IN ('pending', 'processing') AND q.action = 'create'
+                        AND (q.server IS NULL OR q.server = _reconcile_apply.server))
       AND NOT EXISTS (SELECT 1 FROM evolution_instance_creation_queue q
-                      WHERE q.instance_name = l.n AND q.status IN ('pending', 'processing') AND q.action = 'create');
+                      WHERE q.instance_name = l.n AND q.status IN ('pending', 'processing') AND q.action = 'create'
+                        AND (q.server IS NULL OR q.server = _reconcile_apply.server));
     DELETE FROM evoq.reconcile_orphans o
     WHERE o.server = _reconcile_apply.server AND NOT EXISTS (SELECT 1 FROM unnest(unowned) AS u(n) WHERE u.n = o.instance_name);
     INSERT INTO evoq.reconcile_orphans (server, instance_name)
@@ -1445,7 +1567,7 @@ BEGIN
       INTO retaken
       FROM evolution_instances i JOIN jsonb_to_recordset(_reconcile_finish.removals) AS x(n text, error text)
            ON x.n = i.instance_name AND x.error IS NULL
-     WHERE i.instance_status IN ('connecting', 'open');
+     WHERE i.instance_status IN ('connecting', 'open') AND i.server = _reconcile_finish.server;
     IF jsonb_array_length(retaken) > 0 THEN
         PERFORM evoq._record_refresh_results(retaken);
     END IF;

@@ -21,6 +21,7 @@
 
 use crate::pool::{Pool, WAIT_SLICE};
 use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// Whether the pipeline may go on claiming after a group was recorded.
@@ -422,6 +423,116 @@ pub fn run_to_end<S: Source>(
     }
 }
 
+/// 0.7.0: wakes a thread that drives several pipelines (`run_lanes_to_end`) when any of their
+/// pools has a result: each pool is built `with_notify(waker.notify())`.
+#[derive(Clone, Default)]
+pub struct Waker(Arc<(Mutex<bool>, Condvar)>);
+
+impl Waker {
+    /// What a pool calls when a result is there.
+    pub fn notify(&self) -> Arc<dyn Fn() + Send + Sync> {
+        let inner = self.0.clone();
+        Arc::new(move || {
+            let (flag, cv) = &*inner;
+            *flag.lock().unwrap_or_else(|e| e.into_inner()) = true;
+            cv.notify_one();
+        })
+    }
+
+    /// Waits up to `limit` for a result signalled since the last wait.
+    fn wait(&self, limit: Duration) {
+        let (flag, cv) = &*self.0;
+        let guard = flag.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut guard, _) = cv
+            .wait_timeout_while(guard, limit, |signalled| !*signalled)
+            .unwrap_or_else(|e| e.into_inner());
+        *guard = false;
+    }
+}
+
+/// Runs several pipelines side by side (0.7.0: one per Evolution server, each with its own
+/// pool, so a slow server fills only its own slots) until each is finished, or `deadline`: what
+/// `run_to_end` does for one, without any of them waiting on another's calls. A lane that found
+/// nothing to claim is asked again whenever another records a group, while any is still at work:
+/// one server's results may make work for another (its room filled, an unplaced row is now
+/// another's to place). Returns why each stopped, in order.
+pub fn run_lanes_to_end<S: Source>(
+    lanes: &mut [(Pipeline<S>, S)],
+    deadline: Instant,
+    waker: &Waker,
+    mut on_wait: impl FnMut(),
+) -> Vec<&'static str> {
+    let mut why: Vec<Option<&'static str>> = vec![None; lanes.len()];
+    // drained for now, asked again after another lane's next group
+    let mut parked = vec![false; lanes.len()];
+    loop {
+        let mut moved = false;
+        let mut recorded = false;
+        for (((pipe, source), why), parked) in
+            lanes.iter_mut().zip(why.iter_mut()).zip(parked.iter_mut())
+        {
+            if why.is_some() || *parked {
+                continue;
+            }
+            if Instant::now() >= deadline {
+                pipe.stop("time_budget");
+                pipe.abandon(source);
+                *why = Some(pipe.stopped().unwrap_or("time_budget"));
+                continue;
+            }
+            if pipe.fill(source) > 0 {
+                moved = true;
+            }
+            if pipe.finished() {
+                match pipe.stopped() {
+                    Some(reason) => *why = Some(reason),
+                    None => *parked = true,
+                }
+                continue;
+            }
+            if pipe.idle() {
+                moved = true; // (as run_to_end: claim again at once)
+                continue;
+            }
+            if pipe.gather(Duration::ZERO) > 0 {
+                moved = true;
+            }
+            if pipe.group_due() {
+                pipe.flush(source);
+                moved = true;
+                recorded = true;
+            }
+        }
+        let working = |why: &[Option<&'static str>], parked: &[bool]| {
+            why.iter().zip(parked).any(|(w, p)| w.is_none() && !p)
+        };
+        if recorded && working(&why, &parked) {
+            for ((pipe, _), parked) in lanes.iter_mut().zip(parked.iter_mut()) {
+                if *parked {
+                    *parked = false;
+                    pipe.rearm();
+                }
+            }
+        }
+        if !working(&why, &parked) {
+            return why.into_iter().map(|w| w.unwrap_or("drained")).collect();
+        }
+        if !moved {
+            // Each lane's oldest waiting result is recorded within its group's age.
+            let slice = lanes
+                .iter()
+                .zip(&why)
+                .filter(|(_, w)| w.is_none())
+                .filter_map(|((pipe, _), _)| pipe.group_due_in())
+                .fold(WAIT_SLICE, Duration::min)
+                .min(deadline.saturating_duration_since(Instant::now()));
+            waker.wait(slice);
+        }
+        // (every turn: a busy run still honours a cancel at once)
+        on_wait();
+    }
+}
+
 /// One of two sources' values.
 pub enum Either<A, B> {
     First(A),
@@ -666,6 +777,73 @@ mod tests {
             took < Duration::from_millis(1000),
             "took {took:?}: calls waited for each other"
         );
+    }
+
+    /// 0.7.0: two servers' pipelines side by side. The fast one (2 ms a call) is done long
+    /// before the slow one (each call 400 ms) and is never held up by it: run one after the
+    /// other, or waiting on the slow pool, its 40 rows would come after the slow one's 800 ms.
+    #[test]
+    fn a_slow_lane_does_not_hold_up_a_fast_one() {
+        let waker = Waker::default();
+        let grouping = Grouping {
+            size: 4,
+            age: Duration::from_millis(5),
+        };
+        let lane = |ms: u64| {
+            let pool = Pool::new(2, move |i: u64| {
+                std::thread::sleep(Duration::from_millis(ms));
+                i
+            })
+            .with_notify(waker.notify());
+            Pipeline::new(pool, grouping)
+        };
+        let started = Instant::now();
+        let fast_done = Arc::new(Mutex::new(None));
+        struct Timed(Rows, Arc<Mutex<Option<Duration>>>, Instant);
+        impl Source for Timed {
+            type Row = u64;
+            type Call = u64;
+            type Answer = u64;
+            fn claim(&mut self, room: usize, ahead: usize, busy: &[&u64]) -> Claimed<Self> {
+                let c = self.0.claim(room, ahead, busy);
+                Claimed {
+                    rows: c.rows,
+                    drained: c.drained,
+                    ahead_drained: c.ahead_drained,
+                    hold: c.hold,
+                }
+            }
+            fn record(&mut self, done: Vec<(u64, Option<u64>)>) -> Flow {
+                let flow = self.0.record(done);
+                if self.0.due.is_empty() {
+                    *self.1.lock().unwrap() = Some(self.2.elapsed());
+                }
+                flow
+            }
+            fn release(&mut self, rows: Vec<u64>) {
+                self.0.release(rows)
+            }
+        }
+        let mut lanes = vec![
+            (
+                lane(400),
+                Timed(Rows::new(4), Arc::new(Mutex::new(None)), started),
+            ),
+            (lane(2), Timed(Rows::new(40), fast_done.clone(), started)),
+        ];
+        let why = run_lanes_to_end(&mut lanes, far(), &waker, || {});
+        assert_eq!(why, vec!["drained", "drained"]);
+        assert_eq!(lanes[0].1 .0.recorded.len(), 4);
+        assert_eq!(lanes[1].1 .0.recorded.len(), 40);
+        let fast = fast_done
+            .lock()
+            .unwrap()
+            .expect("the fast lane recorded its rows");
+        assert!(
+            fast < Duration::from_millis(400),
+            "the fast lane finished after {fast:?}: it waited on the slow one"
+        );
+        assert!(started.elapsed() >= Duration::from_millis(800));
     }
 
     #[test]

@@ -205,18 +205,31 @@ type SettingsRow = (
     Option<String>,
 );
 
-/// Reads the settings and refuses to go on in a database that is a copy of the one the
-/// deployment was bound to: a staging copy restored from production must not adopt production's
-/// instances, take their tokens and move their webhooks to itself.
-pub fn load_connection() -> Result<Connection, EvoqError> {
+/// What tells a run that the connection it read was replaced: evoq_configure's `updated_at`,
+/// and for a server evoq_server_add made, its `connection_changed_at` (NULL once it is removed).
+const STAMP: &str = "s.updated_at::text || CASE WHEN $1 = 'default' THEN '' ELSE '/' || v.connection_changed_at::text END";
+
+/// Reads the settings of one server (0.7.0: `default` is evoq_configure's, the others
+/// evoq_server_add's; the webhook and the namespace are the deployment's) and refuses to go on
+/// in a database that is a copy of the one the deployment was bound to: a staging copy restored
+/// from production must not adopt production's instances, take their tokens and move their
+/// webhooks to itself.
+pub fn load_connection(server: &str) -> Result<Connection, EvoqError> {
     let row: Option<SettingsRow> = Spi::connect(|client| {
         let table = client.select(
-            "SELECT api_url, coalesce(api_key, ''), webhook_url, webhook_events, api_version, detected_version,
-                    namespace, deployment_identity, evoq._deployment_identity(), owns_legacy_names,
-                    webhook_headers, webhook_secret, webhook_changed_at::text, updated_at::text
-             FROM evoq.settings",
+            &format!(
+                "SELECT CASE WHEN $1 = 'default' THEN s.api_url ELSE v.api_url END,
+                        coalesce(CASE WHEN $1 = 'default' THEN s.api_key ELSE v.api_key END, ''),
+                        s.webhook_url, s.webhook_events,
+                        CASE WHEN $1 = 'default' THEN s.api_version ELSE v.api_version END,
+                        CASE WHEN $1 = 'default' THEN s.detected_version ELSE v.detected_version END,
+                        s.namespace, s.deployment_identity, evoq._deployment_identity(), s.owns_legacy_names,
+                        s.webhook_headers, s.webhook_secret, s.webhook_changed_at::text, {STAMP}
+                 FROM evoq.settings s LEFT JOIN evoq.servers v ON v.name = $1
+                 WHERE $1 = 'default' OR v.name IS NOT NULL"
+            ),
             Some(1),
-            &[],
+            &[server.into()],
         )?;
         if table.is_empty() {
             return Ok(None);
@@ -255,13 +268,24 @@ pub fn load_connection() -> Result<Connection, EvoqError> {
         secret,
         webhook_version,
         stamp,
-    ) = row.ok_or(EvoqError::NotConfigured)?;
+    ) = match row {
+        Some(row) => row,
+        None if server != crate::servers::DEFAULT_SERVER && configured() => {
+            return Err(EvoqError::invalid(
+                format!("there is no Evolution server named {server:?}"),
+                "evoq_servers lists them; evoq_server_add adds one.",
+            ))
+        }
+        None => return Err(EvoqError::NotConfigured),
+    };
     let namespace = match namespace {
         Some(ns) if bound.is_some() && bound == identity => ns,
         other => return Err(crate::deployment::copied_database(other.as_deref())),
     };
     let version_pinned = pinned != "auto";
-    let api_key = match api_key_file() {
+    // evoq.api_key_file holds the key of `default`, evoq_configure's server
+    let key_file = api_key_file().filter(|_| server == crate::servers::DEFAULT_SERVER);
+    let api_key = match key_file {
         Some(path) => read_key_file(&path)?,
         None if api_key.is_empty() => {
             return Err(EvoqError::NotReady {
@@ -293,15 +317,26 @@ pub fn load_connection() -> Result<Connection, EvoqError> {
     })
 }
 
-/// Whether evoq_configure committed a change since `stamp` was read (see `Connection::stamp`).
+/// Whether evoq_configure (or evoq_server_set, for the server's URL, key or version; or
+/// evoq_server_remove) committed a change since `stamp` was read (see `Connection::stamp`).
 /// A fresh read: under READ COMMITTED each statement sees what committed before it began.
-pub fn changed_since(stamp: &str) -> bool {
+pub fn changed_since(server: &str, stamp: &str) -> bool {
     Spi::get_one_with_args::<bool>(
-        "SELECT updated_at::text IS DISTINCT FROM $1 FROM evoq.settings",
-        &[stamp.into()],
+        &format!(
+            "SELECT {STAMP} IS DISTINCT FROM $2
+             FROM evoq.settings s LEFT JOIN evoq.servers v ON v.name = $1"
+        ),
+        &[server.into(), stamp.into()],
     )
     .or_internal("reading its settings")
     .unwrap_or(true)
+}
+
+/// Whether evoq_configure ever ran here.
+fn configured() -> bool {
+    Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM evoq.settings)")
+        .or_internal("reading its settings")
+        .unwrap_or(false)
 }
 
 /// The stored extra headers (a JSON object of strings; evoq_configure checked them).
@@ -324,21 +359,35 @@ fn new_webhook_secret() -> String {
     )
 }
 
-/// Forgets the detected version (a reply said the server now speaks the other dialect), so the
-/// next run asks `GET /` again.
-pub fn forget_detected_version() {
-    crate::subxact::write_shared(
-        "UPDATE evoq.settings SET detected_version = NULL, detected_at = NULL",
-        &[],
-    );
+/// Forgets the server's detected version (a reply said it now speaks the other dialect), so
+/// the next run asks `GET /` again.
+pub fn forget_detected_version(server: &str) {
+    if server == crate::servers::DEFAULT_SERVER {
+        crate::subxact::write_shared(
+            "UPDATE evoq.settings SET detected_version = NULL, detected_at = NULL",
+            &[],
+        );
+    } else {
+        crate::subxact::write_shared(
+            "UPDATE evoq.servers SET detected_version = NULL, detected_at = NULL WHERE name = $1",
+            &[server.into()],
+        );
+    }
 }
 
-/// Remembers what `GET /` said, so later runs do not ask a slow server again.
-pub fn remember_detected_version(version: ApiVersion) {
-    crate::subxact::write_shared(
-        "UPDATE evoq.settings SET detected_version = $1, detected_at = now()",
-        &[version.as_str().into()],
-    );
+/// Remembers what the server's `GET /` said, so later runs do not ask a slow server again.
+pub fn remember_detected_version(server: &str, version: ApiVersion) {
+    if server == crate::servers::DEFAULT_SERVER {
+        crate::subxact::write_shared(
+            "UPDATE evoq.settings SET detected_version = $1, detected_at = now()",
+            &[version.as_str().into()],
+        );
+    } else {
+        crate::subxact::write_shared(
+            "UPDATE evoq.servers SET detected_version = $1, detected_at = now() WHERE name = $2",
+            &[version.as_str().into(), server.into()],
+        );
+    }
 }
 
 fn config_error(e: crate::evolution::ConfigError) -> EvoqError {
@@ -394,6 +443,19 @@ fn evoq_configure(
     check_url("api_url", api_url)
         .map_err(config_error)
         .or_raise();
+    // 0.7.0: one Evolution server, one name (two would place instances past its capacity).
+    let taken = Spi::get_one_with_args::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM evoq.servers WHERE api_url = $1)",
+        &[api_url.into()],
+    )
+    .or_internal("reading its settings");
+    if taken == Some(true) {
+        EvoqError::invalid(
+            "api_url is already the URL of another server (evoq_server_add)",
+            "One Evolution server, one name: evoq_servers lists them; evoq_server_remove removes one.",
+        )
+        .raise();
+    }
     // With evoq.api_key_file set the key stays in that file: none is stored (and one passed
     // anyway is refused, so that nobody believes it is used).
     let api_key = match (api_key_file(), api_key.map(str::trim).filter(|k| !k.is_empty())) {
@@ -509,7 +571,7 @@ fn evoq_configure(
     // 0.6.0: the server these settings describe, as data (its capacity and drain are its own).
     crate::servers::ensure_default();
     // A new configuration deserves a fresh start: the circuit may have opened because of the old one.
-    Spi::run("DELETE FROM evoq.circuit").unwrap_or_else(|e| {
+    Spi::run("DELETE FROM evoq.circuit WHERE server = 'default'").unwrap_or_else(|e| {
         crate::errors::EvoqError::internal("could not reset the circuit", e).raise()
     });
     Spi::run_with_args(

@@ -3,6 +3,7 @@
 //! (SKIP LOCKED), results are recorded in groups by set-based statements, until nothing is due
 //! or the time budget is spent. The worker drives the same sources across many transactions.
 
+pub mod lanes;
 pub mod process;
 pub mod reconcile;
 pub mod refresh;

@@ -7,7 +7,7 @@ use super::run::{
 use crate::evolution::{ApiError, ApiVersion, ErrorClass, Provisioned, Webhook};
 use crate::names::{instance_name, is_ours};
 use crate::phone::Phone;
-use crate::pipeline::{run_to_end, Claimed, Flow, Grouping, Pipeline, Source};
+use crate::pipeline::{Claimed, Flow, Grouping, Pipeline, Source, Waker};
 use crate::policy::{circuit_verdict, random_unit, Decision, RetryPolicy};
 use pgrx::prelude::*;
 use serde::Deserialize;
@@ -39,6 +39,10 @@ struct ClaimedRow {
     /// 0.5.0: the number the user gave for a pairing code, which the create carries.
     #[serde(default)]
     number: Option<Phone>,
+    /// 0.7.0: this claim placed the row on its server (it had none): given back uncalled, it
+    /// goes back unplaced, free to go to another server.
+    #[serde(default)]
+    placed: bool,
 }
 
 fn create_action() -> String {
@@ -226,6 +230,13 @@ impl QueueJob {
 
     /// Remembers the run for evoq_status and returns its summary.
     pub fn finish(self, stopped: &str, groups: u64) -> pgrx::JsonB {
+        let job = self.run.job;
+        let (summary, last_error) = self.summarize(stopped, groups);
+        super::run::record_run(job, summary, last_error)
+    }
+
+    /// The run's summary and last error, not recorded yet (see `lanes`).
+    pub fn summarize(self, stopped: &str, groups: u64) -> (Value, Option<String>) {
         let t = &self.tally;
         let summary = json!({
             "claimed": t.claimed, "created": t.created, "adopted": t.adopted,
@@ -233,17 +244,20 @@ impl QueueJob {
             "unrecordable": t.unrecordable, "requeued": t.requeued, "batches": groups,
             "deleted": t.deleted, "stopped": stopped,
         });
-        self.run.finish(summary)
+        self.run.summarize(summary)
     }
 
-    fn give_back(&mut self, rows: &[QueueRow]) {
+    /// `called`: their calls left (the circuit opened): they stay on the server they went to,
+    /// which may hold their instances. Rows never called go back as unplaced as they came.
+    fn give_back(&mut self, rows: &[QueueRow], called: bool) {
         let claims: Vec<Value> = rows
             .iter()
             .map(|r| {
                 json!({"id": r.row.id, "prev_status": r.row.prev_status,
                        "prev_updated_at": r.row.prev_updated_at,
                        "prev_next_attempt_at": r.row.prev_next_attempt_at,
-                       "claimed_at": r.row.claimed_at})
+                       "claimed_at": r.row.claimed_at,
+                       "unplace": r.row.placed && !called})
             })
             .collect();
         Spi::run_with_args(
@@ -273,8 +287,12 @@ impl Source for QueueJob {
         // A claimed row's lease puts it out of reach of later claims, this run's included.
         let rows: Vec<ClaimedRow> = in_batch_context(|| {
             call_json(
-                "SELECT evoq._claim_queue($1, $2)",
-                &[(asked as i32).into(), self.lease_ms.into()],
+                "SELECT evoq._claim_queue($1, $2, $3)",
+                &[
+                    self.run.server.as_str().into(),
+                    (asked as i32).into(),
+                    self.lease_ms.into(),
+                ],
             )
         });
         self.tally.claimed += rows.len() as u64;
@@ -292,7 +310,7 @@ impl Source for QueueJob {
     /// Rows claimed ahead and never called: given back as they were, and not counted as
     /// claimed (the summary's `claimed` and `released` count rows that were called).
     fn release(&mut self, rows: Vec<QueueRow>) {
-        in_batch_context(|| self.give_back(&rows));
+        in_batch_context(|| self.give_back(&rows, false));
         self.tally.released -= rows.len() as u64;
         self.tally.claimed -= rows.len() as u64;
     }
@@ -335,11 +353,11 @@ impl QueueJob {
         // still in flight when the circuit opened are released too when they come back: they
         // went to the same server (one that answered after all is asked again, and adopted).
         if self.tripped {
-            self.give_back(&rows);
+            self.give_back(&rows, true);
             return Flow::Stop("circuit_open");
         }
         if let Some(cause) = verdict {
-            self.give_back(&rows);
+            self.give_back(&rows, true);
             self.run.trip(&cause);
             self.tripped = true;
             return Flow::Stop("circuit_open");
@@ -441,21 +459,30 @@ pub fn sql_grouping(run: &Run) -> Grouping {
 #[search_path(pg_catalog, @extschema@, pg_temp)]
 pub fn evoq_process_queue() -> pgrx::JsonB {
     require_working_attachments();
-    let run = Run::start("process_queue");
-    let lease_ms = run.tunables.lease_ms;
-    let mut job = QueueJob::start(run, lease_ms);
-    let (stopped, groups) = match job.ready() {
-        Some(reason) => (reason, 0),
-        None => {
-            let grouping = sql_grouping(&job.run);
-            let ahead = job.run.tunables.concurrency.max(1);
-            let mut pipe = Pipeline::new(job.run.pool(job.work()), grouping).claiming_ahead(ahead);
-            let deadline = job.run.deadline;
-            let why = run_to_end(&mut pipe, &mut job, deadline, || {
-                pgrx::check_for_interrupts!();
-            });
-            (why, pipe.groups)
+    // 0.7.0: one run per server, side by side (see `lanes`)
+    let waker = Waker::default();
+    let mut ended = Vec::new();
+    let mut lanes = Vec::new();
+    for server in crate::servers::names() {
+        let run = Run::start("process_queue", &server);
+        let lease_ms = run.tunables.lease_ms;
+        let mut job = QueueJob::start(run, lease_ms);
+        match job.ready() {
+            Some(reason) => ended.push((server, job.summarize(reason, 0))),
+            None => {
+                let grouping = sql_grouping(&job.run);
+                let ahead = job.run.tunables.concurrency.max(1);
+                let pool = job.run.pool(job.work()).with_notify(waker.notify());
+                let pipe = Pipeline::new(pool, grouping).claiming_ahead(ahead);
+                lanes.push((server, pipe, job));
+            }
         }
-    };
-    job.finish(stopped, groups)
+    }
+    ended.extend(super::lanes::run(
+        lanes,
+        &waker,
+        |job| job.run.deadline,
+        |job, why, groups| job.summarize(why, groups),
+    ));
+    super::lanes::record("process_queue", ended)
 }

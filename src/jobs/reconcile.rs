@@ -8,8 +8,8 @@ use super::run::{call_json, Run};
 use crate::errors::{EvoqError, SpiResult};
 use crate::evolution::{ApiError, ListedInstance};
 use crate::reconcile::{
-    follow_up, outcome, sort_listing, FollowUps, Plan, Tally, DEFAULT_SERVER,
-    FOLLOW_UPS_LEASE_ROUNDS, FOLLOW_UP_THREADS, MAX_FOLLOW_UPS,
+    follow_up, outcome, sort_listing, FollowUps, Plan, Tally, FOLLOW_UPS_LEASE_ROUNDS,
+    FOLLOW_UP_THREADS, MAX_FOLLOW_UPS,
 };
 use crate::settings::{Connection, Tunables};
 use pgrx::prelude::*;
@@ -186,7 +186,7 @@ pub fn reconcile_if_due(server: &str, deadline: Instant) -> Option<Value> {
     if due > 0 || Instant::now() >= deadline {
         return None;
     }
-    let mut run = Run::start("refresh_qr");
+    let mut run = Run::start("refresh_qr", server);
     run.deadline = run.deadline.min(deadline);
     // An open circuit waits for the refresh's own probe (none is made twice in one run).
     if run.circuit_state() != super::run::CircuitState::Closed {
@@ -198,22 +198,33 @@ pub fn reconcile_if_due(server: &str, deadline: Instant) -> Option<Value> {
 /// Compares what the Evolution server holds (`GET /instance/fetchInstances`) with evoq's rows,
 /// now, and applies what it finds: instances the server lost are created again, orphans of this
 /// deployment's namespace unowned for `evoq.orphan_grace_ms` are logged out and deleted, states
-/// that drifted are checked with connectionState. `server`: NULL or 'default' (one server).
+/// that drifted are checked with connectionState. `server`: one server's name; NULL reconciles
+/// each in turn (0.7.0), and returns one summary per server under "servers" when there are
+/// several.
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, @extschema@, pg_temp)]
 fn evoq_reconcile(server: default!(Option<&str>, "NULL")) -> pgrx::JsonB {
-    let server = server.unwrap_or(DEFAULT_SERVER);
-    if server != DEFAULT_SERVER {
-        EvoqError::invalid(
-            format!("there is no Evolution server named {server:?}"),
-            "evoq drives one server, named 'default' (the one evoq_configure sets); call evoq_reconcile() or evoq_reconcile('default').",
-        )
-        .raise();
+    let servers = match server {
+        Some(name) => {
+            crate::servers::require(name);
+            vec![name.to_string()]
+        }
+        None => crate::servers::names(),
+    };
+    let mut each: Vec<(String, Value)> = servers
+        .into_iter()
+        .map(|server| {
+            let mut run = Run::start("refresh_qr", &server);
+            let summary = match run.circuit_blocks() {
+                Some(reason) => json!({"server": server, "stopped": reason,
+                    "note": "the circuit is open: the server failed every call; the reconcile waits for it"}),
+                None => reconcile_now(&mut run, &server),
+            };
+            (server, summary)
+        })
+        .collect();
+    if each.len() == 1 {
+        return pgrx::JsonB(each.pop().map(|(_, s)| s).unwrap_or(Value::Null));
     }
-    let mut run = Run::start("refresh_qr");
-    if let Some(reason) = run.circuit_blocks() {
-        return pgrx::JsonB(json!({"server": server, "stopped": reason,
-            "note": "the circuit is open: the server failed every call; the reconcile waits for it"}));
-    }
-    pgrx::JsonB(reconcile_now(&mut run, server))
+    pgrx::JsonB(json!({"servers": each.into_iter().collect::<serde_json::Map<String, Value>>()}))
 }

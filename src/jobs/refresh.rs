@@ -14,7 +14,7 @@
 use super::run::{apply_requeue_requests, call_json, in_batch_context, record, Run};
 use crate::evolution::{ApiError, ApiVersion, ConnectOutcome, LiveState, Webhook};
 use crate::phone::Phone;
-use crate::pipeline::{run_to_end, Claimed, Flow, Pipeline, Source};
+use crate::pipeline::{Claimed, Flow, Pipeline, Source, Waker};
 use crate::policy::circuit_verdict;
 use pgrx::prelude::*;
 use serde::Deserialize;
@@ -227,7 +227,14 @@ impl RefreshJob {
 
     /// Applies the requeue requests the lost instances made, retires a rotated secret every
     /// instance has replaced, and remembers the run for evoq_status.
-    pub fn finish(mut self, stopped: &str, groups: u64) -> pgrx::JsonB {
+    pub fn finish(self, stopped: &str, groups: u64) -> pgrx::JsonB {
+        let job = self.run.job;
+        let (summary, last_error) = self.summarize(stopped, groups);
+        super::run::record_run(job, summary, last_error)
+    }
+
+    /// What `finish` does but the record: the summary and last error (see `lanes`).
+    pub fn summarize(mut self, stopped: &str, groups: u64) -> (Value, Option<String>) {
         // Lost instances were turned into requeue requests; apply those no run holds now, so
         // the queue row is pending as soon as this run commits.
         self.tally.requeued = apply_requeue_requests();
@@ -249,7 +256,7 @@ impl RefreshJob {
             "closed": t.closed, "still_open": t.still_open, "repointed": t.repointed,
             "relogged": t.relogged, "paired": t.paired, "stopped": stopped,
         });
-        self.run.finish(summary)
+        self.run.summarize(summary)
     }
 
     fn record_group(
@@ -344,8 +351,9 @@ impl Source for RefreshJob {
             .collect();
         let rows: Vec<ClaimedInstance> = in_batch_context(|| {
             call_json(
-                "SELECT evoq._claim_refresh($1, $2, $3, $4, $5, $6, $7)",
+                "SELECT evoq._claim_refresh($1, $2, $3, $4, $5, $6, $7, $8)",
                 &[
+                    self.run.server.as_str().into(),
                     (room as i32).into(),
                     t.qr_refresh_interval_ms.into(),
                     t.qr_window_ms.into(),
@@ -393,31 +401,41 @@ impl Source for RefreshJob {
 #[pg_extern(security_definer)]
 #[search_path(pg_catalog, @extschema@, pg_temp)]
 pub fn evoq_refresh_qr() -> pgrx::JsonB {
-    let mut job = RefreshJob::start(Run::start("refresh_qr"), 0, true);
-    let (stopped, groups) = match job.run.circuit_blocks() {
-        Some(reason) => (reason, 0),
-        None => {
-            let grouping = super::process::sql_grouping(&job.run);
-            // A refresh claim sorts every due instance whatever it takes: a quarter of the
-            // slots at a time, not one per finished call.
-            let quarter = (job.run.tunables.concurrency / 4).max(1);
-            let mut pipe =
-                Pipeline::new(job.run.pool(job.work()), grouping).claiming_at_least(quarter);
-            let deadline = job.run.deadline;
-            let why = run_to_end(&mut pipe, &mut job, deadline, || {
-                pgrx::check_for_interrupts!();
-            });
-            (if why == "drained" { "done" } else { why }, pipe.groups)
+    // 0.7.0: one run per server, side by side (see `lanes`)
+    let waker = Waker::default();
+    let mut ended = Vec::new();
+    let mut lanes = Vec::new();
+    let mut deadline: Option<std::time::Instant> = None;
+    for server in crate::servers::names() {
+        let mut job = RefreshJob::start(Run::start("refresh_qr", &server), 0, true);
+        deadline = Some(deadline.map_or(job.run.deadline, |d| d.min(job.run.deadline)));
+        match job.run.circuit_blocks() {
+            Some(reason) => ended.push((server, job.summarize(reason, 0))),
+            None => {
+                let grouping = super::process::sql_grouping(&job.run);
+                // A refresh claim sorts every due instance whatever it takes: a quarter of the
+                // slots at a time, not one per finished call.
+                let quarter = (job.run.tunables.concurrency / 4).max(1);
+                let pool = job.run.pool(job.work()).with_notify(waker.notify());
+                let pipe = Pipeline::new(pool, grouping).claiming_at_least(quarter);
+                lanes.push((server, pipe, job));
+            }
         }
-    };
-    let deadline = job.run.deadline;
-    let mut summary = job.finish(stopped, groups);
-    // 0.6.0: every evoq.reconcile_interval_ms, the server's listing compared with the rows,
-    // within this run's time budget (a cron slot is not held longer than before)
-    if let Some(reconciled) =
-        super::reconcile::reconcile_if_due(crate::reconcile::DEFAULT_SERVER, deadline)
-    {
-        summary.0["reconcile"] = reconciled;
     }
-    summary
+    ended.extend(super::lanes::run(
+        lanes,
+        &waker,
+        |job| job.run.deadline,
+        |job, why, groups| job.summarize(if why == "drained" { "done" } else { why }, groups),
+    ));
+    // 0.6.0: every evoq.reconcile_interval_ms, each server's listing compared with its rows,
+    // within this run's time budget (a cron slot is not held longer than before)
+    if let Some(deadline) = deadline {
+        for (server, (summary, _)) in ended.iter_mut() {
+            if let Some(reconciled) = super::reconcile::reconcile_if_due(server, deadline) {
+                summary["reconcile"] = reconciled;
+            }
+        }
+    }
+    super::lanes::record("refresh_qr", ended)
 }

@@ -33,6 +33,8 @@ pub enum CircuitState {
 
 pub struct Run {
     pub job: &'static str,
+    /// 0.7.0: the Evolution server this run calls (a job runs once per server: see `lanes`).
+    pub server: String,
     pub started: Instant,
     pub deadline: Instant,
     pub tunables: Tunables,
@@ -59,16 +61,20 @@ pub struct Run {
 pub const PROTECTED_BATCHES: u32 = 48;
 
 impl Run {
-    /// Reads the settings (ERROR if evoq is not configured, or if this database is a copy that
-    /// was not told so) and builds the HTTP client.
-    pub fn start(job: &'static str) -> Run {
-        let connection = load_connection().or_raise();
+    /// Reads the server's settings (ERROR if evoq is not configured, or if this database is a
+    /// copy that was not told so) and builds the HTTP client.
+    pub fn start(job: &'static str, server: &str) -> Run {
+        let connection = load_connection(server).or_raise();
         let mut tunables = tunables();
         // Calls in flight fit the file descriptors this process may open beside PostgreSQL's
         // own (see fd_budget); the worker's pool takes its size from here too.
-        let (slots, fd_note) = crate::fd_budget::call_slots(tunables.concurrency);
+        // 0.7.0: every server's run in this process shares one budget (a SQL function runs them
+        // side by side, the worker keeps a cycle per server), so each gets its share of it.
+        let lanes = crate::servers::count().max(1);
+        let (slots, fd_note) = crate::fd_budget::call_slots(tunables.concurrency * lanes);
+        let slots = (slots / lanes).max(1);
         // 0.6.0: and the server's own bound (evoq_server_set(max_in_flight => ...)).
-        tunables.concurrency = match crate::servers::max_in_flight(crate::servers::DEFAULT_SERVER) {
+        tunables.concurrency = match crate::servers::max_in_flight(server) {
             Some(bound) => slots.min(bound),
             None => slots,
         };
@@ -87,6 +93,7 @@ impl Run {
         let started = Instant::now();
         let mut run = Run {
             job,
+            server: server.to_string(),
             started,
             deadline: started + tunables.time_budget,
             version: connection.api_version,
@@ -111,7 +118,7 @@ impl Run {
     /// server, a webhook/set with the old URL). Once true, the run claims nothing more and ends
     /// when its calls in flight are recorded; the next run reads the new settings.
     pub fn settings_replaced(&mut self) -> bool {
-        if !self.replaced && crate::settings::changed_since(&self.connection.stamp) {
+        if !self.replaced && crate::settings::changed_since(&self.server, &self.connection.stamp) {
             self.replaced = true;
             self.note("evoq_configure changed the settings during this run: it claimed nothing more, the next run uses the new ones");
         }
@@ -227,7 +234,7 @@ impl Run {
                 ApiVersion::V2
             }
         };
-        remember_detected_version(v);
+        remember_detected_version(&self.server, v);
         self.version = Some(v);
         Ok(v)
     }
@@ -236,7 +243,7 @@ impl Run {
     /// what GET / said, so the next run asks again. A pinned version is the operator's word.
     pub fn maybe_forget_version(&mut self, errors: &[&ApiError]) {
         if !self.connection.version_pinned && errors.iter().any(|e| e.suggests_other_version()) {
-            forget_detected_version();
+            forget_detected_version(&self.server);
             self.note(
                 "a reply suggests the server speaks the other API dialect; the next run asks GET / again",
             );
@@ -250,9 +257,11 @@ impl Run {
     /// The circuit as this run finds it (the row is only read here, never locked: see
     /// `subxact::write_shared`).
     pub fn circuit_state(&self) -> CircuitState {
-        let (open, due) =
-            Spi::get_two::<bool, bool>("SELECT true, next_probe_at <= now() FROM evoq.circuit")
-                .or_internal("reading its state");
+        let (open, due) = Spi::get_two_with_args::<bool, bool>(
+            "SELECT true, next_probe_at <= now() FROM evoq.circuit WHERE server = $1",
+            &[self.server.as_str().into()],
+        )
+        .or_internal("reading its state");
         match (open, due) {
             (Some(true), Some(true)) => CircuitState::ProbeDue,
             (Some(true), _) => CircuitState::Open,
@@ -301,7 +310,12 @@ impl Run {
 
     /// A batch did not fail as a whole: a half-open circuit closes.
     pub fn batch_went_through(&mut self) {
-        if self.circuit_half_open && crate::subxact::write_shared("DELETE FROM evoq.circuit", &[]) {
+        if self.circuit_half_open
+            && crate::subxact::write_shared(
+                "DELETE FROM evoq.circuit WHERE server = $1",
+                &[self.server.as_str().into()],
+            )
+        {
             self.circuit_half_open = false;
             self.note("the circuit is closed again");
         }
@@ -312,20 +326,24 @@ impl Run {
     /// and less often).
     pub fn trip(&mut self, cause: &str) {
         self.circuit_half_open = false;
-        let trips = Spi::get_one::<i32>("SELECT trips FROM evoq.circuit")
-            .or_internal("reading its state")
-            .unwrap_or(0)
+        let trips = Spi::get_one_with_args::<i32>(
+            "SELECT trips FROM evoq.circuit WHERE server = $1",
+            &[self.server.as_str().into()],
+        )
+        .or_internal("reading its state")
+        .unwrap_or(0)
             + 1;
         let delay = circuit_probe_delay(trips as u32);
         crate::subxact::write_shared(
-            "INSERT INTO evoq.circuit (singleton, opened_at, cause, trips, next_probe_at)
-             VALUES (true, now(), $1, $2, clock_timestamp() + $3 * interval '1 millisecond')
-             ON CONFLICT (singleton) DO UPDATE SET cause = excluded.cause, trips = excluded.trips,
+            "INSERT INTO evoq.circuit (server, opened_at, cause, trips, next_probe_at)
+             VALUES ($4, now(), $1, $2, clock_timestamp() + $3 * interval '1 millisecond')
+             ON CONFLICT (server) DO UPDATE SET cause = excluded.cause, trips = excluded.trips,
                  next_probe_at = excluded.next_probe_at",
             &[
                 cause.into(),
                 trips.into(),
                 (delay.as_millis() as i64).into(),
+                self.server.as_str().into(),
             ],
         );
         self.warn(format!(
@@ -378,9 +396,12 @@ impl Run {
         ))
     }
 
-    /// Remembers the run for evoq_status and returns the summary.
-    pub fn finish(self, mut summary: Value) -> JsonB {
+    /// The run's summary (what the job counted, and the run's own figures and errors), and its
+    /// last error, for `record_run` (`lanes` records several servers' runs as one).
+    pub fn summarize(self, mut summary: Value) -> (Value, Option<String>) {
         summary["elapsed_ms"] = json!(self.started.elapsed().as_millis() as u64);
+        // 0.7.0: the server it called (each server has a run of its own)
+        summary["server"] = json!(self.server);
         // 0.6.0: the calls it sent at once at most (evoq.concurrency, the file descriptors, the
         // server's max_in_flight)
         summary["concurrency"] = json!(self.tunables.concurrency);
@@ -399,19 +420,18 @@ impl Run {
         if !self.notes.is_empty() {
             summary["notes"] = json!(self.notes);
         }
-        Spi::run_with_args(
-            "SELECT evoq._record_run($1, $2, $3)",
-            &[
-                self.job.into(),
-                JsonB(summary.clone()).into(),
-                last_error.into(),
-            ],
-        )
-        .unwrap_or_else(|e| {
-            crate::errors::EvoqError::internal("could not record the run", e).raise()
-        });
-        JsonB(summary)
+        (summary, last_error)
     }
+}
+
+/// Remembers a run for evoq_status (`evoq.job_runs`, one row per job) and returns its summary.
+pub fn record_run(job: &str, summary: Value, last_error: Option<String>) -> JsonB {
+    Spi::run_with_args(
+        "SELECT evoq._record_run($1, $2, $3)",
+        &[job.into(), JsonB(summary.clone()).into(), last_error.into()],
+    )
+    .unwrap_or_else(|e| crate::errors::EvoqError::internal("could not record the run", e).raise());
+    JsonB(summary)
 }
 
 /// Applies the requeue requests no other run's rows hold (see evoq._apply_requeue_requests);

@@ -151,7 +151,7 @@ mod tests {
         start_in_session(
             "evoq_holder",
             "BEGIN",
-            "SELECT evoq._claim_queue(10, 60000)::text",
+            "SELECT evoq._claim_queue('default', 10, 60000)::text",
         );
         let deadline = Instant::now() + Duration::from_secs(5);
         while count(&format!(
@@ -233,7 +233,7 @@ mod tests {
         )
         .unwrap();
         run("SELECT dblink_exec('evoq_refresh', 'BEGIN')");
-        run("SELECT * FROM dblink('evoq_refresh', 'SELECT evoq._claim_refresh(10, 0, 600000, 300000, true, ARRAY[]::uuid[], 0)::text') AS t(x text)");
+        run("SELECT * FROM dblink('evoq_refresh', 'SELECT evoq._claim_refresh(''default'', 10, 0, 600000, 300000, true, ARRAY[]::uuid[], 0)::text') AS t(x text)");
         // ...while the queue job claims the queue row and waits for the instance row.
         let pid = start_in_session("evoq_proc", "", "SELECT evoq_process_queue()::text");
         let deadline = Instant::now() + Duration::from_secs(10);

@@ -4,6 +4,7 @@
 
 mod concurrency;
 mod configuration;
+mod fleet;
 mod hardening;
 mod lifecycle;
 mod phone;

@@ -172,7 +172,7 @@ mod tests {
         assert_eq!(count("SELECT waiting_for_room FROM evoq_status"), 1);
         // A claimed row given back untried (the worker's reserve at a cycle's end) is the same.
         run("SELECT evoq_server_set('default', capacity => 3)");
-        let claims = json("SELECT evoq._claim_queue(5, 60000)");
+        let claims = json("SELECT evoq._claim_queue('default', 5, 60000)");
         assert_eq!(claims.as_array().unwrap().len(), 1, "{claims}");
         assert_eq!(load(), (3, Some(3)), "claimed: counted");
         run(&format!("SELECT evoq._release_queue('{claims}'::jsonb)"));
@@ -395,7 +395,7 @@ mod tests {
         // Who is placing on it now: the claim's transaction lock (only taken under a capacity).
         assert!(row["placing_pid"].is_null(), "{row}");
         run("SELECT evoq_server_set('default', capacity => 5)");
-        run("SELECT evoq._claim_queue(1, 1000)");
+        run("SELECT evoq._claim_queue('default', 1, 1000)");
         assert_eq!(
             one::<i32>("SELECT placing_pid FROM evoq_servers"),
             one::<i32>("SELECT pg_backend_pid()")

@@ -15,12 +15,12 @@ mod tests {
         configure(&mock);
         profiles();
         let user = sign_up(1).remove(0);
-        let claimed = json("SELECT evoq._claim_queue(10, 60000)");
+        let claimed = json("SELECT evoq._claim_queue('default', 10, 60000)");
         let claim = claimed[0].clone();
         assert_eq!(claim["user_id"], Value::String(user.clone()), "{claimed}");
         // Leased: a later claim (another run, or the worker after a crash) does not take it...
         assert_eq!(
-            json("SELECT evoq._claim_queue(10, 60000)"),
+            json("SELECT evoq._claim_queue('default', 10, 60000)"),
             Value::Array(vec![])
         );
         assert_eq!(
@@ -32,7 +32,7 @@ mod tests {
         );
         // ...until the lease runs out; then it is claimed again, with a new stamp.
         run("UPDATE evolution_instance_creation_queue SET next_attempt_at = now() - interval '1 second'");
-        let again = json("SELECT evoq._claim_queue(10, 60000)");
+        let again = json("SELECT evoq._claim_queue('default', 10, 60000)");
         assert_eq!(again[0]["id"], claim["id"]);
         assert_ne!(again[0]["claimed_at"], claim["claimed_at"]);
         // The first claim's answer comes back late: it is not written.
@@ -64,7 +64,7 @@ mod tests {
         configure(&mock);
         profiles();
         let user = sign_up(1).remove(0);
-        json("SELECT evoq._claim_queue(10, 60000)");
+        json("SELECT evoq._claim_queue('default', 10, 60000)");
         run("DELETE FROM profiles");
         // The request waits: the row is the worker's until its lease runs out or its result is in.
         assert_eq!(queue_row(&user)["action"], "create");
@@ -85,7 +85,7 @@ mod tests {
         let (user, _name) = created_instance(&mock);
         make_refresh_due();
         let claimed =
-            json("SELECT evoq._claim_refresh(10, 0, 600000, 300000, true, ARRAY[]::uuid[], 0)");
+            json("SELECT evoq._claim_refresh('default', 10, 0, 600000, 300000, true, ARRAY[]::uuid[], 0)");
         let claim = claimed[0].clone();
         assert_eq!(claim["task"], "connect", "{claimed}");
         // A delivery lands while the connect call is in flight (same status, a newer QR).
@@ -102,7 +102,7 @@ mod tests {
         // A result for the row as claimed is written.
         make_refresh_due();
         let claim =
-            json("SELECT evoq._claim_refresh(10, 0, 600000, 300000, true, ARRAY[]::uuid[], 0)")[0]
+            json("SELECT evoq._claim_refresh('default', 10, 0, 600000, 300000, true, ARRAY[]::uuid[], 0)")[0]
                 .clone();
         let fresh = serde_json::json!([{"id": claim["id"], "outcome": "qr", "qr_text": "from-the-poll",
                                         "qr_code": "x", "claimed_status": "connecting",
@@ -119,7 +119,7 @@ mod tests {
         let (user, _name) = created_instance(&mock);
         let claim = |fresh_ms: i64, busy: &str| {
             json(&format!(
-                "SELECT evoq._claim_refresh(10, 0, 600000, 300000, true, {busy}, {fresh_ms})"
+                "SELECT evoq._claim_refresh('default', 10, 0, 600000, 300000, true, {busy}, {fresh_ms})"
             ))
         };
         run(&format!(

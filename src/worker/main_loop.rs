@@ -49,19 +49,14 @@ const EMPTY_CYCLE_PAUSE: Duration = Duration::from_secs(1);
 const DELIVERY_GROUPS_PER_TURN: usize = 8;
 const DELIVERY_TIME_PER_TURN: Duration = Duration::from_millis(200);
 
-struct Worker {
-    settings: WorkerSettings,
-    listener: Option<Listener>,
-    /// The address the listener failed to bind, and when to try again.
-    listener_retry: Option<Instant>,
+/// 0.7.0: what the worker keeps per Evolution server. Each server has its own cycle (its run,
+/// pipeline and pool, so a slow server fills only its own slots), due time, probe, findings and
+/// pauses: a dead server's circuit stops only its own work.
+struct Lane {
+    server: String,
     cycle: Option<Cycle>,
     /// When the next cycle should start if nothing wakes the worker earlier.
     next_due: Instant,
-    /// The sign-up counter as the worker last saw it.
-    wakes_seen: u64,
-    /// Set by the pool's and the listener's threads before they signal the main thread, so a
-    /// burst of results costs one signal.
-    signalled: Arc<AtomicBool>,
     /// Consecutive failed steps: the pause after an error grows with them.
     failures: u32,
     /// A webhook/set failed: repoints wait until then (a cycle would otherwise retry it at
@@ -71,6 +66,92 @@ struct Worker {
     probe: Option<Probe>,
     /// What the probes found, until a cycle started with it.
     findings: Findings,
+}
+
+impl Lane {
+    fn new(server: String) -> Lane {
+        Lane {
+            server,
+            cycle: None,
+            next_due: Instant::now(),
+            failures: 0,
+            repoint_after: Instant::now(),
+            probe: None,
+            findings: Findings::default(),
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.cycle.as_ref().map_or(0, |c| c.pipe.in_flight())
+    }
+
+    /// Drops the cycle, giving back (best effort, in a transaction of its own) the rows it had
+    /// claimed ahead and never called: they were charged an attempt by their claim, and would
+    /// otherwise wait for their lease.
+    fn give_up_cycle(&mut self, why: &'static str) {
+        let Some(mut cycle) = self.cycle.take() else {
+            return;
+        };
+        if cycle.pipe.reserved() > 0 {
+            cycle.pipe.stop(why);
+            let Cycle { pipe, jobs, .. } = &mut cycle;
+            let _ = in_transaction(|| pipe.claim(jobs));
+        }
+    }
+
+    /// Logs a failed step and remembers it for evoq_status; the cycle is given up.
+    fn failed(&mut self, what: &str, message: String) {
+        self.failures += 1;
+        let message = format!("{what}: {message}");
+        pgrx::warning!("evoq worker: {message}");
+        shared::set_error(&message);
+        // The cycle is given up: its calls in flight are abandoned with its pool, and the rows it
+        // claimed and committed come due when their lease runs out.
+        self.give_up_cycle("failed");
+        let pause = Duration::from_secs(1u64 << self.failures.min(5));
+        self.next_due = Instant::now() + pause;
+    }
+
+    /// A probe's answer came back: kept for the next cycle, which starts at once.
+    fn take_probe(&mut self) {
+        let Some(outcome) = self.probe.as_ref().and_then(Probe::try_take) else {
+            return;
+        };
+        self.probe = None;
+        self.findings.take(outcome);
+        self.next_due = Instant::now();
+    }
+
+    fn cycle_wait(&self, enabled: bool) -> Duration {
+        match &self.cycle {
+            Some(c) if c.pipe.in_flight() > 0 => c
+                .pipe
+                .group_due_in()
+                .unwrap_or(Duration::from_secs(1))
+                .min(Duration::from_secs(1)),
+            Some(_) => Duration::ZERO,
+            None if !enabled => MAX_SLEEP,
+            // the probe's thread wakes the loop when it answers
+            None if self.probe.is_some() => MAX_SLEEP,
+            None => self.next_due.saturating_duration_since(Instant::now()),
+        }
+    }
+}
+
+struct Worker {
+    settings: WorkerSettings,
+    listener: Option<Listener>,
+    /// The address the listener failed to bind, and when to try again.
+    listener_retry: Option<Instant>,
+    /// 0.7.0: one per Evolution server (`default` alone until evoq_server_add).
+    lanes: Vec<Lane>,
+    /// When the servers were last read.
+    servers_read: Option<Instant>,
+    /// The sign-up counter as the worker last saw it.
+    wakes_seen: u64,
+    /// Set by the pool's and the listener's threads before they signal the main thread, so a
+    /// burst of results costs one signal.
+    signalled: Arc<AtomicBool>,
     /// Why the worker cannot work in this database (its role, the schema's version), as last
     /// logged: logged once, not at every retry.
     blocked: Option<String>,
@@ -91,6 +172,10 @@ struct Worker {
     /// turn comes at once. Their arrival signalled the latch once, and that wake was spent.
     deliveries_left: bool,
 }
+
+/// How often the worker reads the servers again (evoq_server_add and evoq_server_remove wake
+/// it, which reads them at once; this bounds the rest).
+const SERVERS_EVERY: Duration = Duration::from_secs(10);
 
 /// How often the accepted secrets are read again while the listener is open (an
 /// evoq_configure wakes the worker, which reads them at once; this bounds the rest).
@@ -207,14 +292,10 @@ impl Worker {
             settings: worker_settings(),
             listener: None,
             listener_retry: None,
-            cycle: None,
-            next_due: Instant::now(),
+            lanes: vec![Lane::new(crate::servers::DEFAULT_SERVER.to_string())],
+            servers_read: None,
             wakes_seen: shared::wakes(),
             signalled: Arc::new(AtomicBool::new(false)),
-            failures: 0,
-            repoint_after: Instant::now(),
-            probe: None,
-            findings: Findings::default(),
             blocked: None,
             secrets: Secrets::new(),
             secrets_read: None,
@@ -229,33 +310,12 @@ impl Worker {
     }
 
     fn in_flight(&self) -> usize {
-        self.cycle.as_ref().map_or(0, |c| c.pipe.in_flight())
+        self.lanes.iter().map(Lane::in_flight).sum()
     }
 
-    /// Logs a failed step and remembers it for evoq_status; the cycle is given up.
-    fn failed(&mut self, what: &str, message: String) {
-        self.failures += 1;
-        let message = format!("{what}: {message}");
-        pgrx::warning!("evoq worker: {message}");
-        shared::set_error(&message);
-        // The cycle is given up: its calls in flight are abandoned with its pool, and the rows it
-        // claimed and committed come due when their lease runs out.
-        self.give_up_cycle("failed");
-        let pause = Duration::from_secs(1u64 << self.failures.min(5));
-        self.next_due = Instant::now() + pause;
-    }
-
-    /// Drops the cycle, giving back (best effort, in a transaction of its own) the rows it had
-    /// claimed ahead and never called: they were charged an attempt by their claim, and would
-    /// otherwise wait for their lease.
-    fn give_up_cycle(&mut self, why: &'static str) {
-        let Some(mut cycle) = self.cycle.take() else {
-            return;
-        };
-        if cycle.pipe.reserved() > 0 {
-            cycle.pipe.stop(why);
-            let Cycle { pipe, jobs, .. } = &mut cycle;
-            let _ = in_transaction(|| pipe.claim(jobs));
+    fn give_up_cycles(&mut self, why: &'static str) {
+        for lane in &mut self.lanes {
+            lane.give_up_cycle(why);
         }
     }
 
@@ -296,10 +356,12 @@ impl Worker {
     /// the next one starts with the new settings (evoq.concurrency, the intervals...) as soon as
     /// its calls in flight are recorded.
     fn reload(&mut self) {
-        if let Some(cycle) = self.cycle.as_mut() {
-            cycle.pipe.stop("reload");
+        for lane in &mut self.lanes {
+            if let Some(cycle) = lane.cycle.as_mut() {
+                cycle.pipe.stop("reload");
+            }
+            lane.next_due = Instant::now();
         }
-        self.next_due = Instant::now();
         self.reconcile_due = Instant::now();
         let settings = worker_settings();
         if settings == self.settings {
@@ -318,7 +380,6 @@ impl Worker {
         if !self.settings.enabled {
             log!("evoq worker: evoq.worker = off; idle until it is turned on");
         }
-        self.next_due = Instant::now();
     }
 
     /// One turn of the loop.
@@ -330,24 +391,65 @@ impl Worker {
         self.wakes_seen = wakes;
         self.read_secrets(woken);
         self.take_deliveries();
-        self.take_probe();
+        for lane in &mut self.lanes {
+            lane.take_probe();
+        }
         if self.listener.is_none() && self.listener_retry.is_some_and(|t| Instant::now() >= t) {
             self.open_listener();
         }
         if !self.settings.enabled {
-            self.give_up_cycle("disabled");
+            self.give_up_cycles("disabled");
             return;
         }
+        self.read_servers(woken);
         self.step_reconcile();
-        match self.cycle.as_mut() {
-            Some(cycle) if woken => cycle.pipe.rearm(),
-            Some(_) => {}
-            None if woken || Instant::now() >= self.next_due => self.start_cycle(),
-            None => {}
+        for i in 0..self.lanes.len() {
+            let lane = &mut self.lanes[i];
+            let due = woken || Instant::now() >= lane.next_due;
+            match lane.cycle.as_mut() {
+                Some(cycle) if woken => cycle.pipe.rearm(),
+                Some(_) => {}
+                None if due => self.start_cycle(i),
+                None => {}
+            }
+            if self.lanes[i].cycle.is_some() {
+                self.step_cycle(i);
+            }
         }
-        if self.cycle.is_some() {
-            self.step_cycle();
+    }
+
+    /// 0.7.0: a lane per server (read at most every `SERVERS_EVERY`, and at once after a wake:
+    /// evoq_server_add and evoq_server_remove wake the worker). A server removed has its cycle
+    /// given up (evoq_server_remove already took its rows back).
+    fn read_servers(&mut self, woken: bool) {
+        if !woken
+            && self
+                .servers_read
+                .is_some_and(|t| t.elapsed() < SERVERS_EVERY)
+        {
+            return;
         }
+        let Ok(names) = in_transaction(|| {
+            if pg_catalog_has_settings() {
+                crate::servers::names()
+            } else {
+                vec![crate::servers::DEFAULT_SERVER.to_string()]
+            }
+        }) else {
+            return; // the cycles say why, if it lasts
+        };
+        self.servers_read = Some(Instant::now());
+        let mut lanes = std::mem::take(&mut self.lanes);
+        for lane in lanes.iter_mut().filter(|l| !names.contains(&l.server)) {
+            lane.give_up_cycle("server_removed");
+        }
+        lanes.retain(|l| names.contains(&l.server));
+        for name in names {
+            if !lanes.iter().any(|l| l.server == name) {
+                lanes.push(Lane::new(name));
+            }
+        }
+        self.lanes = lanes;
     }
 
     /// Gives the listener the secrets deliveries must carry (read at most every
@@ -437,8 +539,9 @@ impl Worker {
         }
     }
 
-    /// The reconcile (see `reconcile`): a step when its thread answered, a start when it is
-    /// due. Each step is a transaction of its own; the server is never waited on here.
+    /// The reconcile (see `reconcile`): a step when its thread answered, a start when one is
+    /// due. One server at a time; each step is a transaction of its own; the server is never
+    /// waited on here.
     fn step_reconcile(&mut self) {
         let notify = signaller(self.signalled.clone());
         if let Some(mut r) = self.reconcile.take() {
@@ -459,9 +562,20 @@ impl Worker {
         if Instant::now() < self.reconcile_due {
             return;
         }
+        let servers: Vec<String> = self.lanes.iter().map(|l| l.server.clone()).collect();
         let started = in_transaction(|| match cannot_work_here() {
             Some(_) => Err(reconcile::RETRY_PAUSE),
-            None => reconcile::start(notify),
+            None => {
+                // the first server whose reconcile is due; otherwise the soonest one's wait
+                let mut wait: Option<Duration> = None;
+                for server in &servers {
+                    match reconcile::start(server, notify.clone()) {
+                        Ok(r) => return Ok(r),
+                        Err(w) => wait = Some(wait.map_or(w, |v| v.min(w))),
+                    }
+                }
+                Err(wait.unwrap_or(reconcile::RETRY_PAUSE))
+            }
         });
         match started {
             Ok(Ok(r)) => self.reconcile = Some(Box::new(r)),
@@ -483,30 +597,22 @@ impl Worker {
         self.reconcile_due = Instant::now() + reconcile::RETRY_PAUSE;
     }
 
-    /// A probe's answer came back: kept for the next cycle, which starts at once.
-    fn take_probe(&mut self) {
-        let Some(outcome) = self.probe.as_ref().and_then(Probe::try_take) else {
-            return;
-        };
-        self.probe = None;
-        self.findings.take(outcome);
-        self.next_due = Instant::now();
-    }
-
-    fn start_cycle(&mut self) {
-        if self.probe.is_some() {
+    fn start_cycle(&mut self, i: usize) {
+        let lane = &mut self.lanes[i];
+        if lane.probe.is_some() {
             return; // it starts when the probe answers
         }
         let signalled = self.signalled.clone();
         let commit_every = self.settings.commit_every;
-        let repoint = Instant::now() >= self.repoint_after;
-        let findings = self.findings.clone();
+        let repoint = Instant::now() >= lane.repoint_after;
+        let findings = lane.findings.clone();
+        let server = lane.server.clone();
         let started = in_transaction(|| {
             if let Some(why) = cannot_work_here() {
                 return Err(why);
             }
             crate::jobs::run::require_working_attachments();
-            let run = Run::start("process_queue");
+            let run = Run::start("process_queue", &server);
             let t = run.tunables;
             let mut queue = QueueJob::start(run, t.lease_ms);
             // The probes run on a thread (see `probe`): a cycle that needs one asks for it and
@@ -515,7 +621,7 @@ impl Worker {
                 CircuitState::Closed => {}
                 CircuitState::Open => {
                     queue.finish("circuit_open", 0);
-                    return Ok(Err(NotStarted::Wait(circuit_probe_in())));
+                    return Ok(Err(NotStarted::Wait(circuit_probe_in(&server))));
                 }
                 CircuitState::ProbeDue => match findings.health.clone() {
                     None => {
@@ -525,7 +631,7 @@ impl Worker {
                     Some(probed) => {
                         if let Some(reason) = queue.run.take_health_probe(probed) {
                             queue.finish(reason, 0);
-                            return Ok(Err(NotStarted::Wait(circuit_probe_in())));
+                            return Ok(Err(NotStarted::Wait(circuit_probe_in(&server))));
                         }
                     }
                 },
@@ -550,17 +656,20 @@ impl Worker {
                             queue.run.count_error(&e);
                             queue.run.trip(&e.message);
                             queue.finish("circuit_open", 0);
-                            return Ok(Err(NotStarted::Wait(circuit_probe_in())));
+                            return Ok(Err(NotStarted::Wait(circuit_probe_in(&server))));
                         }
                     }
                 }
             }
             if let Some(reason) = queue.ready() {
                 queue.finish(reason, 0);
-                return Ok(Err(NotStarted::Wait(circuit_probe_in())));
+                return Ok(Err(NotStarted::Wait(circuit_probe_in(&server))));
             }
-            let refresh =
-                RefreshJob::start(Run::start("refresh_qr"), t.qr_refresh_interval_ms, repoint);
+            let refresh = RefreshJob::start(
+                Run::start("refresh_qr", &server),
+                t.qr_refresh_interval_ms,
+                repoint,
+            );
             let work = Both::<QueueJob, RefreshJob>::work(queue.work(), refresh.work());
             let pool = Pool::new(t.concurrency, work).with_notify(signaller(signalled));
             let grouping = Grouping {
@@ -582,19 +691,20 @@ impl Worker {
                 deadline: Instant::now() + t.time_budget,
             }))
         });
+        let lane = &mut self.lanes[i];
         match started {
             Ok(Ok(Ok(cycle))) => {
                 // The findings served this cycle; the next one asks again if it must.
-                self.findings = Findings::default();
+                lane.findings = Findings::default();
                 self.blocked = None;
-                self.cycle = Some(cycle);
+                lane.cycle = Some(cycle);
             }
             Ok(Ok(Err(NotStarted::Wait(wait)))) => {
-                self.findings = Findings::default();
-                self.next_due = Instant::now() + wait;
+                lane.findings = Findings::default();
+                lane.next_due = Instant::now() + wait;
             }
             Ok(Ok(Err(NotStarted::Probe(kind, client)))) => {
-                self.probe = Some(Probe::start(
+                lane.probe = Some(Probe::start(
                     kind,
                     client,
                     signaller(self.signalled.clone()),
@@ -610,14 +720,15 @@ impl Worker {
                     }
                     self.blocked = Some(why);
                 }
-                self.next_due = Instant::now() + MAX_SLEEP;
+                lane.next_due = Instant::now() + MAX_SLEEP;
             }
-            Err(message) => self.failed("starting a run", message),
+            Err(message) => lane.failed("starting a run", message),
         }
     }
 
-    fn step_cycle(&mut self) {
-        let Some(mut cycle) = self.cycle.take() else {
+    fn step_cycle(&mut self, i: usize) {
+        let lane = &mut self.lanes[i];
+        let Some(mut cycle) = lane.cycle.take() else {
             return;
         };
         if Instant::now() >= cycle.deadline {
@@ -629,8 +740,8 @@ impl Worker {
             // The claims commit before any call leaves: a call is never made for a claim that
             // rolled back. (After a stop, this gives the reserve back.)
             if let Err(message) = in_transaction(|| pipe.claim(jobs)) {
-                self.cycle = Some(cycle);
-                return self.failed("claiming rows", message);
+                lane.cycle = Some(cycle);
+                return lane.failed("claiming rows", message);
             }
         }
         // Claimed rows (now, or earlier into the reserve) go out as slots free.
@@ -643,59 +754,15 @@ impl Worker {
             jobs.first.run.reset_protection();
             jobs.second.run.reset_protection();
             if let Err(message) = in_transaction(|| pipe.flush(jobs)) {
-                self.cycle = Some(cycle);
-                return self.failed("recording results", message);
+                lane.cycle = Some(cycle);
+                return lane.failed("recording results", message);
             }
         }
         if !cycle.pipe.finished() {
-            self.cycle = Some(cycle);
+            lane.cycle = Some(cycle);
             return;
         }
-        self.finish_cycle(cycle);
-    }
-
-    fn finish_cycle(&mut self, cycle: Cycle) {
-        let Cycle { pipe, jobs, .. } = cycle;
-        let stopped = pipe.stopped().unwrap_or("drained");
-        let (claimed, groups) = (pipe.claimed, pipe.groups);
-        drop(pipe);
-        if jobs.second.repoint_failed() {
-            self.repoint_after = Instant::now() + REPOINT_PAUSE;
-        }
-        let repoint = Instant::now() >= self.repoint_after;
-        let big = claimed >= BIG_CYCLE;
-        let finished = in_transaction(|| {
-            let Both { first, second } = jobs;
-            first.finish(stopped, groups);
-            second.finish(
-                if stopped == "drained" {
-                    "done"
-                } else {
-                    stopped
-                },
-                groups,
-            );
-            next_due_in(repoint)
-        });
-        // The cycle's clients (and their kept-alive connections' buffers) are freed now; after
-        // a big one, give the memory back to the operating system (the pool's last thread
-        // trims too, but the clients outlive it).
-        if big {
-            crate::pool::give_back_memory();
-        }
-        match finished {
-            Ok(due_in) => {
-                // Only a whole cycle resets the pause after errors: one that starts and then
-                // fails (a library newer than the schema, say) keeps backing off.
-                self.failures = 0;
-                let mut wait = due_in.min(MAX_SLEEP);
-                if claimed == 0 {
-                    wait = wait.max(EMPTY_CYCLE_PAUSE);
-                }
-                self.next_due = Instant::now() + wait;
-            }
-            Err(message) => self.failed("finishing a run", message),
-        }
+        finish_cycle(lane, cycle);
     }
 
     /// How long the latch wait may last.
@@ -703,26 +770,63 @@ impl Worker {
         if self.deliveries_left {
             return Duration::ZERO;
         }
-        let cycle = self.cycle_wait();
+        let enabled = self.settings.enabled;
+        let cycle = self
+            .lanes
+            .iter()
+            .map(|l| l.cycle_wait(enabled))
+            .min()
+            .unwrap_or(MAX_SLEEP);
         // A reconcile in progress wakes the loop when its thread answers.
-        if self.settings.enabled && self.reconcile.is_none() {
+        if enabled && self.reconcile.is_none() {
             cycle.min(self.reconcile_due.saturating_duration_since(Instant::now()))
         } else {
             cycle
         }
     }
+}
 
-    fn cycle_wait(&self) -> Duration {
-        match &self.cycle {
-            Some(c) if c.pipe.in_flight() > 0 => c
-                .pipe
-                .group_due_in()
-                .unwrap_or(Duration::from_secs(1))
-                .min(Duration::from_secs(1)),
-            Some(_) => Duration::ZERO,
-            None if !self.settings.enabled => MAX_SLEEP,
-            None => self.next_due.saturating_duration_since(Instant::now()),
+fn finish_cycle(lane: &mut Lane, cycle: Cycle) {
+    let Cycle { pipe, jobs, .. } = cycle;
+    let stopped = pipe.stopped().unwrap_or("drained");
+    let (claimed, groups) = (pipe.claimed, pipe.groups);
+    drop(pipe);
+    if jobs.second.repoint_failed() {
+        lane.repoint_after = Instant::now() + REPOINT_PAUSE;
+    }
+    let repoint = Instant::now() >= lane.repoint_after;
+    let big = claimed >= BIG_CYCLE;
+    let finished = in_transaction(|| {
+        let Both { first, second } = jobs;
+        first.finish(stopped, groups);
+        second.finish(
+            if stopped == "drained" {
+                "done"
+            } else {
+                stopped
+            },
+            groups,
+        );
+        next_due_in(repoint)
+    });
+    // The cycle's clients (and their kept-alive connections' buffers) are freed now; after
+    // a big one, give the memory back to the operating system (the pool's last thread
+    // trims too, but the clients outlive it).
+    if big {
+        crate::pool::give_back_memory();
+    }
+    match finished {
+        Ok(due_in) => {
+            // Only a whole cycle resets the pause after errors: one that starts and then
+            // fails (a library newer than the schema, say) keeps backing off.
+            lane.failures = 0;
+            let mut wait = due_in.min(MAX_SLEEP);
+            if claimed == 0 {
+                wait = wait.max(EMPTY_CYCLE_PAUSE);
+            }
+            lane.next_due = Instant::now() + wait;
         }
+        Err(message) => lane.failed("finishing a run", message),
     }
 }
 
@@ -777,10 +881,11 @@ fn cannot_work_here() -> Option<Option<String>> {
     None
 }
 
-/// How long until the circuit's next probe (at least a second, at most `MAX_SLEEP`).
-fn circuit_probe_in() -> Duration {
-    let ms = Spi::get_one::<f64>(
-        "SELECT extract(epoch FROM next_probe_at - clock_timestamp()) * 1000 FROM evoq.circuit",
+/// How long until the server's circuit's next probe (at least a second, at most `MAX_SLEEP`).
+fn circuit_probe_in(server: &str) -> Duration {
+    let ms = Spi::get_one_with_args::<f64>(
+        "SELECT extract(epoch FROM next_probe_at - clock_timestamp()) * 1000 FROM evoq.circuit WHERE server = $1",
+        &[server.into()],
     )
     .ok()
     .flatten()

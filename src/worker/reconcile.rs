@@ -6,7 +6,7 @@
 use crate::evolution::{ApiError, Client, ListedInstance};
 use crate::jobs::reconcile::{apply, begin, due_in_ms, finish, settings_replaced};
 use crate::jobs::run::{CircuitState, Run};
-use crate::reconcile::{follow_up, FollowUps, Plan, Tally, DEFAULT_SERVER, FOLLOW_UP_THREADS};
+use crate::reconcile::{follow_up, FollowUps, Plan, Tally, FOLLOW_UP_THREADS};
 use crate::settings::Connection;
 use pgrx::datum::TimestampWithTimeZone;
 use std::sync::mpsc::{self, Receiver, TryRecvError};
@@ -27,6 +27,8 @@ enum Stage {
 
 /// A reconcile in progress.
 pub struct Reconciling {
+    /// 0.7.0: the server being reconciled.
+    server: String,
     stage: Stage,
     client: Client,
     connection: Connection,
@@ -63,23 +65,24 @@ fn interval() -> Duration {
 
 /// Starts a reconcile of the server if it is due (in the caller's transaction): the listing
 /// goes out on a thread. Otherwise how long until it is.
-pub fn start(notify: Arc<dyn Fn() + Send + Sync>) -> Result<Reconciling, Duration> {
-    let Some(due) = due_in_ms(DEFAULT_SERVER) else {
+pub fn start(server: &str, notify: Arc<dyn Fn() + Send + Sync>) -> Result<Reconciling, Duration> {
+    let Some(due) = due_in_ms(server) else {
         return Err(OFF_RECHECK); // turned off; a reload looks again at once
     };
     if due > 0 {
         return Err(Duration::from_millis(due as u64));
     }
-    let run = Run::start("refresh_qr");
+    let run = Run::start("refresh_qr", server);
     if run.circuit_state() != CircuitState::Closed {
         return Err(RETRY_PAUSE); // the server failed every call: the cycles' probe decides
     }
-    let Some(listed_at) = begin(DEFAULT_SERVER, &run.tunables) else {
+    let Some(listed_at) = begin(server, &run.tunables) else {
         return Err(RETRY_PAUSE);
     };
     let client = run.client.clone();
     let lister = client.clone();
     Ok(Reconciling {
+        server: server.to_string(),
         stage: Stage::Listing(on_thread(move || lister.list_instances(), notify)),
         client,
         connection: run.connection.clone(),
@@ -129,12 +132,12 @@ impl Reconciling {
                     Ok(listed) => listed,
                     Err(e) => return self.end(None, &FollowUps::default(), Some(&e)),
                 };
-                if crate::settings::changed_since(&self.connection.stamp) {
+                if crate::settings::changed_since(&self.server, &self.connection.stamp) {
                     let e = settings_replaced();
                     return self.end(None, &FollowUps::default(), Some(&e));
                 }
                 let plan = apply(
-                    DEFAULT_SERVER,
+                    &self.server,
                     listed,
                     self.listed_at,
                     &self.connection,
@@ -158,7 +161,7 @@ impl Reconciling {
             (Stage::Calling(_, plan), Some(Answer::Calls(answers))) => {
                 // Settings replaced meanwhile: the answers are still the server's truth about
                 // those instances, but the rows may now point elsewhere; let the next one judge.
-                if crate::settings::changed_since(&self.connection.stamp) {
+                if crate::settings::changed_since(&self.server, &self.connection.stamp) {
                     let e = settings_replaced();
                     return self.end(None, &FollowUps::default(), Some(&e));
                 }
@@ -174,7 +177,7 @@ impl Reconciling {
 
     fn end(self, plan: Option<&Plan>, answers: &FollowUps, failure: Option<&ApiError>) -> Step {
         finish(
-            DEFAULT_SERVER,
+            &self.server,
             self.listed_at,
             plan,
             answers,

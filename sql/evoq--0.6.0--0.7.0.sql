@@ -1,0 +1,981 @@
+-- evoq 0.6.0 -> 0.7.0: several Evolution servers.
+-- * evoq.servers gains a server's own URL, key, version (pinned or detected) and when they last
+--   changed; `default` keeps its own in evoq.settings (evoq_configure's). One URL, one server.
+-- * evoq.circuit is per server (keyed by its name, and gone with it).
+-- * _claim_queue and _claim_refresh claim for one server: its own rows, and the unplaced
+--   creations it is the best place for (_placement_share); _claim_rows says which rows it
+--   placed, and _release_queue puts an uncalled one back unplaced; _next_due_ms and evoq_status
+--   look at every server (_placement_blocked).
+-- * _reconcile_apply and _reconcile_finish judge one server's rows (a twin elsewhere is an
+--   orphan there).
+-- * evoq_server_add, evoq_server_remove; evoq_server_set also takes api_url, api_key and
+--   api_version; evoq_servers shows each server's URL, version and circuit.
+\echo Use "ALTER EXTENSION evoq UPDATE TO '0.7.0'" to load this file. \quit
+
+-- A server's own connection (NULL for `default`, whose connection is evoq.settings').
+ALTER TABLE evoq.servers
+    ADD COLUMN api_url text,
+    ADD COLUMN api_key text,
+    ADD COLUMN api_version text NOT NULL DEFAULT 'auto' CHECK (api_version IN ('auto', 'v1', 'v2')),
+    ADD COLUMN detected_version text CHECK (detected_version IN ('v1', 'v2')),
+    ADD COLUMN detected_at timestamptz,
+    ADD COLUMN connection_changed_at timestamptz NOT NULL DEFAULT now();
+ALTER TABLE evoq.servers ADD CONSTRAINT servers_connection_check
+    CHECK (CASE WHEN name = 'default' THEN api_url IS NULL AND api_key IS NULL
+                ELSE api_url IS NOT NULL AND api_key IS NOT NULL END);
+-- 0.7.0: one URL, one server (two names for one server would place past its capacity).
+CREATE UNIQUE INDEX servers_api_url_key ON evoq.servers (api_url);
+
+-- The circuit of `default` (the only server there was), keyed by its server from now on.
+ALTER TABLE evoq.circuit DROP CONSTRAINT circuit_pkey;
+ALTER TABLE evoq.circuit DROP COLUMN singleton;
+ALTER TABLE evoq.circuit ADD COLUMN server text;
+UPDATE evoq.circuit SET server = 'default';
+DELETE FROM evoq.circuit c WHERE NOT EXISTS (SELECT 1 FROM evoq.servers s WHERE s.name = c.server);
+ALTER TABLE evoq.circuit ALTER COLUMN server SET NOT NULL;
+ALTER TABLE evoq.circuit ADD PRIMARY KEY (server);
+ALTER TABLE evoq.circuit ADD FOREIGN KEY (server) REFERENCES evoq.servers (name) ON DELETE CASCADE;
+
+-- The claims take the server they claim for.
+DROP FUNCTION evoq._claim_queue(integer, bigint);
+DROP FUNCTION evoq._claim_rows(uuid[], integer, bigint);
+DROP FUNCTION evoq._claim_refresh(integer, bigint, bigint, bigint, boolean, uuid[], bigint);
+DROP FUNCTION evoq_server_set(text, integer, integer, text[]);
+
+-- Claims up to batch_size due rows. SKIP LOCKED: an overlapping run takes other rows. 0.4.0: a
+-- claimed row carries a lease: its next_attempt_at moves lease_ms ahead, so it is due for nobody
+-- else (this run's later claims included) until its result is written or the lease runs out. A
+-- SQL function's run holds its rows locked until it ends, so a crash or cancel there simply
+-- makes them due again; the background worker commits its claims, and a worker that died
+-- leaves rows that come due when their lease runs out (adoption on 403 keeps the retry free of
+-- duplicates). With the row's action, the name of the user's instance row (what a delete
+-- removes), and claimed_at: the results are written only to a row still held by this claim.
+-- 0.5.0: PL/pgSQL, so its plan is made once per session and kept (a SQL function with a SET
+-- clause is never inlined and was planned anew at every claim: the worker claims once per
+-- finished call).
+-- 0.7.0: for one server: the rows placed on it, and the unplaced ones it is the place for.
+-- A row placed on a server stays there (its create may have reached it: one instance per user
+-- across the fleet); an unplaced creation goes to the server with the most free capacity
+-- (evoq._placement_share).
+CREATE FUNCTION evoq._claim_queue(server text, batch_size integer, lease_ms bigint) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+DECLARE
+    -- 0.6.0: how many untried creations this claim may take onto the server (each takes room)
+    room integer := batch_size;
+    -- 0.7.0: how many of them may be unplaced ones (the server is their best place)
+    place integer;
+    -- the rows to claim when the claim may not take every due row it finds
+    ids uuid[];
+    taken integer;
+BEGIN
+    -- Without a capacity or a drain the server always has room: one read, no lock, no count.
+    IF EXISTS (SELECT 1 FROM evoq.servers s WHERE s.name = _claim_queue.server AND (s.capacity IS NOT NULL OR s.draining)) THEN
+        room := evoq._server_room(_claim_queue.server, batch_size);
+    END IF;
+    place := room;
+    IF EXISTS (SELECT 1 FROM evoq.servers s WHERE s.name <> _claim_queue.server) THEN
+        -- Several servers: this one's row is held while the claim places on it, so that
+        -- evoq_server_remove waits for the claim (and a removed server places nothing).
+        PERFORM 1 FROM evoq.servers s WHERE s.name = _claim_queue.server FOR KEY SHARE;
+        IF NOT FOUND THEN
+            RETURN '[]';
+        END IF;
+        IF place > 0 THEN
+            place := evoq._placement_share(_claim_queue.server, place);
+        END IF;
+    END IF;
+    IF place < batch_size THEN
+        -- First the rows that need no room: deletions, and creations already tried here (which
+        -- it counts); a deletion never placed (its creation never left) is anyone's to send.
+        ids := ARRAY(SELECT q.id FROM evolution_instance_creation_queue q
+                     WHERE q.status IN ('pending', 'processing') AND q.next_attempt_at <= now()
+                       AND ((q.server = _claim_queue.server AND (q.action = 'delete' OR q.attempts > 0))
+                            OR (q.server IS NULL AND q.action = 'delete'))
+                     ORDER BY q.next_attempt_at, q.created_at
+                     LIMIT batch_size
+                     FOR UPDATE SKIP LOCKED);
+        -- Then untried creations placed here (an evoq_retry, a row given back untried): they
+        -- stay here, within its room.
+        IF room > 0 AND cardinality(ids) < batch_size THEN
+            taken := cardinality(ids);
+            ids := ids || ARRAY(SELECT q.id FROM evolution_instance_creation_queue q
+                                WHERE q.status IN ('pending', 'processing') AND q.next_attempt_at <= now()
+                                  AND q.server = _claim_queue.server AND q.action = 'create' AND q.attempts = 0
+                                ORDER BY q.next_attempt_at, q.created_at
+                                LIMIT least(room, batch_size - taken)
+                                FOR UPDATE SKIP LOCKED);
+            room := room - (cardinality(ids) - taken);
+            place := least(place, room);
+        END IF;
+        -- Then as many unplaced creations as this server is the place for. The rest stay
+        -- pending, untried and uncharged, until room appears here or elsewhere.
+        IF place > 0 AND cardinality(ids) < batch_size THEN
+            ids := ids || ARRAY(SELECT q.id FROM evolution_instance_creation_queue q
+                                WHERE q.status IN ('pending', 'processing') AND q.next_attempt_at <= now()
+                                  AND q.server IS NULL AND q.action = 'create'
+                                ORDER BY q.next_attempt_at, q.created_at
+                                LIMIT least(place, batch_size - cardinality(ids))
+                                FOR UPDATE SKIP LOCKED);
+        END IF;
+    END IF;
+    RETURN evoq._claim_rows(ids, batch_size, lease_ms, _claim_queue.server);
+END
+$$;
+
+-- The claim itself: the rows `ids` names, or (NULL) the first batch_size due rows in due order
+-- of those placed on the server or on none, each placed on the server if it was not yet (0.6.0:
+-- committed with the claim, before the create leaves), leased and returned with what its call
+-- needs (0.7.0: and whether this claim placed it). One statement, planned once.
+CREATE FUNCTION evoq._claim_rows(ids uuid[], batch_size integer, lease_ms bigint, server text) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+DECLARE
+    result jsonb;
+BEGIN
+    WITH due AS (
+        SELECT q.id, q.status, q.updated_at, q.next_attempt_at, q.server FROM evolution_instance_creation_queue q
+        WHERE q.status IN ('pending', 'processing') AND q.next_attempt_at <= now()
+          AND (ids IS NULL OR q.id = ANY (ids))
+          AND (q.server IS NULL OR q.server = _claim_rows.server)
+        ORDER BY q.next_attempt_at, q.created_at
+        LIMIT batch_size
+        FOR UPDATE SKIP LOCKED
+    ), claimed AS (
+        UPDATE evolution_instance_creation_queue q
+        SET status = 'processing', attempts = q.attempts + 1, updated_at = clock_timestamp(),
+            next_attempt_at = clock_timestamp() + lease_ms * interval '1 millisecond',
+            server = coalesce(q.server, _claim_rows.server)
+        FROM due WHERE q.id = due.id
+        RETURNING q.id, q.user_id, q.request_id, q.attempts, q.instance_name, q.action, q.updated_at,
+                  due.status AS prev_status, due.updated_at AS prev_updated_at,
+                  due.next_attempt_at AS prev_next_attempt_at, due.server IS NULL AS placed
+    )
+    SELECT coalesce(jsonb_agg(jsonb_build_object(
+        'id', c.id, 'user_id', c.user_id, 'request_id', c.request_id, 'attempts', c.attempts,
+        'instance_name', c.instance_name, 'action', c.action,
+        'instance_row_name', (SELECT i.instance_name FROM evolution_instances i WHERE i.user_id = c.user_id),
+        -- 0.5.0: a create carries the number the user gave for a pairing code
+        'number', (SELECT p.phone FROM evoq.phone_links p WHERE p.user_id = c.user_id AND c.action = 'create'),
+        'prev_status', c.prev_status, 'prev_updated_at', c.prev_updated_at,
+        'prev_next_attempt_at', c.prev_next_attempt_at, 'claimed_at', c.updated_at, 'placed', c.placed)), '[]')
+    INTO result
+    FROM claimed c;
+    RETURN result;
+END
+$$;
+
+-- 0.7.0: how many unplaced creations the server may take now, at most `wanted` (its own room):
+-- none while another server that takes new instances is a better place for them: unbounded
+-- where this one has a capacity, more free slots, or as many and fewer calls in flight (rows
+-- claimed and leased). A server that drains, is full or has its circuit open is no place. With
+-- a capacity, no more than puts it one below the next best, so a burst is spread as the free
+-- slots are, not to one server until it is full. Its capacity is kept by its own room (the
+-- lock in evoq._server_room); what this reads of the others only decides where a row is best.
+CREATE FUNCTION evoq._placement_share(server text, wanted integer) RETURNS integer
+LANGUAGE plpgsql
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+DECLARE
+    mine record;
+BEGIN
+    WITH c AS (
+        SELECT s.name,
+               CASE WHEN s.capacity IS NOT NULL
+                    THEN s.capacity - (SELECT l.live FROM evoq.server_load l WHERE l.name = s.name) END AS free,
+               (SELECT count(*) FROM evolution_instance_creation_queue q
+                WHERE q.server = s.name AND q.status = 'processing' AND q.next_attempt_at > now()) AS busy
+        FROM evoq.servers s
+        WHERE s.name = _placement_share.server
+           OR (NOT s.draining AND NOT EXISTS (SELECT 1 FROM evoq.circuit k WHERE k.server = s.name))
+    ), e AS (
+        SELECT c.* FROM c WHERE c.name = _placement_share.server OR c.free IS NULL OR c.free > 0
+    )
+    SELECT m.free, m.busy,
+           EXISTS (SELECT 1 FROM e p
+                   WHERE p.name <> m.name
+                     AND ((p.free IS NULL AND m.free IS NOT NULL)
+                          OR p.free > m.free
+                          OR (p.free IS NOT DISTINCT FROM m.free AND p.busy < m.busy))) AS beaten,
+           (SELECT max(p.free) FROM e p WHERE p.name <> m.name) AS best_other
+    INTO mine
+    FROM e m WHERE m.name = _placement_share.server;
+    IF NOT FOUND OR mine.beaten THEN
+        RETURN 0;
+    ELSIF mine.free IS NULL OR mine.best_other IS NULL THEN
+        RETURN wanted;
+    END IF;
+    RETURN least(wanted, greatest(mine.free - mine.best_other + 1, 1))::integer;
+END
+$$;
+
+-- 0.7.0: why no server takes a new instance now (each one's reason); NULL when one does, or when
+-- there is no server yet.
+CREATE FUNCTION evoq._placement_blocked() RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+    SELECT CASE WHEN bool_and(f.reason IS NOT NULL) THEN string_agg(f.reason, '; ' ORDER BY f.name) END
+    FROM (SELECT s.name, evoq._server_full(s.name) AS reason FROM evoq.servers s) f
+$$;
+
+-- Claims up to batch_size instances with something to do, each with its task, in this order:
+--   expire:  connecting, not scanned within window_ms: log it out (its QR loop costs the server);
+--   connect: connecting, not refreshed within min_interval_ms: ask for the current QR;
+--   repoint: registered before the webhook last changed (URL, events, headers, secret), unless
+--            the caller says not to;
+--   check:   open, not checked within check_interval_ms: ask connectionState (never connect).
+-- close, refused and expired instances are never connected by a job: only evoq_reconnect
+-- re-arms them. Another deployment's instances (rows a copy inherited) are not touched.
+-- 0.4.0: busy are the instances the caller has in flight (its own transaction would otherwise
+-- claim them again: they are locked by itself); qr_fresh_ms > 0 also skips connecting instances
+-- whose QR (polled or delivered by webhook) is younger than that, so with webhooks arriving
+-- polling stays a fallback. 0.7.0: the instances of one server.
+CREATE FUNCTION evoq._claim_refresh(server text, batch_size integer, min_interval_ms bigint, window_ms bigint,
+                                    check_interval_ms bigint, repoint boolean, busy uuid[],
+                                    qr_fresh_ms bigint) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+DECLARE
+    s record;
+    claimed jsonb := '[]';
+    part jsonb;
+    paced timestamptz := now() - min_interval_ms * interval '1 millisecond';
+BEGIN
+    SELECT namespace, owns_legacy_names, webhook_url, webhook_changed_at INTO s FROM evoq.settings;
+
+    -- 0.5.0: a phone number is kept no longer than the QR window, nor once its instance opened,
+    -- expired or was deleted (rows evoq_link_with_phone holds are left for the next claim).
+    DELETE FROM evoq.phone_links p WHERE p.user_id IN (
+        SELECT l.user_id FROM evoq.phone_links l
+        WHERE l.requested_at <= now() - window_ms * interval '1 millisecond'
+           OR EXISTS (SELECT 1 FROM evolution_instances i WHERE i.user_id = l.user_id
+                      AND i.instance_status IN ('open', 'expired', 'deleted'))
+              -- a creation queued again (a new sign-up after a deprovisioning) still needs it
+              AND NOT EXISTS (SELECT 1 FROM evolution_instance_creation_queue q
+                              WHERE q.user_id = l.user_id AND q.action = 'create'
+                                AND q.status IN ('pending', 'processing'))
+        FOR UPDATE SKIP LOCKED);
+
+    -- Connecting instances not asked within min_interval_ms: past their window first (expire),
+    -- then those whose user gave a phone number (pair: a logout, then a connect with the
+    -- number), then the rest (connect). One statement, so a row is claimed for one task.
+    WITH due AS (
+        SELECT id, coalesce(connecting_since, created_at) <= now() - window_ms * interval '1 millisecond' AS past,
+               user_id,
+               EXISTS (SELECT 1 FROM evoq.phone_links p WHERE p.user_id = evolution_instances.user_id) AS pair
+        FROM evolution_instances
+        WHERE instance_status = 'connecting'
+          AND (last_refresh_at IS NULL OR last_refresh_at <= paced)
+          AND (qr_fresh_ms <= 0 OR last_qr_update IS NULL
+               OR last_qr_update <= now() - qr_fresh_ms * interval '1 millisecond'
+               OR coalesce(connecting_since, created_at) <= now() - window_ms * interval '1 millisecond'
+               OR EXISTS (SELECT 1 FROM evoq.phone_links p WHERE p.user_id = evolution_instances.user_id))
+          AND id <> ALL (busy)
+          AND evolution_instances.server = _claim_refresh.server
+          AND evoq._is_ours(instance_name, s.namespace, s.owns_legacy_names)
+          -- a user being deprovisioned: only the deletion touches the instance
+          AND NOT EXISTS (SELECT 1 FROM evolution_instance_creation_queue q
+                          WHERE q.user_id = evolution_instances.user_id AND q.action = 'delete')
+        ORDER BY 2 DESC, last_refresh_at NULLS FIRST
+        LIMIT batch_size
+        FOR UPDATE SKIP LOCKED
+    ), upd AS (
+        UPDATE evolution_instances i SET last_refresh_at = clock_timestamp(),
+            pairing_requested_at = CASE WHEN due.pair AND NOT due.past THEN clock_timestamp()
+                                        ELSE i.pairing_requested_at END
+        FROM due WHERE i.id = due.id
+        RETURNING i.id, i.instance_name, i.qr_text, due.past, i.updated_at,
+                  CASE WHEN NOT due.past THEN (SELECT p.phone FROM evoq.phone_links p WHERE p.user_id = due.user_id) END AS number
+    )
+    SELECT coalesce(jsonb_agg(jsonb_build_object('id', id, 'instance_name', instance_name, 'qr_text', qr_text,
+                                                 'status', 'connecting', 'claimed_at', updated_at, 'number', number,
+                                                 'task', CASE WHEN past THEN 'expire' WHEN number IS NOT NULL THEN 'pair'
+                                                              ELSE 'connect' END)), '[]')
+    INTO part FROM upd;
+    claimed := claimed || part;
+
+    -- Not paced by a column: the caller stops asking for these once one failed in its run.
+    IF repoint AND s.webhook_url IS NOT NULL AND s.webhook_changed_at IS NOT NULL THEN
+        WITH due AS (
+            SELECT id FROM evolution_instances
+            WHERE instance_status IN ('connecting', 'open', 'close', 'refused', 'expired')
+              AND (webhook_set_at IS NULL OR webhook_set_at < s.webhook_changed_at)
+              AND evoq._is_ours(instance_name, s.namespace, s.owns_legacy_names)
+              AND NOT EXISTS (SELECT 1 FROM evolution_instance_creation_queue q
+                              WHERE q.user_id = evolution_instances.user_id AND q.action = 'delete')
+              AND id NOT IN (SELECT (c->>'id')::uuid FROM jsonb_array_elements(claimed) c)
+              AND id <> ALL (busy)
+          AND evolution_instances.server = _claim_refresh.server
+            ORDER BY webhook_set_at NULLS FIRST
+            LIMIT batch_size - jsonb_array_length(claimed)
+            FOR UPDATE SKIP LOCKED
+        )
+        SELECT coalesce(jsonb_agg(jsonb_build_object('id', i.id, 'instance_name', i.instance_name,
+                                                     'qr_text', i.qr_text, 'status', i.instance_status,
+                                                     'claimed_at', i.updated_at, 'task', 'repoint')), '[]')
+        INTO part FROM due JOIN evolution_instances i USING (id);
+        claimed := claimed || part;
+    END IF;
+
+    -- 0.5.0: expired or deleted instances the server still reconnects (its deliveries keep
+    -- coming): logged out again, at most 5 times, 1, 2, 4, 8 and 16 minutes apart.
+    WITH due AS (
+        SELECT id FROM evolution_instances
+        WHERE instance_status IN ('expired', 'deleted')
+          AND server_loop_seen_at IS NOT NULL
+          AND server_loop_seen_at > coalesce(server_loop_logout_at, '-infinity')
+          AND server_loop_logouts < 5
+          AND coalesce(server_loop_logout_at, '-infinity')
+              <= now() - (60000 * 2 ^ server_loop_logouts) * interval '1 millisecond'
+          AND evoq._is_ours(instance_name, s.namespace, s.owns_legacy_names)
+          AND id NOT IN (SELECT (c->>'id')::uuid FROM jsonb_array_elements(claimed) c)
+          AND id <> ALL (busy)
+          AND evolution_instances.server = _claim_refresh.server
+        ORDER BY server_loop_seen_at
+        LIMIT batch_size - jsonb_array_length(claimed)
+        FOR UPDATE SKIP LOCKED
+    ), upd AS (
+        UPDATE evolution_instances i SET server_loop_logout_at = clock_timestamp(),
+                                         server_loop_logouts = i.server_loop_logouts + 1
+        FROM due WHERE i.id = due.id
+        RETURNING i.id, i.instance_name, i.qr_text, i.instance_status, i.updated_at
+    )
+    SELECT coalesce(jsonb_agg(jsonb_build_object('id', id, 'instance_name', instance_name, 'qr_text', qr_text,
+                                                 'status', instance_status, 'claimed_at', updated_at,
+                                                 'task', 'relogout')), '[]')
+    INTO part FROM upd;
+    claimed := claimed || part;
+
+    WITH due AS (
+        SELECT id FROM evolution_instances
+        WHERE instance_status = 'open'
+          AND (last_state_check_at IS NULL
+               OR last_state_check_at <= now() - check_interval_ms * interval '1 millisecond')
+          AND evoq._is_ours(instance_name, s.namespace, s.owns_legacy_names)
+          -- a user being deprovisioned: only the deletion touches the instance
+          AND NOT EXISTS (SELECT 1 FROM evolution_instance_creation_queue q
+                          WHERE q.user_id = evolution_instances.user_id AND q.action = 'delete')
+          AND id NOT IN (SELECT (c->>'id')::uuid FROM jsonb_array_elements(claimed) c)
+          AND id <> ALL (busy)
+          AND evolution_instances.server = _claim_refresh.server
+        ORDER BY last_state_check_at NULLS FIRST
+        LIMIT batch_size - jsonb_array_length(claimed)
+        FOR UPDATE SKIP LOCKED
+    ), upd AS (
+        UPDATE evolution_instances i SET last_state_check_at = clock_timestamp()
+        FROM due WHERE i.id = due.id
+        RETURNING i.id, i.instance_name, i.qr_text, i.updated_at
+    )
+    SELECT coalesce(jsonb_agg(jsonb_build_object('id', id, 'instance_name', instance_name, 'qr_text', qr_text,
+                                                 'status', 'open', 'claimed_at', updated_at, 'task', 'check')), '[]')
+    INTO part FROM upd;
+    RETURN claimed || part;
+END
+$$;
+
+-- Puts claimed rows back exactly as they were (the circuit breaker: a batch that failed because
+-- of the server or the configuration is not the rows' fault and costs them nothing). 0.7.0: a
+-- row the claim placed goes back unplaced when "unplace" says its call never left (claimed ahead
+-- and not called), so it may go to another server; a row whose call left stays where it went.
+CREATE OR REPLACE FUNCTION evoq._release_queue(claims jsonb) RETURNS void
+LANGUAGE sql
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+    UPDATE evolution_instance_creation_queue q
+    SET status = c.prev_status, attempts = greatest(q.attempts - 1, 0), updated_at = c.prev_updated_at,
+        next_attempt_at = coalesce(c.prev_next_attempt_at, q.next_attempt_at),
+        server = CASE WHEN c.unplace THEN NULL ELSE q.server END
+    FROM jsonb_to_recordset(claims) AS c(id uuid, prev_status text, prev_updated_at timestamptz,
+                                         prev_next_attempt_at timestamptz, claimed_at timestamptz,
+                                         unplace boolean)
+    WHERE q.id = c.id AND q.status = 'processing'
+      AND (c.claimed_at IS NULL OR q.updated_at = c.claimed_at)
+$$;
+
+-- 0.4.0: how long, in ms, until the next row is due for either job (0: one is due now; at most
+-- max_ms). The background worker sleeps that long when nothing wakes it earlier. The same
+-- conditions as the claims (evoq._claim_queue, evoq._claim_refresh with qr_fresh_ms and repoint),
+-- so a row no claim would take never keeps the worker awake.
+CREATE OR REPLACE FUNCTION evoq._next_due_ms(min_interval_ms bigint, window_ms bigint, check_interval_ms bigint,
+                                  qr_fresh_ms bigint, repoint boolean, max_ms bigint) RETURNS double precision
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+    WITH s AS (SELECT namespace, owns_legacy_names, webhook_url, webhook_changed_at FROM evoq.settings),
+    mine AS (
+        SELECT i.* FROM evolution_instances i, s
+        WHERE evoq._is_ours(i.instance_name, s.namespace, s.owns_legacy_names)
+          AND NOT EXISTS (SELECT 1 FROM evolution_instance_creation_queue q
+                          WHERE q.user_id = i.user_id AND q.action = 'delete')
+    ), due AS (
+        -- 0.6.0: an untried creation is due only while a server takes new instances (a full
+        -- one would have the worker claim nothing every second; room wakes it: evoq_server_set,
+        -- evoq_server_drain, or its own deletions and expiries; otherwise it looks again within
+        -- a minute). Each branch's test of the servers is a one-time filter: one branch is read.
+        -- 0.7.0: any server (evoq._placement_blocked).
+        SELECT min(next_attempt_at) AS at FROM evolution_instance_creation_queue
+        WHERE status IN ('pending', 'processing') AND evoq._placement_blocked() IS NULL
+        UNION ALL
+        SELECT min(next_attempt_at) FROM evolution_instance_creation_queue
+        WHERE status IN ('pending', 'processing') AND (action = 'delete' OR attempts > 0)
+          AND evoq._placement_blocked() IS NOT NULL
+        UNION ALL
+        -- connecting: once asked min_interval_ms ago, and its QR is older than qr_fresh_ms (or
+        -- its window is over)
+        SELECT min(greatest(coalesce(last_refresh_at, '-infinity') + min_interval_ms * interval '1 millisecond',
+                            CASE WHEN qr_fresh_ms <= 0 THEN '-infinity'
+                                 ELSE least(coalesce(last_qr_update, '-infinity') + qr_fresh_ms * interval '1 millisecond',
+                                            coalesce(connecting_since, created_at) + window_ms * interval '1 millisecond')
+                            END))
+        FROM mine WHERE instance_status = 'connecting'
+        UNION ALL
+        SELECT min(coalesce(last_state_check_at, '-infinity') + check_interval_ms * interval '1 millisecond')
+        FROM mine WHERE instance_status = 'open'
+        UNION ALL
+        -- 0.5.0: a logout tried again for an instance the server still reconnects
+        SELECT min(coalesce(server_loop_logout_at, '-infinity')
+                   + (60000 * 2 ^ server_loop_logouts) * interval '1 millisecond')
+        FROM evolution_instances i, s
+        WHERE i.instance_status IN ('expired', 'deleted') AND i.server_loop_seen_at IS NOT NULL
+          AND i.server_loop_seen_at > coalesce(i.server_loop_logout_at, '-infinity')
+          AND i.server_loop_logouts < 5
+          AND evoq._is_ours(i.instance_name, s.namespace, s.owns_legacy_names)
+        UNION ALL
+        SELECT now() FROM mine, s
+        WHERE repoint AND s.webhook_url IS NOT NULL AND s.webhook_changed_at IS NOT NULL
+          AND mine.instance_status IN ('connecting', 'open', 'close', 'refused', 'expired')
+          AND (mine.webhook_set_at IS NULL OR mine.webhook_set_at < s.webhook_changed_at)
+    )
+    -- 0.5.0: a row never asked or checked is due since '-infinity', and PostgreSQL cannot
+    -- subtract an infinite timestamp: clamp it first (anything in the past is due now).
+    SELECT greatest(0, least(max_ms::double precision,
+                             CASE WHEN min(at) <= clock_timestamp() THEN 0
+                                  ELSE extract(epoch FROM (min(at) - clock_timestamp())) * 1000 END))
+    FROM due
+$$;
+
+-- Compares what the server listed at listed_at (only the names of this deployment's namespace:
+-- [{"n": name, "s": state or null, "u": user id}]) with the rows, and applies what needs no call:
+-- * missing: a row the server does not list. connecting/open: lost, and created again (as a 404
+--   does); close/refused/expired: lost, created again when its user asks (evoq_reconnect).
+--   Rows changed after listed_at are not judged: the listing may predate them. When the server
+--   lists none of many rows (more than 10, and more than half of the live ones) nothing is
+--   applied: that is more likely a server that lost its database for a moment than a real loss,
+--   and every instance's own 404 still tells (reported as missing_held_back).
+-- * drift: a listed state that contradicts the row's (open there, connecting or idle here; close
+--   there, open here). A listing has no server time, so it ranks below every delivery and call:
+--   it is not applied as such, the instance is asked connectionState (the live truth; the
+--   listing's state is the server's database, which lags), and that answer is written only to a
+--   row nothing changed since this function read it. Up to max_calls, returned as "checks".
+-- * orphans: listed names no row owns (no instance row but a deleted one, no queued creation).
+--   Tracked in evoq.reconcile_orphans; those unowned for grace_ms are returned as "remove" (up to
+--   max_calls), the caller logs them out and deletes them. Names outside the namespace never
+--   reach this function.
+-- 0.7.0: only the rows placed on this server are judged, and a name is an orphan here when no
+-- live row of this server (nor a creation not placed elsewhere) owns it: a twin at another
+-- server than the user's is removed.
+CREATE OR REPLACE FUNCTION evoq._reconcile_apply(server text, listed jsonb, listed_at timestamptz, grace_ms bigint,
+                                      max_calls integer) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+DECLARE
+    cfg evoq.settings;
+    names text[];
+    live_rows integer;
+    missing_live integer;
+    missing_records jsonb;
+    checks jsonb;
+    unowned text[];
+    remove jsonb;
+    held_back boolean;
+BEGIN
+    SELECT * INTO cfg FROM evoq.settings;
+    SELECT coalesce(array_agg(DISTINCT x.n), '{}') INTO names
+    FROM jsonb_to_recordset(listed) AS x(n text) WHERE x.n IS NOT NULL;
+
+    SELECT count(*), count(*) FILTER (WHERE NOT EXISTS (SELECT 1 FROM unnest(names) AS l(n) WHERE l.n = i.instance_name))
+      INTO live_rows, missing_live
+      FROM evolution_instances i
+     WHERE i.instance_status IN ('connecting', 'open', 'close', 'refused', 'expired') AND i.updated_at < listed_at
+       AND i.server = _reconcile_apply.server
+       AND evoq._is_ours(i.instance_name, cfg.namespace, cfg.owns_legacy_names);
+    held_back := missing_live > 10 AND missing_live * 2 > live_rows;
+
+    SELECT coalesce(jsonb_agg(jsonb_build_object(
+               'id', i.id,
+               'outcome', CASE WHEN i.instance_status IN ('connecting', 'open') THEN 'unlisted' ELSE 'unlisted_idle' END,
+               'claimed_status', i.instance_status, 'claimed_at', i.updated_at)), '[]')
+      INTO missing_records
+      FROM evolution_instances i
+     WHERE NOT held_back
+       AND i.instance_status IN ('connecting', 'open', 'close', 'refused', 'expired')
+       AND i.updated_at < listed_at
+       AND i.server = _reconcile_apply.server
+       AND evoq._is_ours(i.instance_name, cfg.namespace, cfg.owns_legacy_names)
+       AND NOT EXISTS (SELECT 1 FROM unnest(names) AS l(n) WHERE l.n = i.instance_name);
+    IF jsonb_array_length(missing_records) > 0 THEN
+        PERFORM evoq._record_refresh_results(missing_records);
+    END IF;
+
+    WITH l AS (SELECT DISTINCT ON (x.n) x.n, x.s FROM jsonb_to_recordset(listed) AS x(n text, s text))
+    SELECT coalesce(jsonb_agg(d.c), '[]') INTO checks FROM (
+        SELECT jsonb_build_object('id', i.id, 'instance_name', i.instance_name, 'status', i.instance_status,
+                                  'claimed_at', i.updated_at) AS c
+        FROM evolution_instances i JOIN l ON l.n = i.instance_name
+        WHERE i.updated_at < listed_at AND i.server = _reconcile_apply.server
+          AND ((l.s = 'open' AND i.instance_status IN ('connecting', 'close', 'refused', 'expired'))
+               OR (l.s = 'close' AND i.instance_status = 'open'))
+        ORDER BY i.updated_at
+        LIMIT max_calls) d;
+
+    -- Orphans: owned by nothing. A queued creation (pending or processing) owns its user's
+    -- name, whatever the rows say yet: its create may be in flight, or have timed out and be
+    -- about to be retried (and adopt the instance). Only names of this deployment's namespace:
+    -- a 0.1.0 name (evoq_<hex>) carries none, so another database that also owns such names
+    -- could hold it; those are never taken for orphans.
+    WITH l AS (SELECT DISTINCT ON (x.n) x.n, x.u FROM jsonb_to_recordset(listed) AS x(n text, u uuid)
+               WHERE x.n LIKE 'evoq\_' || cfg.namespace || '\_%')
+    SELECT coalesce(array_agg(l.n), '{}') INTO unowned FROM l
+    WHERE NOT EXISTS (SELECT 1 FROM evolution_instances i WHERE i.instance_name = l.n AND i.instance_status <> 'deleted'
+                      AND i.server = _reconcile_apply.server)
+      AND NOT EXISTS (SELECT 1 FROM evolution_instance_creation_queue q
+                      WHERE q.user_id = l.u AND q.status IN ('pending', 'processing') AND q.action = 'create'
+                        AND (q.server IS NULL OR q.server = _reconcile_apply.server))
+      AND NOT EXISTS (SELECT 1 FROM evolution_instance_creation_queue q
+                      WHERE q.instance_name = l.n AND q.status IN ('pending', 'processing') AND q.action = 'create'
+                        AND (q.server IS NULL OR q.server = _reconcile_apply.server));
+    DELETE FROM evoq.reconcile_orphans o
+    WHERE o.server = _reconcile_apply.server AND NOT EXISTS (SELECT 1 FROM unnest(unowned) AS u(n) WHERE u.n = o.instance_name);
+    INSERT INTO evoq.reconcile_orphans (server, instance_name)
+    SELECT _reconcile_apply.server, u FROM unnest(unowned) u
+    ON CONFLICT ON CONSTRAINT reconcile_orphans_pkey DO UPDATE SET last_seen_at = clock_timestamp();
+    SELECT coalesce(jsonb_agg(d.instance_name), '[]') INTO remove FROM (
+        SELECT o.instance_name FROM evoq.reconcile_orphans o
+        WHERE o.server = _reconcile_apply.server
+          AND o.first_seen_at <= clock_timestamp() - grace_ms * interval '1 millisecond'
+        ORDER BY o.first_seen_at, o.instance_name
+        -- one budget for the checks and the removals (the reconcile's lease is sized for it)
+        LIMIT greatest(0, max_calls - jsonb_array_length(checks))) d;
+
+    RETURN jsonb_build_object(
+        'missing', jsonb_array_length(missing_records),
+        'missing_held_back', CASE WHEN held_back THEN missing_live ELSE 0 END,
+        'checks', checks, 'orphans', cardinality(unowned), 'remove', remove,
+        'orphans_waiting', cardinality(unowned) - jsonb_array_length(remove));
+END
+$$;
+
+-- Ends a reconcile that began at `began` (a later one that took the lease after it ran out is
+-- left alone): its summary, the orphans it removed (their tracking goes) and those it could not
+-- (tried again next time), and the lease given back. A removed name that a row took meanwhile
+-- (a create queued after the comparison, which adopted the instance just before its removal)
+-- is lost again at once, so it is created afresh rather than waiting for a poll's 404.
+CREATE OR REPLACE FUNCTION evoq._reconcile_finish(server text, began timestamptz, summary jsonb, last_error text,
+                                       removals jsonb) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+DECLARE
+    retaken jsonb;
+BEGIN
+    DELETE FROM evoq.reconcile_orphans o USING jsonb_to_recordset(_reconcile_finish.removals) AS x(n text, error text)
+    WHERE o.server = _reconcile_finish.server AND o.instance_name = x.n AND x.error IS NULL;
+    UPDATE evoq.reconcile_orphans o SET removals = o.removals + 1, last_error = x.error
+    FROM jsonb_to_recordset(_reconcile_finish.removals) AS x(n text, error text)
+    WHERE o.server = _reconcile_finish.server AND o.instance_name = x.n AND x.error IS NOT NULL;
+    SELECT coalesce(jsonb_agg(jsonb_build_object('id', i.id, 'outcome', 'unlisted', 'claimed_status', i.instance_status,
+                                                 'claimed_at', i.updated_at)), '[]')
+      INTO retaken
+      FROM evolution_instances i JOIN jsonb_to_recordset(_reconcile_finish.removals) AS x(n text, error text)
+           ON x.n = i.instance_name AND x.error IS NULL
+     WHERE i.instance_status IN ('connecting', 'open') AND i.server = _reconcile_finish.server;
+    IF jsonb_array_length(retaken) > 0 THEN
+        PERFORM evoq._record_refresh_results(retaken);
+    END IF;
+    UPDATE evoq.reconciles r SET finished_at = clock_timestamp(), lease_until = NULL, summary = _reconcile_finish.summary,
+        last_error = coalesce(_reconcile_finish.last_error, r.last_error),
+        last_error_at = CASE WHEN _reconcile_finish.last_error IS NOT NULL THEN clock_timestamp() ELSE r.last_error_at END
+    WHERE r.server = _reconcile_finish.server AND r.started_at = _reconcile_finish.began;
+END
+$$;
+
+CREATE  FUNCTION evoq."_check_url"(
+	"label" TEXT, /* & str */
+	"url" TEXT /* & str */
+) RETURNS void
+STRICT
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_check_url_wrapper';
+
+-- 0.6.0: a server's own settings. capacity: how many live instances it may hold (a sign-up beyond
+-- waits pending, untried); max_in_flight: calls it is sent at once (at most evoq.concurrency);
+-- clear: settings reset to none ('capacity', 'max_in_flight'). Wakes the background worker, which
+-- places the sign-ups that waited for room. 0.7.0: and a server's URL, key (a rotation) and
+-- version, for the servers evoq_server_add made (`default`'s are evoq_configure's); a run that
+-- read the old ones claims nothing more.
+CREATE FUNCTION evoq_server_set(name text, capacity integer DEFAULT NULL, max_in_flight integer DEFAULT NULL,
+                                clear text[] DEFAULT '{}', api_url text DEFAULT NULL, api_key text DEFAULT NULL,
+                                api_version text DEFAULT NULL) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+DECLARE
+    srv evoq.servers;
+    unknown text := (SELECT string_agg(coalesce(quote_literal(f), 'NULL'), ', ') FROM unnest(clear) f
+                     WHERE f IS NULL OR f NOT IN ('capacity', 'max_in_flight'));
+    url text := rtrim(btrim(evoq_server_set.api_url), '/');
+    connection boolean := evoq_server_set.api_url IS NOT NULL OR evoq_server_set.api_key IS NOT NULL
+                          OR evoq_server_set.api_version IS NOT NULL;
+BEGIN
+    -- the statement's text may hold a key: an error must not log it
+    PERFORM set_config('log_min_error_statement', 'panic', true);
+    IF unknown IS NOT NULL THEN
+        RAISE EXCEPTION 'evoq_server_set: clear names no setting evoq_server_set can reset: %', unknown
+            USING ERRCODE = '22023', HINT = 'clear takes ''capacity'' (no bound on instances) and ''max_in_flight'' (evoq.concurrency).';
+    END IF;
+    PERFORM evoq._check_server_settings('evoq_server_set', evoq_server_set.capacity, evoq_server_set.max_in_flight);
+    IF (evoq_server_set.capacity IS NOT NULL AND 'capacity' = ANY (clear))
+       OR (evoq_server_set.max_in_flight IS NOT NULL AND 'max_in_flight' = ANY (clear)) THEN
+        RAISE EXCEPTION 'evoq_server_set: a setting is both given and cleared'
+            USING ERRCODE = '22023', HINT = 'Give a value, or name it in clear, not both.';
+    END IF;
+    IF connection THEN
+        IF evoq_server_set.name = 'default' THEN
+            RAISE EXCEPTION 'evoq_server_set: the URL, key and version of the server ''default'' are evoq_configure''s'
+                USING ERRCODE = '22023', HINT = 'Call evoq_configure(api_url => ..., api_key => ..., api_version => ...) to change them.';
+        END IF;
+        PERFORM evoq._check_server_connection('evoq_server_set', evoq_server_set.name, url, evoq_server_set.api_key,
+                                              coalesce(evoq_server_set.api_version, 'auto'), url IS NOT NULL,
+                                              evoq_server_set.api_key IS NOT NULL);
+    END IF;
+    UPDATE evoq.servers s SET
+        capacity = CASE WHEN 'capacity' = ANY (clear) THEN NULL ELSE coalesce(evoq_server_set.capacity, s.capacity) END,
+        max_in_flight = CASE WHEN 'max_in_flight' = ANY (clear) THEN NULL
+                             ELSE coalesce(evoq_server_set.max_in_flight, s.max_in_flight) END,
+        api_url = coalesce(url, s.api_url),
+        api_key = coalesce(btrim(evoq_server_set.api_key), s.api_key),
+        api_version = coalesce(evoq_server_set.api_version, s.api_version),
+        -- another URL (or dialect) may be another server's: GET / is asked again
+        detected_version = CASE WHEN url IS NOT NULL OR evoq_server_set.api_version IS NOT NULL THEN NULL
+                                ELSE s.detected_version END,
+        detected_at = CASE WHEN url IS NOT NULL OR evoq_server_set.api_version IS NOT NULL THEN NULL
+                           ELSE s.detected_at END,
+        connection_changed_at = CASE WHEN connection THEN clock_timestamp() ELSE s.connection_changed_at END,
+        updated_at = now()
+    WHERE s.name = evoq_server_set.name
+    RETURNING s.* INTO srv;
+    IF connection AND srv.name IS NOT NULL THEN
+        -- a new configuration deserves a fresh start: the circuit may have opened because of the old one
+        DELETE FROM evoq.circuit c WHERE c.server = srv.name;
+    END IF;
+    RETURN evoq._server_changed(srv, evoq_server_set.name);
+END
+$$;
+COMMENT ON FUNCTION evoq_server_set(text, integer, integer, text[], text, text, text) IS
+    'Sets an Evolution server''s capacity (live instances it may hold) and max_in_flight (calls at once); clear resets them. For a server evoq_server_add made, also its URL, key and version.';
+
+-- 0.7.0: the checks evoq_server_add and evoq_server_set share, so both say the same.
+CREATE FUNCTION evoq._check_server_settings(caller text, capacity integer, max_in_flight integer) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+BEGIN
+    IF _check_server_settings.capacity IS NOT NULL AND _check_server_settings.capacity < 1 THEN
+        RAISE EXCEPTION '%: capacity must be at least 1, not %', caller, _check_server_settings.capacity
+            USING ERRCODE = '22023',
+                  HINT = 'capacity is how many live instances the server may hold; leave it NULL (or clear => ''{capacity}'') for no bound.';
+    END IF;
+    IF _check_server_settings.max_in_flight IS NOT NULL AND _check_server_settings.max_in_flight < 1 THEN
+        RAISE EXCEPTION '%: max_in_flight must be at least 1, not %', caller, _check_server_settings.max_in_flight
+            USING ERRCODE = '22023',
+                  HINT = 'max_in_flight is how many calls the server is sent at once; leave it NULL (or clear => ''{max_in_flight}'') for evoq.concurrency.';
+    END IF;
+END
+$$;
+-- 0.7.0: a server's URL (checked like evoq_configure's, and no other server's), key and version.
+CREATE FUNCTION evoq._check_server_connection(caller text, name text, url text, key text, version text,
+                                              url_given boolean, key_given boolean) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+BEGIN
+    IF url_given THEN
+        PERFORM evoq._check_url(caller || ': api_url', url);
+        IF EXISTS (SELECT 1 FROM evoq.servers s WHERE s.api_url = _check_server_connection.url
+                   AND s.name <> _check_server_connection.name)
+           OR EXISTS (SELECT 1 FROM evoq.settings s WHERE rtrim(s.api_url, '/') = _check_server_connection.url) THEN
+            RAISE EXCEPTION '%: another server already has this api_url', caller
+                USING ERRCODE = '23505',
+                      HINT = 'One Evolution server, one name: two names for it would place instances past its capacity (evoq_servers lists them).';
+        END IF;
+    END IF;
+    IF key_given AND coalesce(btrim(key), '') = '' THEN
+        RAISE EXCEPTION '%: api_key must not be empty', caller
+            USING ERRCODE = '22023', HINT = 'Pass the server''s global key (AUTHENTICATION_API_KEY).';
+    END IF;
+    IF version IS NULL OR version NOT IN ('auto', 'v1', 'v2') THEN
+        RAISE EXCEPTION '%: api_version must be ''auto'', ''v1'' or ''v2'', not %', caller, coalesce(quote_literal(version), 'NULL')
+            USING ERRCODE = '22023', HINT = 'Leave it at ''auto'' to ask the server once.';
+    END IF;
+END
+$$;
+-- 0.7.0: another Evolution server, with its own URL, key, capacity, bound on calls and dialect.
+-- New sign-ups are placed on it as soon as it has the most free capacity; nothing moves onto it.
+CREATE FUNCTION evoq_server_add(name text, api_url text, api_key text, capacity integer DEFAULT NULL,
+                                max_in_flight integer DEFAULT NULL, api_version text DEFAULT 'auto') RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+DECLARE
+    srv evoq.servers;
+    url text := rtrim(btrim(evoq_server_add.api_url), '/');
+BEGIN
+    -- the statement's text holds a key: an error must not log it
+    PERFORM set_config('log_min_error_statement', 'panic', true);
+    IF NOT EXISTS (SELECT 1 FROM evoq.settings) THEN
+        RAISE EXCEPTION 'evoq_server_add: evoq is not configured yet'
+            USING ERRCODE = '55000',
+                  HINT = 'evoq_configure(api_url => ..., api_key => ..., webhook_url => ...) first: it makes the server ''default'' and the webhook every server is given.';
+    END IF;
+    IF evoq_server_add.name IS NULL OR evoq_server_add.name !~ '^[a-z0-9][a-z0-9_-]{0,39}$' THEN
+        RAISE EXCEPTION 'evoq_server_add: % is not a server name', coalesce(quote_literal(evoq_server_add.name), 'NULL')
+            USING ERRCODE = '22023', HINT = 'A name is 1 to 40 lower-case letters, digits, ''-'' or ''_'', starting with a letter or digit.';
+    END IF;
+    IF EXISTS (SELECT 1 FROM evoq.servers s WHERE s.name = evoq_server_add.name) THEN
+        RAISE EXCEPTION 'evoq_server_add: there is already a server named %', quote_literal(evoq_server_add.name)
+            USING ERRCODE = '23505', HINT = 'evoq_server_set changes a server''s settings; evoq_servers lists them.';
+    END IF;
+    IF url IS NULL OR url = '' THEN
+        RAISE EXCEPTION 'evoq_server_add: api_url must not be empty or NULL'
+            USING ERRCODE = '22023', HINT = 'Pass api_url => ''http://your-evolution-host:8080''.';
+    END IF;
+    IF evoq_server_add.api_key IS NULL THEN
+        RAISE EXCEPTION 'evoq_server_add: api_key must not be NULL'
+            USING ERRCODE = '22023', HINT = 'Pass the server''s global key (AUTHENTICATION_API_KEY).';
+    END IF;
+    PERFORM evoq._check_server_settings('evoq_server_add', evoq_server_add.capacity, evoq_server_add.max_in_flight);
+    PERFORM evoq._check_server_connection('evoq_server_add', evoq_server_add.name, url, evoq_server_add.api_key,
+                                          evoq_server_add.api_version, true, true);
+    INSERT INTO evoq.servers (name, capacity, max_in_flight, api_url, api_key, api_version)
+    VALUES (evoq_server_add.name, evoq_server_add.capacity, evoq_server_add.max_in_flight, url,
+            btrim(evoq_server_add.api_key), evoq_server_add.api_version)
+    RETURNING * INTO srv;
+    RETURN evoq._server_changed(srv, evoq_server_add.name);
+END
+$$;
+COMMENT ON FUNCTION evoq_server_add(text, text, text, integer, integer, text) IS
+    'Adds an Evolution API server: new instances are placed on the server with the most free capacity. The key is readable by no ordinary role and never printed.';
+
+-- 0.7.0: removes a server evoq_server_add made. Refused while it holds live instances or queued
+-- work (drain it, and let them go); with force its instances are given up: they become lost
+-- (connecting and open ones are created again on another server, the others when their user
+-- asks: evoq_reconnect), its unfinished creations are placed afresh and its deletions are done.
+CREATE FUNCTION evoq_server_remove(name text, force boolean DEFAULT false) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+DECLARE
+    live bigint;
+    queued bigint;
+    lost jsonb;
+    replaced integer;
+    done integer;
+BEGIN
+    IF evoq_server_remove.force IS NULL THEN
+        RAISE EXCEPTION 'evoq_server_remove: force must be true or false, not NULL'
+            USING ERRCODE = '22023', HINT = 'Leave it out (false) to remove only a server that holds nothing.';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM evoq.servers s WHERE s.name = evoq_server_remove.name) THEN
+        PERFORM evoq._no_such_server(evoq_server_remove.name);
+    END IF;
+    IF evoq_server_remove.name = 'default' THEN
+        RAISE EXCEPTION 'evoq_server_remove: the server ''default'' is the one evoq_configure describes, and stays'
+            USING ERRCODE = '22023',
+                  HINT = 'evoq_server_drain(''default'') stops new instances on it; evoq_configure can point it at another server.';
+    END IF;
+    -- Its row first: a claim placing on it holds it (evoq._claim_queue), and this waits for it.
+    PERFORM 1 FROM evoq.servers s WHERE s.name = evoq_server_remove.name FOR UPDATE;
+    SELECT l.live INTO live FROM evoq.server_load l WHERE l.name = evoq_server_remove.name;
+    SELECT count(*) INTO queued FROM evolution_instance_creation_queue q
+    WHERE q.server = evoq_server_remove.name AND q.status IN ('pending', 'processing');
+    IF (live > 0 OR queued > 0) AND NOT evoq_server_remove.force THEN
+        RAISE EXCEPTION 'evoq_server_remove: server % still holds % live instances and % queued requests',
+                        quote_literal(evoq_server_remove.name), live, queued
+            USING ERRCODE = '55006',
+                  HINT = format('Drain it (evoq_server_drain(%L)) and remove it once evoq_servers shows nothing live; or pass force => true to give its instances up: they become lost, and their users get a new instance (and QR) on another server.', evoq_server_remove.name);
+    END IF;
+    -- Given up: its live instances are lost, as if the server had said 404.
+    SELECT coalesce(jsonb_agg(jsonb_build_object(
+               'id', i.id,
+               'outcome', CASE WHEN i.instance_status IN ('connecting', 'open') THEN 'unlisted' ELSE 'unlisted_idle' END,
+               'claimed_status', i.instance_status, 'claimed_at', i.updated_at)), '[]')
+      INTO lost
+      FROM evolution_instances i
+     WHERE i.server = evoq_server_remove.name
+       AND i.instance_status IN ('connecting', 'open', 'close', 'refused', 'expired');
+    IF jsonb_array_length(lost) > 0 THEN
+        PERFORM evoq._record_refresh_results(lost);
+    END IF;
+    -- Its deletions are done (nothing there to delete any more); its creations go elsewhere. A
+    -- call still in flight to it finds its claim gone (updated_at moved) and is not recorded.
+    UPDATE evolution_instance_creation_queue q
+    SET status = 'completed', processed_at = clock_timestamp(), updated_at = clock_timestamp(),
+        error_message = format('its server %s was removed (evoq_server_remove with force)', evoq_server_remove.name)
+    WHERE q.server = evoq_server_remove.name AND q.status IN ('pending', 'processing') AND q.action = 'delete';
+    GET DIAGNOSTICS done = ROW_COUNT;
+    UPDATE evolution_instances i SET instance_status = 'deleted', updated_at = clock_timestamp()
+    WHERE i.server = evoq_server_remove.name AND i.instance_status = 'lost'
+      AND EXISTS (SELECT 1 FROM evolution_instance_creation_queue q
+                  WHERE q.user_id = i.user_id AND q.action = 'delete' AND q.status = 'completed');
+    UPDATE evolution_instance_creation_queue q
+    SET server = NULL, status = 'pending', attempts = 0, next_attempt_at = now(), updated_at = clock_timestamp()
+    WHERE q.server = evoq_server_remove.name AND q.status IN ('pending', 'processing') AND q.action = 'create';
+    GET DIAGNOSTICS replaced = ROW_COUNT;
+    DELETE FROM evoq.reconcile_orphans o WHERE o.server = evoq_server_remove.name;
+    DELETE FROM evoq.reconciles r WHERE r.server = evoq_server_remove.name;
+    DELETE FROM evoq.servers s WHERE s.name = evoq_server_remove.name;
+    PERFORM evoq._apply_requeue_requests();
+    PERFORM evoq._wake_worker_at_commit();
+    RETURN jsonb_build_object('removed', evoq_server_remove.name, 'instances_lost', jsonb_array_length(lost),
+                              'creations_placed_again', replaced, 'deletions_done', done);
+END
+$$;
+COMMENT ON FUNCTION evoq_server_remove(text, boolean) IS
+    'Removes an Evolution API server that holds nothing; with force, its instances become lost and are created again elsewhere.';
+
+CREATE OR REPLACE VIEW evoq_servers AS
+SELECT
+    l.name,
+    -- everything up to the last '@' masked: a password with an unescaped '/' or '@' too
+    regexp_replace(CASE WHEN l.name = 'default' THEN (SELECT s.api_url FROM evoq.settings s) ELSE v.api_url END,
+                   '^([a-z][a-z0-9+.-]*://)?.*@', '\1***@', 'i') AS api_url,
+    CASE WHEN EXISTS (SELECT 1 FROM evoq.circuit c WHERE c.server = l.name) THEN 'circuit_open'
+         WHEN l.draining THEN 'draining'
+         ELSE 'ok' END AS state,
+    CASE WHEN l.name = 'default'
+         THEN (SELECT coalesce(nullif(s.api_version, 'auto'), s.detected_version) FROM evoq.settings s)
+         ELSE coalesce(nullif(v.api_version, 'auto'), v.detected_version)
+    END AS api_version,
+    l.capacity,
+    l.max_in_flight,
+    l.draining,
+    l.live AS live_instances,
+    l.capacity - l.live AS free_slots,
+    (SELECT count(*) FROM evolution_instance_creation_queue q
+     WHERE q.server = l.name AND q.status = 'processing' AND q.next_attempt_at > now()) AS claimed,
+    l.full_reason,
+    -- the session placing on it now (a claim's transaction lock, see evoq._server_room): while one
+    -- holds it, no other run places (a pg_cron run holds it to its end; so would a transaction left
+    -- open after calling evoq_process_queue)
+    (SELECT k.pid FROM pg_locks k
+     WHERE k.locktype = 'advisory' AND k.granted AND k.objsubid = 2
+       AND k.database = (SELECT d.oid FROM pg_database d WHERE d.datname = current_database())
+       AND k.classid = hashtext('evoq placement')::oid AND k.objid = hashtext(l.name)::oid
+     LIMIT 1) AS placing_pid,
+    (SELECT j.last_error FROM evoq.job_runs j WHERE j.last_error_at IS NOT NULL
+     ORDER BY j.last_error_at DESC LIMIT 1) AS last_error,
+    (SELECT c.opened_at FROM evoq.circuit c WHERE c.server = l.name)     AS circuit_opened_at,
+    (SELECT c.cause FROM evoq.circuit c WHERE c.server = l.name)         AS circuit_cause,
+    (SELECT c.trips FROM evoq.circuit c WHERE c.server = l.name)         AS circuit_trips,
+    (SELECT c.next_probe_at FROM evoq.circuit c WHERE c.server = l.name) AS circuit_next_probe_at,
+    (SELECT r.finished_at FROM evoq.reconciles r WHERE r.server = l.name AND r.summary IS NOT NULL) AS last_reconcile_at,
+    (SELECT r.summary FROM evoq.reconciles r WHERE r.server = l.name) AS last_reconcile_summary,
+    (SELECT count(*) FROM evoq.reconcile_orphans o WHERE o.server = l.name) AS orphans_waiting
+FROM evoq.server_load l JOIN evoq.servers v ON v.name = l.name;
+
+CREATE OR REPLACE VIEW evoq_status AS
+SELECT
+    count(*) FILTER (WHERE q.status = 'pending')                               AS pending,
+    count(*) FILTER (WHERE q.status = 'processing')                            AS processing,
+    count(*) FILTER (WHERE q.status = 'completed')                             AS completed,
+    count(*) FILTER (WHERE q.status = 'failed')                                AS failed,
+    count(*) FILTER (WHERE q.status = 'failed' AND q.error_kind = 'permanent') AS failed_permanent,
+    count(*) FILTER (WHERE q.status = 'pending' AND q.error_kind = 'transient') AS retrying,
+    now() - min(q.created_at) FILTER (WHERE q.status IN ('pending', 'processing')) AS oldest_pending_age,
+    min(q.next_attempt_at) FILTER (WHERE q.status IN ('pending', 'processing')) AS next_attempt_at,
+    (SELECT count(*) FROM evolution_instances WHERE instance_status = 'connecting') AS instances_connecting,
+    (SELECT count(*) FROM evolution_instances WHERE instance_status = 'open')       AS instances_open,
+    (SELECT count(*) FROM evolution_instances WHERE instance_status = 'lost')       AS instances_lost,
+    (SELECT finished_at FROM evoq.job_runs WHERE job = 'process_queue') AS last_process_run_at,
+    (SELECT summary FROM evoq.job_runs WHERE job = 'process_queue')     AS last_process_summary,
+    (SELECT finished_at FROM evoq.job_runs WHERE job = 'refresh_qr')    AS last_refresh_run_at,
+    (SELECT summary FROM evoq.job_runs WHERE job = 'refresh_qr')        AS last_refresh_summary,
+    (SELECT last_error FROM evoq.job_runs WHERE last_error_at IS NOT NULL ORDER BY last_error_at DESC LIMIT 1) AS last_error,
+    (SELECT max(last_error_at) FROM evoq.job_runs) AS last_error_at,
+    EXISTS (SELECT 1 FROM evoq.settings) AS configured,
+    -- 0.2.0
+    (SELECT namespace FROM evoq.settings) AS namespace,
+    (SELECT coalesce(nullif(api_version, 'auto'), detected_version) FROM evoq.settings) AS api_version,
+    -- 0.7.0: the circuit of the server `default` (evoq_servers shows every server's)
+    CASE WHEN EXISTS (SELECT 1 FROM evoq.circuit WHERE server = 'default') THEN 'open' ELSE 'closed' END AS circuit,
+    (SELECT opened_at FROM evoq.circuit WHERE server = 'default')     AS circuit_opened_at,
+    (SELECT cause FROM evoq.circuit WHERE server = 'default')         AS circuit_cause,
+    (SELECT next_probe_at FROM evoq.circuit WHERE server = 'default') AS circuit_next_probe_at,
+    (SELECT count(*) FROM evoq.skipped_profiles) AS profiles_skipped,
+    (SELECT format('%s at %s: %s', table_name, skipped_at, reason) FROM evoq.skipped_profiles
+     ORDER BY id DESC LIMIT 1) AS last_profile_skip,
+    (SELECT count(*) FROM evoq.requeue_requests) AS requeue_requests_waiting,
+    -- 0.3.0
+    (SELECT count(*) FROM evolution_instances WHERE instance_status = 'close')   AS instances_close,
+    (SELECT count(*) FROM evolution_instances WHERE instance_status = 'refused') AS instances_refused,
+    (SELECT count(*) FROM evolution_instances WHERE instance_status = 'expired') AS instances_expired,
+    (SELECT count(*) FROM evolution_instances WHERE instance_status = 'deleted') AS instances_deleted,
+    (SELECT count(*) FROM evolution_instances WHERE instance_status = 'connecting' AND no_qr_rounds >= 3)
+        AS instances_without_qr,
+    CASE WHEN EXISTS (SELECT 1 FROM evolution_instances WHERE instance_status = 'connecting' AND no_qr_rounds >= 3)
+         THEN 'the Evolution API answers {"count":0} (no QR) for these instances, round after round: usually the '
+              'server''s WhatsApp Web version (CONFIG_SESSION_PHONE_VERSION) or its network to WhatsApp; see '
+              'Evolution API issues #1541 and #2385' END AS instances_without_qr_hint,
+    (SELECT count(*) FILTER (WHERE q.action = 'delete' AND q.status IN ('pending', 'processing'))) AS deletions_pending,
+    (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM evoq.webhooks_applied)  AS webhooks_applied,
+    (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM evoq.webhooks_ignored)  AS webhooks_ignored,
+    (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM evoq.webhooks_rejected) AS webhooks_rejected,
+    (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM evoq.webhooks_relayed)  AS webhooks_relayed,
+    (SELECT count(*) FROM evolution_instance_events) AS app_events_waiting,
+    (SELECT count(*) FROM evolution_instances i, evoq.settings s
+     WHERE s.webhook_url IS NOT NULL AND s.webhook_changed_at IS NOT NULL
+       AND i.instance_status IN ('connecting', 'open', 'close', 'refused', 'expired')
+       AND (i.webhook_set_at IS NULL OR i.webhook_set_at < s.webhook_changed_at)
+       AND evoq._is_ours(i.instance_name, s.namespace, s.owns_legacy_names)) AS webhooks_to_repoint,
+    -- 0.4.0: the background worker, from shared memory (all NULL but worker_loaded when evoq is
+    -- not in shared_preload_libraries, or the worker is not running)
+    (SELECT w.loaded FROM evoq._worker_state() w)       AS worker_loaded,
+    (SELECT w.pid FROM evoq._worker_state() w)          AS worker_pid,
+    (SELECT w.started_at FROM evoq._worker_state() w)   AS worker_started_at,
+    (SELECT w.last_loop_at FROM evoq._worker_state() w) AS worker_last_loop_at,
+    (SELECT w.in_flight FROM evoq._worker_state() w)    AS worker_in_flight,
+    (SELECT w.listener FROM evoq._worker_state() w)     AS worker_listener,
+    (SELECT w.last_error FROM evoq._worker_state() w)   AS worker_last_error,
+    -- 0.5.0: expired or deleted instances whose deliveries still come (the server reconnects them)
+    (SELECT count(*) FROM evolution_instances
+     WHERE instance_status IN ('expired', 'deleted') AND server_loop_seen_at > now() - interval '1 hour')
+        AS instances_still_looping,
+    CASE WHEN EXISTS (SELECT 1 FROM evolution_instances
+                      WHERE instance_status IN ('expired', 'deleted') AND server_loop_seen_at > now() - interval '1 hour')
+         THEN 'the Evolution server is still reconnecting these expired or deleted instances (their deliveries keep '
+              'coming, each reconnect a new socket): evoq logs them out again, up to 5 times; a restart of the '
+              'Evolution server ends such loops' END AS instances_still_looping_hint,
+    -- 0.6.0: the reconciler (fetchInstances compared with the rows), of the one server there is
+    (SELECT finished_at FROM evoq.reconciles WHERE server = 'default' AND summary IS NOT NULL) AS last_reconcile_at,
+    (SELECT summary FROM evoq.reconciles WHERE server = 'default') AS last_reconcile_summary,
+    (SELECT count(*) FROM evoq.reconcile_orphans) AS orphans_waiting,
+    -- 0.6.0: creations waiting for room (untried, no attempt charged), and why (evoq_servers
+    -- shows each server's load). 0.7.0: an unplaced one waits while no server takes new
+    -- instances; one placed on a server, while that server is full or draining.
+    count(*) FILTER (WHERE q.status = 'pending' AND q.action = 'create' AND q.attempts = 0
+                     AND CASE WHEN q.server IS NULL
+                              THEN (SELECT bool_and(l.full_reason IS NOT NULL) FROM evoq.server_load l)
+                              ELSE (SELECT l.full_reason FROM evoq.server_load l WHERE l.name = q.server) IS NOT NULL END)
+        AS waiting_for_room,
+    -- (evoq._placement_blocked, inlined: a view's functions run with its reader's privileges)
+    (SELECT CASE WHEN bool_and(l.full_reason IS NOT NULL) THEN string_agg(l.full_reason, '; ' ORDER BY l.name) END
+     FROM evoq.server_load l) AS waiting_for_room_reason
+FROM evolution_instance_creation_queue q;
+
+SELECT evoq_apply_policies();
