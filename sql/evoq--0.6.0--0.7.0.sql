@@ -8,8 +8,12 @@
 --   look at every server (_placement_blocked).
 -- * _reconcile_apply and _reconcile_finish judge one server's rows (a twin elsewhere is an
 --   orphan there).
--- * evoq_server_add, evoq_server_remove; evoq_server_set also takes api_url, api_key and
---   api_version; evoq_servers shows each server's URL, version and circuit.
+-- * evoq_server_add, evoq_server_remove; evoq_server_set also takes api_url, api_key,
+--   api_version and rotate_webhook_secret; evoq_servers shows each server's URL, version and circuit.
+-- * each server's own webhook secret (evoq.servers.webhook_secret; `default`'s stays
+--   evoq.settings'): _apply_delivery applies a delivery only to an instance of the server whose
+--   secret it carried (evoq.webhooks_misdirected counts the others, evoq_status shows it); the
+--   repoint compares with the server's own change too.
 \echo Use "ALTER EXTENSION evoq UPDATE TO '0.7.0'" to load this file. \quit
 
 -- A server's own connection (NULL for `default`, whose connection is evoq.settings').
@@ -19,12 +23,18 @@ ALTER TABLE evoq.servers
     ADD COLUMN api_version text NOT NULL DEFAULT 'auto' CHECK (api_version IN ('auto', 'v1', 'v2')),
     ADD COLUMN detected_version text CHECK (detected_version IN ('v1', 'v2')),
     ADD COLUMN detected_at timestamptz,
-    ADD COLUMN connection_changed_at timestamptz NOT NULL DEFAULT now();
+    ADD COLUMN connection_changed_at timestamptz NOT NULL DEFAULT now(),
+    ADD COLUMN webhook_secret text,
+    ADD COLUMN webhook_secret_previous text,
+    ADD COLUMN webhook_changed_at timestamptz;
 ALTER TABLE evoq.servers ADD CONSTRAINT servers_connection_check
     CHECK (CASE WHEN name = 'default' THEN api_url IS NULL AND api_key IS NULL
                 ELSE api_url IS NOT NULL AND api_key IS NOT NULL END);
 -- 0.7.0: one URL, one server (two names for one server would place past its capacity).
 CREATE UNIQUE INDEX servers_api_url_key ON evoq.servers (api_url);
+
+-- 0.7.0: deliveries that carried one server's secret for an instance another server holds
+CREATE SEQUENCE evoq.webhooks_misdirected;
 
 -- The circuit of `default` (the only server there was), keyed by its server from now on.
 ALTER TABLE evoq.circuit DROP CONSTRAINT circuit_pkey;
@@ -41,6 +51,13 @@ DROP FUNCTION evoq._claim_queue(integer, bigint);
 DROP FUNCTION evoq._claim_rows(uuid[], integer, bigint);
 DROP FUNCTION evoq._claim_refresh(integer, bigint, bigint, bigint, boolean, uuid[], bigint);
 DROP FUNCTION evoq_server_set(text, integer, integer, text[]);
+
+-- 0.7.0: a new webhook secret: 64 hex digits from two random (v4) uuids, which PostgreSQL draws
+-- from the operating system's random source (what evoq_configure's Rust does for `default`).
+CREATE FUNCTION evoq._new_webhook_secret() RETURNS text
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT replace(gen_random_uuid()::text, '-', '') || replace(gen_random_uuid()::text, '-', '') $$;
 
 -- Claims up to batch_size due rows. SKIP LOCKED: an overlapping run takes other rows. 0.4.0: a
 -- claimed row carries a lease: its next_attempt_at moves lease_ms ahead, so it is due for nobody
@@ -244,8 +261,13 @@ DECLARE
     claimed jsonb := '[]';
     part jsonb;
     paced timestamptz := now() - min_interval_ms * interval '1 millisecond';
+    -- 0.7.0: when this server's instances' webhook last changed: the deployment's (URL,
+    -- events, headers) or the server's own secret
+    changed_at timestamptz;
 BEGIN
     SELECT namespace, owns_legacy_names, webhook_url, webhook_changed_at INTO s FROM evoq.settings;
+    changed_at := greatest(s.webhook_changed_at,
+                           (SELECT v.webhook_changed_at FROM evoq.servers v WHERE v.name = _claim_refresh.server));
 
     -- 0.5.0: a phone number is kept no longer than the QR window, nor once its instance opened,
     -- expired or was deleted (rows evoq_link_with_phone holds are left for the next claim).
@@ -299,11 +321,11 @@ BEGIN
     claimed := claimed || part;
 
     -- Not paced by a column: the caller stops asking for these once one failed in its run.
-    IF repoint AND s.webhook_url IS NOT NULL AND s.webhook_changed_at IS NOT NULL THEN
+    IF repoint AND s.webhook_url IS NOT NULL AND changed_at IS NOT NULL THEN
         WITH due AS (
             SELECT id FROM evolution_instances
             WHERE instance_status IN ('connecting', 'open', 'close', 'refused', 'expired')
-              AND (webhook_set_at IS NULL OR webhook_set_at < s.webhook_changed_at)
+              AND (webhook_set_at IS NULL OR webhook_set_at < changed_at)
               AND evoq._is_ours(instance_name, s.namespace, s.owns_legacy_names)
               AND NOT EXISTS (SELECT 1 FROM evolution_instance_creation_queue q
                               WHERE q.user_id = evolution_instances.user_id AND q.action = 'delete')
@@ -448,7 +470,9 @@ AS $$
         SELECT now() FROM mine, s
         WHERE repoint AND s.webhook_url IS NOT NULL AND s.webhook_changed_at IS NOT NULL
           AND mine.instance_status IN ('connecting', 'open', 'close', 'refused', 'expired')
-          AND (mine.webhook_set_at IS NULL OR mine.webhook_set_at < s.webhook_changed_at)
+          AND (mine.webhook_set_at IS NULL
+               OR mine.webhook_set_at < greatest(s.webhook_changed_at,
+                                                 (SELECT v.webhook_changed_at FROM evoq.servers v WHERE v.name = mine.server)))
     )
     -- 0.5.0: a row never asked or checked is due since '-infinity', and PostgreSQL cannot
     -- subtract an infinite timestamp: clamp it first (anything in the past is due now).
@@ -604,6 +628,74 @@ BEGIN
 END
 $$;
 
+-- Applies one webhook delivery to its instance row: a single guarded UPDATE (webhook.rs and
+-- lifecycle.rs decide what it writes). d: {"instance", "from": [states it may leave], "to",
+-- "kind": "qr"|"open"|"close"|"refused"|"removed", "event_at", "qr_code", "qr_text",
+-- "pairing_code", "number", "profile_name", "reason"}. The row changes only from a state in
+-- "from", and only if no newer delivery of the server was applied already; a row being
+-- deprovisioned that the server reports removed is deleted, any other is lost and queued for
+-- creation again (as a 404 in the refresh). Returns the row's new status, NULL when nothing
+-- changed. 0.4.0: PL/pgSQL, so a session applying delivery after delivery (the worker's
+-- listener) plans the statement once, not once per call as a SQL function's body is.
+CREATE OR REPLACE FUNCTION evoq._apply_delivery(d jsonb) RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+DECLARE
+    result text;
+BEGIN
+    WITH x AS (
+        SELECT * FROM jsonb_to_record(d) AS x(
+            instance text, "from" text[], "to" text, kind text, event_at timestamptz,
+            qr_code text, qr_text text, pairing_code text, number text, profile_name text, reason text,
+            server text)
+    ), changed AS (
+        UPDATE evolution_instances i SET
+            instance_status = CASE
+                WHEN x.kind = 'removed' AND EXISTS (SELECT 1 FROM evolution_instance_creation_queue q
+                                                    WHERE q.user_id = i.user_id AND q.action = 'delete')
+                THEN 'deleted' ELSE x."to" END,
+            qr_code = CASE WHEN x.kind = 'qr' THEN x.qr_code END,
+            qr_text = CASE WHEN x.kind = 'qr' THEN x.qr_text END,
+            pairing_code = CASE WHEN x.kind = 'qr' THEN x.pairing_code END,
+            last_qr_update = CASE WHEN x.kind = 'qr' AND x.qr_text IS DISTINCT FROM i.qr_text
+                                  THEN clock_timestamp() ELSE i.last_qr_update END,
+            no_qr_rounds = CASE WHEN x.kind = 'qr' THEN 0 ELSE i.no_qr_rounds END,
+            owner_number = CASE WHEN x.kind = 'open' THEN coalesce(x.number, i.owner_number) ELSE i.owner_number END,
+            profile_name = CASE WHEN x.kind = 'open' THEN coalesce(x.profile_name, i.profile_name) ELSE i.profile_name END,
+            connected_at = CASE WHEN x.kind = 'open' AND i.instance_status <> 'open' THEN clock_timestamp()
+                                ELSE i.connected_at END,
+            last_state_check_at = CASE WHEN x.kind = 'open' AND i.instance_status <> 'open' THEN clock_timestamp()
+                                       ELSE i.last_state_check_at END,
+            disconnected_at = CASE WHEN x.kind IN ('close', 'refused', 'removed') THEN clock_timestamp()
+                                   WHEN x.kind = 'open' THEN NULL ELSE i.disconnected_at END,
+            disconnect_reason = CASE WHEN x.kind IN ('close', 'refused', 'removed') THEN x.reason
+                                     WHEN x.kind = 'open' THEN NULL ELSE i.disconnect_reason END,
+            last_event_at = coalesce(x.event_at, i.last_event_at),
+            -- Removed at the server: a live instance (a user waiting for a QR, or connected) is
+            -- created again; an idle one (close, refused, expired) only when the user asks.
+            last_error = CASE WHEN x.kind <> 'removed' THEN i.last_error
+                              WHEN i.instance_status IN ('connecting', 'open')
+                              THEN 'the Evolution API deleted the instance; its creation was queued again'
+                              ELSE 'the Evolution API deleted the instance; evoq_reconnect creates it again' END,
+            updated_at = clock_timestamp()
+        FROM x
+        WHERE i.instance_name = x.instance
+          -- 0.7.0: only a delivery of the server that holds the instance
+          AND (x.server IS NULL OR i.server = x.server)
+          AND i.instance_status = ANY (x."from")
+          AND (x.event_at IS NULL OR i.last_event_at IS NULL OR i.last_event_at <= x.event_at)
+        RETURNING i.user_id, i.instance_status, i.last_error
+    ), requeued AS (
+        INSERT INTO evoq.requeue_requests (user_id, reason)
+        SELECT user_id, 'lost' FROM changed
+        WHERE instance_status = 'lost' AND last_error LIKE '%creation was queued again'
+    )
+    SELECT instance_status INTO result FROM changed;
+    RETURN result;
+END
+$$;
+
 CREATE  FUNCTION evoq."_check_url"(
 	"label" TEXT, /* & str */
 	"url" TEXT /* & str */
@@ -621,7 +713,7 @@ AS 'MODULE_PATHNAME', '_check_url_wrapper';
 -- read the old ones claims nothing more.
 CREATE FUNCTION evoq_server_set(name text, capacity integer DEFAULT NULL, max_in_flight integer DEFAULT NULL,
                                 clear text[] DEFAULT '{}', api_url text DEFAULT NULL, api_key text DEFAULT NULL,
-                                api_version text DEFAULT NULL) RETURNS jsonb
+                                api_version text DEFAULT NULL, rotate_webhook_secret boolean DEFAULT false) RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, @extschema@, pg_temp
 AS $$
@@ -645,6 +737,23 @@ BEGIN
         RAISE EXCEPTION 'evoq_server_set: a setting is both given and cleared'
             USING ERRCODE = '22023', HINT = 'Give a value, or name it in clear, not both.';
     END IF;
+    IF evoq_server_set.rotate_webhook_secret IS NULL THEN
+        RAISE EXCEPTION 'evoq_server_set: rotate_webhook_secret must be true or false, not NULL'
+            USING ERRCODE = '22023', HINT = 'Leave it out (false), or pass true to give the server a new webhook secret.';
+    END IF;
+    IF evoq_server_set.rotate_webhook_secret THEN
+        IF evoq_server_set.name = 'default' THEN
+            RAISE EXCEPTION 'evoq_server_set: the webhook secret of the server ''default'' is evoq_configure''s'
+                USING ERRCODE = '22023', HINT = 'Call evoq_configure(..., rotate_webhook_secret => true) to rotate it.';
+        END IF;
+        IF EXISTS (SELECT 1 FROM evoq.servers s WHERE s.name = evoq_server_set.name
+                   AND s.webhook_secret_previous IS NOT NULL) THEN
+            RAISE EXCEPTION 'evoq_server_set: the previous rotation of server %''s webhook secret is still being applied',
+                            quote_literal(evoq_server_set.name)
+                USING ERRCODE = '55000',
+                      HINT = 'evoq_refresh_qr gives each of its instances the current secret and then retires the old one; rotate again after that. Rotating now would lock out the instances that still carry the first secret.';
+        END IF;
+    END IF;
     IF connection THEN
         IF evoq_server_set.name = 'default' THEN
             RAISE EXCEPTION 'evoq_server_set: the URL, key and version of the server ''default'' are evoq_configure''s'
@@ -667,6 +776,13 @@ BEGIN
         detected_at = CASE WHEN url IS NOT NULL OR evoq_server_set.api_version IS NOT NULL THEN NULL
                            ELSE s.detected_at END,
         connection_changed_at = CASE WHEN connection THEN clock_timestamp() ELSE s.connection_changed_at END,
+        -- a new secret: the one before is accepted until each of its instances has the new one
+        webhook_secret_previous = CASE WHEN evoq_server_set.rotate_webhook_secret THEN s.webhook_secret
+                                       ELSE s.webhook_secret_previous END,
+        webhook_secret = CASE WHEN evoq_server_set.rotate_webhook_secret THEN evoq._new_webhook_secret()
+                              ELSE s.webhook_secret END,
+        webhook_changed_at = CASE WHEN evoq_server_set.rotate_webhook_secret THEN clock_timestamp()
+                                  ELSE s.webhook_changed_at END,
         updated_at = now()
     WHERE s.name = evoq_server_set.name
     RETURNING s.* INTO srv;
@@ -677,8 +793,8 @@ BEGIN
     RETURN evoq._server_changed(srv, evoq_server_set.name);
 END
 $$;
-COMMENT ON FUNCTION evoq_server_set(text, integer, integer, text[], text, text, text) IS
-    'Sets an Evolution server''s capacity (live instances it may hold) and max_in_flight (calls at once); clear resets them. For a server evoq_server_add made, also its URL, key and version.';
+COMMENT ON FUNCTION evoq_server_set(text, integer, integer, text[], text, text, text, boolean) IS
+    'Sets an Evolution server''s capacity (live instances it may hold) and max_in_flight (calls at once); clear resets them. For a server evoq_server_add made, also its URL, key and version, and a new webhook secret.';
 
 -- 0.7.0: the checks evoq_server_add and evoq_server_set share, so both say the same.
 CREATE FUNCTION evoq._check_server_settings(caller text, capacity integer, max_in_flight integer) RETURNS void
@@ -762,9 +878,12 @@ BEGIN
     PERFORM evoq._check_server_settings('evoq_server_add', evoq_server_add.capacity, evoq_server_add.max_in_flight);
     PERFORM evoq._check_server_connection('evoq_server_add', evoq_server_add.name, url, evoq_server_add.api_key,
                                           evoq_server_add.api_version, true, true);
-    INSERT INTO evoq.servers (name, capacity, max_in_flight, api_url, api_key, api_version)
+    -- Its own webhook secret (64 hex digits from the operating system's random source, as
+    -- evoq_configure makes default's): its instances are given it when they are created.
+    INSERT INTO evoq.servers (name, capacity, max_in_flight, api_url, api_key, api_version, webhook_secret,
+                              webhook_changed_at)
     VALUES (evoq_server_add.name, evoq_server_add.capacity, evoq_server_add.max_in_flight, url,
-            btrim(evoq_server_add.api_key), evoq_server_add.api_version)
+            btrim(evoq_server_add.api_key), evoq_server_add.api_version, evoq._new_webhook_secret(), clock_timestamp())
     RETURNING * INTO srv;
     RETURN evoq._server_changed(srv, evoq_server_add.name);
 END
@@ -941,7 +1060,9 @@ SELECT
     (SELECT count(*) FROM evolution_instances i, evoq.settings s
      WHERE s.webhook_url IS NOT NULL AND s.webhook_changed_at IS NOT NULL
        AND i.instance_status IN ('connecting', 'open', 'close', 'refused', 'expired')
-       AND (i.webhook_set_at IS NULL OR i.webhook_set_at < s.webhook_changed_at)
+       AND (i.webhook_set_at IS NULL
+            OR i.webhook_set_at < greatest(s.webhook_changed_at,
+                                           (SELECT v.webhook_changed_at FROM evoq.servers v WHERE v.name = i.server)))
        AND evoq._is_ours(i.instance_name, s.namespace, s.owns_legacy_names)) AS webhooks_to_repoint,
     -- 0.4.0: the background worker, from shared memory (all NULL but worker_loaded when evoq is
     -- not in shared_preload_libraries, or the worker is not running)
@@ -975,7 +1096,9 @@ SELECT
         AS waiting_for_room,
     -- (evoq._placement_blocked, inlined: a view's functions run with its reader's privileges)
     (SELECT CASE WHEN bool_and(l.full_reason IS NOT NULL) THEN string_agg(l.full_reason, '; ' ORDER BY l.name) END
-     FROM evoq.server_load l) AS waiting_for_room_reason
+     FROM evoq.server_load l) AS waiting_for_room_reason,
+    -- 0.7.0: deliveries carrying one server's secret for an instance another server holds
+    (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM evoq.webhooks_misdirected) AS webhooks_misdirected
 FROM evolution_instance_creation_queue q;
 
 SELECT evoq_apply_policies();

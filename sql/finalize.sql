@@ -104,7 +104,9 @@ SELECT
     (SELECT count(*) FROM evolution_instances i, evoq.settings s
      WHERE s.webhook_url IS NOT NULL AND s.webhook_changed_at IS NOT NULL
        AND i.instance_status IN ('connecting', 'open', 'close', 'refused', 'expired')
-       AND (i.webhook_set_at IS NULL OR i.webhook_set_at < s.webhook_changed_at)
+       AND (i.webhook_set_at IS NULL
+            OR i.webhook_set_at < greatest(s.webhook_changed_at,
+                                           (SELECT v.webhook_changed_at FROM evoq.servers v WHERE v.name = i.server)))
        AND evoq._is_ours(i.instance_name, s.namespace, s.owns_legacy_names)) AS webhooks_to_repoint,
     -- 0.4.0: the background worker, from shared memory (all NULL but worker_loaded when evoq is
     -- not in shared_preload_libraries, or the worker is not running)
@@ -138,7 +140,9 @@ SELECT
         AS waiting_for_room,
     -- (evoq._placement_blocked, inlined: a view's functions run with its reader's privileges)
     (SELECT CASE WHEN bool_and(l.full_reason IS NOT NULL) THEN string_agg(l.full_reason, '; ' ORDER BY l.name) END
-     FROM evoq.server_load l) AS waiting_for_room_reason
+     FROM evoq.server_load l) AS waiting_for_room_reason,
+    -- 0.7.0: deliveries carrying one server's secret for an instance another server holds
+    (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM evoq.webhooks_misdirected) AS webhooks_misdirected
 FROM evolution_instance_creation_queue q;
 REVOKE ALL ON evoq_status FROM PUBLIC;
 COMMENT ON VIEW evoq_status IS 'Queue counts per state, oldest pending age, last runs and last error. Grant it to your operators.';
@@ -212,7 +216,7 @@ $$;
 -- read the old ones claims nothing more.
 CREATE FUNCTION evoq_server_set(name text, capacity integer DEFAULT NULL, max_in_flight integer DEFAULT NULL,
                                 clear text[] DEFAULT '{}', api_url text DEFAULT NULL, api_key text DEFAULT NULL,
-                                api_version text DEFAULT NULL) RETURNS jsonb
+                                api_version text DEFAULT NULL, rotate_webhook_secret boolean DEFAULT false) RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, @extschema@, pg_temp
 AS $$
@@ -236,6 +240,23 @@ BEGIN
         RAISE EXCEPTION 'evoq_server_set: a setting is both given and cleared'
             USING ERRCODE = '22023', HINT = 'Give a value, or name it in clear, not both.';
     END IF;
+    IF evoq_server_set.rotate_webhook_secret IS NULL THEN
+        RAISE EXCEPTION 'evoq_server_set: rotate_webhook_secret must be true or false, not NULL'
+            USING ERRCODE = '22023', HINT = 'Leave it out (false), or pass true to give the server a new webhook secret.';
+    END IF;
+    IF evoq_server_set.rotate_webhook_secret THEN
+        IF evoq_server_set.name = 'default' THEN
+            RAISE EXCEPTION 'evoq_server_set: the webhook secret of the server ''default'' is evoq_configure''s'
+                USING ERRCODE = '22023', HINT = 'Call evoq_configure(..., rotate_webhook_secret => true) to rotate it.';
+        END IF;
+        IF EXISTS (SELECT 1 FROM evoq.servers s WHERE s.name = evoq_server_set.name
+                   AND s.webhook_secret_previous IS NOT NULL) THEN
+            RAISE EXCEPTION 'evoq_server_set: the previous rotation of server %''s webhook secret is still being applied',
+                            quote_literal(evoq_server_set.name)
+                USING ERRCODE = '55000',
+                      HINT = 'evoq_refresh_qr gives each of its instances the current secret and then retires the old one; rotate again after that. Rotating now would lock out the instances that still carry the first secret.';
+        END IF;
+    END IF;
     IF connection THEN
         IF evoq_server_set.name = 'default' THEN
             RAISE EXCEPTION 'evoq_server_set: the URL, key and version of the server ''default'' are evoq_configure''s'
@@ -258,6 +279,13 @@ BEGIN
         detected_at = CASE WHEN url IS NOT NULL OR evoq_server_set.api_version IS NOT NULL THEN NULL
                            ELSE s.detected_at END,
         connection_changed_at = CASE WHEN connection THEN clock_timestamp() ELSE s.connection_changed_at END,
+        -- a new secret: the one before is accepted until each of its instances has the new one
+        webhook_secret_previous = CASE WHEN evoq_server_set.rotate_webhook_secret THEN s.webhook_secret
+                                       ELSE s.webhook_secret_previous END,
+        webhook_secret = CASE WHEN evoq_server_set.rotate_webhook_secret THEN evoq._new_webhook_secret()
+                              ELSE s.webhook_secret END,
+        webhook_changed_at = CASE WHEN evoq_server_set.rotate_webhook_secret THEN clock_timestamp()
+                                  ELSE s.webhook_changed_at END,
         updated_at = now()
     WHERE s.name = evoq_server_set.name
     RETURNING s.* INTO srv;
@@ -268,8 +296,8 @@ BEGIN
     RETURN evoq._server_changed(srv, evoq_server_set.name);
 END
 $$;
-COMMENT ON FUNCTION evoq_server_set(text, integer, integer, text[], text, text, text) IS
-    'Sets an Evolution server''s capacity (live instances it may hold) and max_in_flight (calls at once); clear resets them. For a server evoq_server_add made, also its URL, key and version.';
+COMMENT ON FUNCTION evoq_server_set(text, integer, integer, text[], text, text, text, boolean) IS
+    'Sets an Evolution server''s capacity (live instances it may hold) and max_in_flight (calls at once); clear resets them. For a server evoq_server_add made, also its URL, key and version, and a new webhook secret.';
 
 -- 0.7.0: the checks evoq_server_add and evoq_server_set share, so both say the same.
 CREATE FUNCTION evoq._check_server_settings(caller text, capacity integer, max_in_flight integer) RETURNS void
@@ -355,9 +383,12 @@ BEGIN
     PERFORM evoq._check_server_settings('evoq_server_add', evoq_server_add.capacity, evoq_server_add.max_in_flight);
     PERFORM evoq._check_server_connection('evoq_server_add', evoq_server_add.name, url, evoq_server_add.api_key,
                                           evoq_server_add.api_version, true, true);
-    INSERT INTO evoq.servers (name, capacity, max_in_flight, api_url, api_key, api_version)
+    -- Its own webhook secret (64 hex digits from the operating system's random source, as
+    -- evoq_configure makes default's): its instances are given it when they are created.
+    INSERT INTO evoq.servers (name, capacity, max_in_flight, api_url, api_key, api_version, webhook_secret,
+                              webhook_changed_at)
     VALUES (evoq_server_add.name, evoq_server_add.capacity, evoq_server_add.max_in_flight, url,
-            btrim(evoq_server_add.api_key), evoq_server_add.api_version)
+            btrim(evoq_server_add.api_key), evoq_server_add.api_version, evoq._new_webhook_secret(), clock_timestamp())
     RETURNING * INTO srv;
     RETURN evoq._server_changed(srv, evoq_server_add.name);
 END

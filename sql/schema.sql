@@ -263,6 +263,12 @@ CREATE TABLE evoq.servers (
     detected_version      text CHECK (detected_version IN ('v1', 'v2')),
     detected_at           timestamptz,
     connection_changed_at timestamptz NOT NULL DEFAULT now(),
+    -- 0.7.0: the secret this server's deliveries carry (each server its own: a leaked one cannot
+    -- forge another server's instances), the one before a rotation, and when it last changed
+    -- (its instances are pointed at it again). `default`'s are evoq.settings'.
+    webhook_secret          text,
+    webhook_secret_previous text,
+    webhook_changed_at      timestamptz,
     CONSTRAINT servers_connection_check CHECK (CASE WHEN name = 'default' THEN api_url IS NULL AND api_key IS NULL
                                                     ELSE api_url IS NOT NULL AND api_key IS NOT NULL END)
 );
@@ -304,6 +310,8 @@ CREATE SEQUENCE evoq.webhooks_applied;
 CREATE SEQUENCE evoq.webhooks_ignored;
 CREATE SEQUENCE evoq.webhooks_rejected;
 CREATE SEQUENCE evoq.webhooks_relayed;
+-- 0.7.0: deliveries that carried one server's secret for an instance another server holds
+CREATE SEQUENCE evoq.webhooks_misdirected;
 
 -- pg_dump keeps the rows of these tables (extension tables are otherwise dumped empty).
 SELECT pg_catalog.pg_extension_config_dump('evolution_instance_creation_queue', '');
@@ -772,6 +780,13 @@ BEGIN
 END
 $$;
 
+-- 0.7.0: a new webhook secret: 64 hex digits from two random (v4) uuids, which PostgreSQL draws
+-- from the operating system's random source (what evoq_configure's Rust does for `default`).
+CREATE FUNCTION evoq._new_webhook_secret() RETURNS text
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT replace(gen_random_uuid()::text, '-', '') || replace(gen_random_uuid()::text, '-', '') $$;
+
 -- 0.6.0: the error for a server name evoq does not know.
 CREATE FUNCTION evoq._no_such_server(name text) RETURNS void
 LANGUAGE plpgsql
@@ -1092,8 +1107,13 @@ DECLARE
     claimed jsonb := '[]';
     part jsonb;
     paced timestamptz := now() - min_interval_ms * interval '1 millisecond';
+    -- 0.7.0: when this server's instances' webhook last changed: the deployment's (URL,
+    -- events, headers) or the server's own secret
+    changed_at timestamptz;
 BEGIN
     SELECT namespace, owns_legacy_names, webhook_url, webhook_changed_at INTO s FROM evoq.settings;
+    changed_at := greatest(s.webhook_changed_at,
+                           (SELECT v.webhook_changed_at FROM evoq.servers v WHERE v.name = _claim_refresh.server));
 
     -- 0.5.0: a phone number is kept no longer than the QR window, nor once its instance opened,
     -- expired or was deleted (rows evoq_link_with_phone holds are left for the next claim).
@@ -1147,11 +1167,11 @@ BEGIN
     claimed := claimed || part;
 
     -- Not paced by a column: the caller stops asking for these once one failed in its run.
-    IF repoint AND s.webhook_url IS NOT NULL AND s.webhook_changed_at IS NOT NULL THEN
+    IF repoint AND s.webhook_url IS NOT NULL AND changed_at IS NOT NULL THEN
         WITH due AS (
             SELECT id FROM evolution_instances
             WHERE instance_status IN ('connecting', 'open', 'close', 'refused', 'expired')
-              AND (webhook_set_at IS NULL OR webhook_set_at < s.webhook_changed_at)
+              AND (webhook_set_at IS NULL OR webhook_set_at < changed_at)
               AND evoq._is_ours(instance_name, s.namespace, s.owns_legacy_names)
               AND NOT EXISTS (SELECT 1 FROM evolution_instance_creation_queue q
                               WHERE q.user_id = evolution_instances.user_id AND q.action = 'delete')
@@ -1277,7 +1297,9 @@ AS $$
         SELECT now() FROM mine, s
         WHERE repoint AND s.webhook_url IS NOT NULL AND s.webhook_changed_at IS NOT NULL
           AND mine.instance_status IN ('connecting', 'open', 'close', 'refused', 'expired')
-          AND (mine.webhook_set_at IS NULL OR mine.webhook_set_at < s.webhook_changed_at)
+          AND (mine.webhook_set_at IS NULL
+               OR mine.webhook_set_at < greatest(s.webhook_changed_at,
+                                                 (SELECT v.webhook_changed_at FROM evoq.servers v WHERE v.name = mine.server)))
     )
     -- 0.5.0: a row never asked or checked is due since '-infinity', and PostgreSQL cannot
     -- subtract an infinite timestamp: clamp it first (anything in the past is due now).
@@ -1613,7 +1635,8 @@ BEGIN
     WITH x AS (
         SELECT * FROM jsonb_to_record(d) AS x(
             instance text, "from" text[], "to" text, kind text, event_at timestamptz,
-            qr_code text, qr_text text, pairing_code text, number text, profile_name text, reason text)
+            qr_code text, qr_text text, pairing_code text, number text, profile_name text, reason text,
+            server text)
     ), changed AS (
         UPDATE evolution_instances i SET
             instance_status = CASE
@@ -1646,6 +1669,8 @@ BEGIN
             updated_at = clock_timestamp()
         FROM x
         WHERE i.instance_name = x.instance
+          -- 0.7.0: only a delivery of the server that holds the instance
+          AND (x.server IS NULL OR i.server = x.server)
           AND i.instance_status = ANY (x."from")
           AND (x.event_at IS NULL OR i.last_event_at IS NULL OR i.last_event_at <= x.event_at)
         RETURNING i.user_id, i.instance_status, i.last_error

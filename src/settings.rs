@@ -224,7 +224,11 @@ pub fn load_connection(server: &str) -> Result<Connection, EvoqError> {
                         CASE WHEN $1 = 'default' THEN s.api_version ELSE v.api_version END,
                         CASE WHEN $1 = 'default' THEN s.detected_version ELSE v.detected_version END,
                         s.namespace, s.deployment_identity, evoq._deployment_identity(), s.owns_legacy_names,
-                        s.webhook_headers, s.webhook_secret, s.webhook_changed_at::text, {STAMP}
+                        s.webhook_headers,
+                        CASE WHEN $1 = 'default' THEN s.webhook_secret ELSE v.webhook_secret END,
+                        CASE WHEN $1 = 'default' THEN s.webhook_changed_at
+                             ELSE greatest(s.webhook_changed_at, v.webhook_changed_at) END::text,
+                        {STAMP}
                  FROM evoq.settings s LEFT JOIN evoq.servers v ON v.name = $1
                  WHERE $1 = 'default' OR v.name IS NOT NULL"
             ),

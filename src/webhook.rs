@@ -19,7 +19,9 @@ use serde_json::{json, Value};
 /// What the caller presented, and what the settings accept.
 struct Gate {
     secret: Option<String>,
-    previous: Option<String>,
+    /// 0.7.0: each server's secrets: (name, current, previous while a rotation is applied);
+    /// `default`'s (evoq_configure's) first.
+    servers: Vec<(String, Option<String>, Option<String>)>,
     namespace: Option<String>,
     owns_legacy_names: bool,
     /// The `x-evoq-secret` header PostgREST put into `request.headers`.
@@ -48,15 +50,62 @@ fn read_gate() -> Option<Gate> {
         }
         let row = rows.first();
         let headers: Option<String> = row.get(5)?;
+        let secret: Option<String> = row.get(1)?;
+        let mut servers = vec![(
+            crate::servers::DEFAULT_SERVER.to_string(),
+            secret.clone(),
+            row.get::<String>(2)?,
+        )];
+        let namespace = row.get(3)?;
+        let owns_legacy_names = row.get::<bool>(4)?.unwrap_or(false);
+        let others = client.select(
+            "SELECT name, webhook_secret, webhook_secret_previous FROM evoq.servers
+             WHERE name <> 'default' ORDER BY name",
+            None,
+            &[],
+        )?;
+        for row in others {
+            servers.push((
+                row.get::<String>(1)?.unwrap_or_default(),
+                row.get::<String>(2)?,
+                row.get::<String>(3)?,
+            ));
+        }
         Ok(Some(Gate {
-            secret: row.get(1)?,
-            previous: row.get(2)?,
-            namespace: row.get(3)?,
-            owns_legacy_names: row.get::<bool>(4)?.unwrap_or(false),
+            secret,
+            servers,
+            namespace,
+            owns_legacy_names,
             header: headers.and_then(|h| header_secret(&h)),
         }))
     })
     .or_internal("reading its settings")
+}
+
+/// 0.7.0: the server whose secret `presented` is (current or previous), comparing it with every
+/// secret in constant time and without stopping at a match: how long it takes tells nothing
+/// about how close a guess was, nor which server's secret matched.
+fn server_of(gate: &Gate, presented: &str) -> Option<String> {
+    gate.servers
+        .iter()
+        .fold(None, |found, (name, current, previous)| {
+            let current = current
+                .as_deref()
+                .is_some_and(|c| same_secret(presented, c));
+            let previous = previous
+                .as_deref()
+                .is_some_and(|p| same_secret(presented, p));
+            found.or((current | previous).then(|| name.clone()))
+        })
+}
+
+/// 0.7.0: the server that holds the instance, if evoq has a row for it.
+fn holder_of(instance: &str) -> Option<String> {
+    Spi::get_one_with_args::<String>(
+        "SELECT server FROM evolution_instances WHERE instance_name = $1",
+        &[instance.into()],
+    )
+    .or_internal("reading which server holds an instance")
 }
 
 fn refuse(message: impl Into<String>, hint: impl Into<String>) -> ! {
@@ -91,9 +140,10 @@ fn ignored(d: &Delivery, why: &str) -> Value {
 }
 
 /// The guarded UPDATE for one applicable delivery (see `evoq._apply_delivery`).
-fn apply_step(d: &Delivery, step: &crate::lifecycle::Step) -> Option<String> {
+fn apply_step(d: &Delivery, step: &crate::lifecycle::Step, server: &str) -> Option<String> {
     let mut arg = json!({
         "instance": d.instance,
+        "server": server,
         "from": step.from.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
         "to": step.to.as_str(),
         "event_at": d.sent_at,
@@ -150,7 +200,8 @@ impl Settings {
     pub fn accepted_secrets(&self) -> Vec<String> {
         self.0
             .iter()
-            .flat_map(|g| g.secret.iter().chain(g.previous.iter()))
+            .flat_map(|g| g.servers.iter())
+            .flat_map(|(_, current, previous)| current.iter().chain(previous.iter()))
             .cloned()
             .collect()
     }
@@ -182,7 +233,7 @@ pub fn ingest_with(settings: &Settings, payload: Value, header: Option<&str>) ->
             "Run evoq_configure first; it creates the webhook secret deliveries must carry.",
         )
     };
-    let Some(secret) = gate.secret.as_deref() else {
+    if gate.secret.is_none() {
         refuse(
             "webhook delivery refused: no webhook secret is set",
             "Run evoq_configure again: it creates the secret and sets it on every instance.",
@@ -193,14 +244,8 @@ pub fn ingest_with(settings: &Settings, payload: Value, header: Option<&str>) ->
         .map(str::to_string)
         .or(gate.header.clone())
         .or_else(|| destination.and_then(secret_in_url).map(str::to_string));
-    let accepted = presented.as_deref().is_some_and(|p| {
-        same_secret(p, secret)
-            || gate
-                .previous
-                .as_deref()
-                .is_some_and(|old| same_secret(p, old))
-    });
-    if !accepted {
+    let sender = presented.as_deref().and_then(|p| server_of(gate, p));
+    let Some(sender) = sender else {
         refuse(
             if presented.is_some() {
                 "webhook delivery refused: wrong webhook secret"
@@ -212,7 +257,7 @@ pub fn ingest_with(settings: &Settings, payload: Value, header: Option<&str>) ->
                  evoq sets both on every instance it creates, and evoq_refresh_qr sets them again after evoq_configure changes them."
             ),
         )
-    }
+    };
 
     let delivery = match parse_delivery(&payload) {
         Ok(d) => d,
@@ -225,8 +270,17 @@ pub fn ingest_with(settings: &Settings, payload: Value, header: Option<&str>) ->
     if !is_ours(&delivery.instance, namespace, gate.owns_legacy_names) {
         return ignored(&delivery, "not an instance of this deployment");
     }
+    // 0.7.0: a delivery counts only from the server that holds the instance (one server's
+    // leaked secret cannot forge another's instances). With one server there is no other.
+    if gate.servers.len() > 1 {
+        if let Some(holder) = holder_of(&delivery.instance).filter(|h| *h != sender) {
+            count("misdirected");
+            return json!({"result": "ignored", "event": delivery.event, "instance": delivery.instance,
+                          "why": format!("the instance is held by server {holder}, and the delivery carried the secret of server {sender}")});
+        }
+    }
     match effect(&delivery.change) {
-        Effect::Apply(step) => match apply_step(&delivery, &step) {
+        Effect::Apply(step) => match apply_step(&delivery, &step, &sender) {
             Some(status) => {
                 count("applied");
                 json!({"result": "applied", "event": delivery.event, "instance": delivery.instance,

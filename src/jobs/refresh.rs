@@ -238,16 +238,34 @@ impl RefreshJob {
         // Lost instances were turned into requeue requests; apply those no run holds now, so
         // the queue row is pending as soon as this run commits.
         self.tally.requeued = apply_requeue_requests();
-        // Once every instance carries the current secret, the one before a rotation is refused.
-        crate::subxact::write_shared(
-            "UPDATE evoq.settings s SET webhook_secret_previous = NULL
-             WHERE webhook_secret_previous IS NOT NULL
-               AND NOT EXISTS (SELECT 1 FROM evolution_instances i
-                               WHERE i.instance_status IN ('connecting', 'open', 'close', 'refused', 'expired')
-                                 AND (i.webhook_set_at IS NULL OR i.webhook_set_at < s.webhook_changed_at)
-                                 AND evoq._is_ours(i.instance_name, s.namespace, s.owns_legacy_names))",
-            &[],
-        );
+        // Once every instance of the server carries its current secret, the one before a
+        // rotation is refused (0.7.0: each server's own; `default`'s is evoq.settings').
+        let server = self.run.server.as_str();
+        if server == crate::servers::DEFAULT_SERVER {
+            crate::subxact::write_shared(
+                "UPDATE evoq.settings s SET webhook_secret_previous = NULL
+                 WHERE webhook_secret_previous IS NOT NULL
+                   AND NOT EXISTS (SELECT 1 FROM evolution_instances i
+                                   WHERE i.instance_status IN ('connecting', 'open', 'close', 'refused', 'expired')
+                                     AND i.server = 'default'
+                                     AND (i.webhook_set_at IS NULL OR i.webhook_set_at < s.webhook_changed_at)
+                                     AND evoq._is_ours(i.instance_name, s.namespace, s.owns_legacy_names))",
+                &[],
+            );
+        } else {
+            crate::subxact::write_shared(
+                "UPDATE evoq.servers v SET webhook_secret_previous = NULL
+                 FROM evoq.settings s
+                 WHERE v.name = $1 AND v.webhook_secret_previous IS NOT NULL
+                   AND NOT EXISTS (SELECT 1 FROM evolution_instances i
+                                   WHERE i.instance_status IN ('connecting', 'open', 'close', 'refused', 'expired')
+                                     AND i.server = v.name
+                                     AND (i.webhook_set_at IS NULL
+                                          OR i.webhook_set_at < greatest(s.webhook_changed_at, v.webhook_changed_at))
+                                     AND evoq._is_ours(i.instance_name, s.namespace, s.owns_legacy_names))",
+                &[server.into()],
+            );
+        }
         let t = &self.tally;
         let summary = json!({
             "checked": t.checked, "new_qr": t.new_qr, "unchanged": t.unchanged,

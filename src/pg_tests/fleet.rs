@@ -330,6 +330,122 @@ mod tests {
         assert_eq!(count("SELECT count(*) FROM evolution_instances"), 8);
     }
 
+    /// As PostgREST hands evoq_webhook a delivery with this secret header: its answer, or
+    /// its error ("SQLSTATE: message").
+    fn deliver(secret: &str, payload: serde_json::Value) -> Result<serde_json::Value, String> {
+        Spi::run_with_args(
+            "SELECT set_config('request.headers', $1, true)",
+            &[serde_json::json!({"x-evoq-secret": secret})
+                .to_string()
+                .into()],
+        )
+        .unwrap();
+        run("CREATE TEMP TABLE IF NOT EXISTS fleet_answer (r jsonb)");
+        run("DELETE FROM fleet_answer");
+        match error_of(&format!(
+            "INSERT INTO fleet_answer SELECT evoq_webhook({}::jsonb)",
+            pgrx::spi::quote_literal(payload.to_string())
+        )) {
+            Some(e) => Err(e),
+            None => Ok(json("SELECT r FROM fleet_answer")),
+        }
+    }
+
+    fn connection_update(name: &str, state: &str, at: &str) -> serde_json::Value {
+        serde_json::json!({"event": "connection.update", "instance": name, "date_time": at,
+            "data": {"state": state, "wuid": "5511999990000@s.whatsapp.net", "profileName": "U"}})
+    }
+
+    #[pg_test]
+    fn a_delivery_counts_only_from_the_server_that_holds_the_instance() {
+        let a = mock();
+        let b = mock();
+        configure(&a);
+        profiles();
+        run("SELECT evoq_server_set('default', capacity => 1)");
+        add("b", &b, ", capacity => 1");
+        let users = sign_up(2);
+        assert_eq!(process()["created"], 2);
+        let on_b = users
+            .iter()
+            .find(|u| instance_row(u)["server"] == "b")
+            .unwrap()
+            .clone();
+        let name_b = s(&instance_row(&on_b)["instance_name"]).to_string();
+        let secret_a = one::<String>("SELECT webhook_secret FROM evoq.settings").unwrap();
+        let secret_b =
+            one::<String>("SELECT webhook_secret FROM evoq.servers WHERE name = 'b'").unwrap();
+        assert_ne!(secret_a, secret_b);
+        assert_eq!(secret_b.len(), 64);
+        // Each server gave its instances its own secret.
+        let hook = &b.instance(&name_b).unwrap()["webhook"]["headers"];
+        assert_eq!(s(&hook["x-evoq-secret"]), secret_b, "{hook}");
+        // a's secret for b's instance: ignored and counted, the row unchanged, nothing relayed.
+        let r = deliver(
+            &secret_a,
+            connection_update(&name_b, "open", "2099-01-01T00:00:00.000Z"),
+        )
+        .unwrap();
+        assert_eq!(r["result"], "ignored", "{r}");
+        assert_eq!(count("SELECT webhooks_misdirected FROM evoq_status"), 1);
+        assert_eq!(instance_row(&on_b)["instance_status"], "connecting");
+        let message = serde_json::json!({"event": "messages.upsert", "instance": name_b,
+            "date_time": "2099-01-01T00:00:01.000Z", "data": {"key": {"id": "m1"}}});
+        assert_eq!(
+            deliver(&secret_a, message.clone()).unwrap()["result"],
+            "ignored"
+        );
+        assert_eq!(count("SELECT count(*) FROM evolution_instance_events"), 0);
+        assert_eq!(count("SELECT webhooks_misdirected FROM evoq_status"), 2);
+        // b's own secret: applied.
+        let r = deliver(
+            &secret_b,
+            connection_update(&name_b, "open", "2099-01-01T00:00:02.000Z"),
+        )
+        .unwrap();
+        assert_eq!(r["result"], "applied", "{r}");
+        assert_eq!(instance_row(&on_b)["instance_status"], "open");
+        assert_eq!(deliver(&secret_b, message).unwrap()["result"], "relayed");
+        // A rotation of b's secret: b's instance is given the new one by the next refresh (a's
+        // are not asked), the old one is accepted until then and refused after.
+        assert!(
+            error_of("SELECT evoq_server_set('default', rotate_webhook_secret => true)")
+                .is_some_and(|e| e.starts_with("22023"))
+        );
+        run("SELECT evoq_server_set('b', rotate_webhook_secret => true)");
+        let new_b =
+            one::<String>("SELECT webhook_secret FROM evoq.servers WHERE name = 'b'").unwrap();
+        assert_ne!(new_b, secret_b);
+        assert!(deliver(
+            &secret_b,
+            connection_update(&name_b, "open", "2099-01-01T00:00:03.000Z")
+        )
+        .is_ok());
+        let sets_at_a = a.count_calls("POST", "/webhook/set");
+        let refreshed = json("SELECT evoq_refresh_qr()");
+        assert_eq!(refreshed["repointed"], 1, "{refreshed}");
+        assert_eq!(
+            a.count_calls("POST", "/webhook/set"),
+            sets_at_a,
+            "a was not asked"
+        );
+        let hook = &b.instance(&name_b).unwrap()["webhook"]["headers"];
+        assert_eq!(s(&hook["x-evoq-secret"]), new_b, "{hook}");
+        let old = deliver(
+            &secret_b,
+            connection_update(&name_b, "open", "2099-01-01T00:00:04.000Z"),
+        );
+        assert!(
+            old.as_ref().is_err_and(|e| e.starts_with("42501")),
+            "{old:?}"
+        );
+        assert!(deliver(
+            &new_b,
+            connection_update(&name_b, "open", "2099-01-01T00:00:05.000Z")
+        )
+        .is_ok());
+    }
+
     #[pg_test]
     fn servers_refuse_bad_input_and_never_show_their_key() {
         let key = "sk-evoq-test-b-9d2c-DO-NOT-LEAK";
