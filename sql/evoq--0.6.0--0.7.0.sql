@@ -10,6 +10,9 @@
 --   orphan there).
 -- * evoq_server_add, evoq_server_remove; evoq_server_set also takes api_url, api_key,
 --   api_version and rotate_webhook_secret; evoq_servers shows each server's URL, version and circuit.
+-- * evoq_move, evoq_server_drain(..., move_unlinked): a deletion at the old server and a creation
+--   on the new one, one queued request (queue.move_to); _record_queue_results turns the done
+--   deletion into the creation, _apply_requeue_requests ends a move another request overrides.
 -- * each server's own webhook secret (evoq.servers.webhook_secret; `default`'s stays
 --   evoq.settings'): _apply_delivery applies a delivery only to an instance of the server whose
 --   secret it carried (evoq.webhooks_misdirected counts the others, evoq_status shows it); the
@@ -33,6 +36,9 @@ ALTER TABLE evoq.servers ADD CONSTRAINT servers_connection_check
 -- 0.7.0: one URL, one server (two names for one server would place past its capacity).
 CREATE UNIQUE INDEX servers_api_url_key ON evoq.servers (api_url);
 
+-- 0.7.0: a move in progress (evoq_move): the deletion is followed by a creation there.
+ALTER TABLE evolution_instance_creation_queue ADD COLUMN move_to text;
+
 -- 0.7.0: deliveries that carried one server's secret for an instance another server holds
 CREATE SEQUENCE evoq.webhooks_misdirected;
 
@@ -51,6 +57,7 @@ DROP FUNCTION evoq._claim_queue(integer, bigint);
 DROP FUNCTION evoq._claim_rows(uuid[], integer, bigint);
 DROP FUNCTION evoq._claim_refresh(integer, bigint, bigint, bigint, boolean, uuid[], bigint);
 DROP FUNCTION evoq_server_set(text, integer, integer, text[]);
+DROP FUNCTION evoq_server_drain(text, boolean);
 
 -- 0.7.0: a new webhook secret: 64 hex digits from two random (v4) uuids, which PostgreSQL draws
 -- from the operating system's random source (what evoq_configure's Rust does for `default`).
@@ -696,6 +703,232 @@ BEGIN
 END
 $$;
 
+-- Writes the outcome of a batch. Each element of results:
+--   {"id", "instance_name", "ok": true, "action": "create", "instance_id", "token", "instance_status",
+--    "qr_code", "qr_text", "pairing_code", "qr_count", "webhook_version"}
+--   (webhook_version: the evoq.settings.webhook_changed_at whose webhook the create carried)
+--   {"id", "instance_name", "ok": true, "action": "delete"}
+--   {"id", "instance_name", "ok": false, "error", "http_status", "error_kind", "retry_in_ms" | null (give up)}
+-- each with "claimed_at" (0.4.0), the claim's stamp: a row no longer held by that claim is left alone.
+CREATE OR REPLACE FUNCTION evoq._record_queue_results(results jsonb) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+-- 0.5.0: PL/pgSQL, so the statement is planned once per session: as an SQL function it was
+-- planned at every call, about 2 ms of each group's record in the worker (measured).
+BEGIN
+    WITH given AS (
+        SELECT * FROM jsonb_to_recordset(results) AS x(
+            id uuid, instance_name text, ok boolean, action text, instance_id text, token text, instance_status text,
+            qr_code text, qr_text text, pairing_code text, qr_count integer, webhook_version timestamptz,
+            error text, http_status integer, error_kind text, retry_in_ms bigint, claimed_at timestamptz,
+            paired boolean, number text)
+    ), r AS (
+        -- 0.4.0: only rows still held by the claim that made the call (a worker's lease that
+        -- ran out may have let another run take the row, or a deprovisioning re-queued it)
+        SELECT given.* FROM given JOIN evolution_instance_creation_queue q ON q.id = given.id
+        WHERE q.status = 'processing' AND (given.claimed_at IS NULL OR q.updated_at = given.claimed_at)
+    ), ok AS (
+        SELECT r.*, q.user_id, q.server FROM r JOIN evolution_instance_creation_queue q ON q.id = r.id
+        WHERE r.ok AND coalesce(r.action, 'create') = 'create'
+    ), instances AS (
+        INSERT INTO evolution_instances AS i (user_id, instance_name, instance_id, instance_status,
+                                              qr_code, qr_text, pairing_code, qr_count, last_qr_update,
+                                              connected_at, connecting_since, webhook_set_at,
+                                              last_state_check_at, last_refresh_at, updated_at, server)
+        SELECT user_id, instance_name, instance_id, instance_status, qr_code, qr_text, pairing_code, qr_count,
+               CASE WHEN qr_code IS NOT NULL OR qr_text IS NOT NULL THEN clock_timestamp() END,
+               CASE WHEN instance_status = 'open' THEN clock_timestamp() END,
+               clock_timestamp(),
+               webhook_version,
+               -- an open instance is checked one evoq.state_check_interval_ms from now
+               CASE WHEN instance_status = 'open' THEN clock_timestamp() END,
+               -- 0.5.0: the create asked for a QR (qrcode: true), and the server delivers the QR
+               -- by webhook when the create carried one subscribed to QRCODE_UPDATED: the first
+               -- poll then waits its evoq.qr_refresh_interval_ms like any other, instead of a
+               -- connect at once (which spent slots creations needed, and on a server that
+               -- cannot reach WhatsApp went through its close path and started a socket)
+               -- The create's reply carried a QR: it is as fresh as a poll's, and the same poll
+               -- at once would only fetch it again.
+               CASE WHEN (webhook_version IS NOT NULL
+                          AND (SELECT s.webhook_events = '{}' OR 'QRCODE_UPDATED' = ANY (s.webhook_events)
+                               FROM evoq.settings s))
+                         OR qr_code IS NOT NULL OR qr_text IS NOT NULL
+                    THEN clock_timestamp() END,
+               -- 0.6.0: when the answer was recorded, not when the transaction began: the
+               -- reconciler judges only rows written before its listing was asked for, and the SQL
+               -- function's transaction may have begun before the server made the instance
+               clock_timestamp(),
+               coalesce(server, 'default')
+        FROM ok
+        ON CONFLICT (user_id) DO UPDATE SET
+            instance_name = excluded.instance_name,
+            instance_id = coalesce(excluded.instance_id, i.instance_id),
+            instance_status = excluded.instance_status,
+            qr_code = coalesce(excluded.qr_code, CASE WHEN excluded.instance_status = 'connecting' AND i.instance_status = 'connecting' THEN i.qr_code END),
+            qr_text = coalesce(excluded.qr_text, CASE WHEN excluded.instance_status = 'connecting' AND i.instance_status = 'connecting' THEN i.qr_text END),
+            pairing_code = coalesce(excluded.pairing_code, CASE WHEN excluded.instance_status = 'connecting' AND i.instance_status = 'connecting' THEN i.pairing_code END),
+            qr_count = coalesce(excluded.qr_count, i.qr_count),
+            last_qr_update = coalesce(excluded.last_qr_update, i.last_qr_update),
+            connected_at = coalesce(i.connected_at, excluded.connected_at),
+            last_error = NULL, last_error_at = NULL,
+            -- A created (or adopted) instance starts a new life: a new QR window, no old events.
+            connecting_since = excluded.connecting_since,
+            disconnected_at = NULL, disconnect_reason = NULL, last_event_at = NULL, no_qr_rounds = 0,
+            last_state_check_at = excluded.last_state_check_at,
+            last_refresh_at = excluded.last_refresh_at,
+            server_loop_deliveries = 0, server_loop_seen_at = NULL, server_loop_logouts = 0,
+            server_loop_logout_at = NULL,
+            webhook_set_at = coalesce(excluded.webhook_set_at, i.webhook_set_at),
+            -- 0.6.0: a re-creation may have been placed on another server
+            server = excluded.server,
+            updated_at = clock_timestamp()
+        RETURNING i.instance_name
+    ), tokens AS (
+        INSERT INTO evoq.instance_tokens AS t (instance_name, token)
+        SELECT ok.instance_name, ok.token FROM ok JOIN instances USING (instance_name)
+        WHERE ok.token IS NOT NULL
+        ON CONFLICT (instance_name) DO UPDATE SET token = excluded.token, updated_at = clock_timestamp()
+    ), removed AS (
+        -- Deprovisioned: the row stays (the app may show "deleted"), its QR and token go.
+        UPDATE evolution_instances i SET
+            instance_status = 'deleted', qr_code = NULL, qr_text = NULL, pairing_code = NULL,
+            disconnected_at = coalesce(i.disconnected_at, clock_timestamp()),
+            disconnect_reason = CASE WHEN q.move_to IS NOT NULL
+                                     THEN format('moving to %s: deleted at its server', coalesce(nullif(q.move_to, ''), 'another server'))
+                                     ELSE 'deprovisioned: deleted at the Evolution API' END,
+            last_error = NULL, last_error_at = NULL, updated_at = clock_timestamp()
+        FROM r JOIN evolution_instance_creation_queue q ON q.id = r.id
+        WHERE r.ok AND r.action = 'delete' AND i.user_id = q.user_id
+        RETURNING i.instance_name
+    ), forgotten AS (
+        DELETE FROM evoq.instance_tokens t USING removed WHERE t.instance_name = removed.instance_name
+    ), unlinked AS (
+        -- 0.5.0: a create that carried a phone number was answered (the server holds it now; an
+        -- adopted instance did not get it, and is paired by the QR refresh), or the user's
+        -- instance was deleted: the number is not kept any longer
+        DELETE FROM evoq.phone_links p USING r JOIN evolution_instance_creation_queue q ON q.id = r.id
+        WHERE r.ok AND p.user_id = q.user_id
+          -- only the number the create carried: a newer one given meanwhile stays
+          AND (r.action = 'delete' OR r.paired AND p.phone = r.number)
+    )
+    UPDATE evolution_instance_creation_queue q SET
+        status = CASE WHEN r.ok AND r.action = 'delete' AND q.move_to IS NOT NULL THEN 'pending'
+                      WHEN r.ok THEN 'completed' WHEN r.retry_in_ms IS NULL THEN 'failed' ELSE 'pending' END,
+        -- 0.7.0: a move's deletion is done: the creation on the new server is queued (an untried
+        -- request there: it needs room, and waits for it)
+        action = CASE WHEN r.ok AND r.action = 'delete' AND q.move_to IS NOT NULL THEN 'create' ELSE q.action END,
+        attempts = CASE WHEN r.ok AND r.action = 'delete' AND q.move_to IS NOT NULL THEN 0 ELSE q.attempts END,
+        request_id = CASE WHEN r.ok AND r.action = 'delete' AND q.move_to IS NOT NULL THEN gen_random_uuid()
+                          ELSE q.request_id END,
+        server = CASE WHEN r.ok AND r.action = 'delete' AND q.move_to IS NOT NULL THEN nullif(q.move_to, '')
+                      ELSE q.server END,
+        move_to = CASE WHEN r.ok AND r.action = 'delete' THEN NULL ELSE q.move_to END,
+        instance_name = coalesce(r.instance_name, q.instance_name),
+        processed_at = CASE WHEN r.ok AND r.action = 'delete' AND q.move_to IS NOT NULL THEN NULL
+                            WHEN r.ok THEN clock_timestamp() ELSE q.processed_at END,
+        error_message = CASE WHEN r.ok THEN NULL ELSE evoq._redact(r.error, r.instance_name) END,
+        error_kind = CASE WHEN r.ok THEN NULL ELSE r.error_kind END,
+        last_http_status = r.http_status,
+        last_error_at = CASE WHEN r.ok THEN q.last_error_at ELSE clock_timestamp() END,
+        retry_count = q.retry_count + CASE WHEN r.ok THEN 0 ELSE 1 END,
+        -- (now(): due at once, for a later claim of this run too)
+        next_attempt_at = CASE WHEN r.ok AND r.action = 'delete' AND q.move_to IS NOT NULL THEN now()
+                               WHEN r.ok OR r.retry_in_ms IS NULL THEN q.next_attempt_at
+                               ELSE clock_timestamp() + r.retry_in_ms * interval '1 millisecond' END,
+        updated_at = clock_timestamp()
+    FROM r WHERE q.id = r.id;
+END
+$$;
+
+-- Applies the requeue requests (re-inserted profiles, lost instances, deprovisioned users) whose
+-- queue rows no other run holds; the rest wait for a later run. Never waits on a row lock, so the
+-- profile triggers (for their own user only: an application's transaction must not hold other
+-- users' rows) and either job can call it while holding their own. The one place that says what
+-- requeueing a row means:
+--   * the user's latest re-insert or deprovisioning decides: signing up again after a deletion
+--     creates a fresh instance, deleting after a re-insert deletes;
+--   * a lost instance is created again, but a loss never overrides a deletion (queued or done);
+--   * deprovisioning a user whose instance is already deleted, or whom evoq never queued, is a
+--     no-op.
+-- A deletion is always sent to the server (logout, then delete; 404 means done), even for a
+-- creation that looks untried: a run that was cancelled or released after the server created
+-- the instance leaves no trace in the row.
+CREATE OR REPLACE FUNCTION evoq._apply_requeue_requests(only_user uuid DEFAULT NULL) RETURNS integer
+LANGUAGE sql
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+    WITH req AS (
+        SELECT id, user_id, reason, requested_at FROM evoq.requeue_requests
+        WHERE only_user IS NULL OR user_id = only_user
+        FOR UPDATE SKIP LOCKED
+    ), per_user AS (
+        -- n: re-inserts and losses, which retry_count counts (as the original setup did); a
+        -- deprovisioning is not a retry.
+        SELECT user_id, count(*) FILTER (WHERE reason <> 'deprovision') AS n,
+               coalesce((array_agg(reason ORDER BY requested_at DESC, id DESC)
+                         FILTER (WHERE reason <> 'lost'))[1], 'lost') AS reason
+        FROM req GROUP BY user_id
+    ), free AS (
+        -- 0.4.0: a row the background worker claimed is held by its lease, not by a lock
+        SELECT q.id, q.user_id, q.action, q.status FROM evolution_instance_creation_queue q
+        WHERE q.user_id IN (SELECT user_id FROM per_user)
+          AND NOT (q.status = 'processing' AND q.next_attempt_at > clock_timestamp())
+        FOR UPDATE SKIP LOCKED
+    ), decided AS (
+        SELECT free.id, free.user_id, p.n, p.reason,
+               (p.reason = 'lost' AND free.action = 'delete')
+               OR (p.reason = 'deprovision' AND free.action = 'delete' AND free.status = 'completed'
+                   AND NOT EXISTS (SELECT 1 FROM evolution_instances i
+                                   WHERE i.user_id = free.user_id AND i.instance_status <> 'deleted')) AS moot
+        FROM free JOIN per_user p USING (user_id)
+    ), requeued AS (
+        UPDATE evolution_instance_creation_queue q SET
+            action = CASE d.reason WHEN 'deprovision' THEN 'delete' ELSE 'create' END,
+            status = 'pending', request_id = gen_random_uuid(), retry_count = q.retry_count + d.n,
+            attempts = 0, next_attempt_at = now(), processed_at = NULL, error_kind = NULL,
+            -- 0.7.0: a re-insert, a loss or a deprovisioning ends a move in progress
+            move_to = NULL,
+            error_message = CASE d.reason WHEN 'lost'
+                THEN 'the Evolution API no longer knows this instance (404); creating it again' END,
+            last_http_status = CASE d.reason WHEN 'lost' THEN 404 END,
+            -- 0.6.0: a creation is placed afresh once its server answered for the old instance
+            -- (lost: 404; or deleted); otherwise it stays where the server may still hold it
+            server = CASE WHEN d.reason <> 'deprovision' AND EXISTS (
+                              SELECT 1 FROM evolution_instances i WHERE i.user_id = q.user_id
+                              AND i.instance_status IN ('lost', 'deleted'))
+                          THEN NULL ELSE q.server END,
+            updated_at = clock_timestamp()
+        FROM decided d
+        WHERE q.id = d.id AND NOT d.moot
+        RETURNING q.user_id
+    ), added AS (
+        -- A lost or deprovisioned instance whose queue row is gone (deleted by hand) is queued
+        -- afresh. Not for a re-inserted profile: its own insert queued it.
+        INSERT INTO evolution_instance_creation_queue (user_id, instance_name, action, server)
+        SELECT p.user_id, i.instance_name, CASE p.reason WHEN 'deprovision' THEN 'delete' ELSE 'create' END,
+               CASE p.reason WHEN 'deprovision' THEN i.server END
+        FROM per_user p
+        LEFT JOIN evolution_instances i ON i.user_id = p.user_id
+        WHERE (p.reason = 'lost' OR (p.reason = 'deprovision' AND i.instance_status <> 'deleted'))
+          AND NOT EXISTS (SELECT 1 FROM evolution_instance_creation_queue q WHERE q.user_id = p.user_id)
+        ON CONFLICT (user_id) DO NOTHING
+        RETURNING user_id
+    ), applied AS (
+        DELETE FROM evoq.requeue_requests r USING req
+        WHERE r.id = req.id
+          AND (req.user_id IN (SELECT user_id FROM requeued) OR req.user_id IN (SELECT user_id FROM added)
+               OR req.user_id IN (SELECT user_id FROM decided WHERE moot)
+               -- nothing to do: a deprovisioned user evoq never queued
+               OR (req.reason = 'deprovision'
+                   AND NOT EXISTS (SELECT 1 FROM evolution_instance_creation_queue q WHERE q.user_id = req.user_id)
+                   AND NOT EXISTS (SELECT 1 FROM evolution_instances i WHERE i.user_id = req.user_id
+                                   AND i.instance_status <> 'deleted')))
+        RETURNING 1
+    )
+    SELECT count(*)::integer FROM applied
+$$;
+
 CREATE  FUNCTION evoq."_check_url"(
 	"label" TEXT, /* & str */
 	"url" TEXT /* & str */
@@ -967,6 +1200,148 @@ END
 $$;
 COMMENT ON FUNCTION evoq_server_remove(text, boolean) IS
     'Removes an Evolution API server that holds nothing; with force, its instances become lost and are created again elsewhere.';
+
+-- 0.6.0: draining: the server takes no new instance; what it holds goes on (retries, QR
+-- refreshes, state checks, deletions). false takes new instances again, and wakes the worker.
+-- 0.7.0: move_unlinked also moves every instance on it that is not linked (connecting, close,
+-- refused, expired) to the other servers, in the background (evoq_move's way, placed by free
+-- capacity); linked (open) ones stay.
+CREATE FUNCTION evoq_server_drain(name text, draining boolean DEFAULT true, move_unlinked boolean DEFAULT false)
+RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+DECLARE
+    srv evoq.servers;
+    moving integer := 0;
+    result jsonb;
+BEGIN
+    IF evoq_server_drain.draining IS NULL OR evoq_server_drain.move_unlinked IS NULL THEN
+        RAISE EXCEPTION 'evoq_server_drain: draining and move_unlinked must be true or false, not NULL'
+            USING ERRCODE = '22023', HINT = 'evoq_server_drain(name) drains; evoq_server_drain(name, false) ends it.';
+    END IF;
+    IF evoq_server_drain.move_unlinked AND NOT evoq_server_drain.draining THEN
+        RAISE EXCEPTION 'evoq_server_drain: move_unlinked moves instances off a server that drains'
+            USING ERRCODE = '22023', HINT = 'evoq_server_drain(name, move_unlinked => true) drains it and moves them.';
+    END IF;
+    UPDATE evoq.servers s SET draining = evoq_server_drain.draining, updated_at = now()
+    WHERE s.name = evoq_server_drain.name
+    RETURNING s.* INTO srv;
+    result := evoq._server_changed(srv, evoq_server_drain.name);
+    IF evoq_server_drain.move_unlinked THEN
+        moving := evoq._queue_move(ARRAY(
+            SELECT i.user_id FROM evolution_instances i
+            WHERE i.server = srv.name AND i.instance_status IN ('connecting', 'close', 'refused', 'expired')), '');
+    END IF;
+    RETURN result || jsonb_build_object('moving', moving);
+END
+$$;
+COMMENT ON FUNCTION evoq_server_drain(text, boolean, boolean) IS
+    'Stops (or, with false, resumes) new instances on an Evolution server; its own instances go on. move_unlinked moves those not linked to the other servers.';
+
+-- 0.7.0: queues the moves of these users' instances: a deletion at their server (logout, then
+-- delete), then a creation on move_to ('': placed afresh by free capacity). Only a user whose
+-- instance was created and whose queue row is idle (its creation completed) is moved; returns
+-- how many.
+CREATE FUNCTION evoq._queue_move(user_ids uuid[], move_to text) RETURNS integer
+LANGUAGE plpgsql
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+DECLARE
+    n integer;
+BEGIN
+    UPDATE evolution_instance_creation_queue q SET
+        action = 'delete', status = 'pending', attempts = 0, request_id = gen_random_uuid(),
+        next_attempt_at = now(), processed_at = NULL, error_message = NULL, error_kind = NULL,
+        last_http_status = NULL, move_to = _queue_move.move_to, updated_at = clock_timestamp()
+    FROM evolution_instances i
+    WHERE q.user_id = ANY (user_ids) AND i.user_id = q.user_id
+      AND q.status = 'completed' AND q.action = 'create' AND q.server = i.server
+      AND i.instance_status IN ('connecting', 'open', 'close', 'refused', 'expired');
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n > 0 THEN
+        PERFORM evoq._wake_worker_at_commit();
+    END IF;
+    RETURN n;
+END
+$$;
+-- 0.7.0: moves a user's instance to another server: logged out and deleted where it is, created
+-- on to_server (NULL: the other server with the most free capacity), and its next QR comes from
+-- there. A linked (open) instance moves only with force: its phone is logged out, and its user
+-- links again.
+CREATE FUNCTION evoq_move(user_id uuid, to_server text DEFAULT NULL, force boolean DEFAULT false) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+DECLARE
+    inst record;
+    qrow record;
+    target text := evoq_move.to_server;
+    why text;
+BEGIN
+    IF evoq_move.force IS NULL THEN
+        RAISE EXCEPTION 'evoq_move: force must be true or false, not NULL'
+            USING ERRCODE = '22023', HINT = 'Leave it out (false) to move only an instance that is not linked.';
+    END IF;
+    SELECT i.instance_name, i.instance_status, i.server INTO inst FROM evolution_instances i
+    WHERE i.user_id = evoq_move.user_id;
+    IF NOT FOUND OR inst.instance_status IN ('lost', 'deleted') THEN
+        RAISE EXCEPTION 'evoq_move: user % has no instance to move', coalesce(evoq_move.user_id::text, 'NULL')
+            USING ERRCODE = '55000',
+                  HINT = 'Only an instance evoq created (evolution_instances) moves; a user still queued is placed when created.';
+    END IF;
+    SELECT q.status, q.action INTO qrow FROM evolution_instance_creation_queue q
+    WHERE q.user_id = evoq_move.user_id FOR UPDATE;
+    IF qrow.status IS DISTINCT FROM 'completed' OR qrow.action IS DISTINCT FROM 'create' THEN
+        RAISE EXCEPTION 'evoq_move: user %''s instance is busy (its queue row is % %)', evoq_move.user_id,
+                        coalesce(qrow.action, 'missing'), coalesce(qrow.status, '')
+            USING ERRCODE = '55000', HINT = 'Move it once evoq_process_queue has finished with it (a creation, a deletion or a move).';
+    END IF;
+    IF inst.instance_status = 'open' AND NOT evoq_move.force THEN
+        RAISE EXCEPTION 'evoq_move: user %''s instance is linked (open): a move logs the phone out', evoq_move.user_id
+            USING ERRCODE = '55000',
+                  HINT = 'Pass force => true to move it anyway: its user scans a new QR (or pairs again) from the new server.';
+    END IF;
+    IF target IS NOT NULL THEN
+        IF NOT EXISTS (SELECT 1 FROM evoq.servers s WHERE s.name = target) THEN
+            PERFORM evoq._no_such_server(target);
+        END IF;
+        IF target = inst.server THEN
+            RAISE EXCEPTION 'evoq_move: user %''s instance is already on server %', evoq_move.user_id, quote_literal(target)
+                USING ERRCODE = '22023', HINT = 'Name another server, or leave to_server out for the one with the most free capacity.';
+        END IF;
+        why := coalesce(evoq._server_full(target),
+                        (SELECT format('server %s has its circuit open (%s)', c.server, c.cause)
+                         FROM evoq.circuit c WHERE c.server = target));
+        IF why IS NOT NULL THEN
+            RAISE EXCEPTION 'evoq_move: % takes no new instance now: %', quote_literal(target), why
+                USING ERRCODE = '55000', HINT = 'evoq_servers shows each server''s free slots; move to another.';
+        END IF;
+    ELSE
+        -- the other server that takes new instances with the most free capacity (unbounded
+        -- first), then the fewest claimed rows
+        SELECT s.name INTO target FROM evoq.servers s
+        WHERE s.name <> inst.server AND NOT s.draining
+          AND NOT EXISTS (SELECT 1 FROM evoq.circuit c WHERE c.server = s.name)
+          AND evoq._server_full(s.name) IS NULL
+        ORDER BY s.capacity IS NOT NULL,
+                 s.capacity - (SELECT l.live FROM evoq.server_load l WHERE l.name = s.name) DESC,
+                 (SELECT count(*) FROM evolution_instance_creation_queue q
+                  WHERE q.server = s.name AND q.status = 'processing' AND q.next_attempt_at > now()),
+                 s.name
+        LIMIT 1;
+        IF target IS NULL THEN
+            RAISE EXCEPTION 'evoq_move: no other server takes new instances now'
+                USING ERRCODE = '55000', HINT = 'evoq_servers shows why (full, draining, circuit open); evoq_server_add adds one.';
+        END IF;
+    END IF;
+    PERFORM evoq._queue_move(ARRAY[evoq_move.user_id], target);
+    RETURN jsonb_build_object('user_id', evoq_move.user_id, 'instance', inst.instance_name, 'from', inst.server,
+                              'to', target, 'status', 'moving');
+END
+$$;
+COMMENT ON FUNCTION evoq_move(uuid, text, boolean) IS
+    'Moves a user''s instance to another Evolution server: deleted where it is, created on to_server (NULL: the one with the most free capacity). A linked one only with force.';
 
 CREATE OR REPLACE VIEW evoq_servers AS
 SELECT

@@ -475,25 +475,146 @@ COMMENT ON FUNCTION evoq_server_remove(text, boolean) IS
 
 -- 0.6.0: draining: the server takes no new instance; what it holds goes on (retries, QR
 -- refreshes, state checks, deletions). false takes new instances again, and wakes the worker.
-CREATE FUNCTION evoq_server_drain(name text, draining boolean DEFAULT true) RETURNS jsonb
+-- 0.7.0: move_unlinked also moves every instance on it that is not linked (connecting, close,
+-- refused, expired) to the other servers, in the background (evoq_move's way, placed by free
+-- capacity); linked (open) ones stay.
+CREATE FUNCTION evoq_server_drain(name text, draining boolean DEFAULT true, move_unlinked boolean DEFAULT false)
+RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, @extschema@, pg_temp
 AS $$
 DECLARE
     srv evoq.servers;
+    moving integer := 0;
+    result jsonb;
 BEGIN
-    IF evoq_server_drain.draining IS NULL THEN
-        RAISE EXCEPTION 'evoq_server_drain: draining must be true or false, not NULL'
+    IF evoq_server_drain.draining IS NULL OR evoq_server_drain.move_unlinked IS NULL THEN
+        RAISE EXCEPTION 'evoq_server_drain: draining and move_unlinked must be true or false, not NULL'
             USING ERRCODE = '22023', HINT = 'evoq_server_drain(name) drains; evoq_server_drain(name, false) ends it.';
+    END IF;
+    IF evoq_server_drain.move_unlinked AND NOT evoq_server_drain.draining THEN
+        RAISE EXCEPTION 'evoq_server_drain: move_unlinked moves instances off a server that drains'
+            USING ERRCODE = '22023', HINT = 'evoq_server_drain(name, move_unlinked => true) drains it and moves them.';
     END IF;
     UPDATE evoq.servers s SET draining = evoq_server_drain.draining, updated_at = now()
     WHERE s.name = evoq_server_drain.name
     RETURNING s.* INTO srv;
-    RETURN evoq._server_changed(srv, evoq_server_drain.name);
+    result := evoq._server_changed(srv, evoq_server_drain.name);
+    IF evoq_server_drain.move_unlinked THEN
+        moving := evoq._queue_move(ARRAY(
+            SELECT i.user_id FROM evolution_instances i
+            WHERE i.server = srv.name AND i.instance_status IN ('connecting', 'close', 'refused', 'expired')), '');
+    END IF;
+    RETURN result || jsonb_build_object('moving', moving);
 END
 $$;
-COMMENT ON FUNCTION evoq_server_drain(text, boolean) IS
-    'Stops (or, with false, resumes) new instances on an Evolution server; its own instances go on.';
+COMMENT ON FUNCTION evoq_server_drain(text, boolean, boolean) IS
+    'Stops (or, with false, resumes) new instances on an Evolution server; its own instances go on. move_unlinked moves those not linked to the other servers.';
+
+-- 0.7.0: queues the moves of these users' instances: a deletion at their server (logout, then
+-- delete), then a creation on move_to ('': placed afresh by free capacity). Only a user whose
+-- instance was created and whose queue row is idle (its creation completed) is moved; returns
+-- how many.
+CREATE FUNCTION evoq._queue_move(user_ids uuid[], move_to text) RETURNS integer
+LANGUAGE plpgsql
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+DECLARE
+    n integer;
+BEGIN
+    UPDATE evolution_instance_creation_queue q SET
+        action = 'delete', status = 'pending', attempts = 0, request_id = gen_random_uuid(),
+        next_attempt_at = now(), processed_at = NULL, error_message = NULL, error_kind = NULL,
+        last_http_status = NULL, move_to = _queue_move.move_to, updated_at = clock_timestamp()
+    FROM evolution_instances i
+    WHERE q.user_id = ANY (user_ids) AND i.user_id = q.user_id
+      AND q.status = 'completed' AND q.action = 'create' AND q.server = i.server
+      AND i.instance_status IN ('connecting', 'open', 'close', 'refused', 'expired');
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n > 0 THEN
+        PERFORM evoq._wake_worker_at_commit();
+    END IF;
+    RETURN n;
+END
+$$;
+
+-- 0.7.0: moves a user's instance to another server: logged out and deleted where it is, created
+-- on to_server (NULL: the other server with the most free capacity), and its next QR comes from
+-- there. A linked (open) instance moves only with force: its phone is logged out, and its user
+-- links again.
+CREATE FUNCTION evoq_move(user_id uuid, to_server text DEFAULT NULL, force boolean DEFAULT false) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, @extschema@, pg_temp
+AS $$
+DECLARE
+    inst record;
+    qrow record;
+    target text := evoq_move.to_server;
+    why text;
+BEGIN
+    IF evoq_move.force IS NULL THEN
+        RAISE EXCEPTION 'evoq_move: force must be true or false, not NULL'
+            USING ERRCODE = '22023', HINT = 'Leave it out (false) to move only an instance that is not linked.';
+    END IF;
+    SELECT i.instance_name, i.instance_status, i.server INTO inst FROM evolution_instances i
+    WHERE i.user_id = evoq_move.user_id;
+    IF NOT FOUND OR inst.instance_status IN ('lost', 'deleted') THEN
+        RAISE EXCEPTION 'evoq_move: user % has no instance to move', coalesce(evoq_move.user_id::text, 'NULL')
+            USING ERRCODE = '55000',
+                  HINT = 'Only an instance evoq created (evolution_instances) moves; a user still queued is placed when created.';
+    END IF;
+    SELECT q.status, q.action INTO qrow FROM evolution_instance_creation_queue q
+    WHERE q.user_id = evoq_move.user_id FOR UPDATE;
+    IF qrow.status IS DISTINCT FROM 'completed' OR qrow.action IS DISTINCT FROM 'create' THEN
+        RAISE EXCEPTION 'evoq_move: user %''s instance is busy (its queue row is % %)', evoq_move.user_id,
+                        coalesce(qrow.action, 'missing'), coalesce(qrow.status, '')
+            USING ERRCODE = '55000', HINT = 'Move it once evoq_process_queue has finished with it (a creation, a deletion or a move).';
+    END IF;
+    IF inst.instance_status = 'open' AND NOT evoq_move.force THEN
+        RAISE EXCEPTION 'evoq_move: user %''s instance is linked (open): a move logs the phone out', evoq_move.user_id
+            USING ERRCODE = '55000',
+                  HINT = 'Pass force => true to move it anyway: its user scans a new QR (or pairs again) from the new server.';
+    END IF;
+    IF target IS NOT NULL THEN
+        IF NOT EXISTS (SELECT 1 FROM evoq.servers s WHERE s.name = target) THEN
+            PERFORM evoq._no_such_server(target);
+        END IF;
+        IF target = inst.server THEN
+            RAISE EXCEPTION 'evoq_move: user %''s instance is already on server %', evoq_move.user_id, quote_literal(target)
+                USING ERRCODE = '22023', HINT = 'Name another server, or leave to_server out for the one with the most free capacity.';
+        END IF;
+        why := coalesce(evoq._server_full(target),
+                        (SELECT format('server %s has its circuit open (%s)', c.server, c.cause)
+                         FROM evoq.circuit c WHERE c.server = target));
+        IF why IS NOT NULL THEN
+            RAISE EXCEPTION 'evoq_move: % takes no new instance now: %', quote_literal(target), why
+                USING ERRCODE = '55000', HINT = 'evoq_servers shows each server''s free slots; move to another.';
+        END IF;
+    ELSE
+        -- the other server that takes new instances with the most free capacity (unbounded
+        -- first), then the fewest claimed rows
+        SELECT s.name INTO target FROM evoq.servers s
+        WHERE s.name <> inst.server AND NOT s.draining
+          AND NOT EXISTS (SELECT 1 FROM evoq.circuit c WHERE c.server = s.name)
+          AND evoq._server_full(s.name) IS NULL
+        ORDER BY s.capacity IS NOT NULL,
+                 s.capacity - (SELECT l.live FROM evoq.server_load l WHERE l.name = s.name) DESC,
+                 (SELECT count(*) FROM evolution_instance_creation_queue q
+                  WHERE q.server = s.name AND q.status = 'processing' AND q.next_attempt_at > now()),
+                 s.name
+        LIMIT 1;
+        IF target IS NULL THEN
+            RAISE EXCEPTION 'evoq_move: no other server takes new instances now'
+                USING ERRCODE = '55000', HINT = 'evoq_servers shows why (full, draining, circuit open); evoq_server_add adds one.';
+        END IF;
+    END IF;
+    PERFORM evoq._queue_move(ARRAY[evoq_move.user_id], target);
+    RETURN jsonb_build_object('user_id', evoq_move.user_id, 'instance', inst.instance_name, 'from', inst.server,
+                              'to', target, 'status', 'moving');
+END
+$$;
+COMMENT ON FUNCTION evoq_move(uuid, text, boolean) IS
+    'Moves a user''s instance to another Evolution server: deleted where it is, created on to_server (NULL: the one with the most free capacity). A linked one only with force.';
 
 -- Privileges and policies: nothing is executable by PUBLIC but evoq_current_user_id (RLS calls it)
 -- and evoq_instance_name (a user's instance name and the deployment's namespace),

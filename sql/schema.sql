@@ -69,7 +69,10 @@ CREATE TABLE evolution_instance_creation_queue (
     -- Retries and adoption stay on it; a re-creation after the server lost the instance, or after
     -- a deletion, is placed afresh. A creation takes room at its server once tried
     -- (evoq.server_load), and needs room to be claimed untried.
-    server           text
+    server           text,
+    -- 0.7.0: a move in progress (evoq_move, evoq_server_drain with move_unlinked): the row's
+    -- deletion at its server is followed by a creation on this server ('' : placed afresh)
+    move_to          text
 );
 COMMENT ON TABLE evolution_instance_creation_queue IS
     'One row per user whose Evolution instance evoq must create. Filled by the profile trigger, drained by evoq_process_queue().';
@@ -892,6 +895,8 @@ AS $$
             action = CASE d.reason WHEN 'deprovision' THEN 'delete' ELSE 'create' END,
             status = 'pending', request_id = gen_random_uuid(), retry_count = q.retry_count + d.n,
             attempts = 0, next_attempt_at = now(), processed_at = NULL, error_kind = NULL,
+            -- 0.7.0: a re-insert, a loss or a deprovisioning ends a move in progress
+            move_to = NULL,
             error_message = CASE d.reason WHEN 'lost'
                 THEN 'the Evolution API no longer knows this instance (404); creating it again' END,
             last_http_status = CASE d.reason WHEN 'lost' THEN 404 END,
@@ -1041,7 +1046,9 @@ BEGIN
         UPDATE evolution_instances i SET
             instance_status = 'deleted', qr_code = NULL, qr_text = NULL, pairing_code = NULL,
             disconnected_at = coalesce(i.disconnected_at, clock_timestamp()),
-            disconnect_reason = 'deprovisioned: deleted at the Evolution API',
+            disconnect_reason = CASE WHEN q.move_to IS NOT NULL
+                                     THEN format('moving to %s: deleted at its server', coalesce(nullif(q.move_to, ''), 'another server'))
+                                     ELSE 'deprovisioned: deleted at the Evolution API' END,
             last_error = NULL, last_error_at = NULL, updated_at = clock_timestamp()
         FROM r JOIN evolution_instance_creation_queue q ON q.id = r.id
         WHERE r.ok AND r.action = 'delete' AND i.user_id = q.user_id
@@ -1058,15 +1065,28 @@ BEGIN
           AND (r.action = 'delete' OR r.paired AND p.phone = r.number)
     )
     UPDATE evolution_instance_creation_queue q SET
-        status = CASE WHEN r.ok THEN 'completed' WHEN r.retry_in_ms IS NULL THEN 'failed' ELSE 'pending' END,
+        status = CASE WHEN r.ok AND r.action = 'delete' AND q.move_to IS NOT NULL THEN 'pending'
+                      WHEN r.ok THEN 'completed' WHEN r.retry_in_ms IS NULL THEN 'failed' ELSE 'pending' END,
+        -- 0.7.0: a move's deletion is done: the creation on the new server is queued (an untried
+        -- request there: it needs room, and waits for it)
+        action = CASE WHEN r.ok AND r.action = 'delete' AND q.move_to IS NOT NULL THEN 'create' ELSE q.action END,
+        attempts = CASE WHEN r.ok AND r.action = 'delete' AND q.move_to IS NOT NULL THEN 0 ELSE q.attempts END,
+        request_id = CASE WHEN r.ok AND r.action = 'delete' AND q.move_to IS NOT NULL THEN gen_random_uuid()
+                          ELSE q.request_id END,
+        server = CASE WHEN r.ok AND r.action = 'delete' AND q.move_to IS NOT NULL THEN nullif(q.move_to, '')
+                      ELSE q.server END,
+        move_to = CASE WHEN r.ok AND r.action = 'delete' THEN NULL ELSE q.move_to END,
         instance_name = coalesce(r.instance_name, q.instance_name),
-        processed_at = CASE WHEN r.ok THEN clock_timestamp() ELSE q.processed_at END,
+        processed_at = CASE WHEN r.ok AND r.action = 'delete' AND q.move_to IS NOT NULL THEN NULL
+                            WHEN r.ok THEN clock_timestamp() ELSE q.processed_at END,
         error_message = CASE WHEN r.ok THEN NULL ELSE evoq._redact(r.error, r.instance_name) END,
         error_kind = CASE WHEN r.ok THEN NULL ELSE r.error_kind END,
         last_http_status = r.http_status,
         last_error_at = CASE WHEN r.ok THEN q.last_error_at ELSE clock_timestamp() END,
         retry_count = q.retry_count + CASE WHEN r.ok THEN 0 ELSE 1 END,
-        next_attempt_at = CASE WHEN r.ok OR r.retry_in_ms IS NULL THEN q.next_attempt_at
+        -- (now(): due at once, for a later claim of this run too)
+        next_attempt_at = CASE WHEN r.ok AND r.action = 'delete' AND q.move_to IS NOT NULL THEN now()
+                               WHEN r.ok OR r.retry_in_ms IS NULL THEN q.next_attempt_at
                                ELSE clock_timestamp() + r.retry_in_ms * interval '1 millisecond' END,
         updated_at = clock_timestamp()
     FROM r WHERE q.id = r.id;

@@ -447,6 +447,134 @@ mod tests {
     }
 
     #[pg_test]
+    fn a_move_deletes_at_the_old_server_and_creates_at_the_new_one() {
+        let a = mock();
+        let b = mock();
+        let c = mock();
+        configure(&a);
+        profiles();
+        let users = sign_up(2);
+        assert_eq!(process()["created"], 2);
+        add("b", &b, ", capacity => 5");
+        let (user, other) = (&users[0], &users[1]);
+        let name = s(&instance_row(user)["instance_name"]).to_string();
+        let moved = json(&format!("SELECT evoq_move('{user}', 'b')"));
+        assert_eq!(moved["from"], "default", "{moved}");
+        assert_eq!(moved["to"], "b");
+        // The deletion at a, then the creation at b (one run each, or one run that does both).
+        process();
+        process();
+        assert_eq!(
+            a.count_calls("DELETE", &format!("/instance/logout/{name}")),
+            1
+        );
+        assert_eq!(
+            a.count_calls("DELETE", &format!("/instance/delete/{name}")),
+            1
+        );
+        assert!(!held_by(&a).contains(&name));
+        assert_eq!(held_by(&b), BTreeSet::from([name.clone()]));
+        let row = instance_row(user);
+        assert_eq!(
+            (row["server"].as_str(), row["instance_status"].as_str()),
+            (Some("b"), Some("connecting")),
+            "{row}"
+        );
+        assert_eq!(queue_row(user)["status"], "completed");
+        // Its next QR comes from b.
+        make_refresh_due();
+        json("SELECT evoq_refresh_qr()");
+        assert_eq!(
+            b.count_calls("GET", &format!("/instance/connect/{name}")),
+            1
+        );
+        assert_eq!(
+            a.count_calls("GET", &format!("/instance/connect/{name}")),
+            0
+        );
+        // A linked instance moves only with force; to_server NULL is the best other server.
+        let other_name = s(&instance_row(other)["instance_name"]).to_string();
+        a.scan(&other_name, None, None);
+        make_refresh_due();
+        json("SELECT evoq_refresh_qr()");
+        assert_eq!(instance_row(other)["instance_status"], "open");
+        let e = error_of(&format!("SELECT evoq_move('{other}')")).unwrap_or_default();
+        assert!(e.starts_with("55000") && e.contains("force => true"), "{e}");
+        add("c", &c, "");
+        let moved = json(&format!("SELECT evoq_move('{other}', force => true)"));
+        assert_eq!(
+            moved["to"], "c",
+            "unbounded c has the most free capacity: {moved}"
+        );
+        process();
+        process();
+        assert_eq!(held_by(&c), BTreeSet::from([other_name]));
+        assert!(held_by(&a).is_empty());
+        // Bad input, each refused with nothing changed.
+        let nobody = "00000000-0000-0000-0000-000000000001";
+        for (sql, code) in [
+            (format!("SELECT evoq_move('{nobody}')"), "55000"),
+            (format!("SELECT evoq_move('{user}', 'nope')"), "22023"),
+            (format!("SELECT evoq_move('{user}', 'b')"), "22023"),
+        ] {
+            let e = error_of(&sql).unwrap_or_default();
+            assert!(e.starts_with(code), "{sql}: {e}");
+        }
+        run("SELECT evoq_server_drain('default')");
+        let e = error_of(&format!("SELECT evoq_move('{user}', 'default')")).unwrap_or_default();
+        assert!(e.starts_with("55000"), "draining: {e}");
+        run("SELECT evoq_server_drain('default', false)");
+        // default full: a sign-up while b and c drain fills its one slot
+        run("SELECT evoq_server_set('default', capacity => 1)");
+        run("SELECT evoq_server_drain('b')");
+        run("SELECT evoq_server_drain('c')");
+        sign_up(1);
+        process();
+        assert_eq!(free_slots("default"), 0);
+        let e = error_of(&format!("SELECT evoq_move('{user}', 'default')")).unwrap_or_default();
+        assert!(e.starts_with("55000") && e.contains("full"), "full: {e}");
+        assert_eq!(instance_row(user)["server"], "b");
+        supabase_like();
+        for role in ["anon", "authenticated", "service_role"] {
+            run(&format!("SET ROLE {role}"));
+            let e = error_of(&format!("SELECT evoq_move('{user}', 'c')"));
+            run("RESET ROLE");
+            assert!(
+                e.as_deref().is_some_and(|e| e.starts_with("42501")),
+                "{role}: {e:?}"
+            );
+        }
+    }
+
+    #[pg_test]
+    fn a_drain_with_moves_moves_the_unlinked_instances_and_leaves_the_linked_one() {
+        let a = mock();
+        let b = mock();
+        configure(&a);
+        profiles();
+        let users = sign_up(4);
+        assert_eq!(process()["created"], 4);
+        let linked = s(&instance_row(&users[0])["instance_name"]).to_string();
+        a.scan(&linked, None, None);
+        make_refresh_due();
+        json("SELECT evoq_refresh_qr()");
+        add("b", &b, "");
+        run("SET evoq.concurrency = 2");
+        let drained = json("SELECT evoq_server_drain('default', move_unlinked => true)");
+        assert_eq!(drained["moving"], 3, "{drained}");
+        assert_eq!(drained["draining"], true);
+        process();
+        process();
+        assert_eq!(held_by(&a), BTreeSet::from([linked]));
+        assert_eq!(held_by(&b).len(), 3);
+        assert_eq!(held_by(&b), names_on("b"));
+        assert!(
+            error_of("SELECT evoq_server_drain('default', false, move_unlinked => true)")
+                .is_some_and(|e| e.starts_with("22023"))
+        );
+    }
+
+    #[pg_test]
     fn servers_refuse_bad_input_and_never_show_their_key() {
         let key = "sk-evoq-test-b-9d2c-DO-NOT-LEAK";
         let a = mock();
