@@ -5,7 +5,8 @@
 #   BENCH_ROWS (10000)     queue size for the concurrency-64 and memory runs
 #   BENCH_BIG_ROWS (100000) queue size for the big memory drain
 #   BENCH_PGBENCH_SECONDS (10)
-#   BENCH_ONLY             comma list of sections to run: calls,trigger,memory,reconcile,qr,cpu,rss,worker (default: all)
+#   BENCH_ONLY             comma list of sections to run: calls,trigger,memory,reconcile,fleet,qr,cpu,rss,worker (default: all)
+#   BENCH_FLEET_LATENCY_MS (200) mock latency of the several-servers section
 #   BENCH_RECONCILE_INSTANCES (5000) instances at the server (and rows) for the reconcile section
 #   BENCH_IDLE_SECONDS (30) how long the idle worker's CPU is sampled
 #   BENCH_QR_SECONDS (45)  sampling time of each QR validity run
@@ -224,6 +225,66 @@ fi
 # with webhooks the mock's deliveries reach evoq_webhook through postgrest-standin (one psql per
 # delivery: a real PostgREST keeps its connections, so this is the slower path). 5 connecting
 # instances, sampled every 100 ms for QR_SECONDS.
+if only fleet; then
+echo
+FLEET_LAT=${BENCH_FLEET_LATENCY_MS:-200}
+FLEET_PORT=$((MOCK_PORT + 40))
+echo "several servers (0.7.0): every mock at $FLEET_LAT ms a call, each server's bound evoq.concurrency = 16, the SQL function"
+echo "(evoq_process_queue: a lane per server, side by side); ideal = servers x 16 / latency"
+fleet_pids=()
+for i in 1 2 3; do
+  target/release/evolution-mock --port $((FLEET_PORT + i)) --api-key bench-key --latency-ms "$FLEET_LAT" --qr-ttl-ms 0 \
+    >"$CLUSTER_DIR/fleet-mock$i.log" 2>&1 &
+  fleet_pids+=($!)
+done
+trap 'kill "${fleet_pids[@]}" 2>/dev/null; mock_stop; cluster_stop immediate' EXIT
+for i in 1 2 3; do
+  for _ in $(seq 100); do curl -fsS "http://127.0.0.1:$((FLEET_PORT + i))/" >/dev/null 2>&1 && break; sleep 0.1; done
+  q "SELECT evoq_server_add('s$i', 'http://127.0.0.1:$((FLEET_PORT + i))', 'bench-key', api_version => 'v2')" >/dev/null
+done
+q "SELECT evoq_configure('$MOCK_URL', 'bench-key', api_version => 'v2')" >/dev/null
+fleet_mock() { # fleet_mock I CONFIG: the config of server I (0: default)
+  local port=$MOCK_PORT; [ "$1" -gt 0 ] && port=$((FLEET_PORT + $1))
+  curl -fsS -X POST "http://127.0.0.1:$port/__mock/$2" ${3:+-d "$3"} >/dev/null
+}
+fleet_run() { # fleet_run SERVERS ROWS SLOW_MS LABEL: servers 0..SERVERS-1 take sign-ups, the last at SLOW_MS if > 0
+  local n=$1 rows=$2 slow=$3 i t0
+  reset_all
+  for i in 0 1 2 3; do
+    fleet_mock "$i" reset
+    fleet_mock "$i" config "{\"latency_ms\": $FLEET_LAT}"
+    local name=default; [ "$i" -gt 0 ] && name=s$i
+    q "SELECT evoq_server_drain('$name', $([ "$i" -lt "$n" ] && echo false || echo true))" >/dev/null
+  done
+  [ "$slow" -gt 0 ] && fleet_mock $((n - 1)) config "{\"latency_ms\": $slow}"
+  q "INSERT INTO evolution_instance_creation_queue (user_id) SELECT gen_random_uuid() FROM generate_series(1, $rows)" >/dev/null
+  t0=$(q "SELECT clock_timestamp()")
+  local s; s=$(q "SET evoq.concurrency = 16; SET evoq.batch_size = 200; SELECT evoq_process_queue()")
+  [ "$(jget "$s" created)" = "$rows" ] || { echo "fleet run created $(jget "$s" created) of $rows: $s"; exit 1; }
+  # each server's rate: its creations over the time from the run's start to its last one
+  q "SELECT server, count(*), extract(epoch FROM max(processed_at) - '$t0'::timestamptz)
+     FROM evolution_instance_creation_queue GROUP BY server ORDER BY server <> 'default', server" |
+    python3 -c "
+import sys
+rows = [l.split('|') for l in sys.stdin.read().split()]
+n, slow, lat = $n, $slow, $FLEET_LAT
+slow_name = ('default' if n == 1 else 's%d' % (n - 1)) if slow > 0 else None
+fast = [(s, int(c), float(t)) for s, c, t in rows if s != slow_name]
+rate = sum(c for _, c, _ in fast) / max(t for _, _, t in fast)
+ideal = len(fast) * 16 * 1000 / lat
+per = ', '.join('%s %d' % (s, c) for s, c, _ in [(s, int(c), t) for s, c, t in rows])
+print('%-44s %7.1f/s  ideal %6.1f/s  %4.0f%%  target >= 90%%   (%s)' % ('$4', rate, ideal, 100 * rate / ideal, per))"
+}
+fleet_run 1 400 0 "1 server"
+fleet_run 2 800 0 "2 servers"
+fleet_run 4 1600 0 "4 servers"
+fleet_run 4 1200 $((FLEET_LAT * 10)) "4 servers, one at 10x latency: the other 3"
+for i in 1 2 3; do q "SELECT evoq_server_remove('s$i', force => true)" >/dev/null; done
+q "SELECT evoq_server_drain('default', false)" >/dev/null
+kill "${fleet_pids[@]}" 2>/dev/null || true
+trap 'mock_stop; cluster_stop immediate' EXIT
+fi
+
 if only qr; then
 QR_SECONDS=${BENCH_QR_SECONDS:-45}
 echo

@@ -715,37 +715,37 @@ END
 $$;
 
 -- 0.7.0: how many unplaced creations the server may take now, at most `wanted` (its own room):
--- none while another server that takes new instances is a better place for them: unbounded
--- where this one has a capacity, more free slots, or as many and fewer calls in flight (rows
--- claimed and leased). A server that drains, is full or has its circuit open is no place. With
--- a capacity, no more than puts it one below the next best, so a burst is spread as the free
--- slots are, not to one server until it is full. Its capacity is kept by its own room (the
--- lock in evoq._server_room); what this reads of the others only decides where a row is best.
+-- none while another server that takes new instances is a clearly better place for them:
+-- unbounded where this one has a capacity, or more than a claim's grain (8) more free slots. A
+-- server that drains, is full or has its circuit open is no place. With a capacity, no more than
+-- leaves it a grain below the next best, so a burst is spread as the free slots are; the grain
+-- lets claims take rows in batches (one row per claim would leave the servers' slots idle).
+-- Between servers alike, the rows go to whichever has calls to spare: a lane claims only when
+-- it has free slots, so a server with fewer calls in flight asks sooner and for more. Its
+-- capacity is kept by its own room (the lock in evoq._server_room); what this reads of the
+-- others only decides where a row is best.
 CREATE FUNCTION evoq._placement_share(server text, wanted integer) RETURNS integer
 LANGUAGE plpgsql
 SET search_path = pg_catalog, @extschema@, pg_temp
 AS $$
 DECLARE
+    grain CONSTANT integer := 8;
     mine record;
 BEGIN
     WITH c AS (
         SELECT s.name,
                CASE WHEN s.capacity IS NOT NULL
-                    THEN s.capacity - (SELECT l.live FROM evoq.server_load l WHERE l.name = s.name) END AS free,
-               (SELECT count(*) FROM evolution_instance_creation_queue q
-                WHERE q.server = s.name AND q.status = 'processing' AND q.next_attempt_at > now()) AS busy
+                    THEN s.capacity - (SELECT l.live FROM evoq.server_load l WHERE l.name = s.name) END AS free
         FROM evoq.servers s
         WHERE s.name = _placement_share.server
            OR (NOT s.draining AND NOT EXISTS (SELECT 1 FROM evoq.circuit k WHERE k.server = s.name))
     ), e AS (
         SELECT c.* FROM c WHERE c.name = _placement_share.server OR c.free IS NULL OR c.free > 0
     )
-    SELECT m.free, m.busy,
+    SELECT m.free,
            EXISTS (SELECT 1 FROM e p
                    WHERE p.name <> m.name
-                     AND ((p.free IS NULL AND m.free IS NOT NULL)
-                          OR p.free > m.free
-                          OR (p.free IS NOT DISTINCT FROM m.free AND p.busy < m.busy))) AS beaten,
+                     AND ((p.free IS NULL AND m.free IS NOT NULL) OR p.free > m.free + grain)) AS beaten,
            (SELECT max(p.free) FROM e p WHERE p.name <> m.name) AS best_other
     INTO mine
     FROM e m WHERE m.name = _placement_share.server;
@@ -754,7 +754,7 @@ BEGIN
     ELSIF mine.free IS NULL OR mine.best_other IS NULL THEN
         RETURN wanted;
     END IF;
-    RETURN least(wanted, greatest(mine.free - mine.best_other + 1, 1))::integer;
+    RETURN least(wanted, greatest(mine.free - mine.best_other + grain, 1))::integer;
 END
 $$;
 

@@ -67,16 +67,16 @@ mod tests {
         let c = mock();
         configure(&a);
         profiles();
-        run("SELECT evoq_server_set('default', capacity => 5)");
-        add("b", &b, ", capacity => 10");
-        add("c", &c, ", capacity => 20");
-        sign_up(30);
+        run("SELECT evoq_server_set('default', capacity => 20)");
+        add("b", &b, ", capacity => 40");
+        add("c", &c, ", capacity => 80");
+        sign_up(120);
         let mut created = 0;
         for _ in 0..5 {
             created += process()["created"].as_u64().unwrap_or(0);
         }
-        assert_eq!(created, 30);
-        for (server, mock, capacity) in [("default", &a, 5), ("b", &b, 10), ("c", &c, 20)] {
+        assert_eq!(created, 120);
+        for (server, mock, capacity) in [("default", &a, 20), ("b", &b, 40), ("c", &c, 80)] {
             let names = names_on(server);
             assert!(names.len() <= capacity, "{server}: {}", names.len());
             assert_eq!(
@@ -85,15 +85,16 @@ mod tests {
                 "{server} holds what evoq placed there"
             );
         }
-        // By free capacity: 35 slots, 30 placed, the 5 left spread over the three servers
-        // (placing on the largest first would leave all 5 at default).
+        // By free capacity: 140 slots, 120 placed, the 20 left spread over the three servers
+        // within a claim's grain (8) and one: placing on the largest first would leave all 20 at
+        // default, in turn (40 each) none at default and 20 at c.
         let free: Vec<i64> = ["default", "b", "c"]
             .iter()
             .map(|s| free_slots(s))
             .collect();
-        assert_eq!(free.iter().sum::<i64>(), 5);
+        assert_eq!(free.iter().sum::<i64>(), 20);
         assert!(
-            free.iter().max().unwrap() - free.iter().min().unwrap() <= 2,
+            free.iter().max().unwrap() - free.iter().min().unwrap() <= 9,
             "free slots {free:?}"
         );
         assert_eq!(
@@ -101,11 +102,11 @@ mod tests {
             Some("v1"),
             "each server's dialect is its own"
         );
-        // Six more: five fill the fleet, the sixth waits, untried and uncharged.
-        sign_up(6);
+        // 21 more: 20 fill the fleet, the last waits, untried and uncharged.
+        sign_up(21);
         process();
         process();
-        assert_eq!(count("SELECT count(*) FROM evolution_instances"), 35);
+        assert_eq!(count("SELECT count(*) FROM evolution_instances"), 140);
         assert_eq!(count("SELECT waiting_for_room FROM evoq_status"), 1);
         let reason = one::<String>("SELECT waiting_for_room_reason FROM evoq_status").unwrap();
         for name in ["default", "b", "c"] {
@@ -114,10 +115,10 @@ mod tests {
                 "{reason}"
             );
         }
-        for (server, capacity) in [("default", 5), ("b", 10), ("c", 20)] {
+        for (server, capacity) in [("default", 20), ("b", 40), ("c", 80)] {
             assert_eq!(names_on(server).len(), capacity, "{server}");
         }
-        // A new server is room: the sixth goes there.
+        // A new server is room: the last one goes there.
         let d = mock();
         add("d", &d, "");
         assert_eq!(process()["created"], 1);
