@@ -616,13 +616,21 @@ DECLARE
     -- the rows to claim when the claim may not take every due row it finds
     ids uuid[];
     taken integer;
+    -- the server has a capacity or drains; there are other servers
+    bounded boolean;
+    several boolean;
 BEGIN
-    -- Without a capacity or a drain the server always has room: one read, no lock, no count.
-    IF EXISTS (SELECT 1 FROM evoq.servers s WHERE s.name = _claim_queue.server AND (s.capacity IS NOT NULL OR s.draining)) THEN
+    -- Without a capacity or a drain, and alone, the server always has room: one read of the
+    -- (few) servers, no lock, no count.
+    SELECT coalesce(bool_or(s.name = _claim_queue.server AND (s.capacity IS NOT NULL OR s.draining)), false),
+           coalesce(bool_or(s.name <> _claim_queue.server), false)
+      INTO bounded, several
+      FROM evoq.servers s;
+    IF bounded THEN
         room := evoq._server_room(_claim_queue.server, batch_size);
     END IF;
     place := room;
-    IF EXISTS (SELECT 1 FROM evoq.servers s WHERE s.name <> _claim_queue.server) THEN
+    IF several THEN
         -- Several servers: this one's row is held while the claim places on it, so that
         -- evoq_server_remove waits for the claim (and a removed server places nothing).
         PERFORM 1 FROM evoq.servers s WHERE s.name = _claim_queue.server FOR KEY SHARE;

@@ -6,12 +6,27 @@
 //! own summary under "servers".
 
 use super::run::record_run;
-use crate::pipeline::{run_lanes_to_end, Pipeline, Source, Waker};
+use crate::pipeline::{run_lanes_to_end, run_to_end, Pipeline, Source, Waker};
+use crate::pool::Pool;
 use serde_json::{json, Map, Value};
 use std::time::Instant;
 
 /// A server's finished run: its name, summary and last error.
 pub type Ended = (String, (Value, Option<String>));
+
+/// A lane's pool, set to wake the driver when it has a result, when there are several lanes
+/// (one lane is driven by `run_to_end`, which waits on its own pool).
+pub fn woken_by<T: Send + 'static, R: Send + 'static>(
+    pool: Pool<T, R>,
+    waker: &Waker,
+    several: bool,
+) -> Pool<T, R> {
+    if several {
+        pool.with_notify(waker.notify())
+    } else {
+        pool
+    }
+}
 
 /// Runs every lane to its end (or the earliest deadline of theirs) and sums each up.
 pub fn run<S: Source>(
@@ -27,9 +42,14 @@ pub fn run<S: Source>(
         .into_iter()
         .map(|(name, pipe, job)| (name, (pipe, job)))
         .unzip();
-    let why = run_lanes_to_end(&mut pairs, deadline, waker, || {
+    let interrupts = || {
         pgrx::check_for_interrupts!();
-    });
+    };
+    // One server: the one pipeline as before 0.7.0, waiting on its own pool.
+    let why = match pairs.as_mut_slice() {
+        [(pipe, job)] => vec![run_to_end(pipe, job, deadline, interrupts)],
+        lanes => run_lanes_to_end(lanes, deadline, waker, interrupts),
+    };
     names
         .into_iter()
         .zip(pairs)

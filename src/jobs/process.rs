@@ -463,7 +463,9 @@ pub fn evoq_process_queue() -> pgrx::JsonB {
     let waker = Waker::default();
     let mut ended = Vec::new();
     let mut lanes = Vec::new();
-    for server in crate::servers::names() {
+    let servers = crate::servers::names();
+    let several = servers.len() > 1;
+    for server in servers {
         let run = Run::start("process_queue", &server);
         let lease_ms = run.tunables.lease_ms;
         let mut job = QueueJob::start(run, lease_ms);
@@ -472,7 +474,7 @@ pub fn evoq_process_queue() -> pgrx::JsonB {
             None => {
                 let grouping = sql_grouping(&job.run);
                 let ahead = job.run.tunables.concurrency.max(1);
-                let pool = job.run.pool(job.work()).with_notify(waker.notify());
+                let pool = super::lanes::woken_by(job.run.pool(job.work()), &waker, several);
                 let pipe = Pipeline::new(pool, grouping).claiming_ahead(ahead);
                 lanes.push((server, pipe, job));
             }

@@ -424,7 +424,9 @@ pub fn evoq_refresh_qr() -> pgrx::JsonB {
     let mut ended = Vec::new();
     let mut lanes = Vec::new();
     let mut deadline: Option<std::time::Instant> = None;
-    for server in crate::servers::names() {
+    let servers = crate::servers::names();
+    let several = servers.len() > 1;
+    for server in servers {
         let mut job = RefreshJob::start(Run::start("refresh_qr", &server), 0, true);
         deadline = Some(deadline.map_or(job.run.deadline, |d| d.min(job.run.deadline)));
         match job.run.circuit_blocks() {
@@ -434,7 +436,7 @@ pub fn evoq_refresh_qr() -> pgrx::JsonB {
                 // A refresh claim sorts every due instance whatever it takes: a quarter of the
                 // slots at a time, not one per finished call.
                 let quarter = (job.run.tunables.concurrency / 4).max(1);
-                let pool = job.run.pool(job.work()).with_notify(waker.notify());
+                let pool = super::lanes::woken_by(job.run.pool(job.work()), &waker, several);
                 let pipe = Pipeline::new(pool, grouping).claiming_at_least(quarter);
                 lanes.push((server, pipe, job));
             }
