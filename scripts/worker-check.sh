@@ -581,6 +581,26 @@ ours=set(sys.argv[1].split())
 a={i['name'] for i in json.load(u.urlopen('http://127.0.0.1:$MOCK_PORT/__mock/instances'))} & ours
 b={i['name'] for i in json.load(u.urlopen('http://127.0.0.1:$MOCK2_PORT/__mock/instances'))} & ours
 print(len(a) + len(b), len(a & b))" "$ours")" "13 0"
+# A kill -9 of the worker while b's create is in flight: after the restart the row stays b's,
+# even with default open for placements and emptier, and the user has one instance in the fleet.
+q "SELECT evoq_server_drain('default')" >/dev/null
+mock2 POST faults '{"method":"POST","path_contains":"/instance/create","kind":"delay","ms":1500,"times":1}' >/dev/null
+fk=$(signup fk)
+check "fk's create is in flight at b" \
+  "$(wait_for "SELECT status || ' ' || server FROM evolution_instance_creation_queue WHERE user_id = '$fk'" "processing b" 5)" "processing b"
+old=$(worker_pid)
+kill -9 "$old"
+new=$(wait_worker 30 "$old")
+check "after kill -9 mid-call at b the postmaster started a new worker" "$([ -n "$new" ] && echo yes)" "yes"
+q "SELECT evoq_server_drain('default', false)" >/dev/null
+check "once the lease ran out fk was completed at b, where its create was sent" \
+  "$(wait_for "SELECT status || ' ' || server FROM evolution_instance_creation_queue WHERE user_id = '$fk'" "completed b" 30)" "completed b"
+check "fk has one instance in the fleet, at b" \
+  "$(python3 -c "import json,sys,urllib.request as u
+n=sys.argv[1]
+a=sum(1 for i in json.load(u.urlopen('http://127.0.0.1:$MOCK_PORT/__mock/instances')) if i['name'] == n)
+b=sum(1 for i in json.load(u.urlopen('http://127.0.0.1:$MOCK2_PORT/__mock/instances')) if i['name'] == n)
+print(a, b)" "$(name_of "$fk")")" "0 1"
 
 # --- SIGHUP: the listener moves ---------------------------------------------------------------
 q "ALTER SYSTEM SET evoq.listen_address = '$LISTEN2'" >/dev/null

@@ -382,13 +382,18 @@ mod tests {
         let hook = &b.instance(&name_b).unwrap()["webhook"]["headers"];
         assert_eq!(s(&hook["x-evoq-secret"]), secret_b, "{hook}");
         // a's secret for b's instance: ignored and counted, the row unchanged, nothing relayed.
+        // (The counter is a sequence: it outlives the other tests' rolled-back transactions.)
+        let misdirected = count("SELECT webhooks_misdirected FROM evoq_status");
         let r = deliver(
             &secret_a,
             connection_update(&name_b, "open", "2099-01-01T00:00:00.000Z"),
         )
         .unwrap();
         assert_eq!(r["result"], "ignored", "{r}");
-        assert_eq!(count("SELECT webhooks_misdirected FROM evoq_status"), 1);
+        assert_eq!(
+            count("SELECT webhooks_misdirected FROM evoq_status"),
+            misdirected + 1
+        );
         assert_eq!(instance_row(&on_b)["instance_status"], "connecting");
         let message = serde_json::json!({"event": "messages.upsert", "instance": name_b,
             "date_time": "2099-01-01T00:00:01.000Z", "data": {"key": {"id": "m1"}}});
@@ -397,7 +402,10 @@ mod tests {
             "ignored"
         );
         assert_eq!(count("SELECT count(*) FROM evolution_instance_events"), 0);
-        assert_eq!(count("SELECT webhooks_misdirected FROM evoq_status"), 2);
+        assert_eq!(
+            count("SELECT webhooks_misdirected FROM evoq_status"),
+            misdirected + 2
+        );
         // b's own secret: applied.
         let r = deliver(
             &secret_b,
