@@ -225,30 +225,39 @@ fi
 # with webhooks the mock's deliveries reach evoq_webhook through postgrest-standin (one psql per
 # delivery: a real PostgREST keeps its connections, so this is the slower path). 5 connecting
 # instances, sampled every 100 ms for QR_SECONDS.
-if only fleet; then
-echo
 FLEET_LAT=${BENCH_FLEET_LATENCY_MS:-200}
 FLEET_PORT=$((MOCK_PORT + 40))
-echo "several servers (0.7.0): every mock at $FLEET_LAT ms a call, each server's bound evoq.concurrency = 16, the SQL function"
-echo "(evoq_process_queue: a lane per server, side by side); ideal = servers x 16 / latency"
 fleet_pids=()
-for i in 1 2 3; do
-  target/release/evolution-mock --port $((FLEET_PORT + i)) --api-key bench-key --latency-ms "$FLEET_LAT" --qr-ttl-ms 0 \
-    >"$CLUSTER_DIR/fleet-mock$i.log" 2>&1 &
-  fleet_pids+=($!)
-done
-trap 'kill "${fleet_pids[@]}" 2>/dev/null; mock_stop; cluster_stop immediate' EXIT
-for i in 1 2 3; do
-  for _ in $(seq 100); do curl -fsS "http://127.0.0.1:$((FLEET_PORT + i))/" >/dev/null 2>&1 && break; sleep 0.1; done
-  q "SELECT evoq_server_add('s$i', 'http://127.0.0.1:$((FLEET_PORT + i))', 'bench-key', api_version => 'v2')" >/dev/null
-done
-q "SELECT evoq_configure('$MOCK_URL', 'bench-key', api_version => 'v2')" >/dev/null
+fleet_setup() { # three more mocks, servers s1..s3 beside default
+  local i
+  for i in 1 2 3; do
+    target/release/evolution-mock --port $((FLEET_PORT + i)) --api-key bench-key --latency-ms "$FLEET_LAT" --qr-ttl-ms 0 \
+      >"$CLUSTER_DIR/fleet-mock$i.log" 2>&1 &
+    fleet_pids+=($!)
+  done
+  trap 'kill "${fleet_pids[@]}" 2>/dev/null; mock_stop; cluster_stop immediate' EXIT
+  for i in 1 2 3; do
+    for _ in $(seq 100); do curl -fsS "http://127.0.0.1:$((FLEET_PORT + i))/" >/dev/null 2>&1 && break; sleep 0.1; done
+    q "SELECT evoq_server_add('s$i', 'http://127.0.0.1:$((FLEET_PORT + i))', 'bench-key', api_version => 'v2')" >/dev/null
+  done
+  q "SELECT evoq_configure('$MOCK_URL', 'bench-key', api_version => 'v2')" >/dev/null
+}
+fleet_teardown() {
+  local i
+  for i in 1 2 3; do q "SELECT evoq_server_remove('s$i', force => true)" >/dev/null; done
+  q "SELECT evoq_server_drain('default', false)" >/dev/null
+  kill "${fleet_pids[@]}" 2>/dev/null || true
+  fleet_pids=()
+  trap 'mock_stop; cluster_stop immediate' EXIT
+}
 fleet_mock() { # fleet_mock I CONFIG: the config of server I (0: default)
   local port=$MOCK_PORT; [ "$1" -gt 0 ] && port=$((FLEET_PORT + $1))
   curl -fsS -X POST "http://127.0.0.1:$port/__mock/$2" ${3:+-d "$3"} >/dev/null
 }
-fleet_run() { # fleet_run SERVERS ROWS SLOW_MS LABEL: servers 0..SERVERS-1 take sign-ups, the last at SLOW_MS if > 0
-  local n=$1 rows=$2 slow=$3 i t0
+fleet_run() { # fleet_run MODE SERVERS ROWS SLOW_MS LABEL: servers 0..SERVERS-1 take sign-ups, the last at SLOW_MS if > 0
+  # MODE sql: one evoq_process_queue() over queued rows; worker: sign-ups into profiles, the
+  # background worker (evoq.concurrency = 16 set by the caller) takes them.
+  local mode=$1 n=$2 rows=$3 slow=$4 i t0
   reset_all
   for i in 0 1 2 3; do
     fleet_mock "$i" reset
@@ -257,11 +266,19 @@ fleet_run() { # fleet_run SERVERS ROWS SLOW_MS LABEL: servers 0..SERVERS-1 take 
     q "SELECT evoq_server_drain('$name', $([ "$i" -lt "$n" ] && echo false || echo true))" >/dev/null
   done
   [ "$slow" -gt 0 ] && fleet_mock $((n - 1)) config "{\"latency_ms\": $slow}"
-  q "INSERT INTO evolution_instance_creation_queue (user_id) SELECT gen_random_uuid() FROM generate_series(1, $rows)" >/dev/null
   t0=$(q "SELECT clock_timestamp()")
-  local s; s=$(q "SET evoq.concurrency = 16; SET evoq.batch_size = 200; SELECT evoq_process_queue()")
-  [ "$(jget "$s" created)" = "$rows" ] || { echo "fleet run created $(jget "$s" created) of $rows: $s"; exit 1; }
-  # each server's rate: its creations over the time from the run's start to its last one
+  if [ "$mode" = sql ]; then
+    q "INSERT INTO evolution_instance_creation_queue (user_id) SELECT gen_random_uuid() FROM generate_series(1, $rows)" >/dev/null
+    t0=$(q "SELECT clock_timestamp()")
+    local s; s=$(q "SET evoq.concurrency = 16; SET evoq.batch_size = 200; SELECT evoq_process_queue()")
+    [ "$(jget "$s" created)" = "$rows" ] || { echo "fleet run created $(jget "$s" created) of $rows: $s"; exit 1; }
+  else
+    q "INSERT INTO profiles (email) SELECT 'fleet' || g || '@example.com' FROM generate_series(1, $rows) g" >/dev/null
+    drained || { echo "fleet worker run: not drained in 300 s"; exit 1; }
+    local done_; done_=$(q "SELECT count(*) FROM evolution_instance_creation_queue WHERE status = 'completed'")
+    [ "$done_" = "$rows" ] || { echo "fleet worker run created $done_ of $rows"; exit 1; }
+  fi
+  # each server's rate: its creations over the time from the start to its last one
   q "SELECT server, count(*), extract(epoch FROM max(processed_at) - '$t0'::timestamptz)
      FROM evolution_instance_creation_queue GROUP BY server ORDER BY server <> 'default', server" |
     python3 -c "
@@ -273,16 +290,22 @@ fast = [(s, int(c), float(t)) for s, c, t in rows if s != slow_name]
 rate = sum(c for _, c, _ in fast) / max(t for _, _, t in fast)
 ideal = len(fast) * 16 * 1000 / lat
 per = ', '.join('%s %d' % (s, c) for s, c, _ in [(s, int(c), t) for s, c, t in rows])
-print('%-44s %7.1f/s  ideal %6.1f/s  %4.0f%%  target >= 90%%   (%s)' % ('$4', rate, ideal, 100 * rate / ideal, per))"
+print('%-44s %7.1f/s  ideal %6.1f/s  %4.0f%%  target >= 90%%   (%s)' % ('$5', rate, ideal, 100 * rate / ideal, per))"
 }
-fleet_run 1 400 0 "1 server"
-fleet_run 2 800 0 "2 servers"
-fleet_run 4 1600 0 "4 servers"
-fleet_run 4 1200 $((FLEET_LAT * 10)) "4 servers, one at 10x latency: the other 3"
-for i in 1 2 3; do q "SELECT evoq_server_remove('s$i', force => true)" >/dev/null; done
-q "SELECT evoq_server_drain('default', false)" >/dev/null
-kill "${fleet_pids[@]}" 2>/dev/null || true
-trap 'mock_stop; cluster_stop immediate' EXIT
+fleet_runs() { # fleet_runs MODE
+  fleet_run "$1" 1 400 0 "1 server"
+  fleet_run "$1" 2 800 0 "2 servers"
+  fleet_run "$1" 4 1600 0 "4 servers"
+  fleet_run "$1" 4 1200 $((FLEET_LAT * 10)) "4 servers, one at 10x latency: the other 3"
+}
+
+if only fleet; then
+echo
+echo "several servers (0.7.0): every mock at $FLEET_LAT ms a call, each server's bound evoq.concurrency = 16, the SQL function"
+echo "(evoq_process_queue: a lane per server, side by side); ideal = servers x 16 / latency"
+fleet_setup
+fleet_runs sql
+fleet_teardown
 fi
 
 if only qr; then
@@ -612,4 +635,19 @@ python3 -c "
 import json; r = json.loads('''$out''')
 print('listener, %d QR deliveries over 32 connections to 1000 connecting instances:' % r['sent'])
 print('    %.0f deliveries/s   target >= 2000/s;   delivery -> committed row p50 %.1f ms, p99 %.1f ms   target p99 < 50 ms;   answers %s' % (r['per_second'], r['p50_ms'], r['p99_ms'], r['status_counts']))"
+fi
+
+# --- several servers, the background worker (0.7.0): a lane per server in its main loop ----------
+if only fleet; then
+worker_cluster
+echo
+echo "several servers, the background worker (sign-ups into profiles; rate from their commit): every mock at"
+echo "$FLEET_LAT ms a call, each server's bound evoq.concurrency = 16, QR polling paused; ideal = servers x 16 / latency"
+conf "evoq.concurrency = 16"
+conf "evoq.qr_refresh_interval_ms = 3600000"
+PEAK_RSS_KB=0 PEAK_THREADS=0
+fleet_setup
+fleet_runs worker
+fleet_teardown
+conf "evoq.qr_refresh_interval_ms = 20000"
 fi

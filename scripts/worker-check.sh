@@ -581,6 +581,8 @@ ours=set(sys.argv[1].split())
 a={i['name'] for i in json.load(u.urlopen('http://127.0.0.1:$MOCK_PORT/__mock/instances'))} & ours
 b={i['name'] for i in json.load(u.urlopen('http://127.0.0.1:$MOCK2_PORT/__mock/instances'))} & ours
 print(len(a) + len(b), len(a & b))" "$ours")" "13 0"
+check "with several servers the worker's summary is its last cycle's, and names its server" \
+  "$(q "SELECT last_process_summary->>'server' IN ('default', 'b') FROM evoq_status")" "t"
 # A kill -9 of the worker while b's create is in flight: after the restart the row stays b's,
 # even with default open for placements and emptier, and the user has one instance in the fleet.
 q "SELECT evoq_server_drain('default')" >/dev/null

@@ -41,6 +41,7 @@ ALTER TABLE evolution_instance_creation_queue ADD COLUMN move_to text;
 
 -- 0.7.0: deliveries that carried one server's secret for an instance another server holds
 CREATE SEQUENCE evoq.webhooks_misdirected;
+SELECT pg_catalog.pg_extension_config_dump('evoq.webhooks_misdirected', '');
 
 -- The circuit of `default` (the only server there was), keyed by its server from now on.
 ALTER TABLE evoq.circuit DROP CONSTRAINT circuit_pkey;
@@ -901,8 +902,10 @@ AS $$
                 THEN 'the Evolution API no longer knows this instance (404); creating it again' END,
             last_http_status = CASE d.reason WHEN 'lost' THEN 404 END,
             -- 0.6.0: a creation is placed afresh once its server answered for the old instance
-            -- (lost: 404; or deleted); otherwise it stays where the server may still hold it
-            server = CASE WHEN d.reason <> 'deprovision' AND EXISTS (
+            -- (lost: 404; or deleted); otherwise it stays where the server may still hold it.
+            -- 0.7.0: and only when the row's last request was answered (completed): a
+            -- re-creation sent and unanswered (retrying, failed) may exist at its server
+            server = CASE WHEN d.reason <> 'deprovision' AND q.status = 'completed' AND EXISTS (
                               SELECT 1 FROM evolution_instances i WHERE i.user_id = q.user_id
                               AND i.instance_status IN ('lost', 'deleted'))
                           THEN NULL ELSE q.server END,
@@ -959,6 +962,9 @@ LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, @extschema@, pg_temp
 AS $$
 DECLARE
+    -- restored before returning: the caller's transaction goes on logging as it did
+    logged_statements text := current_setting('log_min_error_statement');
+    result jsonb;
     srv evoq.servers;
     unknown text := (SELECT string_agg(coalesce(quote_literal(f), 'NULL'), ', ') FROM unnest(clear) f
                      WHERE f IS NULL OR f NOT IN ('capacity', 'max_in_flight'));
@@ -1031,7 +1037,9 @@ BEGIN
         -- a new configuration deserves a fresh start: the circuit may have opened because of the old one
         DELETE FROM evoq.circuit c WHERE c.server = srv.name;
     END IF;
-    RETURN evoq._server_changed(srv, evoq_server_set.name);
+    result := evoq._server_changed(srv, evoq_server_set.name);
+    PERFORM set_config('log_min_error_statement', logged_statements, true);
+    RETURN result;
 END
 $$;
 COMMENT ON FUNCTION evoq_server_set(text, integer, integer, text[], text, text, text, boolean) IS
@@ -1090,6 +1098,9 @@ LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, @extschema@, pg_temp
 AS $$
 DECLARE
+    -- restored before returning: the caller's transaction goes on logging as it did
+    logged_statements text := current_setting('log_min_error_statement');
+    result jsonb;
     srv evoq.servers;
     url text := rtrim(btrim(evoq_server_add.api_url), '/');
 BEGIN
@@ -1126,7 +1137,9 @@ BEGIN
     VALUES (evoq_server_add.name, evoq_server_add.capacity, evoq_server_add.max_in_flight, url,
             btrim(evoq_server_add.api_key), evoq_server_add.api_version, evoq._new_webhook_secret(), clock_timestamp())
     RETURNING * INTO srv;
-    RETURN evoq._server_changed(srv, evoq_server_add.name);
+    result := evoq._server_changed(srv, evoq_server_add.name);
+    PERFORM set_config('log_min_error_statement', logged_statements, true);
+    RETURN result;
 END
 $$;
 COMMENT ON FUNCTION evoq_server_add(text, text, text, integer, integer, text) IS
@@ -1162,8 +1175,10 @@ BEGIN
     -- Its row first: a claim placing on it holds it (evoq._claim_queue), and this waits for it.
     PERFORM 1 FROM evoq.servers s WHERE s.name = evoq_server_remove.name FOR UPDATE;
     SELECT l.live INTO live FROM evoq.server_load l WHERE l.name = evoq_server_remove.name;
+    -- (a move on its way to it counts too: its creation would be sent there)
     SELECT count(*) INTO queued FROM evolution_instance_creation_queue q
-    WHERE q.server = evoq_server_remove.name AND q.status IN ('pending', 'processing');
+    WHERE (q.server = evoq_server_remove.name OR q.move_to = evoq_server_remove.name)
+      AND q.status IN ('pending', 'processing');
     IF (live > 0 OR queued > 0) AND NOT evoq_server_remove.force THEN
         RAISE EXCEPTION 'evoq_server_remove: server % still holds % live instances and % queued requests',
                         quote_literal(evoq_server_remove.name), live, queued
@@ -1182,6 +1197,17 @@ BEGIN
     IF jsonb_array_length(lost) > 0 THEN
         PERFORM evoq._record_refresh_results(lost);
     END IF;
+    -- _record_refresh_results skips a row a running refresh holds: then nothing is removed, for
+    -- an instance row must never be left on a server that no longer exists.
+    IF EXISTS (SELECT 1 FROM evolution_instances i WHERE i.server = evoq_server_remove.name
+               AND i.instance_status IN ('connecting', 'open', 'close', 'refused', 'expired')) THEN
+        RAISE EXCEPTION 'evoq_server_remove: some of server %''s instances are held by a run in progress',
+                        quote_literal(evoq_server_remove.name)
+            USING ERRCODE = '55006', HINT = 'Try again once the run (evoq_refresh_qr, pg_cron or the worker) has ended.';
+    END IF;
+    -- A move on its way to it is placed afresh instead.
+    UPDATE evolution_instance_creation_queue q SET move_to = '', updated_at = clock_timestamp()
+    WHERE q.move_to = evoq_server_remove.name AND q.status IN ('pending', 'processing');
     -- Its deletions are done (nothing there to delete any more); its creations go elsewhere. A
     -- call still in flight to it finds its claim gone (updated_at moved) and is not recorded.
     UPDATE evolution_instance_creation_queue q
@@ -1222,6 +1248,7 @@ AS $$
 DECLARE
     srv evoq.servers;
     moving integer := 0;
+    room bigint;
     result jsonb;
 BEGIN
     IF evoq_server_drain.draining IS NULL OR evoq_server_drain.move_unlinked IS NULL THEN
@@ -1236,10 +1263,33 @@ BEGIN
     WHERE s.name = evoq_server_drain.name
     RETURNING s.* INTO srv;
     result := evoq._server_changed(srv, evoq_server_drain.name);
+    IF evoq_server_drain.draining THEN
+        -- A move on its way here (still at its deletion) is placed afresh instead.
+        UPDATE evolution_instance_creation_queue q SET move_to = '', updated_at = clock_timestamp()
+        WHERE q.move_to = srv.name AND q.status IN ('pending', 'processing');
+    END IF;
     IF evoq_server_drain.move_unlinked THEN
+        -- Never more than the other servers have room for: a moved instance is deleted here
+        -- first, and its user would be left with none (NULL: one of them is unbounded).
+        SELECT CASE WHEN bool_or(s.capacity IS NULL) THEN NULL
+                    ELSE sum(greatest(s.capacity - l.live, 0)) END
+          INTO room
+          FROM evoq.servers s JOIN evoq.server_load l ON l.name = s.name
+         WHERE s.name <> srv.name AND NOT s.draining
+           AND NOT EXISTS (SELECT 1 FROM evoq.circuit c WHERE c.server = s.name);
+        IF NOT FOUND OR room = 0 OR NOT EXISTS (SELECT 1 FROM evoq.servers s WHERE s.name <> srv.name
+                                                 AND NOT s.draining
+                                                 AND NOT EXISTS (SELECT 1 FROM evoq.circuit c WHERE c.server = s.name)) THEN
+            RAISE EXCEPTION 'evoq_server_drain: no other server takes new instances now, so none can move off %',
+                            quote_literal(srv.name)
+                USING ERRCODE = '55000',
+                      HINT = 'evoq_servers shows why (full, draining, circuit open); evoq_server_add adds one. evoq_server_drain(name) alone drains without moving.';
+        END IF;
         moving := evoq._queue_move(ARRAY(
             SELECT i.user_id FROM evolution_instances i
-            WHERE i.server = srv.name AND i.instance_status IN ('connecting', 'close', 'refused', 'expired')), '');
+            WHERE i.server = srv.name AND i.instance_status IN ('connecting', 'close', 'refused', 'expired')
+            ORDER BY i.instance_status = 'expired', i.created_at
+            LIMIT room), '');
     END IF;
     RETURN result || jsonb_build_object('moving', moving);
 END

@@ -333,6 +333,7 @@ SELECT pg_catalog.pg_extension_config_dump('evoq.webhooks_applied', '');
 SELECT pg_catalog.pg_extension_config_dump('evoq.webhooks_ignored', '');
 SELECT pg_catalog.pg_extension_config_dump('evoq.webhooks_rejected', '');
 SELECT pg_catalog.pg_extension_config_dump('evoq.webhooks_relayed', '');
+SELECT pg_catalog.pg_extension_config_dump('evoq.webhooks_misdirected', '');
 SELECT pg_catalog.pg_extension_config_dump('evoq.reconciles', '');
 SELECT pg_catalog.pg_extension_config_dump('evoq.reconcile_orphans', '');
 SELECT pg_catalog.pg_extension_config_dump('evoq.servers', '');
@@ -909,8 +910,10 @@ AS $$
                 THEN 'the Evolution API no longer knows this instance (404); creating it again' END,
             last_http_status = CASE d.reason WHEN 'lost' THEN 404 END,
             -- 0.6.0: a creation is placed afresh once its server answered for the old instance
-            -- (lost: 404; or deleted); otherwise it stays where the server may still hold it
-            server = CASE WHEN d.reason <> 'deprovision' AND EXISTS (
+            -- (lost: 404; or deleted); otherwise it stays where the server may still hold it.
+            -- 0.7.0: and only when the row's last request was answered (completed): a
+            -- re-creation sent and unanswered (retrying, failed) may exist at its server
+            server = CASE WHEN d.reason <> 'deprovision' AND q.status = 'completed' AND EXISTS (
                               SELECT 1 FROM evolution_instances i WHERE i.user_id = q.user_id
                               AND i.instance_status IN ('lost', 'deleted'))
                           THEN NULL ELSE q.server END,

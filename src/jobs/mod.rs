@@ -5,6 +5,7 @@
 
 pub mod lanes;
 pub mod process;
+pub mod readiness;
 pub mod reconcile;
 pub mod refresh;
 pub mod run;

@@ -209,10 +209,15 @@ impl QueueJob {
     /// None when calls may be made; otherwise why not: the circuit is open, or the server's
     /// dialect cannot be told (a server that cannot even answer GET / costs no row an attempt).
     pub fn ready(&mut self) -> Option<&'static str> {
-        if let Some(reason) = self.run.circuit_blocks() {
+        self.ready_given(super::readiness::Answers::default())
+    }
+
+    /// `ready`, with what its server was asked ahead (`readiness::ask_all`).
+    pub fn ready_given(&mut self, told: super::readiness::Answers) -> Option<&'static str> {
+        if let Some(reason) = self.run.circuit_blocks_given(told.health.clone()) {
             return Some(reason);
         }
-        match self.run.version() {
+        match self.run.version_given(told.version, told.health) {
             Ok(v) => {
                 self.version = v;
                 None
@@ -461,20 +466,59 @@ pub fn evoq_process_queue() -> pgrx::JsonB {
     require_working_attachments();
     // 0.7.0: one run per server, side by side (see `lanes`)
     let waker = Waker::default();
-    let mut ended = Vec::new();
-    let mut lanes = Vec::new();
     let servers = crate::servers::names();
     let several = servers.len() > 1;
-    for server in servers {
-        let run = Run::start("process_queue", &server);
-        let lease_ms = run.tunables.lease_ms;
-        let mut job = QueueJob::start(run, lease_ms);
-        match job.ready() {
+    let jobs: Vec<(String, QueueJob)> = servers
+        .into_iter()
+        .map(|server| {
+            let run = Run::start("process_queue", &server);
+            let lease_ms = run.tunables.lease_ms;
+            (server, QueueJob::start(run, lease_ms))
+        })
+        .collect();
+    // The servers that must be probed first run after the others, their probes in flight
+    // meanwhile (see `readiness`).
+    let runs: Vec<&Run> = jobs.iter().map(|(_, job)| &job.run).collect();
+    let asked = super::readiness::ask_all(&runs, true);
+    let (first, probed): (Vec<_>, Vec<_>) = jobs
+        .into_iter()
+        .enumerate()
+        .partition(|(i, _)| !asked.waits(*i));
+    let mut ended = run_queue_lanes(first, Vec::new(), &waker, several);
+    if !probed.is_empty() {
+        let (_, (_, soonest)) = probed
+            .iter()
+            .min_by_key(|(_, (_, job))| job.run.deadline)
+            .expect("a probed run");
+        let deadline = soonest.run.deadline;
+        let mut told = asked.wait(deadline, |what| soonest.run.budget_error(what));
+        let answers = probed
+            .iter()
+            .map(|(i, _)| std::mem::take(&mut told[*i]))
+            .collect();
+        ended.extend(run_queue_lanes(probed, answers, &waker, several));
+    }
+    super::lanes::record("process_queue", ended)
+}
+
+/// Gets each server's run ready (with what it was told ahead, if anything) and runs the lanes
+/// of those that are, side by side.
+fn run_queue_lanes(
+    jobs: Vec<(usize, (String, QueueJob))>,
+    mut told: Vec<super::readiness::Answers>,
+    waker: &Waker,
+    several: bool,
+) -> Vec<super::lanes::Ended> {
+    let mut ended = Vec::new();
+    let mut lanes = Vec::new();
+    told.resize(jobs.len(), Default::default());
+    for ((_, (server, mut job)), told) in jobs.into_iter().zip(told) {
+        match job.ready_given(told) {
             Some(reason) => ended.push((server, job.summarize(reason, 0))),
             None => {
                 let grouping = sql_grouping(&job.run);
                 let ahead = job.run.tunables.concurrency.max(1);
-                let pool = super::lanes::woken_by(job.run.pool(job.work()), &waker, several);
+                let pool = super::lanes::woken_by(job.run.pool(job.work()), waker, several);
                 let pipe = Pipeline::new(pool, grouping).claiming_ahead(ahead);
                 lanes.push((server, pipe, job));
             }
@@ -482,9 +526,9 @@ pub fn evoq_process_queue() -> pgrx::JsonB {
     }
     ended.extend(super::lanes::run(
         lanes,
-        &waker,
+        waker,
         |job| job.run.deadline,
         |job, why, groups| job.summarize(why, groups),
     ));
-    super::lanes::record("process_queue", ended)
+    ended
 }

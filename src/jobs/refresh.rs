@@ -421,33 +421,39 @@ impl Source for RefreshJob {
 pub fn evoq_refresh_qr() -> pgrx::JsonB {
     // 0.7.0: one run per server, side by side (see `lanes`)
     let waker = Waker::default();
-    let mut ended = Vec::new();
-    let mut lanes = Vec::new();
-    let mut deadline: Option<std::time::Instant> = None;
     let servers = crate::servers::names();
     let several = servers.len() > 1;
-    for server in servers {
-        let mut job = RefreshJob::start(Run::start("refresh_qr", &server), 0, true);
-        deadline = Some(deadline.map_or(job.run.deadline, |d| d.min(job.run.deadline)));
-        match job.run.circuit_blocks() {
-            Some(reason) => ended.push((server, job.summarize(reason, 0))),
-            None => {
-                let grouping = super::process::sql_grouping(&job.run);
-                // A refresh claim sorts every due instance whatever it takes: a quarter of the
-                // slots at a time, not one per finished call.
-                let quarter = (job.run.tunables.concurrency / 4).max(1);
-                let pool = super::lanes::woken_by(job.run.pool(job.work()), &waker, several);
-                let pipe = Pipeline::new(pool, grouping).claiming_at_least(quarter);
-                lanes.push((server, pipe, job));
-            }
-        }
+    let jobs: Vec<(String, RefreshJob)> = servers
+        .into_iter()
+        .map(|server| {
+            let job = RefreshJob::start(Run::start("refresh_qr", &server), 0, true);
+            (server, job)
+        })
+        .collect();
+    let deadline = jobs.iter().map(|(_, job)| job.run.deadline).min();
+    // The servers whose circuit is due for its probe run after the others, their probes in
+    // flight meanwhile (see `readiness`; `GET /` is asked only by a claim that repoints a
+    // webhook of unknown dialect).
+    let runs: Vec<&Run> = jobs.iter().map(|(_, job)| &job.run).collect();
+    let asked = super::readiness::ask_all(&runs, false);
+    let (first, probed): (Vec<_>, Vec<_>) = jobs
+        .into_iter()
+        .enumerate()
+        .partition(|(i, _)| !asked.waits(*i));
+    let mut ended = run_refresh_lanes(first, Vec::new(), &waker, several);
+    if !probed.is_empty() {
+        let (_, (_, soonest)) = probed
+            .iter()
+            .min_by_key(|(_, (_, job))| job.run.deadline)
+            .expect("a probed run");
+        let by = soonest.run.deadline;
+        let mut told = asked.wait(by, |what| soonest.run.budget_error(what));
+        let answers = probed
+            .iter()
+            .map(|(i, _)| std::mem::take(&mut told[*i]))
+            .collect();
+        ended.extend(run_refresh_lanes(probed, answers, &waker, several));
     }
-    ended.extend(super::lanes::run(
-        lanes,
-        &waker,
-        |job| job.run.deadline,
-        |job, why, groups| job.summarize(if why == "drained" { "done" } else { why }, groups),
-    ));
     // 0.6.0: every evoq.reconcile_interval_ms, each server's listing compared with its rows,
     // within this run's time budget (a cron slot is not held longer than before)
     if let Some(deadline) = deadline {
@@ -458,4 +464,38 @@ pub fn evoq_refresh_qr() -> pgrx::JsonB {
         }
     }
     super::lanes::record("refresh_qr", ended)
+}
+
+/// Gets each server's run ready (with its health probe's answer if it was asked ahead) and runs
+/// the lanes of those that are, side by side.
+fn run_refresh_lanes(
+    jobs: Vec<(usize, (String, RefreshJob))>,
+    mut told: Vec<super::readiness::Answers>,
+    waker: &Waker,
+    several: bool,
+) -> Vec<super::lanes::Ended> {
+    let mut ended = Vec::new();
+    let mut lanes = Vec::new();
+    told.resize(jobs.len(), Default::default());
+    for ((_, (server, mut job)), told) in jobs.into_iter().zip(told) {
+        match job.run.circuit_blocks_given(told.health) {
+            Some(reason) => ended.push((server, job.summarize(reason, 0))),
+            None => {
+                let grouping = super::process::sql_grouping(&job.run);
+                // A refresh claim sorts every due instance whatever it takes: a quarter of the
+                // slots at a time, not one per finished call.
+                let quarter = (job.run.tunables.concurrency / 4).max(1);
+                let pool = super::lanes::woken_by(job.run.pool(job.work()), waker, several);
+                let pipe = Pipeline::new(pool, grouping).claiming_at_least(quarter);
+                lanes.push((server, pipe, job));
+            }
+        }
+    }
+    ended.extend(super::lanes::run(
+        lanes,
+        waker,
+        |job| job.run.deadline,
+        |job, why, groups| job.summarize(if why == "drained" { "done" } else { why }, groups),
+    ));
+    ended
 }

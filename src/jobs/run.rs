@@ -297,14 +297,50 @@ impl Run {
     /// batch may be tried (`take_health_probe`). A run whose probe was already made (the
     /// background worker's, on a thread of its own) is half-open already and asks nothing.
     pub fn circuit_blocks(&mut self) -> Option<&'static str> {
+        self.circuit_blocks_given(None)
+    }
+
+    /// `circuit_blocks`, with the health probe's answer if it was asked already (`readiness`).
+    pub fn circuit_blocks_given(
+        &mut self,
+        health: Option<Result<(), ApiError>>,
+    ) -> Option<&'static str> {
         match self.circuit_state() {
             CircuitState::Closed => None,
             CircuitState::Open => Some("circuit_open"),
             CircuitState::ProbeDue if self.circuit_half_open => None,
             CircuitState::ProbeDue => {
-                let probed = self.probe_health_now();
+                let probed = health.unwrap_or_else(|| self.probe_health_now());
                 self.take_health_probe(probed)
             }
+        }
+    }
+
+    /// What getting this run ready would ask its server: (the health probe, `GET /`). The
+    /// health probe when the circuit is due for one; `GET /` when `with_version` and the
+    /// dialect is unknown (a `GET /` that times out is then decided by a health probe asked
+    /// after it, as `version` does). Nothing while the circuit is open and not due.
+    pub fn probes_needed(&self, with_version: bool) -> (bool, bool) {
+        let version = with_version && self.version.is_none();
+        match self.circuit_state() {
+            CircuitState::Open => (false, false),
+            CircuitState::ProbeDue if !self.circuit_half_open => (true, version),
+            _ => (false, version),
+        }
+    }
+
+    /// `version`, with `GET /`'s answer (and the health probe's) if they were asked already.
+    pub fn version_given(
+        &mut self,
+        probed: Option<Result<ApiVersion, ApiError>>,
+        health: Option<Result<(), ApiError>>,
+    ) -> Result<ApiVersion, ApiError> {
+        if let Some(v) = self.version {
+            return Ok(v);
+        }
+        match probed {
+            Some(probed) => self.take_version_probe(probed, health),
+            None => self.version(),
         }
     }
 

@@ -18,10 +18,14 @@ mod tests {
             Some(true)
         );
         // pg_dump keeps the data of these tables (and sequences); 0.6.0: the reconciler's two
-        // and evoq.servers.
+        // and evoq.servers; 0.7.0: the webhooks_misdirected counter.
         assert_eq!(
             count("SELECT cardinality(extconfig) FROM pg_extension WHERE extname = 'evoq'"),
-            19
+            20
+        );
+        assert_eq!(
+            count("SELECT count(*) FROM pg_extension, unnest(extconfig) c WHERE extname = 'evoq' AND c = 'evoq.webhooks_misdirected'::regclass"),
+            1
         );
         assert!(error_of("INSERT INTO evolution_instance_creation_queue (user_id, status) VALUES (gen_random_uuid(), 'bogus')").unwrap().starts_with("23514"));
         assert_eq!(

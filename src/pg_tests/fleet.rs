@@ -210,6 +210,94 @@ mod tests {
     }
 
     #[pg_test]
+    fn a_slow_probe_at_one_server_does_not_hold_up_another_servers_calls() {
+        let a = mock();
+        let b = mock();
+        configure(&a);
+        profiles();
+        process(); // default's dialect is asked, and known from now on
+                   // b's dialect is unknown, and its GET / takes 3 s (a busy 2.3.6 waits on WhatsApp's site).
+        add("b", &b, "");
+        run("SELECT evoq_server_drain('b')");
+        b.add_fault(evolution_mock::FaultRule {
+            method: Some("GET".into()),
+            path_contains: String::new(),
+            path_equals: Some("/".into()),
+            kind: FaultKind::Delay { ms: 3000 },
+            times: Some(1),
+        });
+        sign_up(3);
+        let t0 = one::<String>("SELECT clock_timestamp()::text").unwrap();
+        let summary = process();
+        assert_eq!(summary["created"], 3, "{summary}");
+        let ms = count(&format!(
+            "SELECT (extract(epoch FROM max(processed_at) - '{t0}'::timestamptz) * 1000)::bigint
+             FROM evolution_instance_creation_queue WHERE server = 'default'"
+        ));
+        assert!(
+            ms < 1500,
+            "default's creates waited {ms} ms for b's probe: {summary}"
+        );
+        let version_probes = b
+            .calls()
+            .iter()
+            .filter(|c| c["method"] == "GET" && c["path"] == "/")
+            .count();
+        assert_eq!(version_probes, 1, "b's GET / was asked, in the same run");
+        assert_eq!(
+            one::<String>("SELECT api_version FROM evoq_servers WHERE name = 'b'").as_deref(),
+            Some("v2")
+        );
+    }
+
+    #[pg_test]
+    fn a_re_creation_sent_and_unanswered_stays_at_its_server_when_asked_again() {
+        let a = mock();
+        let b = mock();
+        configure(&a);
+        profiles();
+        add("b", &b, ", capacity => 1");
+        run("SELECT evoq_server_drain('b')");
+        let user = sign_up(1).remove(0);
+        assert_eq!(process()["created"], 1);
+        let name = one::<String>(&format!("SELECT evoq_instance_name('{user}')")).unwrap();
+        // default loses the instance (404): it is created again, at b while default drains,
+        // and b's create hangs until the row fails.
+        assert!(a.remove_instance(&name));
+        make_refresh_due();
+        json("SELECT evoq_refresh_qr()");
+        assert_eq!(instance_row(&user)["instance_status"], "lost");
+        run("SELECT evoq_server_drain('default')");
+        run("SELECT evoq_server_drain('b', false)");
+        run("SET evoq.request_timeout_ms = 500");
+        run("SET evoq.max_attempts = 1");
+        b.add_fault(fault("POST", "/instance/create", FaultKind::Hang, Some(1)));
+        let r = process();
+        assert_eq!(r["failed"], 1, "{r}");
+        assert_eq!(queue_row(&user)["server"], "b");
+        // b made the instance after all (its answer was lost). The user asks again while
+        // default, unbounded, has far more room than b: the row stays b's, and b answers for it.
+        b.seed_instances(std::slice::from_ref(&name), "connecting");
+        b.clear_faults();
+        run("SELECT evoq_server_drain('default', false)");
+        assert_eq!(
+            one::<String>(&format!("SELECT evoq_reconnect('{user}')")).as_deref(),
+            Some("lost")
+        );
+        make_all_due();
+        let r = process();
+        assert_eq!(r["adopted"], 1, "{r}");
+        assert_eq!(queue_row(&user)["server"], "b");
+        assert_eq!(instance_row(&user)["server"], "b");
+        assert!(!held_by(&a).contains(&name), "no twin at default");
+        assert_eq!(
+            a.count_calls("POST", "/instance/create"),
+            1,
+            "only the first create"
+        );
+    }
+
+    #[pg_test]
     fn each_server_is_asked_only_for_its_own_instances() {
         let a = mock();
         let b = mock();
@@ -584,6 +672,59 @@ mod tests {
     }
 
     #[pg_test]
+    fn a_drain_or_a_removal_never_leaves_a_user_without_a_server() {
+        let a = mock();
+        let b = mock();
+        let c = mock();
+        configure(&a);
+        profiles();
+        let users = sign_up(2);
+        assert_eq!(process()["created"], 2);
+        add("b", &b, ", capacity => 1");
+        run("SELECT evoq_server_drain('b')");
+        // Nowhere to go: refused, and nothing changed (default does not drain, nothing moves).
+        let e = error_of("SELECT evoq_server_drain('default', move_unlinked => true)").unwrap();
+        assert!(e.starts_with("55000"), "{e}");
+        assert_eq!(
+            one::<bool>("SELECT draining FROM evoq.servers WHERE name = 'default'"),
+            Some(false)
+        );
+        assert_eq!(
+            count("SELECT count(*) FROM evolution_instance_creation_queue WHERE action = 'delete'"),
+            0
+        );
+        // b has room for one: one moves, the other stays until there is room.
+        run("SELECT evoq_server_drain('b', false)");
+        let drained = json("SELECT evoq_server_drain('default', move_unlinked => true)");
+        assert_eq!(drained["moving"], 1, "{drained}");
+        process();
+        process();
+        assert_eq!(held_by(&b).len(), 1);
+        assert_eq!(held_by(&a).len(), 1);
+        // A move on its way to c: c cannot be removed without force, and with force the move
+        // is placed afresh (at b, given room) instead of at a server that is gone.
+        let staying = users
+            .iter()
+            .find(|u| instance_row(u)["server"] == "default")
+            .unwrap()
+            .clone();
+        add("c", &c, "");
+        run("SELECT evoq_server_set('b', capacity => 2)");
+        json(&format!("SELECT evoq_move('{staying}', 'c')"));
+        let e = error_of("SELECT evoq_server_remove('c')").unwrap();
+        assert!(e.starts_with("55006"), "{e}");
+        json("SELECT evoq_server_remove('c', force => true)");
+        assert_eq!(queue_row(&staying)["move_to"], "");
+        process();
+        process();
+        assert_eq!(queue_row(&staying)["server"], "b");
+        assert_eq!(queue_row(&staying)["status"], "completed");
+        assert_eq!(held_by(&b).len(), 2);
+        assert!(held_by(&a).is_empty());
+        assert_eq!(c.count_calls("POST", "/instance/create"), 0);
+    }
+
+    #[pg_test]
     fn servers_refuse_bad_input_and_never_show_their_key() {
         let key = "sk-evoq-test-b-9d2c-DO-NOT-LEAK";
         let a = mock();
@@ -595,6 +736,15 @@ mod tests {
         configure(&a);
         profiles();
         let url = b.url();
+        // evoq_server_add hides its statement from the log while it runs, and only then.
+        let logged = one::<String>("SELECT current_setting('log_min_error_statement')");
+        json(&format!("SELECT evoq_server_add('z', '{url}/z', '{key}')"));
+        json("SELECT evoq_server_set('z', capacity => 3)");
+        assert_eq!(
+            one::<String>("SELECT current_setting('log_min_error_statement')"),
+            logged
+        );
+        json("SELECT evoq_server_remove('z')");
         for (sql, code) in [
             (
                 format!("SELECT evoq_server_add('B C', '{url}', '{key}')"),

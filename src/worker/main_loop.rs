@@ -149,6 +149,9 @@ struct Worker {
     servers_read: Option<Instant>,
     /// The sign-up counter as the worker last saw it.
     wakes_seen: u64,
+    /// `shared::prepares()` as last seen, and until when the lanes look every PREPARED_POLL
+    prepares_seen: u64,
+    watch_prepared_until: Option<Instant>,
     /// Set by the pool's and the listener's threads before they signal the main thread, so a
     /// burst of results costs one signal.
     signalled: Arc<AtomicBool>,
@@ -295,6 +298,8 @@ impl Worker {
             lanes: vec![Lane::new(crate::servers::DEFAULT_SERVER.to_string())],
             servers_read: None,
             wakes_seen: shared::wakes(),
+            prepares_seen: shared::prepares(),
+            watch_prepared_until: None,
             signalled: Arc::new(AtomicBool::new(false)),
             blocked: None,
             secrets: Secrets::new(),
@@ -402,6 +407,7 @@ impl Worker {
             return;
         }
         self.read_servers(woken);
+        self.watch_prepared();
         self.step_reconcile();
         for i in 0..self.lanes.len() {
             let lane = &mut self.lanes[i];
@@ -415,6 +421,27 @@ impl Worker {
             if self.lanes[i].cycle.is_some() {
                 self.step_cycle(i);
             }
+        }
+    }
+
+    /// A PREPARE TRANSACTION that queued rows: its COMMIT PREPARED will wake nobody, so every
+    /// lane looks every PREPARED_POLL for PREPARED_WATCH (and, from a cycle's end, for as long
+    /// as a transaction is prepared: `next_due_in`).
+    fn watch_prepared(&mut self) {
+        let prepares = shared::prepares();
+        if prepares != self.prepares_seen {
+            self.prepares_seen = prepares;
+            self.watch_prepared_until = Some(Instant::now() + PREPARED_WATCH);
+        }
+        match self.watch_prepared_until {
+            Some(until) if Instant::now() < until => {
+                let soon = Instant::now() + PREPARED_POLL;
+                for lane in &mut self.lanes {
+                    lane.next_due = lane.next_due.min(soon);
+                }
+            }
+            Some(_) => self.watch_prepared_until = None,
+            None => {}
         }
     }
 
@@ -925,6 +952,9 @@ fn next_due_in(repoint: bool) -> Duration {
 
 /// How often the worker looks for rows while a transaction is prepared (see `next_due_in`).
 const PREPARED_POLL: Duration = Duration::from_secs(1);
+
+/// How long after a PREPARE TRANSACTION the worker looks every PREPARED_POLL in any case.
+const PREPARED_WATCH: Duration = Duration::from_secs(30);
 
 /// Sets a setting of the worker's session, as a superuser's `SET` would.
 fn set_session(name: &std::ffi::CStr, value: &std::ffi::CStr) {

@@ -48,6 +48,9 @@ static PID: PgAtomic<AtomicI32> = unsafe { PgAtomic::new(c"evoq worker pid") };
 /// Counts the wakes committing backends sent: the worker tells a sign-up (claim now) from its
 /// own threads' signals (a result came back) by this moving.
 static WAKES: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"evoq worker wakes") };
+/// Counts the PREPARE TRANSACTIONs that queued rows: the worker watches for their COMMIT
+/// PREPARED, which wakes nobody (see `wake_at_commit`).
+static PREPARES: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"evoq worker prepares") };
 
 /// Set in the postmaster by `request` (and so in every process it forks): the shared memory
 /// above exists.
@@ -58,6 +61,7 @@ pub fn request() {
     pg_shmem_init!(STATE);
     pg_shmem_init!(PID);
     pg_shmem_init!(WAKES);
+    pg_shmem_init!(PREPARES);
     LOADED.store(true, Ordering::SeqCst);
 }
 
@@ -87,6 +91,14 @@ pub fn wakes() -> u64 {
         return 0;
     }
     WAKES.get().load(Ordering::SeqCst)
+}
+
+/// How many PREPARE TRANSACTIONs queued rows so far.
+pub fn prepares() -> u64 {
+    if !loaded() {
+        return 0;
+    }
+    PREPARES.get().load(Ordering::SeqCst)
 }
 
 /// The worker announces itself (and its listener's address, if any).
@@ -163,9 +175,12 @@ pub fn wake_at_commit() {
     // PREPARE TRANSACTION ends neither way: the row becomes visible at COMMIT PREPARED, which
     // may come from another session and runs no callback of ours. The worker is woken now
     // anyway: it finds nothing yet, sees a prepared transaction in its database, and from then
-    // on looks every second until none is left (main_loop::next_due_in).
+    // on looks every second until none is left (main_loop::next_due_in). PREPARES moving also
+    // has it look every second for a while (main_loop's PREPARED_WATCH), whether or not that
+    // first look came in time to see the prepared transaction.
     pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Prepare, || {
         ARMED.with(|a| a.set(false));
+        PREPARES.get().fetch_add(1, Ordering::SeqCst);
         wake();
     });
 }
