@@ -279,6 +279,8 @@ fleet_run() { # fleet_run MODE SERVERS ROWS SLOW_MS LABEL: servers 0..SERVERS-1 
     [ "$done_" = "$rows" ] || { echo "fleet worker run created $done_ of $rows"; exit 1; }
   fi
   # each server's rate: its creations over the time from the start to its last one
+  local first; first=$(q "SELECT round(extract(epoch FROM min(processed_at) - '$t0'::timestamptz) * 1000)
+                           FROM evolution_instance_creation_queue")
   q "SELECT server, count(*), extract(epoch FROM max(processed_at) - '$t0'::timestamptz)
      FROM evolution_instance_creation_queue GROUP BY server ORDER BY server <> 'default', server" |
     python3 -c "
@@ -290,7 +292,7 @@ fast = [(s, int(c), float(t)) for s, c, t in rows if s != slow_name]
 rate = sum(c for _, c, _ in fast) / max(t for _, _, t in fast)
 ideal = len(fast) * 16 * 1000 / lat
 per = ', '.join('%s %d' % (s, c) for s, c, _ in [(s, int(c), t) for s, c, t in rows])
-print('%-44s %7.1f/s  ideal %6.1f/s  %4.0f%%  target >= 90%%   (%s)' % ('$5', rate, ideal, 100 * rate / ideal, per))"
+print('%-44s %7.1f/s  ideal %6.1f/s  %4.0f%%  target >= 90%%   (%s; first after %s ms)' % ('$5', rate, ideal, 100 * rate / ideal, per, '$first'))"
 }
 fleet_runs() { # fleet_runs MODE
   fleet_run "$1" 1 400 0 "1 server"

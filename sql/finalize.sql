@@ -446,7 +446,13 @@ BEGIN
             USING ERRCODE = '55006',
                   HINT = format('Drain it (evoq_server_drain(%L)) and remove it once evoq_servers shows nothing live; or pass force => true to give its instances up: they become lost, and their users get a new instance (and QR) on another server.', evoq_server_remove.name);
     END IF;
-    -- Given up: its live instances are lost, as if the server had said 404.
+    -- Given up: its live instances are lost, as if the server had said 404. Their rows are
+    -- locked first, waiting for a run that holds them (the worker's hold is a group's commit;
+    -- a SQL function's, its run), so that none is skipped.
+    PERFORM 1 FROM evolution_instances i
+     WHERE i.server = evoq_server_remove.name
+       AND i.instance_status IN ('connecting', 'open', 'close', 'refused', 'expired')
+     FOR UPDATE;
     SELECT coalesce(jsonb_agg(jsonb_build_object(
                'id', i.id,
                'outcome', CASE WHEN i.instance_status IN ('connecting', 'open') THEN 'unlisted' ELSE 'unlisted_idle' END,
@@ -458,8 +464,7 @@ BEGIN
     IF jsonb_array_length(lost) > 0 THEN
         PERFORM evoq._record_refresh_results(lost);
     END IF;
-    -- _record_refresh_results skips a row a running refresh holds: then nothing is removed, for
-    -- an instance row must never be left on a server that no longer exists.
+    -- (A safeguard: an instance row must never be left on a server that no longer exists.)
     IF EXISTS (SELECT 1 FROM evolution_instances i WHERE i.server = evoq_server_remove.name
                AND i.instance_status IN ('connecting', 'open', 'close', 'refused', 'expired')) THEN
         RAISE EXCEPTION 'evoq_server_remove: some of server %''s instances are held by a run in progress',
