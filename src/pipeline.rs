@@ -453,9 +453,9 @@ impl Waker {
 /// Runs several pipelines side by side (0.7.0: one per Evolution server, each with its own
 /// pool, so a slow server fills only its own slots) until each is finished, or `deadline`: what
 /// `run_to_end` does for one, without any of them waiting on another's calls. A lane that found
-/// nothing to claim is asked again whenever another records a group, while any is still at work:
-/// one server's results may make work for another (its room filled, an unplaced row is now
-/// another's to place). Returns why each stopped, in order.
+/// nothing to claim is asked again whenever a lane records a group: one server's results may
+/// make work for another (its room filled, an unplaced row is now another's to place, rows it
+/// claimed ahead are given back when its circuit opens). Returns why each stopped, in order.
 pub fn run_lanes_to_end<S: Source>(
     lanes: &mut [(Pipeline<S>, S)],
     deadline: Instant,
@@ -506,9 +506,15 @@ pub fn run_lanes_to_end<S: Source>(
         let working = |why: &[Option<&'static str>], parked: &[bool]| {
             why.iter().zip(parked).any(|(w, p)| w.is_none() && !p)
         };
-        if recorded && working(&why, &parked) {
-            for ((pipe, _), parked) in lanes.iter_mut().zip(parked.iter_mut()) {
-                if *parked {
+        // A group may have given rows back (a circuit that opened releases the rows its lane
+        // had claimed ahead, unplaced) or made others due: every lane whose last claim found
+        // nothing claims again, those still waiting on their own calls included (their next
+        // claim would otherwise never come), and even when the lane that recorded was the last
+        // at work. A rearmed lane that finds nothing parks again; without a new group the run
+        // ends.
+        if recorded {
+            for (((pipe, _), parked), why) in lanes.iter_mut().zip(parked.iter_mut()).zip(&why) {
+                if why.is_none() && (*parked || pipe.drained) {
                     *parked = false;
                     pipe.rearm();
                 }
@@ -844,6 +850,86 @@ mod tests {
             "the fast lane finished after {fast:?}: it waited on the slow one"
         );
         assert!(started.elapsed() >= Duration::from_millis(800));
+    }
+
+    /// Rows one lane gives back (its circuit opened and it releases what it claimed ahead)
+    /// while another lane's last claim found nothing but its own calls are still out: that
+    /// lane claims them in the same run. Lane B takes rows 0-3 (0 and 1 answer in 20 ms, 2 and
+    /// 3 in 300 ms) and claims again at 20 ms: nothing, lane A holds the rest. A's one call
+    /// (row 4, 100 ms) stops it, and it gives rows 5-11 back while B still waits on 2 and 3.
+    /// (Only parked lanes were asked again: B parked at 300 ms without another claim, and
+    /// rows 5-11 were left for the next run.)
+    #[test]
+    fn rows_given_back_by_one_lane_are_taken_by_another_still_at_work() {
+        struct Shared {
+            queue: Arc<Mutex<VecDeque<u64>>>,
+            recorded: Vec<u64>,
+            stop_at_first_group: bool,
+        }
+        impl Source for Shared {
+            type Row = u64;
+            type Call = u64;
+            type Answer = u64;
+            fn claim(&mut self, room: usize, ahead: usize, _busy: &[&u64]) -> Claimed<Self> {
+                let mut queue = self.queue.lock().unwrap();
+                let rows = (0..room + ahead)
+                    .map_while(|_| queue.pop_front())
+                    .map(|i| (i, i))
+                    .collect();
+                Claimed::of(rows, room + ahead)
+            }
+            fn release(&mut self, rows: Vec<u64>) {
+                let mut queue = self.queue.lock().unwrap();
+                for &row in rows.iter().rev() {
+                    queue.push_front(row);
+                }
+            }
+            fn record(&mut self, done: Vec<(u64, Option<u64>)>) -> Flow {
+                self.recorded.extend(done.iter().map(|(r, _)| *r));
+                if self.stop_at_first_group {
+                    Flow::Stop("circuit_open")
+                } else {
+                    Flow::Continue
+                }
+            }
+        }
+        let waker = Waker::default();
+        let queue = Arc::new(Mutex::new((0..12).collect::<VecDeque<u64>>()));
+        let ms = |i: u64| match i {
+            0 | 1 => 20,
+            2 | 3 => 300,
+            4 => 100,
+            _ => 1,
+        };
+        let lane = |concurrency: usize, ahead: usize| {
+            let pool = Pool::new(concurrency, move |i: u64| {
+                std::thread::sleep(Duration::from_millis(ms(i)));
+                i
+            })
+            .with_notify(waker.notify());
+            let grouping = Grouping {
+                size: 8,
+                age: Duration::from_millis(1),
+            };
+            Pipeline::new(pool, grouping).claiming_ahead(ahead)
+        };
+        let source = |stop_at_first_group| Shared {
+            queue: queue.clone(),
+            recorded: Vec::new(),
+            stop_at_first_group,
+        };
+        let mut lanes = vec![(lane(2, 2), source(false)), (lane(1, 8), source(true))];
+        let why = run_lanes_to_end(&mut lanes, far(), &waker, || {});
+        assert_eq!(why, vec!["drained", "circuit_open"]);
+        assert_eq!(lanes[1].1.recorded, vec![4]);
+        let mut b = lanes[0].1.recorded.clone();
+        b.sort();
+        assert_eq!(
+            b,
+            vec![0, 1, 2, 3, 5, 6, 7, 8, 9, 10, 11],
+            "every row given back is taken"
+        );
+        assert!(queue.lock().unwrap().is_empty());
     }
 
     #[test]
