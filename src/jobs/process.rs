@@ -478,41 +478,26 @@ pub fn evoq_process_queue() -> pgrx::JsonB {
         .collect();
     // The servers that must be probed first run after the others, their probes in flight
     // meanwhile (see `readiness`).
-    let runs: Vec<&Run> = jobs.iter().map(|(_, job)| &job.run).collect();
-    let asked = super::readiness::ask_all(&runs, true);
-    let (first, probed): (Vec<_>, Vec<_>) = jobs
-        .into_iter()
-        .enumerate()
-        .partition(|(i, _)| !asked.waits(*i));
-    let mut ended = run_queue_lanes(first, Vec::new(), &waker, several);
-    if !probed.is_empty() {
-        let (_, (_, soonest)) = probed
-            .iter()
-            .min_by_key(|(_, (_, job))| job.run.deadline)
-            .expect("a probed run");
-        let deadline = soonest.run.deadline;
-        let mut told = asked.wait(deadline, |what| soonest.run.budget_error(what));
-        let answers = probed
-            .iter()
-            .map(|(i, _)| std::mem::take(&mut told[*i]))
-            .collect();
-        ended.extend(run_queue_lanes(probed, answers, &waker, several));
-    }
+    let ended = super::readiness::run_in_two_rounds(
+        jobs,
+        true,
+        |job| &job.run,
+        |jobs, told| run_queue_lanes(jobs, told, &waker, several),
+    );
     super::lanes::record("process_queue", ended)
 }
 
 /// Gets each server's run ready (with what it was told ahead, if anything) and runs the lanes
 /// of those that are, side by side.
 fn run_queue_lanes(
-    jobs: Vec<(usize, (String, QueueJob))>,
-    mut told: Vec<super::readiness::Answers>,
+    jobs: Vec<(String, QueueJob)>,
+    told: Vec<super::readiness::Answers>,
     waker: &Waker,
     several: bool,
 ) -> Vec<super::lanes::Ended> {
     let mut ended = Vec::new();
     let mut lanes = Vec::new();
-    told.resize(jobs.len(), Default::default());
-    for ((_, (server, mut job)), told) in jobs.into_iter().zip(told) {
+    for ((server, mut job), told) in jobs.into_iter().zip(told) {
         match job.ready_given(told) {
             Some(reason) => ended.push((server, job.summarize(reason, 0))),
             None => {

@@ -11,6 +11,7 @@
 //!
 //! With one server nothing is asked ahead: its run asks as it did before 0.7.0.
 
+use super::lanes::Ended;
 use super::run::Run;
 use crate::evolution::{ApiError, ApiVersion, Client};
 use crate::pool::Pool;
@@ -134,4 +135,38 @@ impl Asked {
         }
         self.answers
     }
+}
+
+/// Runs each server's job in two rounds: those that need no probe at once, while every other's
+/// probes are in flight (`ask_all`), then the probed ones with their answers, in what is left
+/// of the earliest of their time budgets. `lanes` gets one round's jobs, in the order given,
+/// with what each was told (nothing, in the first round), and runs them side by side.
+pub fn run_in_two_rounds<J>(
+    jobs: Vec<(String, J)>,
+    with_version: bool,
+    run_of: impl Fn(&J) -> &Run,
+    mut lanes: impl FnMut(Vec<(String, J)>, Vec<Answers>) -> Vec<Ended>,
+) -> Vec<Ended> {
+    let runs: Vec<&Run> = jobs.iter().map(|(_, job)| run_of(job)).collect();
+    let asked = ask_all(&runs, with_version);
+    let (first, probed): (Vec<_>, Vec<_>) = jobs
+        .into_iter()
+        .enumerate()
+        .partition(|(i, _)| !asked.waits(*i));
+    let told_nothing = vec![Answers::default(); first.len()];
+    let mut ended = lanes(first.into_iter().map(|(_, j)| j).collect(), told_nothing);
+    let Some(soonest) = probed
+        .iter()
+        .map(|(_, (_, job))| run_of(job))
+        .min_by_key(|run| run.deadline)
+    else {
+        return ended;
+    };
+    let mut told = asked.wait(soonest.deadline, |what| soonest.budget_error(what));
+    let answers = probed
+        .iter()
+        .map(|(i, _)| std::mem::take(&mut told[*i]))
+        .collect();
+    ended.extend(lanes(probed.into_iter().map(|(_, j)| j).collect(), answers));
+    ended
 }

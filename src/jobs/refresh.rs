@@ -434,26 +434,12 @@ pub fn evoq_refresh_qr() -> pgrx::JsonB {
     // The servers whose circuit is due for its probe run after the others, their probes in
     // flight meanwhile (see `readiness`; `GET /` is asked only by a claim that repoints a
     // webhook of unknown dialect).
-    let runs: Vec<&Run> = jobs.iter().map(|(_, job)| &job.run).collect();
-    let asked = super::readiness::ask_all(&runs, false);
-    let (first, probed): (Vec<_>, Vec<_>) = jobs
-        .into_iter()
-        .enumerate()
-        .partition(|(i, _)| !asked.waits(*i));
-    let mut ended = run_refresh_lanes(first, Vec::new(), &waker, several);
-    if !probed.is_empty() {
-        let (_, (_, soonest)) = probed
-            .iter()
-            .min_by_key(|(_, (_, job))| job.run.deadline)
-            .expect("a probed run");
-        let by = soonest.run.deadline;
-        let mut told = asked.wait(by, |what| soonest.run.budget_error(what));
-        let answers = probed
-            .iter()
-            .map(|(i, _)| std::mem::take(&mut told[*i]))
-            .collect();
-        ended.extend(run_refresh_lanes(probed, answers, &waker, several));
-    }
+    let mut ended = super::readiness::run_in_two_rounds(
+        jobs,
+        false,
+        |job| &job.run,
+        |jobs, told| run_refresh_lanes(jobs, told, &waker, several),
+    );
     // 0.6.0: every evoq.reconcile_interval_ms, each server's listing compared with its rows,
     // within this run's time budget (a cron slot is not held longer than before)
     if let Some(deadline) = deadline {
@@ -469,15 +455,14 @@ pub fn evoq_refresh_qr() -> pgrx::JsonB {
 /// Gets each server's run ready (with its health probe's answer if it was asked ahead) and runs
 /// the lanes of those that are, side by side.
 fn run_refresh_lanes(
-    jobs: Vec<(usize, (String, RefreshJob))>,
-    mut told: Vec<super::readiness::Answers>,
+    jobs: Vec<(String, RefreshJob)>,
+    told: Vec<super::readiness::Answers>,
     waker: &Waker,
     several: bool,
 ) -> Vec<super::lanes::Ended> {
     let mut ended = Vec::new();
     let mut lanes = Vec::new();
-    told.resize(jobs.len(), Default::default());
-    for ((_, (server, mut job)), told) in jobs.into_iter().zip(told) {
+    for ((server, mut job), told) in jobs.into_iter().zip(told) {
         match job.run.circuit_blocks_given(told.health) {
             Some(reason) => ended.push((server, job.summarize(reason, 0))),
             None => {
