@@ -7,6 +7,7 @@
 #   BENCH_PGBENCH_SECONDS (10)
 #   BENCH_ONLY             comma list of sections to run: calls,trigger,memory,reconcile,fleet,qr,cpu,rss,worker (default: all)
 #   BENCH_FLEET_LATENCY_MS (200) mock latency of the several-servers section
+#   BENCH_FLEET_HIST=1     and, after each of its runs, each server's creations per 200 ms since the start
 #   BENCH_RECONCILE_INSTANCES (5000) instances at the server (and rows) for the reconcile section
 #   BENCH_IDLE_SECONDS (30) how long the idle worker's CPU is sampled
 #   BENCH_QR_SECONDS (45)  sampling time of each QR validity run
@@ -277,6 +278,9 @@ fleet_run() { # fleet_run MODE SERVERS ROWS SLOW_MS LABEL: servers 0..SERVERS-1 
     drained || { echo "fleet worker run: not drained in 300 s"; exit 1; }
     local done_; done_=$(q "SELECT count(*) FROM evolution_instance_creation_queue WHERE status = 'completed'")
     [ "$done_" = "$rows" ] || { echo "fleet worker run created $done_ of $rows"; exit 1; }
+  fi
+  if [ -n "${BENCH_FLEET_HIST:-}" ]; then # where the time went: per server, creations recorded per 200 ms
+    q "SELECT '    ' || server || ' (200 ms:creations) ' || string_agg(b || ':' || n, ' ' ORDER BY b) FROM (SELECT server, floor(extract(epoch FROM processed_at - '$t0'::timestamptz) * 5) b, count(*) n FROM evolution_instance_creation_queue GROUP BY 1, 2) x GROUP BY 1 ORDER BY 1"
   fi
   # each server's rate: its creations over the time from the start to its last one
   local first; first=$(q "SELECT round(extract(epoch FROM min(processed_at) - '$t0'::timestamptz) * 1000)

@@ -300,8 +300,11 @@ impl<S: Source> Pipeline<S> {
     }
 
     /// Hands reserved rows' calls to the pool, as many as there are free slots; returns how
-    /// many.
+    /// many. After a stop nothing leaves: the reserve is the source's to take back.
     pub fn launch(&mut self) -> usize {
+        if self.stopped.is_some() {
+            return 0;
+        }
         let n = self.pool.room().min(self.reserve.len());
         for (row, call) in self.reserve.drain(..n) {
             let key = self.next_key;
