@@ -280,7 +280,7 @@ fleet_run() { # fleet_run MODE SERVERS ROWS SLOW_MS LABEL: servers 0..SERVERS-1 
     [ "$done_" = "$rows" ] || { echo "fleet worker run created $done_ of $rows"; exit 1; }
   fi
   if [ -n "${BENCH_FLEET_HIST:-}" ]; then # where the time went: per server, creations recorded per 200 ms
-    q "SELECT '    ' || server || ' (200 ms:creations) ' || string_agg(b || ':' || n, ' ' ORDER BY b) FROM (SELECT server, floor(extract(epoch FROM processed_at - '$t0'::timestamptz) * 5) b, count(*) n FROM evolution_instance_creation_queue GROUP BY 1, 2) x GROUP BY 1 ORDER BY 1"
+    q "SELECT '    ' || server || ' (200 ms:creations) ' || string_agg(b || ':' || n, ' ' ORDER BY b) FROM (SELECT server, floor(extract(epoch FROM processed_at - '$t0'::timestamptz) * 5) b, count(*) n FROM evolution_instance_creation_queue GROUP BY 1, 2) x GROUP BY server ORDER BY server"
   fi
   # each server's rate: its creations over the time from the start to its last one
   local first; first=$(q "SELECT round(extract(epoch FROM min(processed_at) - '$t0'::timestamptz) * 1000)
