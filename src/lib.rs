@@ -11,6 +11,7 @@ pub mod phone;
 pub mod pipeline;
 pub mod policy;
 pub mod pool;
+pub mod prepared_watch;
 pub mod reconcile;
 pub mod summary;
 

@@ -21,6 +21,7 @@ use crate::jobs::run::{CircuitState, Run};
 use crate::listener::{Heartbeat, Listener, ListenerConfig, Secrets};
 use crate::pipeline::{Both, Grouping, Pipeline};
 use crate::pool::Pool;
+use crate::prepared_watch::{self, PreparedWatch};
 use pgrx::bgworkers::BackgroundWorker;
 use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
@@ -149,9 +150,11 @@ struct Worker {
     servers_read: Option<Instant>,
     /// The sign-up counter as the worker last saw it.
     wakes_seen: u64,
-    /// `shared::prepares()` as last seen, and until when the lanes look every PREPARED_POLL
-    prepares_seen: u64,
-    watch_prepared_until: Option<Instant>,
+    /// A sign-up in a prepared transaction, whose COMMIT PREPARED wakes nobody: while this
+    /// watch lasts every lane looks at least every `prepared_watch::POLL`.
+    prepared: PreparedWatch,
+    /// When running cycles last claimed again for the watch's sake.
+    prepared_rearmed: Instant,
     /// Set by the pool's and the listener's threads before they signal the main thread, so a
     /// burst of results costs one signal.
     signalled: Arc<AtomicBool>,
@@ -298,8 +301,8 @@ impl Worker {
             lanes: vec![Lane::new(crate::servers::DEFAULT_SERVER.to_string())],
             servers_read: None,
             wakes_seen: shared::wakes(),
-            prepares_seen: shared::prepares(),
-            watch_prepared_until: None,
+            prepared: PreparedWatch::new(shared::prepares()),
+            prepared_rearmed: Instant::now(),
             signalled: Arc::new(AtomicBool::new(false)),
             blocked: None,
             secrets: Secrets::new(),
@@ -407,7 +410,6 @@ impl Worker {
             return;
         }
         self.read_servers(woken);
-        self.watch_prepared();
         self.step_reconcile();
         for i in 0..self.lanes.len() {
             let lane = &mut self.lanes[i];
@@ -423,26 +425,30 @@ impl Worker {
                 launch_ready(&mut self.lanes);
             }
         }
+        // Last, after every lane set its next due time this turn (a cycle that ended just now
+        // included): see `prepared_watch`.
+        self.watch_prepared();
     }
 
-    /// A PREPARE TRANSACTION that queued rows: its COMMIT PREPARED will wake nobody, so every
-    /// lane looks every PREPARED_POLL for PREPARED_WATCH (and, from a cycle's end, for as long
-    /// as a transaction is prepared: `next_due_in`).
+    /// A PREPARE TRANSACTION that queued rows, or one a cycle's end saw: its COMMIT PREPARED will
+    /// wake nobody, so every lane looks again within `prepared_watch::POLL` while the watch lasts:
+    /// an idle lane starts a cycle by then, a running cycle whose last claim found nothing claims
+    /// again (its turns come at least every second: `Lane::cycle_wait`).
     fn watch_prepared(&mut self) {
-        let prepares = shared::prepares();
-        if prepares != self.prepares_seen {
-            self.prepares_seen = prepares;
-            self.watch_prepared_until = Some(Instant::now() + PREPARED_WATCH);
+        let now = Instant::now();
+        self.prepared.counted(shared::prepares(), now);
+        let Some(by) = self.prepared.look_by(now) else {
+            return;
+        };
+        let rearm = now >= self.prepared_rearmed + prepared_watch::POLL;
+        if rearm {
+            self.prepared_rearmed = now;
         }
-        match self.watch_prepared_until {
-            Some(until) if Instant::now() < until => {
-                let soon = Instant::now() + PREPARED_POLL;
-                for lane in &mut self.lanes {
-                    lane.next_due = lane.next_due.min(soon);
-                }
+        for lane in &mut self.lanes {
+            lane.next_due = lane.next_due.min(by);
+            if let Some(cycle) = lane.cycle.as_mut().filter(|_| rearm) {
+                cycle.pipe.rearm();
             }
-            Some(_) => self.watch_prepared_until = None,
-            None => {}
         }
     }
 
@@ -792,7 +798,9 @@ impl Worker {
             lane.cycle = Some(cycle);
             return;
         }
-        finish_cycle(lane, cycle);
+        if finish_cycle(lane, cycle) {
+            self.prepared.looked(true, Instant::now());
+        }
     }
 
     /// How long the latch wait may last.
@@ -828,7 +836,9 @@ fn launch_ready(lanes: &mut [Lane]) {
     }
 }
 
-fn finish_cycle(lane: &mut Lane, cycle: Cycle) {
+/// Records the cycle's end and sets when the lane's next is due. True when a transaction was
+/// prepared in this database (see `prepared_watch`).
+fn finish_cycle(lane: &mut Lane, cycle: Cycle) -> bool {
     let Cycle { pipe, jobs, .. } = cycle;
     let stopped = pipe.stopped().unwrap_or("drained");
     let (claimed, groups) = (pipe.claimed, pipe.groups);
@@ -858,7 +868,7 @@ fn finish_cycle(lane: &mut Lane, cycle: Cycle) {
         crate::pool::give_back_memory();
     }
     match finished {
-        Ok(due_in) => {
+        Ok((due_in, prepared)) => {
             // Only a whole cycle resets the pause after errors: one that starts and then
             // fails (a library newer than the schema, say) keeps backing off.
             lane.failures = 0;
@@ -867,8 +877,12 @@ fn finish_cycle(lane: &mut Lane, cycle: Cycle) {
                 wait = wait.max(EMPTY_CYCLE_PAUSE);
             }
             lane.next_due = Instant::now() + wait;
+            prepared
         }
-        Err(message) => lane.failed("finishing a run", message),
+        Err(message) => {
+            lane.failed("finishing a run", message);
+            false
+        }
     }
 }
 
@@ -935,8 +949,9 @@ fn circuit_probe_in(server: &str) -> Duration {
     Duration::from_millis(ms.clamp(1000.0, MAX_SLEEP.as_millis() as f64) as u64)
 }
 
-/// How long until the next row is due for either job (zero if one is due now).
-fn next_due_in(repoint: bool) -> Duration {
+/// How long until the next row is due for either job (zero if one is due now), and whether a
+/// transaction is prepared in this database.
+fn next_due_in(repoint: bool) -> (Duration, bool) {
     let t = crate::settings::tunables();
     let ms = Spi::get_one_with_args::<f64>(
         "SELECT evoq._next_due_ms($1, $2, $3, $4, $5, $6)",
@@ -953,23 +968,15 @@ fn next_due_in(repoint: bool) -> Duration {
     .flatten()
     .unwrap_or(MAX_SLEEP.as_millis() as f64);
     // A sign-up in a prepared transaction wakes nobody: its rows become visible at COMMIT
-    // PREPARED, which may come from any session and runs no trigger. While a transaction is
-    // prepared in this database the worker looks again every PREPARED_POLL.
+    // PREPARED, which may come from any session and runs no trigger (see `prepared_watch`).
     let prepared = Spi::get_one::<bool>(
         "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_prepared_xacts WHERE database = current_database())",
     )
     .ok()
     .flatten()
     .unwrap_or(false);
-    let cap = if prepared { PREPARED_POLL } else { MAX_SLEEP };
-    Duration::from_millis(ms.clamp(0.0, cap.as_millis() as f64) as u64)
+    (Duration::from_millis(ms.max(0.0) as u64), prepared)
 }
-
-/// How often the worker looks for rows while a transaction is prepared (see `next_due_in`).
-const PREPARED_POLL: Duration = Duration::from_secs(1);
-
-/// How long after a PREPARE TRANSACTION the worker looks every PREPARED_POLL in any case.
-const PREPARED_WATCH: Duration = Duration::from_secs(30);
 
 /// Sets a setting of the worker's session, as a superuser's `SET` would.
 fn set_session(name: &std::ffi::CStr, value: &std::ffi::CStr) {

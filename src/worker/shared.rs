@@ -174,10 +174,8 @@ pub fn wake_at_commit() {
     });
     // PREPARE TRANSACTION ends neither way: the row becomes visible at COMMIT PREPARED, which
     // may come from another session and runs no callback of ours. The worker is woken now
-    // anyway: it finds nothing yet, sees a prepared transaction in its database, and from then
-    // on looks every second until none is left (main_loop::next_due_in). PREPARES moving also
-    // has it look every second for a while (main_loop's PREPARED_WATCH), whether or not that
-    // first look came in time to see the prepared transaction.
+    // anyway: it finds nothing yet, and PREPARES moving starts its watch (crate::prepared_watch),
+    // every lane looking every second until well after no transaction is prepared any more.
     pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Prepare, || {
         ARMED.with(|a| a.set(false));
         PREPARES.get().fetch_add(1, Ordering::SeqCst);
