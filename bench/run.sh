@@ -8,6 +8,8 @@
 #   BENCH_ONLY             comma list of sections to run: calls,trigger,memory,reconcile,fleet,qr,cpu,rss,worker (default: all)
 #   BENCH_FLEET_LATENCY_MS (200) mock latency of the several-servers section
 #   BENCH_FLEET_HIST=1     and, after each of its runs, each server's creations per 200 ms since the start
+#   BENCH_EXPLAIN_MS       auto_explain every statement of the worker's cluster slower than that (its log:
+#                          $BENCH_DIR/server.log)
 #   BENCH_RECONCILE_INSTANCES (5000) instances at the server (and rows) for the reconcile section
 #   BENCH_IDLE_SECONDS (30) how long the idle worker's CPU is sampled
 #   BENCH_QR_SECONDS (45)  sampling time of each QR validity run
@@ -258,11 +260,15 @@ fleet_mock() { # fleet_mock I CONFIG: the config of server I (0: default)
 fleet_run() { # fleet_run MODE SERVERS ROWS SLOW_MS LABEL: servers 0..SERVERS-1 take sign-ups, the last at SLOW_MS if > 0
   # MODE sql: one evoq_process_queue() over queued rows; worker: sign-ups into profiles, the
   # background worker (evoq.concurrency = 16 set by the caller) takes them.
-  local mode=$1 n=$2 rows=$3 slow=$4 i t0
+  local mode=$1 n=$2 rows=$3 slow=$4 i t0 insert_ms=""
   reset_all
   for i in 0 1 2 3; do
     fleet_mock "$i" reset
-    fleet_mock "$i" config "{\"latency_ms\": $FLEET_LAT}"
+    # Creations only (as in the CPU section): the creates answer with a QR, as a real 2.3.6's do
+    # (its create waits for one), so no new instance is polled at once. Without it the worker's
+    # lanes spent a fifth to a half of their slots on first QR polls (GET /instance/connect
+    # 56-300 per server, BENCH_FLEET_HIST=1), which the SQL function's run never makes.
+    fleet_mock "$i" config "{\"latency_ms\": $FLEET_LAT, \"qr_on_create\": true}"
     local name=default; [ "$i" -gt 0 ] && name=s$i
     q "SELECT evoq_server_drain('$name', $([ "$i" -lt "$n" ] && echo false || echo true))" >/dev/null
   done
@@ -274,13 +280,24 @@ fleet_run() { # fleet_run MODE SERVERS ROWS SLOW_MS LABEL: servers 0..SERVERS-1 
     local s; s=$(q "SET evoq.concurrency = 16; SET evoq.batch_size = 200; SELECT evoq_process_queue()")
     [ "$(jget "$s" created)" = "$rows" ] || { echo "fleet run created $(jget "$s" created) of $rows: $s"; exit 1; }
   else
-    q "INSERT INTO profiles (email) SELECT 'fleet' || g || '@example.com' FROM generate_series(1, $rows) g" >/dev/null
+    # t0 is the sign-ups' commit: the clock read by the same session right after it.
+    local before; before=$(q "SELECT clock_timestamp()")
+    t0=$(cluster_psql -d evoq_bench -tA -c "INSERT INTO profiles (email) SELECT 'fleet' || g || '@example.com' FROM generate_series(1, $rows) g" \
+           -c "SELECT clock_timestamp()" | tail -n 1)
+    insert_ms=$(q "SELECT round(extract(epoch FROM '$t0'::timestamptz - '$before'::timestamptz) * 1000)")
     drained || { echo "fleet worker run: not drained in 300 s"; exit 1; }
     local done_; done_=$(q "SELECT count(*) FROM evolution_instance_creation_queue WHERE status = 'completed'")
     [ "$done_" = "$rows" ] || { echo "fleet worker run created $done_ of $rows"; exit 1; }
   fi
   if [ -n "${BENCH_FLEET_HIST:-}" ]; then # where the time went: per server, creations recorded per 200 ms
     q "SELECT '    ' || server || ' (200 ms:creations) ' || string_agg(b || ':' || n, ' ' ORDER BY b) FROM (SELECT server, floor(extract(epoch FROM processed_at - '$t0'::timestamptz) * 5) b, count(*) n FROM evolution_instance_creation_queue GROUP BY 1, 2) x GROUP BY server ORDER BY server"
+    for i in $(seq 0 $((n - 1))); do # and what each server was asked
+      local port=$MOCK_PORT; [ "$i" -gt 0 ] && port=$((FLEET_PORT + i))
+      curl -fsS "http://127.0.0.1:$port/__mock/calls" | python3 -c "
+import collections, json, sys
+c = collections.Counter(x['method'] + ' ' + x['path'].split('/')[1] + '/' + x['path'].split('/')[2].split('?')[0] if x['path'].count('/') > 1 else x['method'] + ' ' + x['path'] for x in json.load(sys.stdin))
+print('    server $i calls:', ', '.join('%s %d' % kv for kv in sorted(c.items())))"
+    done
   fi
   # each server's rate: its creations over the time from the start to its last one
   local first; first=$(q "SELECT round(extract(epoch FROM min(processed_at) - '$t0'::timestamptz) * 1000)
@@ -296,7 +313,7 @@ fast = [(s, int(c), float(t)) for s, c, t in rows if s != slow_name]
 rate = sum(c for _, c, _ in fast) / max(t for _, _, t in fast)
 ideal = len(fast) * 16 * 1000 / lat
 per = ', '.join('%s %d' % (s, c) for s, c, _ in [(s, int(c), t) for s, c, t in rows])
-print('%-44s %7.1f/s  ideal %6.1f/s  %4.0f%%  target >= 90%%   (%s; first after %s ms)' % ('$5', rate, ideal, 100 * rate / ideal, per, '$first'))"
+print('%-44s %7.1f/s  ideal %6.1f/s  %4.0f%%  target >= 90%%   (%s; first after %s ms%s)' % ('$5', rate, ideal, 100 * rate / ideal, per, '$first', '$insert_ms' and '; the sign-ups took %s ms to insert' % '$insert_ms'))"
 }
 fleet_runs() { # fleet_runs MODE
   fleet_run "$1" 1 400 0 "1 server"
@@ -420,6 +437,13 @@ shared_preload_libraries = 'pg_cron,evoq'
 evoq.database_name = 'evoq_bench'
 evoq.listen_address = '$LISTEN'
 CONF
+  if [ -n "${BENCH_EXPLAIN_MS:-}" ]; then # every statement of the worker slower than that, explained in the log
+    cat >>"$CLUSTER_DIR/data/postgresql.conf" <<CONF
+shared_preload_libraries = 'pg_cron,evoq,auto_explain'
+auto_explain.log_min_duration = ${BENCH_EXPLAIN_MS}
+auto_explain.log_nested_statements = on
+CONF
+  fi
   cluster_stop fast
   cluster_start
   for _ in $(seq 50); do [ -n "$(wpid)" ] && break; sleep 0.2; done
@@ -648,7 +672,7 @@ if only fleet; then
 worker_cluster
 echo
 echo "several servers, the background worker (sign-ups into profiles; rate from their commit): every mock at"
-echo "$FLEET_LAT ms a call, each server's bound evoq.concurrency = 16, QR polling paused; ideal = servers x 16 / latency"
+echo "$FLEET_LAT ms a call, each server's bound evoq.concurrency = 16, creates answer with their QR (none polled); ideal = servers x 16 / latency"
 conf "evoq.concurrency = 16"
 conf "evoq.qr_refresh_interval_ms = 3600000"
 PEAK_RSS_KB=0 PEAK_THREADS=0
