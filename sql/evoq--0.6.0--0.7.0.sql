@@ -9,7 +9,8 @@
 -- * _reconcile_apply and _reconcile_finish judge one server's rows (a twin elsewhere is an
 --   orphan there).
 -- * evoq_server_add, evoq_server_remove; evoq_server_set also takes api_url, api_key,
---   api_version and rotate_webhook_secret; evoq_servers shows each server's URL, version and circuit.
+--   api_version and rotate_webhook_secret; evoq_servers shows each server's URL, version and circuit,
+--   and its own last error (evoq.servers.last_error, written by _record_run).
 -- * evoq_move, evoq_server_drain(..., move_unlinked): a deletion at the old server and a creation
 --   on the new one, one queued request (queue.move_to); _record_queue_results turns the done
 --   deletion into the creation, _apply_requeue_requests ends a move another request overrides.
@@ -29,7 +30,9 @@ ALTER TABLE evoq.servers
     ADD COLUMN connection_changed_at timestamptz NOT NULL DEFAULT now(),
     ADD COLUMN webhook_secret text,
     ADD COLUMN webhook_secret_previous text,
-    ADD COLUMN webhook_changed_at timestamptz;
+    ADD COLUMN webhook_changed_at timestamptz,
+    ADD COLUMN last_error text,
+    ADD COLUMN last_error_at timestamptz;
 ALTER TABLE evoq.servers ADD CONSTRAINT servers_connection_check
     CHECK (CASE WHEN name = 'default' THEN api_url IS NULL AND api_key IS NULL
                 ELSE api_url IS NOT NULL AND api_key IS NOT NULL END);
@@ -1409,6 +1412,28 @@ $$;
 COMMENT ON FUNCTION evoq_move(uuid, text, boolean) IS
     'Moves a user''s instance to another Evolution server: deleted where it is, created on to_server (NULL: the one with the most free capacity). A linked one only with force.';
 
+-- The end of a run: remembered for evoq_status. 0.7.0: and each server's last error for
+-- evoq_servers, from the run's summary (a server's own: "server" and "last_error"; several
+-- servers' added up: each one's under "servers").
+CREATE OR REPLACE FUNCTION evoq._record_run(job text, summary jsonb, last_error text) RETURNS void
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    INSERT INTO evoq.job_runs AS j (job, started_at, finished_at, summary, last_error, last_error_at)
+    VALUES (job, now(), clock_timestamp(), summary, last_error, CASE WHEN last_error IS NOT NULL THEN clock_timestamp() END)
+    ON CONFLICT (job) DO UPDATE SET
+        started_at = excluded.started_at, finished_at = excluded.finished_at, summary = excluded.summary,
+        last_error = coalesce(excluded.last_error, j.last_error),
+        last_error_at = coalesce(excluded.last_error_at, j.last_error_at);
+    UPDATE evoq.servers v SET last_error = e.error, last_error_at = clock_timestamp()
+    FROM (SELECT summary->>'server' AS name, summary->>'last_error' AS error
+          UNION ALL
+          SELECT x.key, x.value->>'last_error'
+          FROM jsonb_each(CASE jsonb_typeof(summary->'servers') WHEN 'object' THEN summary->'servers'
+                              ELSE '{}' END) x) e
+    WHERE v.name = e.name AND e.error IS NOT NULL;
+$$;
+
 CREATE OR REPLACE VIEW evoq_servers AS
 SELECT
     l.name,
@@ -1438,15 +1463,16 @@ SELECT
        AND k.database = (SELECT d.oid FROM pg_database d WHERE d.datname = current_database())
        AND k.classid = hashtext('evoq placement')::oid AND k.objid = hashtext(l.name)::oid
      LIMIT 1) AS placing_pid,
-    (SELECT j.last_error FROM evoq.job_runs j WHERE j.last_error_at IS NOT NULL
-     ORDER BY j.last_error_at DESC LIMIT 1) AS last_error,
+    -- 0.7.0: the server's own (until then every server showed the last error of any)
+    v.last_error,
     (SELECT c.opened_at FROM evoq.circuit c WHERE c.server = l.name)     AS circuit_opened_at,
     (SELECT c.cause FROM evoq.circuit c WHERE c.server = l.name)         AS circuit_cause,
     (SELECT c.trips FROM evoq.circuit c WHERE c.server = l.name)         AS circuit_trips,
     (SELECT c.next_probe_at FROM evoq.circuit c WHERE c.server = l.name) AS circuit_next_probe_at,
     (SELECT r.finished_at FROM evoq.reconciles r WHERE r.server = l.name AND r.summary IS NOT NULL) AS last_reconcile_at,
     (SELECT r.summary FROM evoq.reconciles r WHERE r.server = l.name) AS last_reconcile_summary,
-    (SELECT count(*) FROM evoq.reconcile_orphans o WHERE o.server = l.name) AS orphans_waiting
+    (SELECT count(*) FROM evoq.reconcile_orphans o WHERE o.server = l.name) AS orphans_waiting,
+    v.last_error_at
 FROM evoq.server_load l JOIN evoq.servers v ON v.name = l.name;
 
 CREATE OR REPLACE VIEW evoq_status AS

@@ -178,15 +178,16 @@ SELECT
        AND k.database = (SELECT d.oid FROM pg_database d WHERE d.datname = current_database())
        AND k.classid = hashtext('evoq placement')::oid AND k.objid = hashtext(l.name)::oid
      LIMIT 1) AS placing_pid,
-    (SELECT j.last_error FROM evoq.job_runs j WHERE j.last_error_at IS NOT NULL
-     ORDER BY j.last_error_at DESC LIMIT 1) AS last_error,
+    -- 0.7.0: the server's own (until then every server showed the last error of any)
+    v.last_error,
     (SELECT c.opened_at FROM evoq.circuit c WHERE c.server = l.name)     AS circuit_opened_at,
     (SELECT c.cause FROM evoq.circuit c WHERE c.server = l.name)         AS circuit_cause,
     (SELECT c.trips FROM evoq.circuit c WHERE c.server = l.name)         AS circuit_trips,
     (SELECT c.next_probe_at FROM evoq.circuit c WHERE c.server = l.name) AS circuit_next_probe_at,
     (SELECT r.finished_at FROM evoq.reconciles r WHERE r.server = l.name AND r.summary IS NOT NULL) AS last_reconcile_at,
     (SELECT r.summary FROM evoq.reconciles r WHERE r.server = l.name) AS last_reconcile_summary,
-    (SELECT count(*) FROM evoq.reconcile_orphans o WHERE o.server = l.name) AS orphans_waiting
+    (SELECT count(*) FROM evoq.reconcile_orphans o WHERE o.server = l.name) AS orphans_waiting,
+    v.last_error_at
 FROM evoq.server_load l JOIN evoq.servers v ON v.name = l.name;
 REVOKE ALL ON evoq_servers FROM PUBLIC;
 COMMENT ON VIEW evoq_servers IS

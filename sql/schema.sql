@@ -272,6 +272,9 @@ CREATE TABLE evoq.servers (
     webhook_secret          text,
     webhook_secret_previous text,
     webhook_changed_at      timestamptz,
+    -- 0.7.0: the last error a run met at this server, and when (evoq._record_run)
+    last_error              text,
+    last_error_at           timestamptz,
     CONSTRAINT servers_connection_check CHECK (CASE WHEN name = 'default' THEN api_url IS NULL AND api_key IS NULL
                                                     ELSE api_url IS NOT NULL AND api_key IS NOT NULL END)
 );
@@ -1759,7 +1762,9 @@ CREATE TRIGGER evoq_notify_update AFTER UPDATE ON evolution_instances
           OR OLD.last_qr_update IS DISTINCT FROM NEW.last_qr_update)
     EXECUTE FUNCTION evoq._notify_instance_change();
 
--- The end of a run: remembered for evoq_status.
+-- The end of a run: remembered for evoq_status. 0.7.0: and each server's last error for
+-- evoq_servers, from the run's summary (a server's own: "server" and "last_error"; several
+-- servers' added up: each one's under "servers").
 CREATE FUNCTION evoq._record_run(job text, summary jsonb, last_error text) RETURNS void
 LANGUAGE sql
 SET search_path = pg_catalog, pg_temp
@@ -1769,6 +1774,13 @@ AS $$
     ON CONFLICT (job) DO UPDATE SET
         started_at = excluded.started_at, finished_at = excluded.finished_at, summary = excluded.summary,
         last_error = coalesce(excluded.last_error, j.last_error),
-        last_error_at = coalesce(excluded.last_error_at, j.last_error_at)
+        last_error_at = coalesce(excluded.last_error_at, j.last_error_at);
+    UPDATE evoq.servers v SET last_error = e.error, last_error_at = clock_timestamp()
+    FROM (SELECT summary->>'server' AS name, summary->>'last_error' AS error
+          UNION ALL
+          SELECT x.key, x.value->>'last_error'
+          FROM jsonb_each(CASE jsonb_typeof(summary->'servers') WHEN 'object' THEN summary->'servers'
+                              ELSE '{}' END) x) e
+    WHERE v.name = e.name AND e.error IS NOT NULL;
 $$;
 

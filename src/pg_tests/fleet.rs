@@ -152,6 +152,20 @@ mod tests {
             one::<String>("SELECT state FROM evoq_servers WHERE name = 'b'").as_deref(),
             Some("ok")
         );
+        // Each server's own last error: a's 401, none at b (until 0.7.0 every server showed the
+        // last error of any).
+        let a_error = one::<String>(
+            "SELECT last_error FROM evoq_servers WHERE name = 'default' AND last_error_at IS NOT NULL",
+        );
+        assert!(
+            a_error.as_deref().is_some_and(|e| e.contains("401")),
+            "{a_error:?} {summary}"
+        );
+        assert_eq!(
+            one::<String>("SELECT coalesce(last_error, 'none') FROM evoq_servers WHERE name = 'b'")
+                .as_deref(),
+            Some("none")
+        );
         // The rows whose creates went to a wait for it (a may hold them), uncharged; every
         // other one, those a had claimed ahead included, was created at b.
         let waiting = count(
