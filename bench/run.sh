@@ -249,6 +249,7 @@ fleet_teardown() {
   local i
   for i in 1 2 3; do q "SELECT evoq_server_remove('s$i', force => true)" >/dev/null; done
   q "SELECT evoq_server_drain('default', false)" >/dev/null
+  fleet_mock 0 config '{"qr_on_create": false}' # the main mock, as the other sections expect it
   kill "${fleet_pids[@]}" 2>/dev/null || true
   fleet_pids=()
   trap 'mock_stop; cluster_stop immediate' EXIT
@@ -280,10 +281,13 @@ fleet_run() { # fleet_run MODE SERVERS ROWS SLOW_MS LABEL: servers 0..SERVERS-1 
     local s; s=$(q "SET evoq.concurrency = 16; SET evoq.batch_size = 200; SELECT evoq_process_queue()")
     [ "$(jget "$s" created)" = "$rows" ] || { echo "fleet run created $(jget "$s" created) of $rows: $s"; exit 1; }
   else
-    # t0 is the sign-ups' commit: the clock read by the same session right after it.
-    local before; before=$(q "SELECT clock_timestamp()")
-    t0=$(cluster_psql -d evoq_bench -tA -c "INSERT INTO profiles (email) SELECT 'fleet' || g || '@example.com' FROM generate_series(1, $rows) g" \
-           -c "SELECT clock_timestamp()" | tail -n 1)
+    # t0 is the sign-ups' commit: the clock read by the same session right after it (and right
+    # before it, for the insert's time).
+    local clocks before
+    clocks=$(cluster_psql -d evoq_bench -tA -c "SELECT clock_timestamp()" \
+               -c "INSERT INTO profiles (email) SELECT 'fleet' || g || '@example.com' FROM generate_series(1, $rows) g" \
+               -c "SELECT clock_timestamp()")
+    before=$(head -n 1 <<<"$clocks") t0=$(tail -n 1 <<<"$clocks")
     insert_ms=$(q "SELECT round(extract(epoch FROM '$t0'::timestamptz - '$before'::timestamptz) * 1000)")
     drained || { echo "fleet worker run: not drained in 300 s"; exit 1; }
     local done_; done_=$(q "SELECT count(*) FROM evolution_instance_creation_queue WHERE status = 'completed'")

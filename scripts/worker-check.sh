@@ -452,57 +452,8 @@ check "a delivery while evoq is installed but not configured gets 503 (retried),
 mock POST config '{"latency_ms": 0}' >/dev/null
 mock2 POST config '{"latency_ms": 0}' >/dev/null
 
-# --- a sign-up in a prepared transaction ------------------------------------------------------------
-# COMMIT PREPARED runs no trigger and wakes nobody; 0.4.0 found such a sign-up 10-60 s later. The
-# worker is made idle first, as in a deployment where nothing is due (QRs refreshed hourly here).
+# The DROP EXTENSION rounds made a new webhook secret.
 secret=$(q "SELECT webhook_secret FROM evoq.settings")
-wait_for "SELECT count(*) FROM evolution_instance_creation_queue WHERE status <> 'completed'" 0 20 >/dev/null
-q "ALTER SYSTEM SET evoq.qr_refresh_interval_ms = 3600000" >/dev/null
-q "SELECT pg_reload_conf()" >/dev/null
-sleep 2
-cluster_psql -d "$DB" >/dev/null <<'SQL'
-BEGIN;
-INSERT INTO profiles (email) VALUES ('prepared@example.com');
-PREPARE TRANSACTION 'evoq_check';
-SQL
-sleep 2 # the worker is idle meanwhile, as it would be
-start=$(date +%s%N)
-q "COMMIT PREPARED 'evoq_check'" >/dev/null
-pt=$(q "SELECT id FROM profiles WHERE email = 'prepared@example.com'")
-st=$(wait_for "SELECT status FROM evolution_instance_creation_queue WHERE user_id = '$pt'" completed 5)
-ms=$(ms_since "$start")
-check "a sign-up committed by COMMIT PREPARED completes within 3 s (${ms} ms)" "$([ "$st" = completed ] && [ "$ms" -le 3000 ] && echo yes)" "yes"
-# The same while a cycle's calls are out: its last claim found nothing (the row was not visible
-# yet), and it claims again within a second rather than once its slow call is recorded. The
-# cycle's end also looks (pg_prepared_xacts), and a COMMIT PREPARED between its last claim and
-# that look is still looked for: the watch outlives the prepared transaction (prepared_watch.rs).
-# (The HTTP timeout, 2 s here, is raised for it: the slow create must be answered, not time out.)
-q "ALTER SYSTEM SET evoq.request_timeout_ms = 15000" >/dev/null
-q "SELECT pg_reload_conf()" >/dev/null
-sleep 1
-mock POST faults '{"method":"POST","path_contains":"/instance/create","kind":"delay","ms":6000,"times":1}' >/dev/null
-slow=$(signup prepared-slow)
-wait_for "SELECT status FROM evolution_instance_creation_queue WHERE user_id = '$slow'" processing 5 >/dev/null
-cluster_psql -d "$DB" >/dev/null <<'SQL'
-BEGIN;
-INSERT INTO profiles (email) VALUES ('prepared-2@example.com');
-PREPARE TRANSACTION 'evoq_check_2';
-SQL
-sleep 0.5
-start=$(date +%s%N)
-q "COMMIT PREPARED 'evoq_check_2'" >/dev/null
-pt=$(q "SELECT id FROM profiles WHERE email = 'prepared-2@example.com'")
-st=$(wait_for "SELECT status FROM evolution_instance_creation_queue WHERE user_id = '$pt'" completed 5)
-ms=$(ms_since "$start")
-slow_st=$(status_of "$slow")
-check "a COMMIT PREPARED sign-up while another's create is slow (6 s) completes within 2.5 s (${ms} ms), the slow one still out" \
-  "$st $slow_st $([ "$ms" -le 2500 ] && echo in-time)" "completed processing in-time"
-check "and the slow one completes" \
-  "$(wait_for "SELECT status FROM evolution_instance_creation_queue WHERE user_id = '$slow'" completed 10)" "completed"
-mock DELETE faults >/dev/null
-q "ALTER SYSTEM RESET evoq.request_timeout_ms" >/dev/null
-q "ALTER SYSTEM RESET evoq.qr_refresh_interval_ms" >/dev/null
-q "SELECT pg_reload_conf()" >/dev/null
 
 # --- the reconciler: every evoq.reconcile_interval_ms, its calls off the main loop ------------------
 # fetchInstances compared with the rows: an instance the server lost without a word is created
@@ -589,6 +540,8 @@ fb1=$(signup fb1)
 check "b refuses its key: its circuit opens, default's stays closed" \
   "$(wait_for "SELECT string_agg(name || '=' || state, ',' ORDER BY name) FROM evoq_servers" "b=circuit_open,default=draining" 10)" \
   "b=circuit_open,default=draining"
+check "evoq_servers shows b's 401 as b's last error, not as default's" \
+  "$(q "SELECT bool_and(CASE name WHEN 'b' THEN last_error LIKE '%401%' ELSE last_error IS NULL OR last_error NOT LIKE '%401%' END) FROM evoq_servers")" "t"
 check "and the sign-up b was sent waits for b, uncharged" \
   "$(q "SELECT status, attempts, server FROM evolution_instance_creation_queue WHERE user_id = '$fb1'" | tr '|' ' ')" "pending 0 b"
 q "SELECT evoq_server_drain('default', false)" >/dev/null
@@ -651,6 +604,59 @@ q "ALTER SYSTEM SET evoq.worker = on" >/dev/null
 q "SELECT pg_reload_conf()" >/dev/null
 check "turned on again, the worker takes it" \
   "$(wait_for "SELECT status FROM evolution_instance_creation_queue WHERE user_id = '$fi_'" completed 10)" "completed"
+# --- a sign-up in a prepared transaction ------------------------------------------------------------
+# COMMIT PREPARED runs no trigger and wakes nobody; 0.4.0 found such a sign-up 10-60 s later. The
+# worker is made idle first, as in a deployment where nothing is due (QRs refreshed hourly here).
+# Last of the checks: after a PREPARE the worker looks every second for 30 s, which would hide a
+# missing wake from the checks that rely on one. Server b drains, so every sign-up goes to default.
+q "SELECT evoq_server_drain('b')" >/dev/null
+wait_for "SELECT count(*) FROM evolution_instance_creation_queue WHERE status <> 'completed'" 0 20 >/dev/null
+q "ALTER SYSTEM SET evoq.qr_refresh_interval_ms = 3600000" >/dev/null
+q "SELECT pg_reload_conf()" >/dev/null
+sleep 2
+cluster_psql -d "$DB" >/dev/null <<'SQL'
+BEGIN;
+INSERT INTO profiles (email) VALUES ('prepared@example.com');
+PREPARE TRANSACTION 'evoq_check';
+SQL
+sleep 2 # the worker is idle meanwhile, as it would be
+start=$(date +%s%N)
+q "COMMIT PREPARED 'evoq_check'" >/dev/null
+pt=$(q "SELECT id FROM profiles WHERE email = 'prepared@example.com'")
+st=$(wait_for "SELECT status FROM evolution_instance_creation_queue WHERE user_id = '$pt'" completed 5)
+ms=$(ms_since "$start")
+check "a sign-up committed by COMMIT PREPARED completes within 3 s (${ms} ms)" "$([ "$st" = completed ] && [ "$ms" -le 3000 ] && echo yes)" "yes"
+# The same while a cycle's calls are out: its last claim found nothing (the row was not visible
+# yet), and it claims again within a second rather than once its slow call is recorded (before,
+# about 5 s here).
+# (The HTTP timeout, 2 s here, is raised for it: the slow create must be answered, not time out.)
+q "ALTER SYSTEM SET evoq.request_timeout_ms = 15000" >/dev/null
+q "SELECT pg_reload_conf()" >/dev/null
+sleep 1
+mock POST faults '{"method":"POST","path_contains":"/instance/create","kind":"delay","ms":6000,"times":1}' >/dev/null
+slow=$(signup prepared-slow)
+wait_for "SELECT status FROM evolution_instance_creation_queue WHERE user_id = '$slow'" processing 5 >/dev/null
+cluster_psql -d "$DB" >/dev/null <<'SQL'
+BEGIN;
+INSERT INTO profiles (email) VALUES ('prepared-2@example.com');
+PREPARE TRANSACTION 'evoq_check_2';
+SQL
+sleep 0.5
+start=$(date +%s%N)
+q "COMMIT PREPARED 'evoq_check_2'" >/dev/null
+pt=$(q "SELECT id FROM profiles WHERE email = 'prepared-2@example.com'")
+st=$(wait_for "SELECT status FROM evolution_instance_creation_queue WHERE user_id = '$pt'" completed 5)
+ms=$(ms_since "$start")
+slow_st=$(status_of "$slow")
+check "a COMMIT PREPARED sign-up while another's create is slow (6 s) completes within 3 s (${ms} ms), the slow one still out" \
+  "$st $slow_st $([ "$ms" -le 3000 ] && echo in-time)" "completed processing in-time"
+check "and the slow one completes" \
+  "$(wait_for "SELECT status FROM evolution_instance_creation_queue WHERE user_id = '$slow'" completed 10)" "completed"
+mock DELETE faults >/dev/null
+q "ALTER SYSTEM RESET evoq.request_timeout_ms" >/dev/null
+q "ALTER SYSTEM RESET evoq.qr_refresh_interval_ms" >/dev/null
+q "SELECT pg_reload_conf()" >/dev/null
+
 check "no API key in the server log" "$(grep -c -- "$KEY" "$CLUSTER_DIR/server.log")" "0"
 
 echo "$passed passed, $failed failed"

@@ -56,6 +56,11 @@ impl PreparedWatch {
         self.until = Some(now + WATCH);
     }
 
+    /// Whether the watch lasts at `now`.
+    pub fn watching(&self, now: Instant) -> bool {
+        self.until.is_some_and(|until| now < until)
+    }
+
     /// The latest a lane may look next, while the watch lasts (`None` once it has ended).
     pub fn look_by(&mut self, now: Instant) -> Option<Instant> {
         match self.until {
@@ -88,6 +93,7 @@ mod tests {
         let t = Instant::now();
         w.counted(1, t);
         assert_eq!(w.look_by(t), Some(t + POLL));
+        assert!(w.watching(t) && !w.watching(t + WATCH));
         let later = t + WATCH - Duration::from_millis(1);
         assert_eq!(w.look_by(later), Some(later + POLL));
         assert_eq!(w.look_by(t + WATCH), None);

@@ -67,6 +67,9 @@ struct Lane {
     probe: Option<Probe>,
     /// What the probes found, until a cycle started with it.
     findings: Findings,
+    /// Its server's circuit is open: the next cycle waits for its probe (`next_due`), and the
+    /// watch for prepared sign-ups leaves that wait alone.
+    circuit_wait: bool,
 }
 
 impl Lane {
@@ -79,6 +82,7 @@ impl Lane {
             repoint_after: Instant::now(),
             probe: None,
             findings: Findings::default(),
+            circuit_wait: false,
         }
     }
 
@@ -313,6 +317,11 @@ impl Worker {
             reconcile_error: None,
             deliveries_left: false,
         };
+        // A sign-up may have been prepared before this worker started (or restarted): its
+        // PREPARE was counted while no one watched.
+        if let Ok(prepared) = in_transaction(prepared_sign_ups) {
+            w.prepared.looked(prepared, Instant::now());
+        }
         w.open_listener();
         w
     }
@@ -433,18 +442,33 @@ impl Worker {
     /// A PREPARE TRANSACTION that queued rows, or one a cycle's end saw: its COMMIT PREPARED will
     /// wake nobody, so every lane looks again within `prepared_watch::POLL` while the watch lasts:
     /// an idle lane starts a cycle by then, a running cycle whose last claim found nothing claims
-    /// again (its turns come at least every second: `Lane::cycle_wait`).
+    /// again (its turns come at least every second: `Lane::cycle_wait`). Lanes backing off after
+    /// an error, or waiting for their circuit's probe, keep their wait: a sign-up is placed on
+    /// another server meanwhile.
     fn watch_prepared(&mut self) {
         let now = Instant::now();
         self.prepared.counted(shared::prepares(), now);
-        let Some(by) = self.prepared.look_by(now) else {
+        if self.prepared.look_by(now).is_none() {
             return;
-        };
+        }
         let rearm = now >= self.prepared_rearmed + prepared_watch::POLL;
         if rearm {
             self.prepared_rearmed = now;
+            // Cycles that run for long end (and look) rarely: look for them, so the watch lasts
+            // as long as a sign-up is prepared.
+            if self.lanes.iter().any(|l| l.cycle.is_some()) {
+                if let Ok(prepared) = in_transaction(prepared_sign_ups) {
+                    self.prepared.looked(prepared, now);
+                }
+            }
         }
+        let Some(by) = self.prepared.look_by(now) else {
+            return;
+        };
         for lane in &mut self.lanes {
+            if lane.failures > 0 || lane.circuit_wait {
+                continue;
+            }
             lane.next_due = lane.next_due.min(by);
             if let Some(cycle) = lane.cycle.as_mut().filter(|_| rearm) {
                 cycle.pipe.rearm();
@@ -732,11 +756,13 @@ impl Worker {
             Ok(Ok(Ok(cycle))) => {
                 // The findings served this cycle; the next one asks again if it must.
                 lane.findings = Findings::default();
+                lane.circuit_wait = false;
                 self.blocked = None;
                 lane.cycle = Some(cycle);
             }
             Ok(Ok(Err(NotStarted::Wait(wait)))) => {
                 lane.findings = Findings::default();
+                lane.circuit_wait = true;
                 lane.next_due = Instant::now() + wait;
             }
             Ok(Ok(Err(NotStarted::Probe(kind, client)))) => {
@@ -815,6 +841,14 @@ impl Worker {
             .map(|l| l.cycle_wait(enabled))
             .min()
             .unwrap_or(MAX_SLEEP);
+        // While the watch for prepared sign-ups lasts, running cycles claim again every POLL
+        // (`watch_prepared`): the loop turns by then, not a second after.
+        let now = Instant::now();
+        let cycle = if self.prepared.watching(now) && self.lanes.iter().any(|l| l.cycle.is_some()) {
+            cycle.min((self.prepared_rearmed + prepared_watch::POLL).saturating_duration_since(now))
+        } else {
+            cycle
+        };
         // A reconcile in progress wakes the loop when its thread answers.
         if enabled && self.reconcile.is_none() {
             cycle.min(self.reconcile_due.saturating_duration_since(Instant::now()))
@@ -967,15 +1001,34 @@ fn next_due_in(repoint: bool) -> (Duration, bool) {
     .ok()
     .flatten()
     .unwrap_or(MAX_SLEEP.as_millis() as f64);
-    // A sign-up in a prepared transaction wakes nobody: its rows become visible at COMMIT
-    // PREPARED, which may come from any session and runs no trigger (see `prepared_watch`).
-    let prepared = Spi::get_one::<bool>(
-        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_prepared_xacts WHERE database = current_database())",
+    (
+        Duration::from_millis(ms.max(0.0) as u64),
+        prepared_sign_ups(),
+    )
+}
+
+/// Whether a prepared transaction holds evoq's queue (or its requeue requests): a sign-up, a
+/// re-insert or a deletion whose COMMIT PREPARED may come from any session, runs no trigger and
+/// wakes nobody (see `prepared_watch`). A prepared transaction of the application's own that
+/// touched neither does not keep the worker looking. Its locks are in pg_locks with no pid.
+fn prepared_sign_ups() -> bool {
+    Spi::get_one::<bool>(
+        "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_prepared_xacts WHERE database = current_database())
+                THEN EXISTS (
+                    SELECT 1 FROM pg_catalog.pg_locks l
+                    JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass
+                                               AND d.objid = l.relation AND d.deptype = 'e'
+                    JOIN pg_catalog.pg_extension e ON e.oid = d.refobjid AND e.extname = 'evoq'
+                    JOIN pg_catalog.pg_class c ON c.oid = l.relation
+                    WHERE l.pid IS NULL AND l.locktype = 'relation'
+                      AND l.database = (SELECT o.oid FROM pg_catalog.pg_database o
+                                        WHERE o.datname = current_database())
+                      AND c.relname IN ('evolution_instance_creation_queue', 'requeue_requests'))
+                ELSE false END",
     )
     .ok()
     .flatten()
-    .unwrap_or(false);
-    (Duration::from_millis(ms.max(0.0) as u64), prepared)
+    .unwrap_or(false)
 }
 
 /// Sets a setting of the worker's session, as a superuser's `SET` would.
