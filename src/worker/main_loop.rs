@@ -466,12 +466,11 @@ impl Worker {
             return;
         };
         for lane in &mut self.lanes {
-            if lane.failures > 0 || lane.circuit_wait {
-                continue;
-            }
-            lane.next_due = lane.next_due.min(by);
-            if let Some(cycle) = lane.cycle.as_mut().filter(|_| rearm) {
-                cycle.pipe.rearm();
+            match lane.cycle.as_mut() {
+                Some(cycle) if rearm => cycle.pipe.rearm(),
+                Some(_) => {}
+                None if lane.failures > 0 || lane.circuit_wait => {}
+                None => lane.next_due = lane.next_due.min(by),
             }
         }
     }
@@ -1007,10 +1006,11 @@ fn next_due_in(repoint: bool) -> (Duration, bool) {
     )
 }
 
-/// Whether a prepared transaction holds evoq's queue (or its requeue requests): a sign-up, a
-/// re-insert or a deletion whose COMMIT PREPARED may come from any session, runs no trigger and
-/// wakes nobody (see `prepared_watch`). A prepared transaction of the application's own that
-/// touched neither does not keep the worker looking. Its locks are in pg_locks with no pid.
+/// Whether a prepared transaction wrote to one of evoq's tables: a sign-up, a re-insert, a
+/// deletion, an evoq_reconnect or evoq_server_set..., whose COMMIT PREPARED may come from any
+/// session, runs no trigger and wakes nobody (see `prepared_watch`). One that only read them, or
+/// touched the application's tables alone, does not keep the worker looking. A prepared
+/// transaction's locks are in pg_locks with no pid.
 fn prepared_sign_ups() -> bool {
     Spi::get_one::<bool>(
         "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_prepared_xacts WHERE database = current_database())
@@ -1019,11 +1019,9 @@ fn prepared_sign_ups() -> bool {
                     JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass
                                                AND d.objid = l.relation AND d.deptype = 'e'
                     JOIN pg_catalog.pg_extension e ON e.oid = d.refobjid AND e.extname = 'evoq'
-                    JOIN pg_catalog.pg_class c ON c.oid = l.relation
-                    WHERE l.pid IS NULL AND l.locktype = 'relation'
+                    WHERE l.pid IS NULL AND l.locktype = 'relation' AND l.mode <> 'AccessShareLock'
                       AND l.database = (SELECT o.oid FROM pg_catalog.pg_database o
-                                        WHERE o.datname = current_database())
-                      AND c.relname IN ('evolution_instance_creation_queue', 'requeue_requests'))
+                                        WHERE o.datname = current_database()))
                 ELSE false END",
     )
     .ok()
