@@ -869,8 +869,8 @@ fn launch_ready(lanes: &mut [Lane]) {
     }
 }
 
-/// Records the cycle's end and sets when the lane's next is due. True when a transaction was
-/// prepared in this database (see `prepared_watch`).
+/// Records the cycle's end and sets when the lane's next is due. True when a prepared
+/// transaction wrote to evoq's tables (see `prepared_watch`).
 fn finish_cycle(lane: &mut Lane, cycle: Cycle) -> bool {
     let Cycle { pipe, jobs, .. } = cycle;
     let stopped = pipe.stopped().unwrap_or("drained");
@@ -983,7 +983,7 @@ fn circuit_probe_in(server: &str) -> Duration {
 }
 
 /// How long until the next row is due for either job (zero if one is due now), and whether a
-/// transaction is prepared in this database.
+/// prepared transaction wrote to evoq's tables (`prepared_sign_ups`).
 fn next_due_in(repoint: bool) -> (Duration, bool) {
     let t = crate::settings::tunables();
     let ms = Spi::get_one_with_args::<f64>(
