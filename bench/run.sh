@@ -299,7 +299,7 @@ fleet_run() { # fleet_run MODE SERVERS ROWS SLOW_MS LABEL: servers 0..SERVERS-1 
       local port=$MOCK_PORT; [ "$i" -gt 0 ] && port=$((FLEET_PORT + i))
       curl -fsS "http://127.0.0.1:$port/__mock/calls" | python3 -c "
 import collections, json, sys
-c = collections.Counter(x['method'] + ' ' + x['path'].split('/')[1] + '/' + x['path'].split('/')[2].split('?')[0] if x['path'].count('/') > 1 else x['method'] + ' ' + x['path'] for x in json.load(sys.stdin))
+c = collections.Counter(x['method'] + ' ' + '/'.join(x['path'].split('?')[0].split('/')[1:3]) for x in json.load(sys.stdin))
 print('    server $i calls:', ', '.join('%s %d' % kv for kv in sorted(c.items())))"
     done
   fi

@@ -45,7 +45,8 @@ impl PreparedWatch {
         }
     }
 
-    /// What a look at `pg_prepared_xacts` found at a cycle's end.
+    /// What a look for prepared sign-ups found (the worker's `prepared_sign_ups`: at its start, at a
+    /// cycle's end, and each second while a cycle runs and the watch lasts).
     pub fn looked(&mut self, prepared: bool, now: Instant) {
         if prepared {
             self.extend(now);
@@ -62,15 +63,8 @@ impl PreparedWatch {
     }
 
     /// The latest a lane may look next, while the watch lasts (`None` once it has ended).
-    pub fn look_by(&mut self, now: Instant) -> Option<Instant> {
-        match self.until {
-            Some(until) if now < until => Some(now + POLL),
-            Some(_) => {
-                self.until = None;
-                None
-            }
-            None => None,
-        }
+    pub fn look_by(&self, now: Instant) -> Option<Instant> {
+        self.watching(now).then(|| now + POLL)
     }
 }
 

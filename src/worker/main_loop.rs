@@ -448,7 +448,7 @@ impl Worker {
     fn watch_prepared(&mut self) {
         let now = Instant::now();
         self.prepared.counted(shared::prepares(), now);
-        if self.prepared.look_by(now).is_none() {
+        if !self.prepared.watching(now) {
             return;
         }
         let rearm = now >= self.prepared_rearmed + prepared_watch::POLL;
@@ -823,9 +823,8 @@ impl Worker {
             lane.cycle = Some(cycle);
             return;
         }
-        if finish_cycle(lane, cycle) {
-            self.prepared.looked(true, Instant::now());
-        }
+        let prepared = finish_cycle(lane, cycle);
+        self.prepared.looked(prepared, Instant::now());
     }
 
     /// How long the latch wait may last.
