@@ -107,10 +107,12 @@ pub struct Pipeline<S: Source> {
     pool: Pool<S::Call, S::Answer>,
     /// Rows in flight, by their pool key.
     rows: HashMap<u64, S::Row>,
-    /// Rows claimed ahead, waiting for a free slot (oldest first).
-    reserve: VecDeque<(S::Row, S::Call)>,
+    /// Rows claimed ahead, waiting for a free slot (oldest first), with when they were claimed.
+    reserve: VecDeque<(S::Row, S::Call, Instant)>,
     /// How many claimed rows the reserve may hold (0: a claim takes free slots only).
     ahead: usize,
+    /// A reserved row that waited this long is given back instead of called (None: it waits).
+    max_wait: Option<Duration>,
     /// The last claim found fewer rows than asked for the reserve.
     reserve_dry: bool,
     /// A claim for free slots waits until at least this many are free.
@@ -138,6 +140,7 @@ impl<S: Source> Pipeline<S> {
             rows: HashMap::new(),
             reserve: VecDeque::new(),
             ahead: 0,
+            max_wait: None,
             reserve_dry: false,
             min_free: 1,
             next_key: 0,
@@ -161,6 +164,24 @@ impl<S: Source> Pipeline<S> {
     pub fn claiming_ahead(mut self, ahead: usize) -> Pipeline<S> {
         self.ahead = ahead.min(self.grouping.size);
         self
+    }
+
+    /// Gives reserved rows back uncalled once they have waited `max_wait`, instead of calling
+    /// them: for a source whose claims are leases that others may take once they run out (the
+    /// background worker commits its claims). Without it a row's wait is bounded only by the
+    /// calls ahead of it, and slow calls could make it outwait its lease; with it, the reserve
+    /// may be larger than one call's worth of waiting.
+    pub fn reserving_for_at_most(mut self, max_wait: Duration) -> Pipeline<S> {
+        self.max_wait = Some(max_wait);
+        self
+    }
+
+    /// The oldest reserved row has waited its longest: the next claim gives it back.
+    fn reserve_stale(&self) -> bool {
+        match (self.max_wait, self.reserve.front()) {
+            (Some(max), Some((_, _, since))) => since.elapsed() >= max,
+            _ => false,
+        }
     }
 
     /// Claims for free slots wait until `n` are free (at most the concurrency), instead of
@@ -254,7 +275,9 @@ impl<S: Source> Pipeline<S> {
     /// after a stop.
     pub fn wants_rows(&self) -> bool {
         let (now, ahead) = self.wanted();
-        now + ahead > 0 || (self.stopped.is_some() && !self.reserve.is_empty())
+        now + ahead > 0
+            || (self.stopped.is_some() && !self.reserve.is_empty())
+            || self.reserve_stale()
     }
 
     /// Claims what is due ([`Pipeline::claim`]) and launches what fits ([`Pipeline::launch`]).
@@ -266,11 +289,24 @@ impl<S: Source> Pipeline<S> {
 
     /// Claims rows for the free slots and the reserve, without calling yet: the background
     /// worker commits its claims first, so no call leaves for a claim that could still roll
-    /// back. After a stop, gives the reserve back instead. Returns how many rows it claimed.
+    /// back. After a stop, gives the reserve back instead. Reserved rows that waited their
+    /// longest (`reserving_for_at_most`) are given back first, and are due again for this claim
+    /// like any others. Returns how many rows it claimed.
     pub fn claim(&mut self, source: &mut S) -> usize {
         if self.stopped.is_some() {
             self.release_reserve(source);
             return 0;
+        }
+        if self.reserve_stale() {
+            let mut stale = Vec::new();
+            while self.reserve_stale() {
+                if let Some((row, _, _)) = self.reserve.pop_front() {
+                    stale.push(row);
+                }
+            }
+            source.release(stale);
+            self.drained = false;
+            self.reserve_dry = false;
         }
         let (now, ahead) = self.wanted();
         if now + ahead == 0 {
@@ -279,7 +315,7 @@ impl<S: Source> Pipeline<S> {
         let busy: Vec<&S::Row> = self
             .rows
             .values()
-            .chain(self.reserve.iter().map(|(r, _)| r))
+            .chain(self.reserve.iter().map(|(r, _, _)| r))
             .chain(self.done.iter().map(|(r, _)| r))
             .collect();
         let claimed = source.claim(now, ahead, &busy);
@@ -295,18 +331,21 @@ impl<S: Source> Pipeline<S> {
         self.reserve_dry = claimed.ahead_drained;
         self.last_claim = n;
         self.claimed += n as u64;
-        self.reserve.extend(claimed.rows);
+        let at = Instant::now();
+        self.reserve
+            .extend(claimed.rows.into_iter().map(|(row, call)| (row, call, at)));
         n
     }
 
     /// Hands reserved rows' calls to the pool, as many as there are free slots; returns how
-    /// many. After a stop nothing leaves: the reserve is the source's to take back.
+    /// many. After a stop nothing leaves: the reserve is the source's to take back. Nor does a
+    /// row that waited its longest: the next claim gives it back (`wants_rows` says so).
     pub fn launch(&mut self) -> usize {
-        if self.stopped.is_some() {
+        if self.stopped.is_some() || self.reserve_stale() {
             return 0;
         }
         let n = self.pool.room().min(self.reserve.len());
-        for (row, call) in self.reserve.drain(..n) {
+        for (row, call, _) in self.reserve.drain(..n) {
             let key = self.next_key;
             self.next_key += 1;
             self.rows.insert(key, row);
@@ -318,7 +357,7 @@ impl<S: Source> Pipeline<S> {
     /// Gives the reserve back to the source (its rows were never called).
     fn release_reserve(&mut self, source: &mut S) {
         if !self.reserve.is_empty() {
-            let rows = self.reserve.drain(..).map(|(row, _)| row).collect();
+            let rows = self.reserve.drain(..).map(|(row, _, _)| row).collect();
             source.release(rows);
         }
     }
@@ -1101,6 +1140,70 @@ mod tests {
             .iter()
             .zip(&rows.aheads)
             .all(|(room, ahead)| room + ahead <= 3 + 6));
+    }
+
+    /// A reserved row never waits past `reserving_for_at_most`: it is given back and
+    /// claimed again, and called once. Two slots, 40 ms a call, a reserve of 8 that may wait
+    /// 30 ms: without the bound the last reserved rows wait 4 calls (160 ms).
+    #[test]
+    fn a_reserved_row_that_waited_its_longest_is_given_back_not_called() {
+        struct Stamped(Rows);
+        impl Source for Stamped {
+            type Row = u64;
+            /// The row, and when it was claimed.
+            type Call = (u64, Instant);
+            /// The row, and how long it waited between its claim and its call.
+            type Answer = (u64, Duration);
+            fn claim(&mut self, room: usize, ahead: usize, busy: &[&u64]) -> Claimed<Self> {
+                let c = self.0.claim(room, ahead, busy);
+                let at = Instant::now();
+                Claimed {
+                    rows: c.rows.into_iter().map(|(r, i)| (r, (i, at))).collect(),
+                    drained: c.drained,
+                    ahead_drained: c.ahead_drained,
+                    hold: c.hold,
+                }
+            }
+            fn record(&mut self, done: Vec<(u64, Option<(u64, Duration)>)>) -> Flow {
+                let waits: Vec<Duration> =
+                    done.iter().filter_map(|(_, a)| a.map(|a| a.1)).collect();
+                let max = waits.into_iter().max().unwrap_or_default();
+                assert!(
+                    max < Duration::from_millis(30 + 25),
+                    "a row waited {max:?} in the reserve"
+                );
+                self.0
+                    .record(done.into_iter().map(|(r, a)| (r, a.map(|a| a.0))).collect())
+            }
+            fn release(&mut self, rows: Vec<u64>) {
+                self.0.release(rows)
+            }
+        }
+        let pool = Pool::new(2, |(i, claimed): (u64, Instant)| {
+            let waited = claimed.elapsed();
+            std::thread::sleep(Duration::from_millis(40));
+            (i, waited)
+        });
+        let grouping = Grouping {
+            size: 10,
+            age: Duration::from_millis(1),
+        };
+        let mut pipe = Pipeline::new(pool, grouping)
+            .claiming_ahead(8)
+            .reserving_for_at_most(Duration::from_millis(30));
+        let mut rows = Stamped(Rows::new(20));
+        assert_eq!(run_to_end(&mut pipe, &mut rows, far(), || {}), "drained");
+        let mut seen: Vec<u64> = rows.0.recorded.iter().map(|(r, _)| *r).collect();
+        seen.sort();
+        assert_eq!(
+            seen,
+            (0..20).collect::<Vec<_>>(),
+            "each row called and recorded once"
+        );
+        assert!(
+            !rows.0.released.is_empty(),
+            "rows that waited were given back"
+        );
     }
 
     /// A stop (the circuit opened) gives the reserve back untouched: those rows are never

@@ -442,6 +442,59 @@ mod tests {
         assert_eq!(summary["retrying"], 1);
     }
 
+    /// How many times `evoq._claim_queue` ran in this transaction so far.
+    fn claims_so_far() -> i64 {
+        count("SELECT coalesce(pg_stat_get_xact_function_calls('evoq._claim_queue(text, integer, bigint)'::regprocedure), 0)")
+    }
+
+    #[pg_test]
+    fn a_run_claims_its_reserve_a_batch_at_a_time() {
+        // One transaction holds every row the run claims, so its reserve is a batch (0.7.0 kept
+        // one concurrency's worth and claimed every half of it: at 50 ms and concurrency 16
+        // that was a claim per 8 calls, most of the run's CPU).
+        let mock = mock();
+        configure(&mock);
+        run("SET LOCAL track_functions = 'pl'");
+        run("SET LOCAL evoq.concurrency = 16; SET LOCAL evoq.batch_size = 200");
+        run("INSERT INTO evolution_instance_creation_queue (user_id) SELECT gen_random_uuid() FROM generate_series(1, 400)");
+        let before = claims_so_far();
+        let summary = json("SELECT evoq_process_queue()");
+        assert_eq!(summary["created"], 400, "{summary}");
+        let claims = claims_so_far() - before;
+        // 200, then a top-up of about 100 each time half the reserve is gone, and the last
+        // claim that finds nothing: 5 or 6. A reserve of 16 took at least 25.
+        assert!(claims <= 8, "{claims} claims for 400 rows: {summary}");
+        assert_eq!(mock.count_calls("POST", "/instance/create"), 400);
+    }
+
+    #[pg_test]
+    fn rows_waiting_in_the_reserve_past_their_lease_are_not_claimed_twice() {
+        // What makes a reserve of a whole batch safe in a SQL function (see sql_reserve): the
+        // lease is 4 x 200 ms + 10 s = 10.8 s; one call at a time, 120 ms each, so the run
+        // claims 200 rows and tops its reserve up when 100 are left, 99 calls (11.9 s) in. By
+        // then the 100 rows still waiting are past their lease. A claim that compared leases
+        // with the clock instead of the transaction's start would find them due, this run's
+        // own rows, and create each of them twice.
+        let mock = mock();
+        configure(&mock);
+        mock.set_latency_ms(120);
+        run("SET LOCAL evoq.concurrency = 1; SET LOCAL evoq.batch_size = 200; SET LOCAL evoq.request_timeout_ms = 200");
+        run("INSERT INTO evolution_instance_creation_queue (user_id) SELECT gen_random_uuid() FROM generate_series(1, 200)");
+        let summary = json("SELECT evoq_process_queue()");
+        assert_eq!(summary["claimed"], 200, "{summary}");
+        assert_eq!(summary["created"], 200, "{summary}");
+        assert_eq!(summary["adopted"], 0, "{summary}");
+        assert_eq!(
+            mock.count_calls("POST", "/instance/create"),
+            200,
+            "one create per row"
+        );
+        assert_eq!(
+            count("SELECT count(*) FROM evolution_instance_creation_queue WHERE status = 'completed' AND attempts = 1"),
+            200
+        );
+    }
+
     #[pg_test]
     fn max_attempts_leaves_the_row_failed_with_its_last_error() {
         let mock = mock();

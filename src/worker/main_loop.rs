@@ -736,12 +736,17 @@ impl Worker {
                 age: commit_every,
             };
             Ok(Ok(Cycle {
-                // Sign-ups are claimed ahead, a reserve as large as the concurrency: one claim
-                // transaction per half of it instead of one per finished call (see `pipeline`).
-                // QR refreshes, which cannot be reserved, are claimed a quarter of the slots at
-                // a time: their claim sorts every due instance whatever it takes.
+                // Sign-ups are claimed ahead, a reserve of twice the concurrency: one claim
+                // transaction per concurrency's worth of calls instead of one per finished call
+                // (see `pipeline`; at 50 ms, one concurrency's worth cost 0.2-0.25 ms more per
+                // creation, bench/run.sh). The claims are committed leases, so a reserved row
+                // that waited half its lease is given back rather than called: slow calls never
+                // make one outwait its lease, however large the reserve. QR refreshes, which
+                // cannot be reserved, are claimed a quarter of the slots at a time: their claim
+                // sorts every due instance whatever it takes.
                 pipe: Pipeline::new(pool, grouping)
-                    .claiming_ahead(t.concurrency.max(1))
+                    .claiming_ahead(2 * t.concurrency.max(1))
+                    .reserving_for_at_most(Duration::from_millis(t.lease_ms.max(0) as u64 / 2))
                     .claiming_at_least((t.concurrency / 4).max(1)),
                 jobs: Both {
                     first: queue,
