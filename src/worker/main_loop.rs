@@ -738,8 +738,8 @@ impl Worker {
             Ok(Ok(Cycle {
                 // Sign-ups are claimed ahead, a reserve of twice the concurrency: one claim
                 // transaction per concurrency's worth of calls instead of one per finished call
-                // (see `pipeline`; at 50 ms, one concurrency's worth cost 0.2-0.25 ms more per
-                // creation, bench/run.sh). The claims are committed leases, so a reserved row
+                // (see `pipeline`; what it saves at 50 ms is within this machine's noise so far:
+                // docs/benchmarks.md). The claims are committed leases, so a reserved row
                 // that waited half its lease is given back rather than called: slow calls never
                 // make one outwait its lease, however large the reserve. QR refreshes, which
                 // cannot be reserved, are claimed a quarter of the slots at a time: their claim
