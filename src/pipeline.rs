@@ -297,14 +297,18 @@ impl<S: Source> Pipeline<S> {
             self.release_reserve(source);
             return 0;
         }
-        if self.reserve_stale() {
-            let mut stale = Vec::new();
-            while self.reserve_stale() {
-                if let Some((row, _, _)) = self.reserve.pop_front() {
-                    stale.push(row);
-                }
-            }
-            source.release(stale);
+        // Reserved in claim order: the rows that waited their longest are the front ones.
+        let stale = match self.max_wait {
+            Some(max) => self
+                .reserve
+                .iter()
+                .take_while(|(_, _, since)| since.elapsed() >= max)
+                .count(),
+            None => 0,
+        };
+        if stale > 0 {
+            let rows = self.reserve.drain(..stale).map(|(row, _, _)| row).collect();
+            source.release(rows);
             self.drained = false;
             self.reserve_dry = false;
         }
