@@ -1061,6 +1061,32 @@ mod tests {
     }
 
     #[test]
+    fn a_result_is_due_at_once_when_nothing_else_is_in_flight_however_long_the_age() {
+        // The worker's groups are committed every evoq.worker_commit_ms under load; a lone
+        // sign-up must not wait for that.
+        let mut rows = Rows::new(2);
+        let grouping = Grouping {
+            size: 100,
+            age: Duration::from_secs(3600),
+        };
+        let mut pipe = pipeline(2, grouping, |i| if i == 0 { 1 } else { 150 });
+        pipe.fill(&mut rows);
+        let started = Instant::now();
+        while pipe.in_flight() == 2 {
+            pipe.gather(Duration::from_millis(5));
+        }
+        // The first answered, the second is in flight: the first waits for its group.
+        assert!(!pipe.group_due());
+        while pipe.in_flight() > 0 {
+            pipe.gather(Duration::from_millis(5));
+            assert!(started.elapsed() < Duration::from_secs(5));
+        }
+        assert!(pipe.group_due(), "nothing in flight: due at once");
+        pipe.flush(&mut rows);
+        assert_eq!(rows.recorded.len(), 2);
+    }
+
+    #[test]
     fn two_sources_share_the_slots_and_the_first_is_claimed_first() {
         let mut both = Both {
             first: Rows::new(3),
