@@ -176,12 +176,22 @@ impl<S: Source> Pipeline<S> {
         self
     }
 
+    /// How many reserved rows have waited their longest: the front ones, as the reserve is in
+    /// claim order (the count stops at the first row still fresh).
+    fn stale_reserved(&self) -> usize {
+        match self.max_wait {
+            Some(max) => self
+                .reserve
+                .iter()
+                .take_while(|(_, _, since)| since.elapsed() >= max)
+                .count(),
+            None => 0,
+        }
+    }
+
     /// The oldest reserved row has waited its longest: the next claim gives it back.
     fn reserve_stale(&self) -> bool {
-        match (self.max_wait, self.reserve.front()) {
-            (Some(max), Some((_, _, since))) => since.elapsed() >= max,
-            _ => false,
-        }
+        self.stale_reserved() > 0
     }
 
     /// Claims for free slots wait until `n` are free (at most the concurrency), instead of
@@ -297,15 +307,7 @@ impl<S: Source> Pipeline<S> {
             self.release_reserve(source);
             return 0;
         }
-        // Reserved in claim order: the rows that waited their longest are the front ones.
-        let stale = match self.max_wait {
-            Some(max) => self
-                .reserve
-                .iter()
-                .take_while(|(_, _, since)| since.elapsed() >= max)
-                .count(),
-            None => 0,
-        };
+        let stale = self.stale_reserved();
         if stale > 0 {
             let rows = self.reserve.drain(..stale).map(|(row, _, _)| row).collect();
             source.release(rows);
