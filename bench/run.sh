@@ -41,6 +41,7 @@ if [ -z "${BENCH_NO_INSTALL:-}" ]; then
   scripts/setup.sh >/dev/null
   echo "building (release) ..."
   cargo build -p evolution-mock --release --quiet
+  cargo build --release --example http_floor --quiet
   cargo pgrx install --release --pg-config "$PGBIN/pg_config" >/dev/null
 fi
 cluster_init "$BENCH_DIR" "$PG_PORT" evoq_bench
@@ -524,19 +525,55 @@ worker_cpu() { # worker_cpu LATENCY_MS -> "creations_per_s ms_per_creation main_
   [ "$n" = "$CPU_N" ] || { echo "the worker created $n of $CPU_N" >&2; exit 1; }
   python3 -c "print('%.1f %.4f %.4f' % ($(signup_rate), ($t1 - $t0) * 1000 / $TCK / $n, ($m1 - $m0) * 1000 / $TCK / $n))"
 }
+# Where the CPU goes, two floors measured in the same run. The SQL alone: the claims and records
+# of CPU_N creations through the same functions, no call made (bench/sql_floor.sql), the
+# worker's way (claims of 16, each record of 32 results committed) and the SQL function's (claims
+# of 100, records of 200, one transaction). The HTTP alone: evoq's pool and client, outside
+# PostgreSQL, making the same creates at the same mock (examples/http_floor.rs).
+sql_floor() { # sql_floor CLAIM GROUP COMMIT -> "creations_per_s ms_per_creation ms_per_creation"
+  conf "evoq.worker = off"
+  reset_all
+  q "INSERT INTO evolution_instance_creation_queue (user_id) SELECT gen_random_uuid() FROM generate_series(1, $CPU_N)" >/dev/null
+  local stat="SELECT rtrim(pg_read_file('/proc/self/stat'), E'\\n') || ' | ' || extract(epoch FROM clock_timestamp())"
+  cluster_psql -d evoq_bench -tA -c "SET evoq_bench.claim_rows = $1" -c "SET evoq_bench.record_rows = $2" \
+    -c "SET evoq_bench.commit_each = $3" -c "$stat" -f bench/sql_floor.sql -c "$stat" >"$CLUSTER_DIR/floor.out"
+  conf "evoq.worker = on"
+  local n; n=$(q "SELECT count(*) FROM evolution_instance_creation_queue WHERE status = 'completed'")
+  [ "$n" = "$CPU_N" ] || { echo "the SQL floor recorded $n of $CPU_N" >&2; exit 1; }
+  python3 - "$CLUSTER_DIR/floor.out" "$TCK" "$CPU_N" <<'PY'
+import sys
+lines = [l for l in open(sys.argv[1]).read().splitlines() if l.strip()]
+tck, n = int(sys.argv[2]), int(sys.argv[3])
+ticks = lambda l: sum(int(x) for x in l.rsplit('|', 1)[0].rsplit(')', 1)[1].split()[11:13])
+secs = lambda l: float(l.rsplit('|', 1)[1])
+ms = (ticks(lines[1]) - ticks(lines[0])) * 1000 / tck / n
+print('%.1f %.4f %.4f' % (n / (secs(lines[1]) - secs(lines[0])), ms, ms))
+PY
+}
+http_floor() { # http_floor LATENCY_MS -> "calls_per_s ms_per_call main_thread_ms_per_call"
+  mockcfg "{\"latency_ms\": $1, \"slow_every\": 0, \"qr_on_create\": true}"
+  target/release/examples/http_floor "$MOCK_URL" bench-key 16 "$CPU_N"
+  curl -fsS -X POST "$MOCK_URL/__mock/reset" >/dev/null
+}
 declare -A cpu
 for lat in 0 50; do
   for _ in $(seq "$REPEAT"); do
     cpu[sql_$lat]+="$(sql_cpu $lat),"
     cpu[worker_$lat]+="$(worker_cpu $lat),"
+    cpu[http_$lat]+="$(http_floor $lat),"
   done
+done
+for _ in $(seq "$REPEAT"); do
+  cpu[floor_worker]+="$(sql_floor 16 32 on),"
+  cpu[floor_sql]+="$(sql_floor 100 200 off),"
 done
 conf "evoq.qr_refresh_interval_ms = 20000"
 mockcfg '{"qr_on_create": false}'
 echo
 echo "CPU of the backend per creation: $CPU_N creations per run, evoq.concurrency 16, batch_size 200, $REPEAT runs each"
 echo "(user + sys of the whole process, its HTTP threads included, and of its main thread alone; min / median of the runs; 2 shared cores: noisy)"
-python3 - "${cpu[sql_0]}" "${cpu[sql_50]}" "${cpu[worker_0]}" "${cpu[worker_50]}" <<'PY'
+python3 - "${cpu[sql_0]}" "${cpu[sql_50]}" "${cpu[worker_0]}" "${cpu[worker_50]}" \
+  "${cpu[http_0]}" "${cpu[http_50]}" "${cpu[floor_worker]}" "${cpu[floor_sql]}" <<'PY'
 import sys, statistics
 def runs(arg): return [tuple(map(float, r.split())) for r in arg.split(',') if r.strip()]
 def cell(arg):
@@ -546,6 +583,12 @@ print('%-44s %-36s %-36s' % ('', 'latency 0 ms', 'latency 50 ms'))
 print('%-44s %-36s %-36s' % ('', 'rate, CPU min / median (main thread)', 'rate, CPU min / median (main thread)'))
 print('%-44s %-36s %-36s' % ('SQL function, c=16 (evoq_process_queue)', cell(sys.argv[1]), cell(sys.argv[2])))
 print('%-44s %-36s %-36s' % ('background worker, c=16', cell(sys.argv[3]), cell(sys.argv[4])))
+print('where it goes, each part alone:')
+print('%-44s %-36s %-36s' % ('  HTTP: pool + client, no PostgreSQL, c=16', cell(sys.argv[5]), cell(sys.argv[6])))
+print('%-44s %-36s' % ('  SQL: claims + records, no call (16/32,', cell(sys.argv[7])))
+print('%-44s %-36s' % ('       committed each; the worker\'s way)', 'latency does not apply'))
+print('%-44s %-36s' % ('  SQL: claims + records, no call (100/200,', cell(sys.argv[8])))
+print('%-44s %-36s' % ('       one transaction; the SQL function\'s)', 'latency does not apply'))
 print('%-44s %-36s %-36s' % ('pg_net worker (reported, not measured here)', '          0.070 ms', '          0.080-0.105 ms'))
 print('%-44s %-36s %-36s' % ('evoq as reported in the issue', '          0.260 ms (SQL function)', '          0.735 ms (SQL function, c=16)'))
 print('%-44s %-36s' % ('', '          0.295 ms (worker)'))
