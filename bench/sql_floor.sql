@@ -4,8 +4,8 @@
 -- the worker and evoq_process_queue() run. bench/run.sh prints its CPU beside theirs.
 --   evoq_bench.claim_rows  rows per evoq._claim_queue call
 --   evoq_bench.record_rows results per evoq._record_queue_results call
---   evoq_bench.commit_each  on: commit after every record (the worker's way); off: one transaction
---                      (the SQL function's way)
+--   evoq_bench.commit_each on: commit after every record (the worker's way); off: one transaction
+--                         (the SQL function's way)
 -- The results are the ones a create answered with a QR yields (success_record in
 -- src/jobs/process.rs), made here in SQL.
 DO $$

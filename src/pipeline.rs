@@ -176,22 +176,25 @@ impl<S: Source> Pipeline<S> {
         self
     }
 
+    /// A reserved row taken at `since` has waited its longest: the next claim gives it back.
+    fn waited_longest(&self, since: Instant) -> bool {
+        self.max_wait.is_some_and(|max| since.elapsed() >= max)
+    }
+
     /// How many reserved rows have waited their longest: the front ones, as the reserve is in
     /// claim order (the count stops at the first row still fresh).
     fn stale_reserved(&self) -> usize {
-        match self.max_wait {
-            Some(max) => self
-                .reserve
-                .iter()
-                .take_while(|(_, _, since)| since.elapsed() >= max)
-                .count(),
-            None => 0,
-        }
+        self.reserve
+            .iter()
+            .take_while(|(_, _, since)| self.waited_longest(*since))
+            .count()
     }
 
-    /// The oldest reserved row has waited its longest: the next claim gives it back.
+    /// The oldest reserved row has waited its longest (only the front needs looking at).
     fn reserve_stale(&self) -> bool {
-        self.stale_reserved() > 0
+        self.reserve
+            .front()
+            .is_some_and(|(_, _, since)| self.waited_longest(*since))
     }
 
     /// Claims for free slots wait until `n` are free (at most the concurrency), instead of
